@@ -1,0 +1,224 @@
+// The driver: splits the problem into (batch, kv head, query tile) work items, runs them on
+// OpenMP threads, and feeds each one key tile at a time to the active micro-kernel.
+// Each work item is computed the same way whichever thread runs it, so results are bitwise
+// identical for any thread count.
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels/kernel.h"
+#include "mask.h"
+#include "tiles.h"
+
+namespace cpuattn {
+namespace {
+
+// Element offset of batch entry `b` (row-major over batch_shape) in a view.
+int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_t b) {
+  int64_t off = 0;
+  for (size_t dim = shape.size(); dim-- > 0;) {
+    off += (b % shape[dim]) * view.strides[dim];
+    b /= shape[dim];
+  }
+  return off;
+}
+
+// Per-thread buffers, sized once per call: O(tile), never O(Lq x Lk).
+template <typename T>
+struct Scratch {
+  std::vector<T> q, kt, s, o, m, l;
+  std::vector<KeyRange> bounds;
+  std::vector<const void*> mask_rows;
+  std::vector<int64_t> row_pos, row_head;
+
+  Scratch(int64_t d, int64_t dv)
+      : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
+        m(kTileRows), l(kTileRows), bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows),
+        row_head(kTileRows) {}
+};
+
+template <typename T>
+class Driver {
+ public:
+  Driver(const Params& p, void (*step)(const TileStep<T>&)) : p_(p), step_(step) {
+    batch_ = 1;
+    for (int64_t n : p.batch_shape) batch_ *= n;
+    group_ = p.hq / p.hkv;
+    rows_per_head_group_ = p.lq * group_;
+    tiles_ = (rows_per_head_group_ + kTileRows - 1) / kTileRows;
+  }
+
+  int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
+
+  // Rows are ordered (query position, head in group): one tile covers a few positions of all
+  // heads that share the kv head, so each K/V tile is loaded once for the whole group.
+  void run_item(int64_t item, Scratch<T>& sc) const {
+    const int64_t tile = item % tiles_;
+    const int64_t hk = (item / tiles_) % p_.hkv;
+    const int64_t b = item / (tiles_ * p_.hkv);
+
+    const int64_t n_keys = p_.kv_lengths.data
+        ? static_cast<const int64_t*>(p_.kv_lengths.data)[batch_offset(p_.batch_shape, p_.kv_lengths, b)]
+        : p_.lk;
+    const RowBounds rb{n_keys, p_.align == Align::BottomRight ? n_keys - p_.lq : 0, p_.causal,
+                       p_.window_left, p_.window_right};
+
+    const int64_t r0 = tile * kTileRows;
+    const int64_t rows = std::min(kTileRows, rows_per_head_group_ - r0);
+    pack_rows(b, hk, r0, rows, rb, sc);
+
+    const int64_t i_first = sc.row_pos[0], i_last = sc.row_pos[rows - 1];
+    const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
+    const size_t nb = p_.batch_shape.size();
+    const T* k = static_cast<const T*>(p_.k.data) + batch_offset(p_.batch_shape, p_.k, b) +
+                 hk * p_.k.strides[nb];
+    const T* v = static_cast<const T*>(p_.v.data) + batch_offset(p_.batch_shape, p_.v, b) +
+                 hk * p_.v.strides[nb];
+    const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
+
+    TileStep<T> step{};
+    step.q = sc.q.data();
+    step.kt = sc.kt.data();
+    step.v_ld = v_ld;
+    step.rows = rows;
+    step.d = p_.d;
+    step.dv = p_.dv;
+    step.s = sc.s.data();
+    step.o = sc.o.data();
+    step.m = sc.m.data();
+    step.l = sc.l.data();
+    step.bounds = sc.bounds.data();
+    step.mask_kind = p_.mask_kind;
+    step.mask_rows = sc.mask_rows.data();
+    step.mask_col_stride = p_.mask.data ? p_.mask.strides[nb + 2] : 0;
+
+    for (int64_t j0 = keys_lo; j0 < keys_hi; j0 += kTileKeys) {
+      const int64_t j1 = std::min(j0 + kTileKeys, keys_hi);
+      const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
+      if (kind == TileKind::Skip) continue;
+      pack_keys(k + j0 * k_ld, k_ld, j1 - j0, sc.kt.data());
+      step.v = v + j0 * v_ld;
+      step.cols = j1 - j0;
+      step.j0 = j0;
+      step.apply_bounds = kind == TileKind::Partial;
+      step_(step);
+    }
+    write_rows(b, rows, sc);
+  }
+
+ private:
+  // Copies the tile's query rows, times the scale, and records each row's keys and mask row.
+  void pack_rows(int64_t b, int64_t hk, int64_t r0, int64_t rows, const RowBounds& rb,
+                 Scratch<T>& sc) const {
+    const size_t nb = p_.batch_shape.size();
+    const T* q = static_cast<const T*>(p_.q.data) + batch_offset(p_.batch_shape, p_.q, b);
+    const int64_t mask_base = p_.mask.data ? batch_offset(p_.batch_shape, p_.mask, b) : 0;
+    const T scale = static_cast<T>(p_.scale);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = (r0 + r) / group_;
+      const int64_t h = hk * group_ + (r0 + r) % group_;
+      sc.row_pos[r] = i;
+      sc.row_head[r] = h;
+      sc.bounds[r] = rb.of_row(i);
+      const T* src = q + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
+      T* dst = sc.q.data() + r * p_.d;
+      for (int64_t e = 0; e < p_.d; ++e) dst[e] = src[e] * scale;
+      if (p_.mask.data) {
+        const int64_t off = mask_base + h * p_.mask.strides[nb] + i * p_.mask.strides[nb + 1];
+        const size_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
+        sc.mask_rows[r] = static_cast<const char*>(p_.mask.data) + off * static_cast<int64_t>(item);
+      }
+      sc.m[r] = -std::numeric_limits<T>::infinity();
+      sc.l[r] = 0;
+    }
+    std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
+  }
+
+  // K rows [j0, j0 + cols) -> d x kTileKeys, transposed so score columns are unit-stride.
+  void pack_keys(const T* k, int64_t k_ld, int64_t cols, T* kt) const {
+    for (int64_t c = 0; c < cols; ++c) {
+      const T* src = k + c * k_ld;
+      for (int64_t e = 0; e < p_.d; ++e) kt[e * kTileKeys + c] = src[e];
+    }
+    for (int64_t e = 0; e < p_.d; ++e) {
+      std::fill(kt + e * kTileKeys + cols, kt + (e + 1) * kTileKeys, T(0));
+    }
+  }
+
+  // out = o / l and lse = m + log(l); a row that kept no key gets 0 and -inf.
+  void write_rows(int64_t b, int64_t rows, const Scratch<T>& sc) const {
+    const size_t nb = p_.batch_shape.size();
+    T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + batch_offset(p_.batch_shape, p_.out, b);
+    T* lse = p_.lse.data ? static_cast<T*>(const_cast<void*>(p_.lse.data)) +
+                               batch_offset(p_.batch_shape, p_.lse, b)
+                         : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = sc.row_pos[r], h = sc.row_head[r];
+      const T l = sc.l[r];
+      const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
+      const T* o = sc.o.data() + r * p_.dv;
+      T* dst = out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
+      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = o[e] * inv;
+      if (lse) {
+        lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
+            l == T(0) ? -std::numeric_limits<T>::infinity() : sc.m[r] + std::log(l);
+      }
+    }
+  }
+
+  const Params& p_;
+  void (*step_)(const TileStep<T>&);
+  int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0;
+};
+
+template <typename T>
+void run(const Params& p, void (*step)(const TileStep<T>&)) {
+  if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
+  const Driver<T> driver(p, step);
+  const int64_t items = driver.work_items();
+  if (items == 0) return;
+
+  int threads = 1;
+#ifdef _OPENMP
+  threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+#endif
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+
+  // Allocate before the parallel region: an allocation failure must surface as an exception
+  // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
+  std::vector<Scratch<T>> scratch;
+  scratch.reserve(threads);
+  for (int t = 0; t < threads; ++t) scratch.emplace_back(p.d, p.dv);
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<T>& sc = scratch[omp_get_thread_num()];
+    // Dynamic: causal and windowed items differ in cost. Any schedule gives the same bits.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) driver.run_item(item, sc);
+  }
+#else
+  for (int64_t item = 0; item < items; ++item) driver.run_item(item, scratch[0]);
+#endif
+}
+
+}  // namespace
+
+void attention(const Params& p) {
+  const KernelSet& kernels = active_kernels();
+  if (p.dtype == DType::F32) {
+    run<float>(p, kernels.step_f32);
+  } else {
+    run<double>(p, kernels.step_f64);
+  }
+}
+
+}  // namespace cpuattn

@@ -1,0 +1,42 @@
+// The driver's contract: validated views in, attention out. Knows nothing about Python.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace cpuattn {
+
+enum class DType { F32, F64 };
+enum class MaskKind { None, Bool, Additive };
+// Which end the causal diagonal (and a window) is anchored to; see DESIGN §1.
+enum class Align { BottomRight = 0, TopLeft = 1 };
+
+// A strided view. Strides are in elements and may be zero or negative; the binding has
+// checked that every index inside `shape` lands in the owning buffer.
+struct View {
+  const void* data = nullptr;
+  std::vector<int64_t> strides;  // batch dims..., then the trailing dims of the operand
+};
+
+struct Params {
+  DType dtype = DType::F32;
+  std::vector<int64_t> batch_shape;  // *batch, possibly empty
+  int64_t hq = 0, hkv = 0, lq = 0, lk = 0, d = 0, dv = 0;
+
+  View q, k, v;           // (*batch, H, L, D|Dv), unit stride on the last axis
+  View out;               // (*batch, Hq, Lq, Dv), unit stride on the last axis, writable
+  View lse;               // (*batch, Hq, Lq) or data == nullptr when not requested
+  View mask;              // (*batch, Hq, Lq, Lk), any strides, or data == nullptr
+  MaskKind mask_kind = MaskKind::None;
+  View kv_lengths;        // int64 (*batch), values in [0, lk], or data == nullptr
+
+  double scale = 1.0;
+  bool causal = false;
+  Align align = Align::BottomRight;
+  int64_t window_left = -1, window_right = -1;  // -1 = unbounded on that side
+  int num_threads = 0;                          // 0 = OpenMP default
+};
+
+// Computes the attention described by `p` into p.out (and p.lse). Thread-safe, no GIL needed.
+void attention(const Params& p);
+
+}  // namespace cpuattn

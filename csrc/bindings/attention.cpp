@@ -1,0 +1,153 @@
+// Binding for the attention driver: converts NumPy buffers to a Params and checks everything
+// that memory safety depends on (shapes agree, strides are whole elements, the last axis is
+// unit-stride, outputs are writable, kv_lengths lie in [0, Lk]). The Python layer has already
+// validated the contract with user-facing messages; these checks only guard the C++ side.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::optional arguments
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("_core.attention: " + what); }
+
+std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// Strides in elements; with unit_last the last axis (if longer than 1) must be unit-stride.
+cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool writable) {
+  if (writable && !a.writeable()) fail(std::string(name) + " is read-only");
+  const int64_t item = a.itemsize();
+  if (reinterpret_cast<uintptr_t>(a.data()) % static_cast<uintptr_t>(item) != 0 && a.size() > 0) {
+    fail(std::string(name) + " is not aligned to its element size");
+  }
+  cpuattn::View v;
+  v.data = a.data();
+  for (py::ssize_t dim = 0; dim < a.ndim(); ++dim) {
+    const int64_t s = a.strides(dim);
+    if (s % item != 0) fail(std::string(name) + " has a stride that is not a whole element");
+    v.strides.push_back(s / item);
+  }
+  if (unit_last && a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 && v.strides.back() != 1) {
+    fail(std::string(name) + " must be unit-stride on its last axis");
+  }
+  return v;
+}
+
+void expect_shape(const char* name, const py::array& a, const std::vector<int64_t>& want) {
+  if (shape_of(a) != want) fail(std::string(name) + " has the wrong shape");
+}
+
+template <typename T>
+bool is_dtype(const py::array& a) {
+  return a.dtype().is(py::dtype::of<T>());
+}
+
+void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+               const std::optional<py::array>& lse, const std::optional<py::array>& mask,
+               const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
+               int64_t window_left, int64_t window_right, int num_threads) {
+  cpuattn::Params p;
+  if (is_dtype<float>(q)) {
+    p.dtype = cpuattn::DType::F32;
+  } else if (is_dtype<double>(q)) {
+    p.dtype = cpuattn::DType::F64;
+  } else {
+    throw py::type_error("_core.attention: q must be float32 or float64");
+  }
+  for (const py::array* a : {&k, &v, &out}) {
+    if (!a->dtype().is(q.dtype())) throw py::type_error("_core.attention: q, k, v, out dtypes differ");
+  }
+
+  const py::ssize_t n = q.ndim();
+  if (n < 3 || k.ndim() != n || v.ndim() != n || out.ndim() != n) fail("q, k, v, out must share ndim >= 3");
+  const size_t nb = static_cast<size_t>(n - 3);
+  const std::vector<int64_t> qs = shape_of(q), ks = shape_of(k), vs = shape_of(v);
+  p.batch_shape.assign(qs.begin(), qs.begin() + nb);
+  p.hq = qs[nb];
+  p.lq = qs[nb + 1];
+  p.d = qs[nb + 2];
+  p.hkv = ks[nb];
+  p.lk = ks[nb + 1];
+  p.dv = vs[nb + 2];
+
+  auto with_batch = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> s(p.batch_shape);
+    s.insert(s.end(), tail);
+    return s;
+  };
+  expect_shape("k", k, with_batch({p.hkv, p.lk, p.d}));
+  expect_shape("v", v, with_batch({p.hkv, p.lk, p.dv}));
+  expect_shape("out", out, with_batch({p.hq, p.lq, p.dv}));
+  if (p.hkv == 0 ? p.hq != 0 : p.hq % p.hkv != 0) fail("Hq must be a multiple of Hkv");
+
+  p.q = view_of("q", q, true, false);
+  p.k = view_of("k", k, true, false);
+  p.v = view_of("v", v, true, false);
+  p.out = view_of("out", out, true, true);
+
+  if (lse) {
+    if (!lse->dtype().is(q.dtype())) throw py::type_error("_core.attention: lse dtype must match q");
+    expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
+    p.lse = view_of("lse", *lse, false, true);
+  }
+  if (mask) {
+    if (mask->dtype().is(py::dtype::of<bool>())) {
+      p.mask_kind = cpuattn::MaskKind::Bool;
+    } else if (mask->dtype().is(q.dtype())) {
+      p.mask_kind = cpuattn::MaskKind::Additive;
+    } else {
+      throw py::type_error("_core.attention: mask must be bool or q's dtype");
+    }
+    expect_shape("mask", *mask, with_batch({p.hq, p.lq, p.lk}));
+    p.mask = view_of("mask", *mask, false, false);
+  }
+  if (kv_lengths) {
+    if (!kv_lengths->dtype().is(py::dtype::of<int64_t>())) {
+      throw py::type_error("_core.attention: kv_lengths must be int64");
+    }
+    expect_shape("kv_lengths", *kv_lengths, p.batch_shape);
+    if (!(kv_lengths->flags() & py::array::c_style)) fail("kv_lengths must be C-contiguous");
+    const auto* len = static_cast<const int64_t*>(kv_lengths->data());
+    for (py::ssize_t b = 0; b < kv_lengths->size(); ++b) {
+      if (len[b] < 0 || len[b] > p.lk) fail("kv_lengths values must lie in [0, Lk]");
+    }
+    p.kv_lengths = view_of("kv_lengths", *kv_lengths, false, false);
+  }
+  if (align != 0 && align != 1) fail("align must be 0 (bottom-right) or 1 (top-left)");
+  if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
+  if (num_threads < 0) fail("num_threads must be >= 0");
+
+  p.scale = scale;
+  p.causal = causal;
+  p.align = static_cast<cpuattn::Align>(align);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.num_threads = num_threads;
+
+  // Safe without the GIL: every buffer is owned by an argument that outlives this call, and
+  // the driver only touches the memory described by the views checked above.
+  py::gil_scoped_release release;
+  cpuattn::attention(p);
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"),
+        py::arg("causal"), py::arg("align"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("num_threads"),
+        "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
+        "see cpuattn._native.");
+}

@@ -1,0 +1,55 @@
+// The micro-kernel interface: one (query tile x key tile) step of online-softmax attention.
+// Every ISA implements the same step; the driver owns packing, tiling and finalization.
+#pragma once
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "mask.h"
+#include "tiles.h"
+
+namespace cpuattn {
+
+template <typename T>
+struct TileStep {
+  const T* q;       // rows x d, packed row-major, already multiplied by the scale
+  const T* kt;      // d x kTileKeys, packed K transposed; columns >= cols are zero
+  const T* v;       // V row of the tile's first key; rows are v_ld elements apart
+  int64_t v_ld;
+  int64_t rows, cols, d, dv;
+  T* s;             // scratch, rows x kTileKeys
+  T* o;             // running unnormalized output, rows x dv
+  T* m;             // running row max (-inf before any key)
+  T* l;             // running row sum of exp(s - m)
+
+  int64_t j0;                  // index of the tile's first key
+  const KeyRange* bounds;      // per row, used only when apply_bounds
+  bool apply_bounds;           // false for Full tiles: no per-element checks
+  MaskKind mask_kind;
+  const void* const* mask_rows;  // per row: the mask element of key 0
+  int64_t mask_col_stride;       // elements between consecutive keys (0 when broadcast)
+};
+
+struct KernelSet {
+  const char* name;
+  void (*step_f32)(const TileStep<float>&);
+  void (*step_f64)(const TileStep<double>&);
+};
+
+// Kernels compiled into this build, best last. Only those the CPU supports are ever called.
+extern const KernelSet kScalarKernels;
+#if CPUATTN_HAVE_X86_KERNELS
+extern const KernelSet kAvx2Kernels;
+extern const KernelSet kAvx512Kernels;
+#endif
+
+// Run-time dispatch (kernels/dispatch.cpp). The default is the best ISA this CPU supports,
+// or the one named by the CPUATTN_ISA environment variable.
+const KernelSet& active_kernels();
+std::vector<std::string> supported_isas();
+// Forces one ISA; throws std::invalid_argument if unknown or unsupported on this CPU.
+void select_isa(const std::string& name);
+
+}  // namespace cpuattn

@@ -1,0 +1,10 @@
+// The portable tile step compiled for the scalar target (flags set in CMakeLists.txt).
+#include "kernels/kernel.h"
+
+namespace {
+#include "kernels/tile_step.inl"
+}  // namespace
+
+namespace cpuattn {
+extern const KernelSet kScalarKernels = {"scalar", &tile_step<float>, &tile_step<double>};
+}  // namespace cpuattn

@@ -1,0 +1,10 @@
+"""cpuattn: fast, memory-lean softmax attention for NumPy arrays on CPUs.
+
+>>> import cpuattn
+>>> out = cpuattn.attention(q, k, v, causal=True)  # doctest: +SKIP
+"""
+
+from ._api import attention, info, merge
+from ._version import __version__
+
+__all__ = ["__version__", "attention", "info", "merge"]

@@ -1,0 +1,189 @@
+"""The public functions: attention, merge, info."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _native, _numpy
+from ._request import Request, build_request
+from ._version import __version__
+
+BACKENDS = ("auto", "native", "numpy")
+
+
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_lengths=None,
+              return_lse=False, out=None, num_threads=None, backend="auto"
+              ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
+
+    ``out[..., h, i, :] = sum_j softmax_j(s[..., h, i, j]) * v[..., h // (Hq // Hkv), j, :]``
+    with ``s[i, j] = scale * <q_i, k_j>`` (plus a float ``mask``), the softmax taken over the
+    keys ``j`` that are kept (see below) only.
+
+    Parameters
+    ----------
+    q : array, shape ``(*batch, Hq, Lq, D)``, or ``(Lq, D)`` for one head with no batch.
+    k : array, shape ``(*batch, Hkv, Lk, D)`` (or ``(Lk, D)``).
+    v : array, shape ``(*batch, Hkv, Lk, Dv)`` (or ``(Lk, Dv)``).
+        One dtype for all three: float32 or float64 (integer, complex, mixed: ``TypeError``).
+        ``*batch`` is any number of dims and must be equal for q, k and v. ``Hq % Hkv == 0``:
+        query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA; ``Hkv == 1`` is MQA), and K/V
+        are never repeated in memory. ``Lq != Lk`` and ``Dv != D`` are fine.
+        Any strides work (e.g. a ``(B, L, H, D)`` buffer viewed with ``swapaxes(-2, -3)``).
+        The native backend reads the arrays in place when their last axis is unit-stride and
+        otherwise copies that operand once.
+    mask : bool or float array broadcastable to ``(*batch, Hq, Lq, Lk)``, optional
+        bool: ``True`` = attend. float: added to the scaled scores (``-inf`` drops a key);
+        cast to q's dtype (a copy of the mask as given, before broadcasting).
+    causal : False, True, "bottom_right" or "top_left"
+        Keep key ``j`` for query ``i`` only if ``j <= i + off``. ``"bottom_right"`` (= True):
+        ``off = Lk_b - Lq``, the last query sees every valid key, as KV-cache decoding needs.
+        ``"top_left"``: ``off = 0``, like ``torch``'s ``is_causal``. Equal when ``Lq == Lk``.
+        With ``Lq > Lk`` bottom-right, the first ``Lq - Lk`` queries keep no key.
+    window : (left, right), optional
+        Local attention: keep ``i + off - left <= j <= i + off + right``; ``-1`` leaves that
+        side unbounded. ``off`` as for causal (bottom-right unless ``causal="top_left"``).
+        ``causal=True, window=(w - 1, 0)`` is a causal sliding window of ``w`` keys.
+    scale : float, optional
+        Multiplies ``<q, k>``; default ``1 / sqrt(D)``. A temperature ``t`` is ``scale=1/t``.
+    kv_lengths : int array of shape ``*batch``, optional
+        Valid keys per batch entry, in ``[0, Lk]``: keys ``j >= kv_lengths[b]`` are never read
+        (a padded KV cache). ``Lk_b`` in ``off`` above is this length.
+    return_lse : bool
+        Also return ``lse = log(sum_j exp(s[i, j]))`` over kept keys (natural log), shape
+        ``(*batch, Hq, Lq)``, in q's dtype. Feed it to :func:`merge`.
+    out : ndarray, optional
+        Written in place and returned: shape ``(*batch, Hq, Lq, Dv)``, q's dtype, writable,
+        any strides. May alias the inputs (then a temporary is used).
+    num_threads : int, optional
+        Threads for the native backend; default: the OpenMP default (``OMP_NUM_THREADS``, else
+        all cores). Results are bitwise identical for any thread count.
+    backend : "auto", "native" or "numpy"
+        "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy.
+
+    A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
+    output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
+    ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the input
+    dtype with a max-shifted softmax, so logits of any magnitude are safe. NaN in an input
+    spreads only to the output rows that read it.
+
+    Returns
+    -------
+    out, or ``(out, lse)`` with ``return_lse=True``. ``out`` has shape ``(*batch, Hq, Lq, Dv)``
+    (``(Lq, Dv)`` for 2-D inputs) and q's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, cpuattn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 8, 128, 64), dtype=np.float32)   # (B, Hq, Lq, D)
+    >>> kv = rng.standard_normal((2, 2, 128, 64), dtype=np.float32)  # 2 kv heads: GQA
+    >>> out, lse = cpuattn.attention(q, kv, kv, causal=True, return_lse=True)
+    >>> out.shape, lse.shape
+    ((2, 8, 128, 64), (2, 8, 128))
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    req = build_request(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                        kv_lengths=kv_lengths, return_lse=return_lse, out=out,
+                        num_threads=num_threads)
+    run = _pick_backend(backend)
+    if req.out is not None and _overlaps(req.out, req.q, req.k, req.v, req.mask):
+        # Writing in place would clobber inputs still to be read: compute aside, then copy.
+        result, lse = run(dataclasses.replace(req, out=None))
+        req.out[...] = result
+        return req.finish(req.out, lse)
+    return req.finish(*run(req))
+
+
+def _pick_backend(backend: str):
+    if backend == "numpy" or (backend == "auto" and not _native.available()):
+        return _numpy.attention
+    return _native.attention
+
+
+def _overlaps(out: np.ndarray, *inputs: Optional[np.ndarray]) -> bool:
+    return any(x is not None and np.may_share_memory(out, x) for x in inputs)
+
+
+def merge(outs: Sequence, lses: Sequence) -> Tuple[np.ndarray, np.ndarray]:
+    """Combine attention results computed over disjoint sets of keys into the whole.
+
+    For parts ``p`` with ``(out_p, lse_p)`` from ``attention(..., return_lse=True)`` over
+    disjoint key sets (KV chunks, ring attention, other machines)::
+
+        lse = logaddexp over p of lse_p
+        out = sum over p of exp(lse_p - lse) * out_p
+
+    which equals attention over the union of the keys. Parts whose lse is ``-inf`` (no kept
+    key) contribute nothing; rows empty in every part stay ``0`` with lse ``-inf``.
+
+    Parameters
+    ----------
+    outs : sequence of arrays of one shape ``(..., Lq, Dv)``, float32 or float64.
+    lses : sequence of arrays of shape ``(..., Lq)``, one per part.
+
+    Returns
+    -------
+    (out, lse), in the dtype of the parts.
+
+    Examples
+    --------
+    >>> import numpy as np, cpuattn
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 4, 100, 16))
+    >>> parts = [cpuattn.attention(q, k[:, :60], v[:, :60], return_lse=True),
+    ...          cpuattn.attention(q, k[:, 60:], v[:, 60:], return_lse=True)]
+    >>> out, lse = cpuattn.merge(*zip(*parts))
+    >>> bool(np.allclose(out, cpuattn.attention(q, k, v)))
+    True
+    """
+    outs = [np.asarray(o) for o in outs]
+    lses = [np.asarray(x) for x in lses]
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge: expected equally many outs and lses (at least one), got "
+                         f"{len(outs)} and {len(lses)}")
+    shape, dtype = outs[0].shape, outs[0].dtype
+    if dtype.kind != "f" or len(shape) < 1:
+        raise TypeError(f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
+                        f"got dtype {dtype}, shape {shape}")
+    for p, (o, x) in enumerate(zip(outs, lses)):
+        if o.shape != shape or o.dtype != dtype:
+            raise ValueError(f"outs[{p}]: expected shape {shape} and dtype {dtype} like outs[0], "
+                             f"got {o.shape}, {o.dtype}")
+        if x.shape != shape[:-1] or x.dtype.kind != "f":
+            raise ValueError(f"lses[{p}]: expected a floating array of shape {shape[:-1]} "
+                             f"(outs' shape without Dv), got {x.shape}, {x.dtype}")
+    lse_parts = np.stack(lses).astype(dtype, copy=False)
+    lse = np.logaddexp.reduce(lse_parts, axis=0)
+    # Where every part is empty the weights would be exp(-inf - -inf): use 0 instead.
+    finite = np.isfinite(lse)
+    with np.errstate(invalid="ignore"):
+        weights = np.where(finite, np.exp(lse_parts - np.where(finite, lse, 0)), 0)
+    out = np.zeros(shape, dtype)
+    for w, o in zip(weights, outs):
+        out += w[..., None] * o
+    return out, lse
+
+
+def info() -> dict:
+    """What this installation runs: version, backends, ISA in use, threads.
+
+    Keys: ``version``, ``native`` (bool: the compiled kernel imported), ``native_error`` (why
+    not, else None), ``isa`` (kernel set in use, e.g. ``'avx512'``; ``CPUATTN_ISA`` forces a
+    lower one), ``supported_isas``, ``openmp`` (built with OpenMP), ``max_threads`` (threads
+    a call uses by default), ``backends`` (usable values of ``backend=``).
+    """
+    core = _native._core
+    return {
+        "version": __version__,
+        "native": core is not None,
+        "native_error": _native.IMPORT_ERROR,
+        "isa": core.isa() if core else None,
+        "supported_isas": list(core.supported_isas()) if core else [],
+        "openmp": bool(core.openmp()) if core else False,
+        "max_threads": int(core.max_threads()) if core else 1,
+        "backends": ["auto", "native", "numpy"] if core else ["auto", "numpy"],
+    }

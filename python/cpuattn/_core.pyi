@@ -1,0 +1,27 @@
+# Stubs for the compiled extension. Private: call cpuattn.attention, which validates.
+from typing import List, Optional
+
+import numpy as np
+
+__version__: str
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: Optional[np.ndarray],
+    mask: Optional[np.ndarray],
+    kv_lengths: Optional[np.ndarray],
+    scale: float,
+    causal: bool,
+    align: int,
+    window_left: int,
+    window_right: int,
+    num_threads: int,
+) -> None: ...
+def isa() -> str: ...
+def supported_isas() -> List[str]: ...
+def select_isa(name: str) -> None: ...
+def openmp() -> bool: ...
+def max_threads() -> int: ...

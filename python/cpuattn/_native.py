@@ -1,0 +1,58 @@
+"""Thin adapter from a validated ``Request`` to the compiled ``_core`` (GIL released inside).
+
+Copies happen only where the kernel needs them, each at most once: an operand whose last axis
+is not unit-stride, or whose data is misaligned, is copied to a contiguous array; an ``out``
+whose last axis is not unit-stride is computed into a temporary and copied back.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from ._request import Request
+
+try:
+    from . import _core
+except ImportError as exc:  # the NumPy backend still works; info() reports why
+    _core = None
+    IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
+else:
+    IMPORT_ERROR = None
+
+
+def available() -> bool:
+    return _core is not None
+
+
+def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    if _core is None:
+        raise RuntimeError(f"backend='native': the cpuattn extension failed to import "
+                           f"({IMPORT_ERROR})")
+    q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
+    mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
+
+    out = req.out
+    if out is None or not _is_kernel_ready(out, unit_last=True):
+        out = np.empty(req.out_shape, req.dtype)
+    lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
+    left, right = req.window
+    _core.attention(q, k, v, out, lse, mask, req.kv_lengths, req.scale, req.causal,
+                    0 if req.align == "bottom_right" else 1, left, right,
+                    req.num_threads or 0)
+    if req.out is not None and out is not req.out:
+        req.out[...] = out
+        out = req.out
+    return out, lse
+
+
+def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
+    item = x.itemsize
+    if not x.flags.aligned or any(s % item for s in x.strides):
+        return False
+    return not unit_last or x.shape[-1] <= 1 or x.strides[-1] == item
+
+
+def _kernel_ready(x: np.ndarray, unit_last: bool) -> np.ndarray:
+    return x if _is_kernel_ready(x, unit_last) else np.ascontiguousarray(x)

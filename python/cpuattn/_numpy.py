@@ -1,0 +1,101 @@
+"""The NumPy backend: the executable specification of ``cpuattn.attention``.
+
+Same algorithm as the native kernel, written to be read: for every (batch entry, kv head,
+block of query positions) it walks the keys that block may see, one key block at a time, and
+keeps a running softmax (online softmax: Milakov & Gimelshein 2018, FlashAttention-2,
+arXiv 2307.08691). Memory is O(block), never O(Lq x Lk). All query heads that share a kv head
+are computed together, so GQA/MQA never copies K or V.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from ._request import Request
+
+# Query positions and keys per block. Larger than the native tiles: here each block costs
+# Python overhead, so fewer, bigger matmuls win; memory stays O(group * BLOCK_Q * BLOCK_K).
+BLOCK_Q = 128
+BLOCK_K = 512
+
+
+def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    out = req.out if req.out is not None else np.empty(req.out_shape, req.dtype)
+    lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
+    g = req.group
+    for b in np.ndindex(*req.batch_shape):
+        n_keys = req.lk if req.kv_lengths is None else int(req.kv_lengths[b])
+        for hk in range(req.hkv):
+            heads = slice(hk * g, (hk + 1) * g)
+            for i0 in range(0, req.lq, BLOCK_Q):
+                rows = slice(i0, min(i0 + BLOCK_Q, req.lq))
+                block_out, block_lse = _attend_block(req, b, hk, heads, rows, n_keys)
+                out[b][heads, rows] = block_out
+                if lse is not None:
+                    lse[b][heads, rows] = block_lse
+    return out, lse
+
+
+def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
+    """Half-open key range [lo, hi) each query position keeps under causal / window / length.
+
+    The diagonal of position i is key ``i + off``: ``off = n_keys - Lq`` when aligned
+    bottom-right (the last query sees the last valid key), ``0`` when aligned top-left.
+    Both ends are non-decreasing in i.
+    """
+    diag = positions + (n_keys - req.lq if req.align == "bottom_right" else 0)
+    left, right = req.window
+    lo = np.zeros_like(positions)
+    hi = np.full_like(positions, n_keys)
+    if left >= 0:
+        lo = np.maximum(lo, diag - left)
+    if req.causal:
+        hi = np.minimum(hi, diag + 1)
+    if right >= 0:
+        hi = np.minimum(hi, diag + right + 1)
+    return lo, np.maximum(lo, hi)
+
+
+def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: int):
+    q = req.q[b][heads, rows] * req.scale  # (group, r, D)
+    positions = np.arange(rows.start, rows.stop)
+    lo, hi = key_bounds(req, positions, n_keys)
+
+    neg_inf = req.dtype.type(-np.inf)
+    m = np.full(q.shape[:-1], neg_inf, req.dtype)  # running max of kept scores
+    l = np.zeros(q.shape[:-1], req.dtype)  # running sum of exp(score - m)
+    o = np.zeros((*q.shape[:-1], req.dv), req.dtype)  # running unnormalized output
+
+    # NaN in the inputs propagates to the rows it touches, silently (as in the native path).
+    with np.errstate(invalid="ignore"):
+        # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
+        for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
+            j1 = min(j0 + BLOCK_K, int(hi[-1]))
+            k = req.k[b][hk, j0:j1]
+            v = req.v[b][hk, j0:j1]
+            s = q @ k.T  # (group, r, c)
+
+            keys = np.arange(j0, j1)
+            keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
+            if req.mask is not None:
+                mask = req.mask[b][heads, rows, j0:j1]
+                if mask.dtype == np.bool_:
+                    keep = keep & mask
+                else:
+                    s = s + mask
+            s = np.where(keep, s, neg_inf)
+
+            m_new = np.maximum(m, s.max(axis=-1))
+            shift = np.where(m_new == neg_inf, 0, m_new)  # rows that kept nothing so far
+            alpha = np.exp(m - shift)  # rescales the old state; 0 before the first key
+            p = np.exp(s - shift[..., None])
+            l = l * alpha + p.sum(axis=-1)
+            o = o * alpha[..., None] + p @ v
+            m = m_new
+
+        # A row that kept no key: output 0, lse -inf (never 0/0).
+        empty = l == 0
+        safe_l = np.where(empty, 1, l)
+        return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))

@@ -1,0 +1,234 @@
+"""Normalize and validate the arguments of ``cpuattn.attention`` once, into a ``Request``.
+
+Both backends take a ``Request``; neither re-derives semantics. Every check raises
+``ValueError`` or ``TypeError`` naming the argument and the expected shape.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+CAUSAL_MODES = ("bottom_right", "top_left")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Canonical arguments. Arrays are views of the caller's data (no copies).
+
+    ``q``, ``k``, ``v`` have shape ``(*batch, H, L, D)`` with at least 3 dims: a 2-D input
+    ``(L, D)`` becomes ``(1, L, D)`` and ``squeeze_head`` remembers to undo it on output.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    batch_shape: Tuple[int, ...]
+    hq: int
+    hkv: int
+    lq: int
+    lk: int
+    d: int
+    dv: int
+    dtype: np.dtype
+    mask: Optional[np.ndarray]  # None, or bool / dtype view broadcast to (*batch, Hq, Lq, Lk)
+    causal: bool
+    align: str  # "bottom_right" or "top_left": anchors causal and window
+    window: Tuple[int, int]  # (left, right), -1 = unbounded; (-1, -1) = no window
+    kv_lengths: Optional[np.ndarray]  # None, or C-contiguous int64 of batch_shape
+    scale: float
+    return_lse: bool
+    out: Optional[np.ndarray]  # None, or a view of the caller's out in canonical shape
+    user_out: Optional[np.ndarray]  # the caller's out itself, returned as given
+    num_threads: Optional[int]
+    squeeze_head: bool
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        return (*self.batch_shape, self.hq, self.lq, self.dv)
+
+    @property
+    def lse_shape(self) -> Tuple[int, ...]:
+        return (*self.batch_shape, self.hq, self.lq)
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (1 = MHA, Hq = MQA)."""
+        return self.hq // self.hkv if self.hkv else 0
+
+    def finish(self, out: np.ndarray, lse: Optional[np.ndarray]):
+        """Give results the caller's shape (undo the 2-D promotion) and the requested arity."""
+        if self.user_out is not None:
+            out = self.user_out
+        elif self.squeeze_head:
+            out = out[0]
+        if lse is not None and self.squeeze_head:
+            lse = lse[0]
+        return (out, lse) if self.return_lse else out
+
+
+def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+                  kv_lengths=None, return_lse=False, out=None, num_threads=None) -> Request:
+    q = _as_float_array("q", q)
+    k = _as_float_array("k", k)
+    v = _as_float_array("v", v)
+    dtype = q.dtype
+    for name, arr in (("k", k), ("v", v)):
+        if arr.dtype != dtype:
+            raise TypeError(f"{name}: dtype {arr.dtype} differs from q's {dtype}; "
+                            "q, k and v must share one dtype")
+
+    if q.ndim < 2:
+        raise ValueError(f"q: expected (*batch, Hq, Lq, D) or (Lq, D), got shape {q.shape}")
+    for name, arr in (("k", k), ("v", v)):
+        if arr.ndim != q.ndim:
+            layout = "(Lk, D)" if q.ndim == 2 else "(*batch, Hkv, Lk, D)"
+            raise ValueError(f"{name}: expected {q.ndim} dims {layout} like q, "
+                             f"got shape {arr.shape}")
+    squeeze_head = q.ndim == 2
+    if squeeze_head:
+        q, k, v = q[None], k[None], v[None]
+
+    batch_shape = q.shape[:-3]
+    hq, lq, d = q.shape[-3:]
+    for name, arr in (("k", k), ("v", v)):
+        if arr.shape[:-3] != batch_shape:
+            raise ValueError(f"{name}: batch dims {arr.shape[:-3]} differ from q's {batch_shape}; "
+                             "q, k and v must have equal batch dims")
+    hkv, lk, dk = k.shape[-3:]
+    if dk != d:
+        raise ValueError(f"k: expected (..., Hkv, Lk, {d}) to match q's head dim {d}, "
+                         f"got {k.shape}")
+    if v.shape[-3:-1] != (hkv, lk):
+        raise ValueError(f"v: expected (..., {hkv}, {lk}, Dv) to match k's (Hkv, Lk) = "
+                         f"({hkv}, {lk}), got {v.shape}")
+    dv = v.shape[-1]
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        raise ValueError(f"k: its {hkv} kv heads must divide q's {hq} heads "
+                         f"(GQA/MQA: Hq % Hkv == 0), got q {q.shape}, k {k.shape}")
+
+    full_mask_shape = (*batch_shape, hq, lq, lk)
+    causal_flag, align = _causal_mode(causal)
+    return Request(
+        q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dv=dv,
+        dtype=dtype,
+        mask=_mask(mask, full_mask_shape, dtype, squeeze_head),
+        causal=causal_flag, align=align,
+        window=_window(window),
+        kv_lengths=_kv_lengths(kv_lengths, batch_shape, lk),
+        scale=_scale(scale, d),
+        return_lse=bool(return_lse),
+        out=_out(out, (*batch_shape, hq, lq, dv), dtype, squeeze_head),
+        user_out=out,
+        num_threads=_num_threads(num_threads),
+        squeeze_head=squeeze_head,
+    )
+
+
+def _as_float_array(name: str, x) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
+    return arr
+
+
+def _causal_mode(causal) -> Tuple[bool, str]:
+    if isinstance(causal, (bool, np.bool_)):
+        return bool(causal), "bottom_right"
+    if isinstance(causal, str) and causal in CAUSAL_MODES:
+        return True, causal
+    raise ValueError(f"causal: expected False, True, 'bottom_right' or 'top_left', got {causal!r}")
+
+
+def _window(window) -> Tuple[int, int]:
+    if window is None:
+        return (-1, -1)
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window: expected (left, right) ints, got {window!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"window: {side} must be an int >= -1, got {value!r}")
+        if value < -1:
+            raise ValueError(f"window: {side} must be >= -1 (-1 = unbounded), got {value}")
+    return (int(left), int(right))
+
+
+def _scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d) if d > 0 else 1.0
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
+def _mask(mask, full_shape, dtype, squeeze_head) -> Optional[np.ndarray]:
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        pass
+    elif mask.dtype.kind == "f":
+        mask = mask.astype(dtype, copy=False)  # copies only the mask as given, before broadcast
+    else:
+        raise TypeError(f"mask: expected bool (True = attend) or a floating additive mask, "
+                        f"got dtype {mask.dtype}")
+    user_shape = full_shape[1:] if squeeze_head else full_shape
+    expected = "(Lq, Lk)" if squeeze_head else "(*batch, Hq, Lq, Lk)"
+    try:
+        return np.broadcast_to(mask, full_shape)
+    except ValueError:
+        raise ValueError(f"mask: shape {mask.shape} does not broadcast to {expected} = "
+                         f"{user_shape}") from None
+
+
+def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
+    if kv_lengths is None:
+        return None
+    lengths = np.asarray(kv_lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"kv_lengths: expected integers, got dtype {lengths.dtype}")
+    try:
+        lengths = np.broadcast_to(lengths, batch_shape)
+    except ValueError:
+        raise ValueError(f"kv_lengths: expected shape *batch = {batch_shape}, "
+                         f"got {lengths.shape}") from None
+    if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
+        raise ValueError(f"kv_lengths: values must lie in [0, Lk] = [0, {lk}], got "
+                         f"min {lengths.min()}, max {lengths.max()}")
+    return np.ascontiguousarray(lengths, dtype=np.int64)
+
+
+def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+    user_shape = shape[1:] if squeeze_head else shape
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
+    if out.shape != user_shape:
+        raise ValueError(f"out: expected shape (*batch, Hq, Lq, Dv) = {user_shape}, "
+                         f"got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    return out[None] if squeeze_head else out
+
+
+def _num_threads(num_threads) -> Optional[int]:
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads: expected a positive int or None, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads: expected a positive int or None, got {num_threads}")
+    return int(num_threads)
