@@ -24,6 +24,7 @@ struct RowBounds {
     if (left >= 0) lo = std::max<int64_t>(lo, diag - left);
     if (causal) hi = std::min<int64_t>(hi, diag + 1);
     if (right >= 0) hi = std::min<int64_t>(hi, diag + right + 1);
+    lo = std::min(lo, n_keys);  // so that an empty range never points past the valid keys
     return {lo, std::max(lo, hi)};
   }
 };

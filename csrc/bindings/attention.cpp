@@ -35,10 +35,11 @@ cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool
   v.data = a.data();
   for (py::ssize_t dim = 0; dim < a.ndim(); ++dim) {
     const int64_t s = a.strides(dim);
-    if (s % item != 0) fail(std::string(name) + " has a stride that is not a whole element");
+    if (s % item != 0 && a.size() > 0) fail(std::string(name) + " has a stride that is not a whole element");
     v.strides.push_back(s / item);
   }
-  if (unit_last && a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 && v.strides.back() != 1) {
+  // An empty array is never dereferenced, whatever its strides.
+  if (unit_last && a.size() > 0 && a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 && v.strides.back() != 1) {
     fail(std::string(name) + " must be unit-stride on its last axis");
   }
   return v;

@@ -49,6 +49,8 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 
 def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
     item = x.itemsize
+    if x.size == 0:
+        return True
     if not x.flags.aligned or any(s % item for s in x.strides):
         return False
     return not unit_last or x.shape[-1] <= 1 or x.strides[-1] == item

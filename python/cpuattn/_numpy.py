@@ -55,6 +55,7 @@ def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
         hi = np.minimum(hi, diag + 1)
     if right >= 0:
         hi = np.minimum(hi, diag + right + 1)
+    lo = np.minimum(lo, n_keys)  # an empty range must not point past the valid keys
     return lo, np.maximum(lo, hi)
 
 

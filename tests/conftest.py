@@ -1,0 +1,53 @@
+import functools
+import os
+
+import numpy as np
+import pytest
+
+import cpuattn
+from cpuattn import _native
+
+ISAS = list(_native._core.supported_isas()) if _native.available() else []
+BACKENDS = ["numpy"] + [f"native-{isa}" for isa in ISAS]
+
+
+def pytest_report_header(config):
+    return f"cpuattn {cpuattn.__version__}: {cpuattn.info()}"
+
+
+@pytest.fixture(params=BACKENDS)
+def attention(request):
+    """cpuattn.attention pinned to one backend, and for native to one ISA's kernels."""
+    name = request.param
+    if name == "numpy":
+        yield functools.partial(cpuattn.attention, backend="numpy")
+        return
+    core = _native._core
+    previous = core.isa()
+    core.select_isa(name.split("-", 1)[1])
+    try:
+        yield functools.partial(cpuattn.attention, backend="native")
+    finally:
+        core.select_isa(previous)
+
+
+@pytest.fixture(params=ISAS or [pytest.param(None, marks=pytest.mark.skip("no native"))])
+def native(request):
+    """cpuattn.attention on the native backend, pinned to each supported ISA."""
+    core = _native._core
+    previous = core.isa()
+    core.select_isa(request.param)
+    try:
+        yield functools.partial(cpuattn.attention, backend="native")
+    finally:
+        core.select_isa(previous)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def native_required() -> bool:
+    """CI builds the extension: its absence there is a failure, not a skip."""
+    return os.environ.get("CPUATTN_ALLOW_NO_NATIVE", "") != "1"

@@ -1,0 +1,88 @@
+"""Dense float64 reference attention, written straight from the contract (DESIGN §1).
+
+Deliberately unlike both backends: no tiling, no online softmax, K/V repeated for GQA,
+every keep-condition spelled out as a full (*batch, Hq, Lq, Lk) boolean array.
+"""
+
+import numpy as np
+
+
+def dense_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+                    kv_lengths=None):
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    squeeze = q.ndim == 2
+    if squeeze:
+        q, k, v = q[None], k[None], v[None]
+    batch = q.shape[:-3]
+    hq, lq, d = q.shape[-3:]
+    hkv, lk = k.shape[-3:-1]
+    group = hq // hkv
+    k = np.repeat(k, group, axis=-3)
+    v = np.repeat(v, group, axis=-3)
+    if scale is None:
+        scale = 1.0 / np.sqrt(d) if d else 1.0
+
+    s = scale * (q @ np.swapaxes(k, -1, -2))
+    n_keys = np.broadcast_to(lk if kv_lengths is None else np.asarray(kv_lengths), batch)
+    n_keys = n_keys.reshape(*batch, 1, 1, 1).astype(np.int64)
+    i = np.arange(lq)[:, None]
+    j = np.arange(lk)[None, :]
+    off = 0 if causal == "top_left" else n_keys - lq
+    keep = np.broadcast_to(j < n_keys, (*batch, hq, lq, lk))
+    if causal:
+        keep = keep & (j <= i + off)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = keep & (j >= i + off - left)
+        if right >= 0:
+            keep = keep & (j <= i + off + right)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if squeeze:
+            mask = mask[None] if mask.ndim == 2 else mask
+        if mask.dtype == np.bool_:
+            keep = keep & mask
+        else:
+            s = s + mask.astype(np.float64)
+    s = np.where(keep, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    denom = p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, p / np.where(denom > 0, denom, 1), 0.0) @ v
+        lse = np.where(denom > 0, np.log(np.where(denom > 0, denom, 1)) + m, -np.inf)[..., 0]
+    if squeeze:
+        out, lse = out[0], lse[0]
+    return out, lse
+
+
+def tolerance(dtype):
+    """Max abs error allowed, relative to max |expected output| (the issue's bound)."""
+    return {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-11}[np.dtype(dtype)]
+
+
+def assert_matches(actual, expected, dtype, what="out"):
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert not np.isnan(actual).any(), f"{what}: NaN in result"
+    inf = np.isinf(expected)
+    assert np.array_equal(np.isinf(actual), inf), f"{what}: infinities differ"
+    assert np.array_equal(actual[inf], expected[inf]), f"{what}: infinities differ in sign"
+    finite = ~inf
+    if not finite.any():
+        return
+    scale = max(float(np.abs(expected[finite]).max()), np.finfo(np.float64).tiny)
+    err = float(np.abs(actual[finite] - expected[finite]).max())
+    assert err <= tolerance(dtype) * scale, (
+        f"{what}: max abs error {err:.3g} > {tolerance(dtype):.0e} x max|expected| {scale:.3g}")
+
+
+def random_qkv(rng, batch, hq, hkv, lq, lk, d, dv=None, dtype=np.float32):
+    dv = d if dv is None else dv
+    q = rng.standard_normal((*batch, hq, lq, d)).astype(dtype)
+    k = rng.standard_normal((*batch, hkv, lk, d)).astype(dtype)
+    v = rng.standard_normal((*batch, hkv, lk, dv)).astype(dtype)
+    return q, k, v
