@@ -46,7 +46,7 @@ def dense_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None
         else:
             s = s + mask.astype(np.float64)
     s = np.where(keep, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)

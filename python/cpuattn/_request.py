@@ -205,7 +205,7 @@ def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
     if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
         raise ValueError(f"kv_lengths: values must lie in [0, Lk] = [0, {lk}], got "
                          f"min {lengths.min()}, max {lengths.max()}")
-    return np.ascontiguousarray(lengths, dtype=np.int64)
+    return np.array(lengths, dtype=np.int64, order="C")  # small; keeps 0-d as 0-d
 
 
 def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:

@@ -1,0 +1,127 @@
+"""Side-by-side attention benchmark: cpuattn vs numpy-BLAS naive vs torch SDPA, one process.
+
+    python benchmarks/run.py                 # the full shape list, markdown table on stdout
+    python benchmarks/run.py --quick         # a few shapes
+    python benchmarks/run.py --json out.json --plot out.png
+
+Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
+speed ratio against each baseline. Each cpuattn result is checked against the float64 NumPy
+backend before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cpuattn import _bench, attention, info
+
+Case = _bench.Case
+FULL = [
+    *(Case(f"L={n}", 1, 8, 8, n, n, 64) for n in (512, 1024, 2048, 4096, 8192)),
+    Case("D=128", 1, 16, 16, 2048, 2048, 128),
+    Case("batch 4", 4, 8, 8, 512, 512, 64),
+    Case("MiniLM batch", 32, 12, 12, 128, 128, 32),
+    Case("GQA 32/8", 1, 32, 8, 2048, 2048, 128),
+    Case("causal L=4096", 1, 8, 8, 4096, 4096, 64, causal=True),
+    Case("causal L=8192", 1, 8, 8, 8192, 8192, 64, causal=True),
+    Case("window 512 L=8192", 1, 8, 8, 8192, 8192, 64, causal=True, window=(511, 0)),
+    Case("decode GQA", 1, 32, 8, 1, 16384, 128),
+]
+QUICK = [FULL[1], FULL[7], FULL[9], FULL[-1]]
+MAX_NAIVE_SCORES = 2**28  # skip the O(L^2) baseline past 1 GiB of float32 scores
+
+
+def run_case(case: Case, repeats: int, peak: float) -> dict:
+    q, k, v = case.inputs()
+    kw = case.kwargs()
+    err = _bench.max_error_vs_float64(case, attention(q, k, v, **kw))
+    row = {"case": case.name, "q": list(q.shape), "kv": list(k.shape), "causal": case.causal,
+           "window": case.window, "gflop": case.flops() / 1e9, "max_rel_err": err, "ms": {}}
+    row["ms"]["cpuattn"] = 1e3 * _bench.median_seconds(lambda: attention(q, k, v, **kw), repeats)
+    if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
+        row["ms"]["numpy naive"] = 1e3 * _bench.median_seconds(
+            lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), repeats)
+    torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
+    if torch_run is not None:
+        row["ms"]["torch sdpa"] = 1e3 * _bench.median_seconds(torch_run, repeats)
+    ours = row["ms"]["cpuattn"]
+    row["gflops"] = case.flops() / ours / 1e6
+    row["pct_sgemm"] = 100 * row["gflops"] / peak
+    row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name != "cpuattn"}
+    return row
+
+
+def markdown(rows, peak: float) -> str:
+    lines = [f"sgemm peak (numpy float32 2048^2): {peak:.0f} GF/s", "",
+             "| case | q | kv | cpuattn ms | GF/s | % sgemm | numpy naive ms | torch ms "
+             "| x numpy | x torch | max err |", "|---" * 11 + "|"]
+    def cell(d, key, fmt):
+        return format(d[key], fmt) if key in d else "–"
+
+    for r in rows:
+        ms, x = r["ms"], r["speedup"]
+        lines.append(
+            f"| {r['case']} | {tuple(r['q'])} | {tuple(r['kv'])} | {ms['cpuattn']:.2f} "
+            f"| {r['gflops']:.1f} | {r['pct_sgemm']:.0f}% | {cell(ms, 'numpy naive', '.2f')} "
+            f"| {cell(ms, 'torch sdpa', '.2f')} | {cell(x, 'numpy naive', '.2f')} "
+            f"| {cell(x, 'torch sdpa', '.2f')} | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq = [r for r in rows if r["case"].startswith("L=")]
+    if not seq:
+        return
+    lengths = [r["q"][2] for r in seq]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in ("cpuattn", "numpy naive", "torch sdpa"):
+        points = [(n, r["gflop"] / r["ms"][impl] * 1e3) for n, r in zip(lengths, seq)
+                  if impl in r["ms"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L  (q, k, v = (1, 8, L, 64), float32)")
+    ax.set_ylabel("GF/s")
+    ax.set_title("Attention throughput, this machine")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a GF/s vs L plot (matplotlib)")
+    args = parser.parse_args(argv)
+
+    facts = info()
+    peak = _bench.sgemm_gflops()
+    print(f"# cpuattn {facts['version']} isa={facts['isa']} threads={facts['max_threads']}",
+          file=sys.stderr)
+    rows = []
+    cases = QUICK if args.quick else FULL
+    for n, case in enumerate(cases, 1):
+        print(f"[{n}/{len(cases)}] {case.name} ...", file=sys.stderr, flush=True)
+        rows.append(run_case(case, args.repeats, peak))
+    print(markdown(rows, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

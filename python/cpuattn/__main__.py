@@ -1,0 +1,56 @@
+"""``python -m cpuattn``: what this installation runs, then a quick side-by-side benchmark.
+
+For the full benchmark suite (more shapes, JSON, plot) run ``python benchmarks/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _bench
+from ._api import attention, info
+
+DEMO_CASES = [
+    _bench.Case("prefill", 1, 8, 8, 1024, 1024, 64),
+    _bench.Case("prefill causal", 1, 8, 8, 1024, 1024, 64, causal=True),
+    _bench.Case("MiniLM batch", 32, 12, 12, 128, 128, 32),
+    _bench.Case("GQA prefill", 1, 32, 8, 512, 512, 128, causal=True),
+    _bench.Case("decode GQA", 1, 32, 8, 1, 4096, 128),
+]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cpuattn", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    args = parser.parse_args(argv)
+
+    facts = info()
+    print(f"cpuattn {facts['version']}: native={facts['native']} isa={facts['isa']} "
+          f"openmp={facts['openmp']} threads={facts['max_threads']}")
+    if not facts["native"]:
+        print(f"  native backend unavailable ({facts['native_error']}); timing the NumPy one")
+    print(f"numpy float32 matmul 2048^2: {_bench.sgemm_gflops():.0f} GF/s\n")
+
+    header = ("| case | q / kv shape | cpuattn ms | GF/s | numpy naive ms | torch ms "
+              "| x numpy | x torch | max err vs f64 |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for case in DEMO_CASES:
+        q, k, v = case.inputs()
+        kw = case.kwargs()
+        out = attention(q, k, v, **kw)
+        ours = _bench.median_seconds(lambda: attention(q, k, v, **kw), args.repeats)
+        naive = _bench.median_seconds(
+            lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), args.repeats)
+        torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
+        torch_t = _bench.median_seconds(torch_run, args.repeats) if torch_run else None
+        err = _bench.max_error_vs_float64(case, out)
+        shapes = f"{tuple(q.shape)} / {tuple(k.shape)}"
+        torch_ms = f"{torch_t * 1e3:.2f}" if torch_t else "–"
+        torch_x = f"{torch_t / ours:.2f}" if torch_t else "–"
+        print(f"| {case.name} | {shapes} | {ours * 1e3:.2f} | {case.flops() / ours / 1e9:.1f} "
+              f"| {naive * 1e3:.2f} | {torch_ms} | {naive / ours:.2f} | {torch_x} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Timing helpers and baselines shared by ``python -m cpuattn`` and ``benchmarks/run.py``.
+
+Everything is timed in one process on the same inputs: median of repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from ._api import attention
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention problem: q (b, hq, lq, d), k/v (b, hkv, lk, d), float32."""
+
+    name: str
+    b: int
+    hq: int
+    hkv: int
+    lq: int
+    lk: int
+    d: int
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    options: Dict = field(default_factory=dict)
+
+    def inputs(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        q = rng.standard_normal((self.b, self.hq, self.lq, self.d), dtype=np.float32)
+        k = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
+        v = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
+        return q, k, v
+
+    def kwargs(self):
+        return {"causal": self.causal, "window": self.window, **self.options}
+
+    def kept_pairs(self) -> int:
+        """(query, key) pairs that are kept, per (batch, head): the work actually needed."""
+        i = np.arange(self.lq)[:, None]
+        diag = i + self.lk - self.lq
+        lo = np.zeros_like(diag)
+        hi = np.full_like(diag, self.lk)
+        if self.window is not None and self.window[0] >= 0:
+            lo = np.maximum(lo, diag - self.window[0])
+        if self.causal:
+            hi = np.minimum(hi, diag + 1)
+        if self.window is not None and self.window[1] >= 0:
+            hi = np.minimum(hi, diag + self.window[1] + 1)
+        return int(np.clip(hi - lo, 0, None).sum())
+
+    def flops(self) -> float:
+        """4 * D per kept pair (Q K^T and P V, multiply-add = 2 flops each)."""
+        return 4.0 * self.b * self.hq * self.d * self.kept_pairs()
+
+    def kv_bytes(self) -> int:
+        return 2 * self.b * self.hkv * self.lk * self.d * 4
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
+    """Median wall time of fn() after one warm-up; repeats more for very short calls."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def sgemm_gflops(n: int = 2048) -> float:
+    """The practical float32 peak: NumPy's BLAS matmul of two n x n matrices."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    return 2.0 * n**3 / median_seconds(lambda: a @ b, repeats=5) / 1e9
+
+
+def read_bandwidth_gbs(nbytes: int = 256 * 2**20) -> float:
+    """Memory read bandwidth: NumPy summing a float32 array far larger than the caches."""
+    x = np.ones(nbytes // 4, dtype=np.float32)
+    return nbytes / median_seconds(lambda: x.sum(), repeats=5) / 1e9
+
+
+def naive_numpy(q, k, v, causal=False, window=None):
+    """softmax(q k^T * scale) v with BLAS matmuls and an O(Lq x Lk) score matrix."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k = np.repeat(k, group, axis=-3)
+        v = np.repeat(v, group, axis=-3)
+    s = (q @ np.swapaxes(k, -1, -2)) * np.float32(1.0 / np.sqrt(q.shape[-1]))
+    if causal or window is not None:
+        lq, lk = s.shape[-2:]
+        i = np.arange(lq)[:, None] + (lk - lq)
+        j = np.arange(lk)[None, :]
+        keep = j <= i if causal else np.ones((lq, lk), bool)
+        if window is not None:
+            left, right = window
+            if left >= 0:
+                keep &= j >= i - left
+            if right >= 0:
+                keep &= j <= i + right
+        s = np.where(keep, s, -np.inf)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def torch_sdpa_runner(q, k, v, causal=False, window=None):
+    """A zero-argument callable running torch SDPA on these inputs, or None without torch.
+
+    Causal uses bottom-right alignment via is_causal when square, else an explicit mask; a
+    window is passed as a boolean mask (torch has no native sliding window).
+    """
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    lq, lk = q.shape[-2], k.shape[-2]
+    kw = {"enable_gqa": q.shape[-3] != k.shape[-3]}
+    if window is not None or (causal and lq != lk):
+        i = torch.arange(lq)[:, None] + (lk - lq)
+        j = torch.arange(lk)[None, :]
+        keep = (j <= i) if causal else torch.ones(lq, lk, dtype=torch.bool)
+        if window is not None:
+            if window[0] >= 0:
+                keep &= j >= i - window[0]
+            if window[1] >= 0:
+                keep &= j <= i + window[1]
+        kw["attn_mask"] = keep
+    elif causal:
+        kw["is_causal"] = True
+
+    def run():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(tq, tk, tv, **kw)
+
+    return run
+
+
+def max_error_vs_float64(case: Case, out: np.ndarray) -> float:
+    """Max |out - exact| / max |exact|, the exact result from float64 inputs (NumPy backend)."""
+    q, k, v = (x.astype(np.float64) for x in case.inputs())
+    exact = attention(q, k, v, backend="numpy", **case.kwargs())
+    return float(np.abs(out - exact).max() / np.abs(exact).max())

@@ -1,0 +1,186 @@
+"""Bad input: a ValueError/TypeError that names the argument, never a crash."""
+
+import numpy as np
+import pytest
+
+import cpuattn
+
+F32 = np.float32
+
+
+def qkv(batch=(2,), hq=4, hkv=2, lq=5, lk=7, d=8, dv=8, dtype=F32):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((*batch, hq, lq, d)).astype(dtype),
+            rng.standard_normal((*batch, hkv, lk, d)).astype(dtype),
+            rng.standard_normal((*batch, hkv, lk, dv)).astype(dtype))
+
+
+@pytest.fixture(params=["native", "numpy"])
+def backend(request):
+    if request.param == "native" and not cpuattn.info()["native"]:
+        pytest.skip("native backend not built")
+    return request.param
+
+
+def raises(backend, exc, match, *args, **kw):
+    with pytest.raises(exc, match=match):
+        cpuattn.attention(*args, backend=backend, **kw)
+
+
+def test_wrong_ndim(backend):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"q: expected", q[0, 0, 0], k, v)
+    raises(backend, ValueError, r"k: expected 4 dims", q, k[0], v)
+    raises(backend, ValueError, r"v: expected 4 dims", q, k, v[None])
+    raises(backend, ValueError, r"q: expected", np.float32(1.0), k, v)
+
+
+def test_head_dim_mismatch(backend):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"k: expected \(\.\.\., Hkv, Lk, 8\) to match q's head dim 8",
+           q, k[..., :4], v)
+
+
+def test_lk_mismatch_between_k_and_v(backend):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"v: expected \(\.\.\., 2, 7, Dv\)", q, k, v[..., :6, :])
+    raises(backend, ValueError, r"v: expected \(\.\.\., 2, 7, Dv\)", q, k, v[:, :1])
+
+
+def test_heads_not_divisible(backend):
+    q, k, v = qkv(hq=4, hkv=3)
+    raises(backend, ValueError, r"k: its 3 kv heads must divide q's 4 heads", q, k, v)
+
+
+def test_batch_dims_differ(backend):
+    q, k, v = qkv(batch=(2, 3))
+    raises(backend, ValueError, r"k: batch dims \(2, 2\) differ from q's \(2, 3\)",
+           q, k[:, :2], v[:, :2])
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 4, 6, 7), (6, 7), (5, 8), (1, 1, 2, 4, 5, 7)],
+                         ids=str)
+def test_mask_does_not_broadcast(backend, shape):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"mask: shape .* does not broadcast to \(\*batch, Hq, Lq, Lk\)"
+           r" = \(2, 4, 5, 7\)", q, k, v, mask=np.ones(shape, bool))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.complex64, object])
+def test_mask_bad_dtype(backend, dtype):
+    q, k, v = qkv()
+    raises(backend, TypeError, r"mask: expected bool", q, k, v, mask=np.ones((5, 7), dtype))
+
+
+@pytest.mark.parametrize(("lengths", "exc", "match"), [
+    ([7, 8], ValueError, r"kv_lengths: values must lie in \[0, Lk\] = \[0, 7\]"),
+    ([-1, 3], ValueError, r"kv_lengths: values must lie in"),
+    ([1, 2, 3], ValueError, r"kv_lengths: expected shape \*batch = \(2,\)"),
+    ([[1, 2]], ValueError, r"kv_lengths: expected shape"),
+    ([1.0, 2.0], TypeError, r"kv_lengths: expected integers"),
+    ([True, False], TypeError, r"kv_lengths: expected integers"),
+])
+def test_kv_lengths_invalid(backend, lengths, exc, match):
+    q, k, v = qkv()
+    raises(backend, exc, match, q, k, v, kv_lengths=lengths)
+
+
+@pytest.mark.parametrize("window", [(-2, 0), (0, -5), (1,), (1, 2, 3), 5, (1.5, 2),
+                                    (True, 1), "ab"], ids=str)
+def test_window_invalid(backend, window):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"window: ", q, k, v, window=window)
+
+
+@pytest.mark.parametrize("causal", ["causal", "top-left", 1, None, 0.5], ids=str)
+def test_causal_invalid(backend, causal):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"causal: expected False, True, 'bottom_right' or 'top_left'",
+           q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex64, np.complex128, np.bool_,
+                                   object, np.float16])
+def test_unsupported_dtypes(backend, dtype):
+    q, k, v = qkv()
+    raises(backend, TypeError, r"q: expected a float32 or float64 array, got dtype",
+           q.astype(dtype), k.astype(dtype), v.astype(dtype))
+
+
+def test_mixed_dtypes(backend):
+    q, k, v = qkv()
+    raises(backend, TypeError, r"k: dtype float64 differs from q's float32", q,
+           k.astype(np.float64), v)
+    raises(backend, TypeError, r"v: dtype float64 differs", q, k, v.astype(np.float64))
+
+
+def test_out_invalid(backend):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"out: expected shape \(\*batch, Hq, Lq, Dv\) = \(2, 4, 5, 8\)",
+           q, k, v, out=np.empty((2, 4, 5, 7), F32))
+    raises(backend, TypeError, r"out: expected dtype float32", q, k, v,
+           out=np.empty((2, 4, 5, 8), np.float64))
+    read_only = np.empty((2, 4, 5, 8), F32)
+    read_only.flags.writeable = False
+    raises(backend, ValueError, r"out: array is read-only", q, k, v, out=read_only)
+    raises(backend, TypeError, r"out: expected a numpy.ndarray", q, k, v, out=[1, 2])
+
+
+@pytest.mark.parametrize(("scale", "exc"), [("1", TypeError), (float("nan"), ValueError),
+                                            (float("inf"), ValueError), (True, TypeError),
+                                            (1j, TypeError)], ids=str)
+def test_scale_invalid(backend, scale, exc):
+    q, k, v = qkv()
+    raises(backend, exc, r"scale: expected", q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize(("threads", "exc"), [(0, ValueError), (-1, ValueError),
+                                              (1.5, TypeError), (True, TypeError)], ids=str)
+def test_num_threads_invalid(backend, threads, exc):
+    q, k, v = qkv()
+    raises(backend, exc, r"num_threads: expected a positive int", q, k, v, num_threads=threads)
+
+
+def test_unknown_backend():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'native', "
+                                         r"'numpy'\), got 'cuda'"):
+        cpuattn.attention(q, k, v, backend="cuda")
+
+
+def test_merge_invalid():
+    out = np.zeros((3, 4), F32)
+    lse = np.zeros(3, F32)
+    with pytest.raises(ValueError, match=r"merge: expected equally many"):
+        cpuattn.merge([out], [])
+    with pytest.raises(ValueError, match=r"outs\[1\]: expected shape \(3, 4\)"):
+        cpuattn.merge([out, np.zeros((3, 5), F32)], [lse, lse])
+    with pytest.raises(ValueError, match=r"lses\[0\]: expected a floating array of shape \(3,\)"):
+        cpuattn.merge([out], [np.zeros(4, F32)])
+    with pytest.raises(TypeError, match=r"outs\[0\]: expected a floating array"):
+        cpuattn.merge([np.zeros((3, 4), int)], [lse])
+
+
+def test_core_rejects_unvalidated_arguments():
+    """The binding's own checks: the C++ side never trusts its caller."""
+    if not cpuattn.info()["native"]:
+        pytest.skip("native backend not built")
+    from cpuattn import _core
+
+    q, k, v = qkv()
+    out = np.empty((2, 4, 5, 8), F32)
+    args = (None, None, None, 1.0, False, 0, -1, -1, 0)
+    with pytest.raises(ValueError, match="kv_lengths values must lie in"):
+        _core.attention(q, k, v, out, None, None, np.array([9, 1]), *args[3:])
+    with pytest.raises(ValueError, match="unit-stride"):
+        _core.attention(q[..., ::2], k[..., ::2], v, np.empty((2, 4, 5, 8), F32), *args)
+    with pytest.raises(ValueError, match="read-only"):
+        out.flags.writeable = False
+        _core.attention(q, k, v, out, *args)
+    with pytest.raises(ValueError, match="wrong shape"):
+        _core.attention(q, k, v[:, :, :3], np.empty((2, 4, 5, 8), F32), *args)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        _core.attention(q, k.astype(np.float64), v, np.empty((2, 4, 5, 8), F32), *args)
+    with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
+        q3, k3, v3 = qkv(hq=3, hkv=2)
+        _core.attention(q3, k3, v3, np.empty((2, 3, 5, 8), F32), *args)
