@@ -1,9 +1,62 @@
-// Portable body of the tile step, written as plain loops that the compiler vectorizes under
-// each translation unit's ISA flags. Include it inside an anonymous namespace only: every
-// ISA's copy must have internal linkage, or the linker may merge an AVX-512 copy into the
-// scalar path. No std:: templates here for the same reason. The includer includes
-// kernels/kernel.h first (it brings every standard header used here).
+// Portable body of the tile step: register-blocked loops over GCC/Clang vector extensions,
+// compiled once per ISA with that ISA's vector width (CPUATTN_VEC_BYTES, set by the includer).
+// Include it inside an anonymous namespace only: every ISA's copy must have internal linkage,
+// or the linker may merge an AVX-512 copy into the scalar path. No std:: templates here for the
+// same reason. The includer includes kernels/kernel.h first (it brings the standard headers).
 #include "exp.h"
+
+#ifndef CPUATTN_VEC_BYTES
+#error "define CPUATTN_VEC_BYTES (16, 32 or 64) before including tile_step.inl"
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(CPUATTN_VEC_BYTES)));
+  static constexpr int kLanes = CPUATTN_VEC_BYTES / sizeof(T);
+  static V load(const T* p) {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+  static V splat(T x) { return V{} + x; }
+};
+
+// Register blocking: kRowBlock rows x kColBlock vectors of accumulators. 4 x 4 zmm = 16 of 32
+// AVX-512 registers; with 16 registers (AVX2, SSE) 4 x 2 = 8 leave room for operands.
+constexpr int kRowBlock = 4;
+constexpr int kColBlock = CPUATTN_VEC_BYTES == 64 ? 4 : 2;
+
+// s[r0 + r, :] = q[r0 + r, :] . K^T over the padded tile width, for RB rows.
+template <typename T, int RB>
+inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  static_assert(W % (L * kColBlock) == 0, "tile width must be a whole number of column blocks");
+  const T* q = a.q + r0 * a.d;
+  for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
+    V acc[RB][kColBlock] = {};
+    for (int64_t e = 0; e < a.d; ++e) {
+      V kv[kColBlock];
+      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
+      for (int r = 0; r < RB; ++r) {
+        const V qe = S::splat(q[r * a.d + e]);
+        for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
+    }
+  }
+}
+
+template <typename T>
+inline void tile_scores(const cpuattn::TileStep<T>& a) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) score_rows<T, kRowBlock>(a, r);
+  for (; r < a.rows; ++r) score_rows<T, 1>(a, r);
+}
 
 template <typename T>
 inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
@@ -14,23 +67,6 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
     return keep ? s : kNegInf;
   }
   return s + static_cast<const T*>(a.mask_rows[r])[off];
-}
-
-// s[r, :] = q[r, :] . K^T over the whole padded tile width.
-template <typename T>
-inline void tile_scores(const cpuattn::TileStep<T>& a) {
-  constexpr int64_t W = cpuattn::kTileKeys;
-  for (int64_t r = 0; r < a.rows; ++r) {
-    T acc[W] = {};
-    const T* qr = a.q + r * a.d;
-    for (int64_t e = 0; e < a.d; ++e) {
-      const T qe = qr[e];
-      const T* kr = a.kt + e * W;
-      for (int64_t c = 0; c < W; ++c) acc[c] += qe * kr[c];
-    }
-    T* sr = a.s + r * W;
-    for (int64_t c = 0; c < W; ++c) sr[c] = acc[c];
-  }
 }
 
 template <typename T>
@@ -49,9 +85,11 @@ inline void tile_mask(const cpuattn::TileStep<T>& a) {
   }
 }
 
-// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) then O += P V.
+// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691): per row, new
+// max -> rescale factor exp(m_old - m_new) -> scale the accumulators -> p = exp(s - m_new).
+// Leaves p in a.s for the P.V product.
 template <typename T>
-inline void tile_softmax_pv(const cpuattn::TileStep<T>& a) {
+inline void tile_softmax(const cpuattn::TileStep<T>& a) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int64_t W = cpuattn::kTileKeys;
   for (int64_t r = 0; r < a.rows; ++r) {
@@ -61,9 +99,12 @@ inline void tile_softmax_pv(const cpuattn::TileStep<T>& a) {
       const T x = sr[c];
       tile_max = (x > tile_max || x != x) ? x : tile_max;  // NaN wins, so it propagates
     }
-    if (tile_max == kNegInf) continue;  // nothing kept in this tile: row state unchanged
     const T m_old = a.m[r];
     const T m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    if (m_new == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
+      for (int64_t c = 0; c < a.cols; ++c) sr[c] = 0;
+      continue;
+    }
     const T alpha = fast_exp(m_old - m_new);  // 0 on the row's first kept key
     T sum = 0;
     for (int64_t c = 0; c < a.cols; ++c) {
@@ -73,22 +114,64 @@ inline void tile_softmax_pv(const cpuattn::TileStep<T>& a) {
     }
     a.m[r] = m_new;
     a.l[r] = a.l[r] * alpha + sum;
-    T* o = a.o + r * a.dv;
     if (alpha != T(1)) {  // lazy rescale: only when the running max grew
+      T* o = a.o + r * a.dv;
       for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha;
     }
-    for (int64_t c = 0; c < a.cols; ++c) {
-      const T p = sr[c];
-      if (p == T(0)) continue;  // masked key: its V row need not be read
-      const T* vr = a.v + c * a.v_ld;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * vr[e];
+  }
+}
+
+// o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
+template <typename T, int RB, int CB>
+inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  V acc[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < CB; ++c) acc[r][c] = S::load(a.o + (r0 + r) * a.dv + e0 + c * L);
+  }
+  for (int64_t j = 0; j < a.cols; ++j) {
+    V vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = S::load(a.v + j * a.v_ld + e0 + c * L);
+    for (int r = 0; r < RB; ++r) {
+      const V p = S::splat(a.s[(r0 + r) * W + j]);
+      for (int c = 0; c < CB; ++c) acc[r][c] += p * vv[c];
     }
   }
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < CB; ++c) S::store(a.o + (r0 + r) * a.dv + e0 + c * L, acc[r][c]);
+  }
+}
+
+template <typename T, int RB>
+inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
+  constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
+  int64_t e0 = 0;
+  for (; e0 + kColBlock * L <= a.dv; e0 += kColBlock * L) pv_block<T, RB, kColBlock>(a, r0, e0);
+  for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1>(a, r0, e0);
+  if (e0 == a.dv) return;
+  for (int r = 0; r < RB; ++r) {  // the last dv % L columns
+    T* o = a.o + (r0 + r) * a.dv;
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const T p = a.s[(r0 + r) * W + j];
+      const T* vr = a.v + j * a.v_ld;
+      for (int64_t e = e0; e < a.dv; ++e) o[e] += p * vr[e];
+    }
+  }
+}
+
+template <typename T>
+inline void tile_pv(const cpuattn::TileStep<T>& a) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) pv_rows<T, kRowBlock>(a, r);
+  for (; r < a.rows; ++r) pv_rows<T, 1>(a, r);
 }
 
 template <typename T>
 void tile_step(const cpuattn::TileStep<T>& a) {
   tile_scores(a);
   tile_mask(a);
-  tile_softmax_pv(a);
+  tile_softmax(a);
+  tile_pv(a);
 }
