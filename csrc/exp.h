@@ -33,16 +33,18 @@ struct ExpConsts<double> {
   static constexpr Bits kBias = 1023;
 };
 
-template <typename T>
-inline T fast_exp(T x) {
+// Lane-wise on a GCC/Clang vector V of T (a 1-lane vector for a scalar).
+template <typename T, typename V>
+inline V fast_exp_vec(V x) {
   using C = ExpConsts<T>;
-  using Bits = typename C::Bits;
-  const T xc = x < C::kMin ? C::kMin : (x > C::kMax ? C::kMax : x);
-  const T n = (xc * T(1.4426950408889634) + C::kShifter) - C::kShifter;
-  const T r = (xc - n * C::kLn2Hi) - n * C::kLn2Lo;
-  T p;
+  typedef typename C::Bits IV __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} + C::kMin, hi = V{} + C::kMax, shifter = V{} + C::kShifter;
+  const V xc = x < lo ? lo : (x > hi ? hi : x);
+  const V n = (xc * T(1.4426950408889634) + shifter) - shifter;
+  const V r = (xc - n * C::kLn2Hi) - n * C::kLn2Lo;
+  V p;
   if constexpr (sizeof(T) == 4) {
-    p = T(1.0 / 5040);
+    p = V{} + T(1.0 / 5040);
     p = p * r + T(1.0 / 720);
     p = p * r + T(1.0 / 120);
     p = p * r + T(1.0 / 24);
@@ -51,7 +53,7 @@ inline T fast_exp(T x) {
     p = p * r + T(1);
     p = p * r + T(1);
   } else {
-    p = T(1.0 / 6227020800.0);
+    p = V{} + T(1.0 / 6227020800.0);
     p = p * r + T(1.0 / 479001600.0);
     p = p * r + T(1.0 / 39916800.0);
     p = p * r + T(1.0 / 3628800.0);
@@ -66,8 +68,15 @@ inline T fast_exp(T x) {
     p = p * r + T(1);
     p = p * r + T(1);
   }
-  const Bits e = (static_cast<Bits>(n) + C::kBias) << C::kMantissaBits;
-  const T y = p * __builtin_bit_cast(T, e);
+  const IV bits = (__builtin_convertvector(n, IV) + C::kBias) << C::kMantissaBits;
+  const V y = p * __builtin_bit_cast(V, bits);
   // x != x keeps NaN; below kMin the true result is subnormal or 0: flush.
-  return x < C::kMin ? T(0) : (x != x ? x : y);
+  return x < lo ? V{} : (x != x ? x : y);
+}
+
+template <typename T>
+inline T fast_exp(T x) {
+  typedef T V1 __attribute__((vector_size(sizeof(T))));
+  const V1 v = {x};
+  return fast_exp_vec<T>(v)[0];
 }

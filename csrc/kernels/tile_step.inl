@@ -69,6 +69,8 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   return s + static_cast<const T*>(a.mask_rows[r])[off];
 }
 
+// Applies the user mask and, on Partial tiles, the per-row key range; padding columns past
+// `cols` become -inf so the softmax can run over whole vectors.
 template <typename T>
 inline void tile_mask(const cpuattn::TileStep<T>& a) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -82,36 +84,44 @@ inline void tile_mask(const cpuattn::TileStep<T>& a) {
       const int64_t lo = a.bounds[r].lo - a.j0, hi = a.bounds[r].hi - a.j0;
       for (int64_t c = 0; c < a.cols; ++c) sr[c] = (c < lo || c >= hi) ? kNegInf : sr[c];
     }
+    for (int64_t c = a.cols; c < W; ++c) sr[c] = kNegInf;
   }
 }
 
 // Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691): per row, new
 // max -> rescale factor exp(m_old - m_new) -> scale the accumulators -> p = exp(s - m_new).
-// Leaves p in a.s for the P.V product.
+// Leaves p in a.s for the P.V product. Lanes are combined in a fixed order: deterministic.
 template <typename T>
 inline void tile_softmax(const cpuattn::TileStep<T>& a) {
+  using S = Simd<T>;
+  using V = typename S::V;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  constexpr int64_t W = cpuattn::kTileKeys;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   for (int64_t r = 0; r < a.rows; ++r) {
     T* sr = a.s + r * W;
-    T tile_max = kNegInf;
-    for (int64_t c = 0; c < a.cols; ++c) {
-      const T x = sr[c];
-      tile_max = (x > tile_max || x != x) ? x : tile_max;  // NaN wins, so it propagates
+    V vmax = S::splat(kNegInf);
+    for (int64_t c = 0; c < W; c += L) {
+      const V x = S::load(sr + c);
+      vmax = (x > vmax || x != x) ? x : vmax;  // NaN wins, so it propagates
     }
+    T tile_max = vmax[0];
+    for (int i = 1; i < L; ++i) tile_max = (vmax[i] > tile_max || vmax[i] != vmax[i]) ? vmax[i] : tile_max;
     const T m_old = a.m[r];
     const T m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
     if (m_new == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
-      for (int64_t c = 0; c < a.cols; ++c) sr[c] = 0;
+      for (int64_t c = 0; c < W; ++c) sr[c] = 0;
       continue;
     }
     const T alpha = fast_exp(m_old - m_new);  // 0 on the row's first kept key
-    T sum = 0;
-    for (int64_t c = 0; c < a.cols; ++c) {
-      const T p = fast_exp(sr[c] - m_new);
-      sr[c] = p;
-      sum += p;
+    const V shift = S::splat(m_new);
+    V vsum = V{};
+    for (int64_t c = 0; c < W; c += L) {
+      const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
+      S::store(sr + c, p);
+      vsum += p;
     }
+    T sum = 0;
+    for (int i = 0; i < L; ++i) sum += vsum[i];
     a.m[r] = m_new;
     a.l[r] = a.l[r] * alpha + sum;
     if (alpha != T(1)) {  // lazy rescale: only when the running max grew
