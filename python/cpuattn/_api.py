@@ -67,8 +67,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
     ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the input
-    dtype with a max-shifted softmax, so logits of any magnitude are safe. NaN in an input
-    spreads only to the output rows that read it.
+    dtype with a max-shifted softmax, so logits of any magnitude are safe. NaN in an input can
+    make the output rows of that (batch entry, head) that read it NaN; it never reaches other
+    batch entries or heads. Keys past ``kv_lengths`` and outside causal/window are never read.
 
     Returns
     -------
