@@ -30,18 +30,50 @@ int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_
   return off;
 }
 
-// Per-thread buffers, sized once per call: O(tile), never O(Lq x Lk).
+// Per-thread buffers, sized once per call: O(tile) plus at most kMaxPackedKeyElems of packed
+// keys, never O(Lq x Lk).
 template <typename T>
 struct Scratch {
   std::vector<T> q, kt, s, o, m, l;
   std::vector<KeyRange> bounds;
   std::vector<const void*> mask_rows;
   std::vector<int64_t> row_pos, row_head;
+  // Packed K^T tiles of one (batch, kv head), filled on first use; empty when over the cap.
+  std::vector<T> k_cache;
+  std::vector<uint8_t> k_tile_ready;
+  int64_t k_cache_owner = -1;  // b * Hkv + kv head, or -1
 
-  Scratch(int64_t d, int64_t dv)
+  // cache_keys: worth it only when several query tiles read the same keys; with one (decode)
+  // the cache would only add first-touch page faults.
+  Scratch(int64_t d, int64_t dv, int64_t lk, bool cache_keys)
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
         m(kTileRows), l(kTileRows), bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows),
-        row_head(kTileRows) {}
+        row_head(kTileRows) {
+    const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
+    if (cache_keys && tiles * kTileKeys * d <= kMaxPackedKeyElems) {
+      k_cache.resize(tiles * kTileKeys * d);
+      k_tile_ready.resize(tiles);
+    }
+  }
+
+  // Packed K^T of key tile `tile` ([tile * kTileKeys, + cols)), packing it if needed.
+  template <typename Pack>
+  const T* key_tile(int64_t owner, int64_t tile, int64_t d, const Pack& pack) {
+    if (k_tile_ready.empty()) {
+      pack(kt.data());
+      return kt.data();
+    }
+    if (owner != k_cache_owner) {
+      std::fill(k_tile_ready.begin(), k_tile_ready.end(), uint8_t(0));
+      k_cache_owner = owner;
+    }
+    T* dst = k_cache.data() + tile * kTileKeys * d;
+    if (!k_tile_ready[tile]) {
+      pack(dst);
+      k_tile_ready[tile] = 1;
+    }
+    return dst;
+  }
 };
 
 template <typename T>
@@ -56,6 +88,7 @@ class Driver {
   }
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
+  int64_t query_tiles_per_head() const { return tiles_; }
 
   // Rows are ordered (query position, head in group): one tile covers a few positions of all
   // heads that share the kv head, so each K/V tile is loaded once for the whole group.
@@ -85,7 +118,6 @@ class Driver {
 
     TileStep<T> step{};
     step.q = sc.q.data();
-    step.kt = sc.kt.data();
     step.v_ld = v_ld;
     step.rows = rows;
     step.d = p_.d;
@@ -99,11 +131,18 @@ class Driver {
     step.mask_rows = sc.mask_rows.data();
     step.mask_col_stride = p_.mask.data ? p_.mask.strides[nb + 2] : 0;
 
-    for (int64_t j0 = keys_lo; j0 < keys_hi; j0 += kTileKeys) {
+    // Key tiles start at multiples of kTileKeys so packed tiles can be shared by query tiles;
+    // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
+    const int64_t owner = b * p_.hkv + hk;
+    for (int64_t j0 = keys_lo / kTileKeys * kTileKeys; j0 < keys_hi; j0 += kTileKeys) {
       const int64_t j1 = std::min(j0 + kTileKeys, keys_hi);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
-      pack_keys(k + j0 * k_ld, k_ld, j1 - j0, sc.kt.data());
+      // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
+      const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);
+      step.kt = sc.key_tile(owner, j0 / kTileKeys, p_.d, [&](T* dst) {
+        pack_keys(k + j0 * k_ld, k_ld, packed_cols, dst);
+      });
       step.v = v + j0 * v_ld;
       step.cols = j1 - j0;
       step.j0 = j0;
@@ -195,7 +234,8 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
   std::vector<Scratch<T>> scratch;
   scratch.reserve(threads);
-  for (int t = 0; t < threads; ++t) scratch.emplace_back(p.d, p.dv);
+  const bool cache_keys = driver.query_tiles_per_head() > 1;
+  for (int t = 0; t < threads; ++t) scratch.emplace_back(p.d, p.dv, p.lk, cache_keys);
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)

@@ -10,5 +10,10 @@ namespace cpuattn {
 constexpr int64_t kTileRows = 64;
 // Keys per tile.
 constexpr int64_t kTileKeys = 64;
+// Each thread keeps the packed K^T tiles of the (batch, kv head) it works on, so query tiles
+// after the first reuse them instead of re-packing (a transposing copy). Cap per thread, in
+// elements: 2^21 = 8 MiB of float32 covers Lk = 32768 at D = 64; longer caches fall back to
+// packing each tile per query tile.
+constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 
 }  // namespace cpuattn
