@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _native, _numpy
-from ._request import Request, build_request
+from ._request import build_request
 from ._version import __version__
 
 BACKENDS = ("auto", "native", "numpy")
