@@ -15,6 +15,7 @@
 
 #include "kernels/kernel.h"
 #include "mask.h"
+#include "threads.h"
 #include "tiles.h"
 
 namespace cpuattn {
@@ -224,11 +225,9 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
   const int64_t items = driver.work_items();
   if (items == 0) return;
 
-  int threads = 1;
-#ifdef _OPENMP
-  threads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-#endif
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  const CallInFlight call;
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(threads_for_call(p.num_threads, call.count()), items)));
 
   // Allocate before the parallel region: an allocation failure must surface as an exception
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.

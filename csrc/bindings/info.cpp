@@ -2,11 +2,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels/kernel.h"
+#include "threads.h"
 
 namespace py = pybind11;
 
@@ -25,11 +22,11 @@ void register_info(py::module_& m) {
     return false;
 #endif
   }, "Whether the extension was built with OpenMP.");
-  m.def("max_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  }, "Threads a call uses when num_threads is None (OMP_NUM_THREADS, else all cores).");
+  m.def("max_threads", &cpuattn::default_threads,
+        "Threads a call uses when num_threads is None and no other call is in flight "
+        "(OMP_NUM_THREADS, else all cores).");
+  m.def("threads_for_call", &cpuattn::threads_for_call, py::arg("requested"),
+        py::arg("calls_in_flight"),
+        "Threads a call uses: `requested` if > 0, else max_threads() shared among the calls "
+        "in flight (this one included).");
 }

@@ -66,7 +66,9 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
     const bool keep = static_cast<const uint8_t*>(a.mask_rows[r])[off] != 0;
     return keep ? s : kNegInf;
   }
-  return s + static_cast<const T*>(a.mask_rows[r])[off];
+  // -inf drops the key outright, so a NaN score of a dropped key cannot reach the row.
+  const T bias = static_cast<const T*>(a.mask_rows[r])[off];
+  return bias == kNegInf ? kNegInf : s + bias;
 }
 
 // Applies the user mask and, on Partial tiles, the per-row key range; padding columns past
@@ -91,12 +93,14 @@ inline void tile_mask(const cpuattn::TileStep<T>& a) {
 // Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691): per row, new
 // max -> rescale factor exp(m_old - m_new) -> scale the accumulators -> p = exp(s - m_new).
 // Leaves p in a.s for the P.V product. Lanes are combined in a fixed order: deterministic.
+// Returns whether some p is exactly 0 (a dropped key, or one whose weight underflowed).
 template <typename T>
-inline void tile_softmax(const cpuattn::TileStep<T>& a) {
+inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  bool any_zero = false;
   for (int64_t r = 0; r < a.rows; ++r) {
     T* sr = a.s + r * W;
     V vmax = S::splat(kNegInf);
@@ -110,25 +114,35 @@ inline void tile_softmax(const cpuattn::TileStep<T>& a) {
     const T m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
     if (m_new == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
       for (int64_t c = 0; c < W; ++c) sr[c] = 0;
+      any_zero = true;
       continue;
     }
     const T alpha = fast_exp(m_old - m_new);  // 0 on the row's first kept key
     const V shift = S::splat(m_new);
     V vsum = V{};
+    auto zeros = V{} < V{};  // all-false lane mask
     for (int64_t c = 0; c < W; c += L) {
       const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
       S::store(sr + c, p);
       vsum += p;
+      zeros |= p == V{};
     }
+    for (int i = 0; i < L; ++i) any_zero |= zeros[i] != 0;
     T sum = 0;
     for (int i = 0; i < L; ++i) sum += vsum[i];
     a.m[r] = m_new;
     a.l[r] = a.l[r] * alpha + sum;
     if (alpha != T(1)) {  // lazy rescale: only when the running max grew
       T* o = a.o + r * a.dv;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha;
+      // A weight of exactly 0 drops the old state outright: 0 * inf must not become NaN.
+      if (alpha == T(0)) {
+        for (int64_t e = 0; e < a.dv; ++e) o[e] = 0;
+      } else {
+        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha;
+      }
     }
   }
+  return any_zero;
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
@@ -171,6 +185,33 @@ inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
+// Whether V rows [0, cols) hold an inf or NaN (x - x is NaN exactly for those).
+template <typename T>
+inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
+  T acc = 0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const T* vr = a.v + j * a.v_ld;
+    for (int64_t e = 0; e < a.dv; ++e) acc += vr[e] - vr[e];
+  }
+  return acc != acc;
+}
+
+// P.V that skips weights of exactly 0, so an inf or NaN in V reaches only the rows that
+// give its key a weight (0 * inf would be NaN). Rare: used only for such tiles.
+template <typename T>
+inline void tile_pv_skip_zero_weights(const cpuattn::TileStep<T>& a) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    T* o = a.o + r * a.dv;
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const T p = a.s[r * W + j];
+      if (p == T(0)) continue;
+      const T* vr = a.v + j * a.v_ld;
+      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * vr[e];
+    }
+  }
+}
+
 template <typename T>
 inline void tile_pv(const cpuattn::TileStep<T>& a) {
   int64_t r = 0;
@@ -182,6 +223,9 @@ template <typename T>
 void tile_step(const cpuattn::TileStep<T>& a) {
   tile_scores(a);
   tile_mask(a);
-  tile_softmax(a);
-  tile_pv(a);
+  if (tile_softmax(a) && tile_v_has_nonfinite(a)) {
+    tile_pv_skip_zero_weights(a);
+  } else {
+    tile_pv(a);
+  }
 }

@@ -59,17 +59,21 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
         Written in place and returned: shape ``(*batch, Hq, Lq, Dv)``, q's dtype, writable,
         any strides. May alias the inputs (then a temporary is used).
     num_threads : int, optional
-        Threads for the native backend; default: the OpenMP default (``OMP_NUM_THREADS``, else
-        all cores). Results are bitwise identical for any thread count.
+        Threads for the native backend, used as given. Default: ``OMP_NUM_THREADS``, else all
+        cores, divided among the calls in flight from other Python threads (no
+        oversubscription from a thread pool). Results are bitwise identical for any count.
     backend : "auto", "native" or "numpy"
         "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy.
 
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
     ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the input
-    dtype with a max-shifted softmax, so logits of any magnitude are safe. NaN in an input can
-    make the output rows of that (batch entry, head) that read it NaN; it never reaches other
-    batch entries or heads. Keys past ``kv_lengths`` and outside causal/window are never read.
+    dtype with a max-shifted softmax, so logits of any magnitude are safe.
+
+    NaN and inf: a row's output depends only on its q row, its mask row and the K/V rows of
+    the keys it keeps. A key it does not keep (bool mask False, float mask ``-inf``, causal,
+    window, past ``kv_lengths``) never affects it, whatever its K and V hold. A NaN in what the
+    row uses makes it NaN (a NaN in V: that column); other rows and heads are never touched.
 
     Returns
     -------

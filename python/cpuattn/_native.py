@@ -57,4 +57,5 @@ def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
 
 
 def _kernel_ready(x: np.ndarray, unit_last: bool) -> np.ndarray:
-    return x if _is_kernel_ready(x, unit_last) else np.ascontiguousarray(x)
+    # A copy, not ascontiguousarray: that returns a contiguous but misaligned array as it is.
+    return x if _is_kernel_ready(x, unit_last) else x.copy(order="C")

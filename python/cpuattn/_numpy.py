@@ -20,11 +20,23 @@ from ._request import Request
 BLOCK_Q = 128
 BLOCK_K = 512
 
+# exp(x) below the smallest normal number is taken as exactly 0, as the native kernels do, so
+# both backends agree on which weights are 0 (and so which keys can reach a row; see NaN below).
+_LOG_TINY = {np.dtype(t): np.log(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+
 
 def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     out = req.out if req.out is not None else np.empty(req.out_shape, req.dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     g = req.group
+    # NaN / inf in the inputs reach only the rows that give their key a weight, silently (as in
+    # the native path): weights of exactly 0 never multiply V or the old state.
+    with np.errstate(invalid="ignore", over="ignore"):
+        _attend_all(req, out, lse, g)
+    return out, lse
+
+
+def _attend_all(req: Request, out: np.ndarray, lse: Optional[np.ndarray], g: int) -> None:
     for b in np.ndindex(*req.batch_shape):
         n_keys = req.lk if req.kv_lengths is None else int(req.kv_lengths[b])
         for hk in range(req.hkv):
@@ -35,7 +47,6 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
                 out[b][heads, rows] = block_out
                 if lse is not None:
                     lse[b][heads, rows] = block_lse
-    return out, lse
 
 
 def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
@@ -69,34 +80,63 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     l = np.zeros(q.shape[:-1], req.dtype)  # running sum of exp(score - m)
     o = np.zeros((*q.shape[:-1], req.dv), req.dtype)  # running unnormalized output
 
-    # NaN in the inputs propagates to the rows it touches, silently (as in the native path).
-    with np.errstate(invalid="ignore"):
-        # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
-        for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
-            j1 = min(j0 + BLOCK_K, int(hi[-1]))
-            k = req.k[b][hk, j0:j1]
-            v = req.v[b][hk, j0:j1]
-            s = q @ k.T  # (group, r, c)
+    log_tiny = _LOG_TINY[req.dtype]
+    # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
+    for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
+        j1 = min(j0 + BLOCK_K, int(hi[-1]))
+        k = req.k[b][hk, j0:j1]
+        v = req.v[b][hk, j0:j1]
+        s = q @ k.T  # (group, r, c)
 
-            keys = np.arange(j0, j1)
-            keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
-            if req.mask is not None:
-                mask = req.mask[b][heads, rows, j0:j1]
-                if mask.dtype == np.bool_:
-                    keep = keep & mask
-                else:
-                    s = s + mask
-            s = np.where(keep, s, neg_inf)
+        keys = np.arange(j0, j1)
+        keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
+        if req.mask is not None:
+            mask = req.mask[b][heads, rows, j0:j1]
+            if mask.dtype == np.bool_:
+                keep = keep & mask
+            else:
+                keep = keep & (mask != neg_inf)  # -inf drops the key, even a NaN score
+                s = s + mask
+        s = np.where(keep, s, neg_inf)
 
-            m_new = np.maximum(m, s.max(axis=-1))
-            shift = np.where(m_new == neg_inf, 0, m_new)  # rows that kept nothing so far
-            alpha = np.exp(m - shift)  # rescales the old state; 0 before the first key
-            p = np.exp(s - shift[..., None])
-            l = l * alpha + p.sum(axis=-1)
-            o = o * alpha[..., None] + p @ v
-            m = m_new
+        m_new = np.maximum(m, s.max(axis=-1))
+        shift = np.where(m_new == neg_inf, 0, m_new)  # rows that kept nothing so far
+        alpha = _exp(m - shift, log_tiny)  # rescales the old state; 0 before the first key
+        p = _exp(s - shift[..., None], log_tiny)
+        l = l * alpha + p.sum(axis=-1)
+        o *= alpha[..., None]
+        o[alpha == 0] = 0  # drops the old state outright: 0 * inf must not become NaN
+        o += _weighted_values(p, v)
+        m = m_new
 
-        # A row that kept no key: output 0, lse -inf (never 0/0).
-        empty = l == 0
-        safe_l = np.where(empty, 1, l)
-        return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+    # A row that kept no key: output 0, lse -inf (never 0/0).
+    empty = l == 0
+    safe_l = np.where(empty, 1, l)
+    return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+
+
+def _exp(x: np.ndarray, log_tiny: float) -> np.ndarray:
+    p = np.exp(x)
+    p[x < log_tiny] = 0
+    return p
+
+
+def _weighted_values(p: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``p @ v``, except that a weight of exactly 0 ignores its V row even if inf or NaN.
+
+    With finite V (the usual case) this is one matmul. Otherwise the finite part is a matmul
+    and each non-finite V element is added as IEEE arithmetic would for the rows that give its
+    key a positive weight: +inf, -inf, or NaN when both signs or a NaN meet.
+    """
+    finite = np.isfinite(v)
+    if finite.all():
+        return p @ v
+    out = p @ np.where(finite, v, 0)
+    weighted = (p > 0).astype(p.dtype)  # (..., rows, keys)
+    hits_nan = weighted @ np.isnan(v).astype(p.dtype) > 0
+    hits_pos = weighted @ (v == np.inf).astype(p.dtype) > 0
+    hits_neg = weighted @ (v == -np.inf).astype(p.dtype) > 0
+    out[hits_pos] = np.inf
+    out[hits_neg] = -np.inf
+    out[hits_nan | (hits_pos & hits_neg)] = np.nan
+    return out

@@ -1,0 +1,34 @@
+#include "threads.h"
+
+#include <algorithm>
+#include <atomic>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace cpuattn {
+namespace {
+std::atomic<int> g_calls_in_flight{0};
+}  // namespace
+
+int default_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int threads_for_call(int requested, int calls_in_flight) {
+#ifndef _OPENMP
+  return 1;  // no thread team to size
+#endif
+  if (requested > 0) return requested;
+  return std::max(1, default_threads() / std::max(1, calls_in_flight));
+}
+
+CallInFlight::CallInFlight() : count_(g_calls_in_flight.fetch_add(1) + 1) {}
+CallInFlight::~CallInFlight() { g_calls_in_flight.fetch_sub(1); }
+
+}  // namespace cpuattn
