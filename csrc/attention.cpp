@@ -48,7 +48,7 @@ struct Scratch {
   // the cache would only add first-touch page faults.
   Scratch(int64_t d, int64_t dv, int64_t lk, bool cache_keys)
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
-        m(kTileRows), l(kTileRows), bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows),
+        m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows),
         row_head(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     if (cache_keys && tiles * kTileKeys * d <= kMaxPackedKeyElems) {
@@ -176,8 +176,8 @@ class Driver {
         sc.mask_rows[r] = static_cast<const char*>(p_.mask.data) + off * static_cast<int64_t>(item);
       }
       sc.m[r] = -std::numeric_limits<T>::infinity();
-      sc.l[r] = 0;
     }
+    std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
     std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
   }
 
@@ -201,7 +201,8 @@ class Driver {
                          : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = sc.row_pos[r], h = sc.row_head[r];
-      const T l = sc.l[r];
+      T l = 0;
+      for (int64_t i = 0; i < kSumSlots; ++i) l += sc.l[r * kSumSlots + i];
       const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
       const T* o = sc.o.data() + r * p_.dv;
       T* dst = out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];

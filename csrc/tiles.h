@@ -10,6 +10,9 @@ namespace cpuattn {
 constexpr int64_t kTileRows = 64;
 // Keys per tile.
 constexpr int64_t kTileKeys = 64;
+// Per-row partial sums of the softmax denominator: one per SIMD lane (16 float32 lanes in a
+// 512-bit register at most), added up once per row when the output is written.
+constexpr int64_t kSumSlots = 16;
 // Each thread keeps the packed K^T tiles of the (batch, kv head) it works on, so query tiles
 // after the first reuse them instead of re-packing (a transposing copy). Cap per thread, in
 // elements: 2^21 = 8 MiB of float32 covers Lk = 32768 at D = 64; longer caches fall back to

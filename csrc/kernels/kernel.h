@@ -22,7 +22,7 @@ struct TileStep {
   T* s;             // scratch, rows x kTileKeys
   T* o;             // running unnormalized output, rows x dv
   T* m;             // running row max (-inf before any key)
-  T* l;             // running row sum of exp(s - m)
+  T* l;             // running row sum of exp(s - m), as kSumSlots partial sums per row
 
   int64_t j0;                  // index of the tile's first key
   const KeyRange* bounds;      // per row, used only when apply_bounds

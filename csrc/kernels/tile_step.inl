@@ -19,7 +19,9 @@ struct Simd {
     return v;
   }
   static void store(T* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
-  static V splat(T x) { return V{} + x; }
+  // x - 0 == x exactly (also for -0), so the compiler drops the subtraction and can fold the
+  // broadcast into the FMA's memory operand; 0 + x it must keep (0 + -0 is +0).
+  static V splat(T x) { return x - V{}; }
 };
 
 // Register blocking: kRowBlock rows x kColBlock vectors of accumulators. 4 x 4 zmm = 16 of 32
@@ -90,59 +92,97 @@ inline void tile_mask(const cpuattn::TileStep<T>& a) {
   }
 }
 
+// Lane reductions by halving (log2(lanes) vector ops, not a scalar chain): NaN-aware max, OR.
+template <typename T, int Bytes>
+struct Lanes {
+  typedef T V __attribute__((vector_size(Bytes)));
+  typedef T H __attribute__((vector_size(Bytes / 2)));
+  static void halves(V v, H& lo, H& hi) {
+    __builtin_memcpy(&lo, &v, Bytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+  }
+  static T max(V v) {  // NaN if any lane is NaN
+    H lo, hi;
+    halves(v, lo, hi);
+    return Lanes<T, Bytes / 2>::max((lo > hi || lo != lo) ? lo : hi);
+  }
+  static bool any_zero(V v) {
+    H lo, hi;
+    halves(v, lo, hi);
+    return Lanes<T, Bytes / 2>::any_zero(lo * hi);  // lanes are 0 or 1
+  }
+};
+template <typename T>
+struct Lanes<T, sizeof(T)> {
+  typedef T V __attribute__((vector_size(sizeof(T))));
+  static T max(V v) { return v[0]; }
+  static bool any_zero(V v) { return v[0] == T(0); }
+};
+
 // Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691): per row, new
 // max -> rescale factor exp(m_old - m_new) -> scale the accumulators -> p = exp(s - m_new).
-// Leaves p in a.s for the P.V product. Lanes are combined in a fixed order: deterministic.
-// Returns whether some p is exactly 0 (a dropped key, or one whose weight underflowed).
+// Leaves p in a.s for the P.V product. The row sums stay per lane (a.l holds kSumSlots
+// partial sums a row; the driver adds them once at the end), so no tile needs a horizontal
+// sum. Fixed order throughout: deterministic. Returns whether some p is exactly 0 (a dropped
+// key, or one whose weight underflowed).
 template <typename T>
 inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
   using S = Simd<T>;
   using V = typename S::V;
+  using R = Lanes<T, CPUATTN_VEC_BYTES>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
-  bool any_zero = false;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes, kRows = cpuattn::kTileRows;
+  static_assert(L <= cpuattn::kSumSlots && kRows % L == 0, "row sums must fit their slots");
+
+  // Pass 1: every row's new running max (NaN wins, so it propagates).
+  T m_new[kRows], alpha[kRows];
   for (int64_t r = 0; r < a.rows; ++r) {
-    T* sr = a.s + r * W;
+    const T* sr = a.s + r * W;
     V vmax = S::splat(kNegInf);
     for (int64_t c = 0; c < W; c += L) {
       const V x = S::load(sr + c);
-      vmax = (x > vmax || x != x) ? x : vmax;  // NaN wins, so it propagates
+      vmax = (x > vmax || x != x) ? x : vmax;
     }
-    T tile_max = vmax[0];
-    for (int i = 1; i < L; ++i) tile_max = (vmax[i] > tile_max || vmax[i] != vmax[i]) ? vmax[i] : tile_max;
-    const T m_old = a.m[r];
-    const T m_new = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
-    if (m_new == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
+    const T tile_max = R::max(vmax), m_old = a.m[r];
+    m_new[r] = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+  }
+  // Pass 2: rescale factors exp(m_old - m_new), L rows at a time; 0 on a row's first key.
+  for (int64_t r = a.rows; r < kRows; ++r) m_new[r] = 0;
+  for (int64_t r = 0; r < a.rows; r += L) {
+    S::store(alpha + r, fast_exp_vec<T>(S::load(a.m + r) - S::load(m_new + r)));
+  }
+  // Pass 3: p = exp(s - m_new), row sums, lazy rescale of the output rows.
+  V zero_product = S::splat(1);  // becomes 0 once some p is 0
+  bool empty_row = false;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    T* sr = a.s + r * W;
+    if (m_new[r] == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
       for (int64_t c = 0; c < W; ++c) sr[c] = 0;
-      any_zero = true;
+      empty_row = true;
       continue;
     }
-    const T alpha = fast_exp(m_old - m_new);  // 0 on the row's first kept key
-    const V shift = S::splat(m_new);
+    const V shift = S::splat(m_new[r]);
     V vsum = V{};
-    auto zeros = V{} < V{};  // all-false lane mask
     for (int64_t c = 0; c < W; c += L) {
       const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
       S::store(sr + c, p);
       vsum += p;
-      zeros |= p == V{};
+      zero_product = p == V{} ? V{} : zero_product;
     }
-    for (int i = 0; i < L; ++i) any_zero |= zeros[i] != 0;
-    T sum = 0;
-    for (int i = 0; i < L; ++i) sum += vsum[i];
-    a.m[r] = m_new;
-    a.l[r] = a.l[r] * alpha + sum;
-    if (alpha != T(1)) {  // lazy rescale: only when the running max grew
+    T* l = a.l + r * cpuattn::kSumSlots;
+    S::store(l, S::load(l) * alpha[r] + vsum);
+    a.m[r] = m_new[r];
+    if (alpha[r] != T(1)) {  // lazy rescale: only when the running max grew
       T* o = a.o + r * a.dv;
       // A weight of exactly 0 drops the old state outright: 0 * inf must not become NaN.
-      if (alpha == T(0)) {
+      if (alpha[r] == T(0)) {
         for (int64_t e = 0; e < a.dv; ++e) o[e] = 0;
       } else {
-        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha;
+        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha[r];
       }
     }
   }
-  return any_zero;
+  return empty_row || R::any_zero(zero_product);
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
