@@ -1,4 +1,5 @@
 // Build and run-time facts: ISA in use, ISAs this CPU supports, OpenMP.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -7,7 +8,28 @@
 
 namespace py = pybind11;
 
+namespace {
+
+// exp as the named ISA's softmax computes it, on a copy of x (float32 or float64).
+template <typename T>
+py::array_t<T> kernel_exp(const py::array_t<T, py::array::c_style | py::array::forcecast>& x,
+                          const std::string& isa) {
+  const cpuattn::KernelSet& kernels = cpuattn::kernels_named(isa);
+  py::array_t<T> y(x.request().shape);
+  if constexpr (sizeof(T) == 4) {
+    kernels.exp_f32(x.data(), y.mutable_data(), x.size());
+  } else {
+    kernels.exp_f64(x.data(), y.mutable_data(), x.size());
+  }
+  return y;
+}
+
+}  // namespace
+
 void register_info(py::module_& m) {
+  m.def("kernel_exp", &kernel_exp<float>, py::arg("x"), py::arg("isa"));
+  m.def("kernel_exp", &kernel_exp<double>, py::arg("x"), py::arg("isa"),
+        "exp(x) as the softmax of the named ISA computes it (float32 or float64; a test hook).");
   m.def("isa", [] { return std::string(cpuattn::active_kernels().name); },
         "Name of the kernel set in use ('scalar', 'avx2', 'avx512').");
   m.def("supported_isas", &cpuattn::supported_isas,

@@ -8,5 +8,6 @@ namespace {
 }  // namespace
 
 namespace cpuattn {
-extern const KernelSet kAvx2Kernels = {"avx2", &tile_step<float>, &tile_step<double>};
+extern const KernelSet kAvx2Kernels = {"avx2", &tile_step<float>, &tile_step<double>,
+                                             &exp_array<float>, &exp_array<double>};
 }  // namespace cpuattn

@@ -1,4 +1,6 @@
 // The portable tile step compiled for the avx512 target (flags set in CMakeLists.txt).
+#include <immintrin.h>  // before the namespace below: exp.h uses vscalefps
+
 #include "kernels/kernel.h"
 
 #define CPUATTN_VEC_BYTES 64
@@ -8,5 +10,6 @@ namespace {
 }  // namespace
 
 namespace cpuattn {
-extern const KernelSet kAvx512Kernels = {"avx512", &tile_step<float>, &tile_step<double>};
+extern const KernelSet kAvx512Kernels = {"avx512", &tile_step<float>, &tile_step<double>,
+                                             &exp_array<float>, &exp_array<double>};
 }  // namespace cpuattn

@@ -84,6 +84,8 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
+const KernelSet& kernels_named(const std::string& name) { return *find_supported(name); }
+
 void select_isa(const std::string& name) { g_active.store(find_supported(name), std::memory_order_release); }
 
 }  // namespace cpuattn

@@ -36,6 +36,9 @@ struct KernelSet {
   const char* name;
   void (*step_f32)(const TileStep<float>&);
   void (*step_f64)(const TileStep<double>&);
+  // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
+  void (*exp_f32)(const float* x, float* y, int64_t n);
+  void (*exp_f64)(const double* x, double* y, int64_t n);
 };
 
 // Kernels compiled into this build, best last. Only those the CPU supports are ever called.
@@ -51,5 +54,7 @@ const KernelSet& active_kernels();
 std::vector<std::string> supported_isas();
 // Forces one ISA; throws std::invalid_argument if unknown or unsupported on this CPU.
 void select_isa(const std::string& name);
+// The kernels of one ISA, without selecting them; throws as select_isa does.
+const KernelSet& kernels_named(const std::string& name);
 
 }  // namespace cpuattn

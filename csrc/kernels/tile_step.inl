@@ -269,3 +269,12 @@ void tile_step(const cpuattn::TileStep<T>& a) {
     tile_pv(a);
   }
 }
+
+// The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) S::store(y + i, fast_exp_vec<T>(S::load(x + i)));
+  for (; i < n; ++i) y[i] = fast_exp(x[i]);
+}

@@ -22,7 +22,8 @@ BLOCK_K = 512
 
 # exp(x) below the smallest normal number is taken as exactly 0, as the native kernels do, so
 # both backends agree on which weights are 0 (and so which keys can reach a row; see NaN below).
-_LOG_TINY = {np.dtype(t): np.log(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+# The threshold is log(smallest normal) rounded to the dtype, compared in the dtype.
+_LOG_TINY = {np.dtype(t): t(np.log(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
 
 
 def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
