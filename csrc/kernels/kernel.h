@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>  // std::integer_sequence, for lane shuffles in the kernels
 #include <vector>
 
 #include "attention.h"

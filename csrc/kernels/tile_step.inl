@@ -92,25 +92,23 @@ inline void tile_mask(const cpuattn::TileStep<T>& a) {
   }
 }
 
-// Lane reductions by halving (log2(lanes) vector ops, not a scalar chain): NaN-aware max, OR.
+// Lane reductions by halving: log2(lanes) extract + op pairs, in registers.
+template <int Offset, typename V, int... I>
+inline auto take_lanes(V v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, (I + Offset)...);
+}
+
 template <typename T, int Bytes>
 struct Lanes {
   typedef T V __attribute__((vector_size(Bytes)));
-  typedef T H __attribute__((vector_size(Bytes / 2)));
-  static void halves(V v, H& lo, H& hi) {
-    __builtin_memcpy(&lo, &v, Bytes / 2);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+  static constexpr int kHalf = Bytes / sizeof(T) / 2;
+  static auto lo(V v) { return take_lanes<0>(v, std::make_integer_sequence<int, kHalf>{}); }
+  static auto hi(V v) { return take_lanes<kHalf>(v, std::make_integer_sequence<int, kHalf>{}); }
+  static T max(V v) {  // plain max: NaN lanes may be ignored
+    const auto a = lo(v), b = hi(v);
+    return Lanes<T, Bytes / 2>::max(a > b ? a : b);
   }
-  static T max(V v) {  // NaN if any lane is NaN
-    H lo, hi;
-    halves(v, lo, hi);
-    return Lanes<T, Bytes / 2>::max((lo > hi || lo != lo) ? lo : hi);
-  }
-  static bool any_zero(V v) {
-    H lo, hi;
-    halves(v, lo, hi);
-    return Lanes<T, Bytes / 2>::any_zero(lo * hi);  // lanes are 0 or 1
-  }
+  static bool any_zero(V v) { return Lanes<T, Bytes / 2>::any_zero(lo(v) * hi(v)); }  // 0s, 1s
 };
 template <typename T>
 struct Lanes<T, sizeof(T)> {
@@ -134,17 +132,18 @@ inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes, kRows = cpuattn::kTileRows;
   static_assert(L <= cpuattn::kSumSlots && kRows % L == 0, "row sums must fit their slots");
 
-  // Pass 1: every row's new running max (NaN wins, so it propagates).
+  // Pass 1: every row's new running max. A plain max, which may skip NaN scores: they still
+  // reach the row through p = exp(NaN - m) = NaN below (so no NaN test per element here).
   T m_new[kRows], alpha[kRows];
   for (int64_t r = 0; r < a.rows; ++r) {
     const T* sr = a.s + r * W;
-    V vmax = S::splat(kNegInf);
-    for (int64_t c = 0; c < W; c += L) {
+    V vmax = S::load(sr);
+    for (int64_t c = L; c < W; c += L) {
       const V x = S::load(sr + c);
-      vmax = (x > vmax || x != x) ? x : vmax;
+      vmax = x > vmax ? x : vmax;
     }
     const T tile_max = R::max(vmax), m_old = a.m[r];
-    m_new[r] = (tile_max > m_old || tile_max != tile_max) ? tile_max : m_old;
+    m_new[r] = tile_max > m_old ? tile_max : m_old;
   }
   // Pass 2: rescale factors exp(m_old - m_new), L rows at a time; 0 on a row's first key.
   for (int64_t r = a.rows; r < kRows; ++r) m_new[r] = 0;
@@ -156,8 +155,16 @@ inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
   bool empty_row = false;
   for (int64_t r = 0; r < a.rows; ++r) {
     T* sr = a.s + r * W;
-    if (m_new[r] == kNegInf) {  // no key kept so far: p = 0, state unchanged (never -inf - -inf)
-      for (int64_t c = 0; c < W; ++c) sr[c] = 0;
+    if (m_new[r] == kNegInf) {  // no finite score so far: p = 0 (never -inf - -inf), but a
+      V vsum = V{};             // NaN score stays NaN and makes the row sum NaN
+      for (int64_t c = 0; c < W; c += L) {
+        const V x = S::load(sr + c);
+        const V p = x == S::splat(kNegInf) ? V{} : x;
+        S::store(sr + c, p);
+        vsum += p;
+      }
+      T* l = a.l + r * cpuattn::kSumSlots;
+      S::store(l, S::load(l) + vsum);
       empty_row = true;
       continue;
     }
