@@ -24,9 +24,10 @@ struct Simd {
   static V splat(T x) { return x - V{}; }
 };
 
-// Register blocking: kRowBlock rows x kColBlock vectors of accumulators. 4 x 4 zmm = 16 of 32
-// AVX-512 registers; with 16 registers (AVX2, SSE) 4 x 2 = 8 leave room for operands.
-constexpr int kRowBlock = 4;
+// Register blocking: kRowBlock rows x kColBlock vectors of accumulators, plus kColBlock operand
+// vectors and one broadcast. 6 x 4 + 4 + 1 = 29 of 32 AVX-512 registers; with 16 registers
+// (AVX2, SSE) 6 x 2 + 2 + 1 = 15. Leftover rows go 4, then 1 at a time.
+constexpr int kRowBlock = 6;
 constexpr int kColBlock = CPUATTN_VEC_BYTES == 64 ? 4 : 2;
 
 // s[r0 + r, :] = q[r0 + r, :] . K^T over the padded tile width, for RB rows.
@@ -57,6 +58,7 @@ template <typename T>
 inline void tile_scores(const cpuattn::TileStep<T>& a) {
   int64_t r = 0;
   for (; r + kRowBlock <= a.rows; r += kRowBlock) score_rows<T, kRowBlock>(a, r);
+  for (; r + 4 <= a.rows; r += 4) score_rows<T, 4>(a, r);
   for (; r < a.rows; ++r) score_rows<T, 1>(a, r);
 }
 
@@ -263,6 +265,7 @@ template <typename T>
 inline void tile_pv(const cpuattn::TileStep<T>& a) {
   int64_t r = 0;
   for (; r + kRowBlock <= a.rows; r += kRowBlock) pv_rows<T, kRowBlock>(a, r);
+  for (; r + 4 <= a.rows; r += 4) pv_rows<T, 4>(a, r);
   for (; r < a.rows; ++r) pv_rows<T, 1>(a, r);
 }
 
