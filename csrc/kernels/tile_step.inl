@@ -55,14 +55,6 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
 }
 
 template <typename T>
-inline void tile_scores(const cpuattn::TileStep<T>& a) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= a.rows; r += kRowBlock) score_rows<T, kRowBlock>(a, r);
-  for (; r + 4 <= a.rows; r += 4) score_rows<T, 4>(a, r);
-  for (; r < a.rows; ++r) score_rows<T, 1>(a, r);
-}
-
-template <typename T>
 inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t off = (a.j0 + c) * a.mask_col_stride;
@@ -75,13 +67,13 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   return bias == kNegInf ? kNegInf : s + bias;
 }
 
-// Applies the user mask and, on Partial tiles, the per-row key range; padding columns past
-// `cols` become -inf so the softmax can run over whole vectors.
+// Applies the user mask and, on Partial tiles, the per-row key range to rows [r0, r1); padding
+// columns past `cols` become -inf so the softmax can run over whole vectors.
 template <typename T>
-inline void tile_mask(const cpuattn::TileStep<T>& a) {
+inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int64_t W = cpuattn::kTileKeys;
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
     if (a.mask_kind != cpuattn::MaskKind::None) {
       for (int64_t c = 0; c < a.cols; ++c) sr[c] = mask_value(a, r, c, sr[c]);
@@ -119,45 +111,49 @@ struct Lanes<T, sizeof(T)> {
   static bool any_zero(V v) { return v[0] == T(0); }
 };
 
-// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691): per row, new
-// max -> rescale factor exp(m_old - m_new) -> scale the accumulators -> p = exp(s - m_new).
-// Leaves p in a.s for the P.V product. The row sums stay per lane (a.l holds kSumSlots
-// partial sums a row; the driver adds them once at the end), so no tile needs a horizontal
-// sum. Fixed order throughout: deterministic. Returns whether some p is exactly 0 (a dropped
-// key, or one whose weight underflowed).
+// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) of rows
+// [r0, r1), at most kRowBlock of them: per row, new max -> rescale factor exp(m_old - m_new)
+// -> scale the accumulators -> p = exp(s - m_new). Leaves p in a.s for the P.V product. The
+// row sums stay per lane (a.l holds kSumSlots partial sums a row; the driver adds them once
+// at the end), so no tile needs a horizontal sum. Fixed order throughout: deterministic.
+// Returns whether some p is exactly 0 (a dropped key, or one whose weight underflowed).
 template <typename T>
-inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
+inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   using S = Simd<T>;
   using V = typename S::V;
   using R = Lanes<T, CPUATTN_VEC_BYTES>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes, kRows = cpuattn::kTileRows;
-  static_assert(L <= cpuattn::kSumSlots && kRows % L == 0, "row sums must fit their slots");
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  constexpr int kSlots = 16;  // >= kRowBlock, a whole number of vectors
+  static_assert(L <= cpuattn::kSumSlots && kSlots % L == 0 && kRowBlock <= kSlots,
+                "row sums and per-block row state must fit their slots");
+  const int64_t n = r1 - r0;
 
   // Pass 1: every row's new running max. A plain max, which may skip NaN scores: they still
   // reach the row through p = exp(NaN - m) = NaN below (so no NaN test per element here).
-  T m_new[kRows], alpha[kRows];
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const T* sr = a.s + r * W;
+  T m_old[kSlots] = {}, m_new[kSlots] = {}, alpha[kSlots];
+  for (int64_t i = 0; i < n; ++i) {
+    const T* sr = a.s + (r0 + i) * W;
     V vmax = S::load(sr);
     for (int64_t c = L; c < W; c += L) {
       const V x = S::load(sr + c);
       vmax = x > vmax ? x : vmax;
     }
-    const T tile_max = R::max(vmax), m_old = a.m[r];
-    m_new[r] = tile_max > m_old ? tile_max : m_old;
+    const T tile_max = R::max(vmax);
+    m_old[i] = a.m[r0 + i];
+    m_new[i] = tile_max > m_old[i] ? tile_max : m_old[i];
   }
   // Pass 2: rescale factors exp(m_old - m_new), L rows at a time; 0 on a row's first key.
-  for (int64_t r = a.rows; r < kRows; ++r) m_new[r] = 0;
-  for (int64_t r = 0; r < a.rows; r += L) {
-    S::store(alpha + r, fast_exp_vec<T>(S::load(a.m + r) - S::load(m_new + r)));
+  for (int64_t i = 0; i < n; i += L) {
+    S::store(alpha + i, fast_exp_vec<T>(S::load(m_old + i) - S::load(m_new + i)));
   }
   // Pass 3: p = exp(s - m_new), row sums, lazy rescale of the output rows.
   V zero_product = S::splat(1);  // becomes 0 once some p is 0
   bool empty_row = false;
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = r0 + i;
     T* sr = a.s + r * W;
-    if (m_new[r] == kNegInf) {  // no finite score so far: p = 0 (never -inf - -inf), but a
+    if (m_new[i] == kNegInf) {  // no finite score so far: p = 0 (never -inf - -inf), but a
       V vsum = V{};             // NaN score stays NaN and makes the row sum NaN
       for (int64_t c = 0; c < W; c += L) {
         const V x = S::load(sr + c);
@@ -170,7 +166,7 @@ inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
       empty_row = true;
       continue;
     }
-    const V shift = S::splat(m_new[r]);
+    const V shift = S::splat(m_new[i]);
     V vsum = V{};
     for (int64_t c = 0; c < W; c += L) {
       const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
@@ -179,15 +175,15 @@ inline bool tile_softmax(const cpuattn::TileStep<T>& a) {
       zero_product = p == V{} ? V{} : zero_product;
     }
     T* l = a.l + r * cpuattn::kSumSlots;
-    S::store(l, S::load(l) * alpha[r] + vsum);
-    a.m[r] = m_new[r];
-    if (alpha[r] != T(1)) {  // lazy rescale: only when the running max grew
+    S::store(l, S::load(l) * alpha[i] + vsum);
+    a.m[r] = m_new[i];
+    if (alpha[i] != T(1)) {  // lazy rescale: only when the running max grew
       T* o = a.o + r * a.dv;
       // A weight of exactly 0 drops the old state outright: 0 * inf must not become NaN.
-      if (alpha[r] == T(0)) {
+      if (alpha[i] == T(0)) {
         for (int64_t e = 0; e < a.dv; ++e) o[e] = 0;
       } else {
-        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha[r];
+        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha[i];
       }
     }
   }
@@ -245,12 +241,12 @@ inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
   return acc != acc;
 }
 
-// P.V that skips weights of exactly 0, so an inf or NaN in V reaches only the rows that
-// give its key a weight (0 * inf would be NaN). Rare: used only for such tiles.
+// P.V for rows [r0, r1) that skips weights of exactly 0, so an inf or NaN in V reaches only
+// the rows that give its key a weight (0 * inf would be NaN). Rare: only for such tiles.
 template <typename T>
-inline void tile_pv_skip_zero_weights(const cpuattn::TileStep<T>& a) {
+inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr int64_t W = cpuattn::kTileKeys;
-  for (int64_t r = 0; r < a.rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     T* o = a.o + r * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = a.s[r * W + j];
@@ -261,23 +257,29 @@ inline void tile_pv_skip_zero_weights(const cpuattn::TileStep<T>& a) {
   }
 }
 
-template <typename T>
-inline void tile_pv(const cpuattn::TileStep<T>& a) {
-  int64_t r = 0;
-  for (; r + kRowBlock <= a.rows; r += kRowBlock) pv_rows<T, kRowBlock>(a, r);
-  for (; r + 4 <= a.rows; r += 4) pv_rows<T, 4>(a, r);
-  for (; r < a.rows; ++r) pv_rows<T, 1>(a, r);
+// Rows [r0, r0 + RB) against the tile, start to finish: scores, mask, softmax, P.V. Working a
+// few rows at a time keeps their scores, the packed K tile and the V tile in L1.
+template <typename T, int RB>
+inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
+  score_rows<T, RB>(a, r0);
+  mask_rows(a, r0, r0 + RB);
+  if (softmax_rows(a, r0, r0 + RB)) {
+    if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite(a);  // checked once a tile
+    if (v_nonfinite) {
+      pv_rows_skip_zero_weights(a, r0, r0 + RB);
+      return;
+    }
+  }
+  pv_rows<T, RB>(a, r0);
 }
 
 template <typename T>
 void tile_step(const cpuattn::TileStep<T>& a) {
-  tile_scores(a);
-  tile_mask(a);
-  if (tile_softmax(a) && tile_v_has_nonfinite(a)) {
-    tile_pv_skip_zero_weights(a);
-  } else {
-    tile_pv(a);
-  }
+  int v_nonfinite = -1;  // unknown until some weight is 0
+  int64_t r = 0;
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows<T, kRowBlock>(a, r, v_nonfinite);
+  for (; r + 4 <= a.rows; r += 4) step_rows<T, 4>(a, r, v_nonfinite);
+  for (; r < a.rows; ++r) step_rows<T, 1>(a, r, v_nonfinite);
 }
 
 // The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
