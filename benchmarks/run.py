@@ -1,12 +1,15 @@
-"""Side-by-side attention benchmark: cpuattn vs numpy-BLAS naive vs torch SDPA, one process.
+"""Side-by-side attention benchmark: cpuattn vs numpy-BLAS naive, torch SDPA and onnxruntime,
+in one process.
 
     python benchmarks/run.py                 # the full shape list, markdown table on stdout
     python benchmarks/run.py --quick         # a few shapes
     python benchmarks/run.py --json out.json --plot out.png
 
 Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
-speed ratio against each baseline. Each cpuattn result is checked against the float64 NumPy
-backend before it is timed.
+speed ratio against each baseline (torch and onnxruntime rows appear when they are installed).
+Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
+table: thread scaling, decode K/V bandwidth against the measured read bandwidth, and peak extra
+memory of one call in a fresh process.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
     torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
     if torch_run is not None:
         row["ms"]["torch sdpa"] = 1e3 * _bench.median_seconds(torch_run, repeats)
+    if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
+        ort_run = _bench.onnxruntime_runner(q, k, v, case.causal, case.window)
+        if ort_run is not None:
+            row["ms"]["onnxruntime"] = 1e3 * _bench.median_seconds(ort_run, repeats)
     ours = row["ms"]["cpuattn"]
     row["gflops"] = case.flops() / ours / 1e6
     row["pct_sgemm"] = 100 * row["gflops"] / peak
@@ -56,7 +63,8 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
 def markdown(rows, peak: float) -> str:
     lines = [f"sgemm peak (numpy float32 2048^2): {peak:.0f} GF/s", "",
              "| case | q | kv | cpuattn ms | GF/s | % sgemm | numpy naive ms | torch ms "
-             "| x numpy | x torch | max err |", "|---" * 11 + "|"]
+             "| onnxruntime ms | x numpy | x torch | x onnxruntime | max err |",
+             "|---" * 13 + "|"]
     def cell(d, key, fmt):
         return format(d[key], fmt) if key in d else "–"
 
@@ -65,8 +73,9 @@ def markdown(rows, peak: float) -> str:
         lines.append(
             f"| {r['case']} | {tuple(r['q'])} | {tuple(r['kv'])} | {ms['cpuattn']:.2f} "
             f"| {r['gflops']:.1f} | {r['pct_sgemm']:.0f}% | {cell(ms, 'numpy naive', '.2f')} "
-            f"| {cell(ms, 'torch sdpa', '.2f')} | {cell(x, 'numpy naive', '.2f')} "
-            f"| {cell(x, 'torch sdpa', '.2f')} | {r['max_rel_err']:.1e} |")
+            f"| {cell(ms, 'torch sdpa', '.2f')} | {cell(ms, 'onnxruntime', '.2f')} "
+            f"| {cell(x, 'numpy naive', '.2f')} | {cell(x, 'torch sdpa', '.2f')} "
+            f"| {cell(x, 'onnxruntime', '.2f')} | {r['max_rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -81,7 +90,7 @@ def plot(rows, path: str) -> None:
         return
     lengths = [r["q"][2] for r in seq]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for impl in ("cpuattn", "numpy naive", "torch sdpa"):
+    for impl in ("cpuattn", "numpy naive", "torch sdpa", "onnxruntime"):
         points = [(n, r["gflop"] / r["ms"][impl] * 1e3) for n, r in zip(lengths, seq)
                   if impl in r["ms"]]
         if points:
@@ -94,6 +103,46 @@ def plot(rows, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+SCALING_CASE = Case("L=4096", 1, 8, 8, 4096, 4096, 64)
+DECODE_CASE = FULL[-1]
+MEMORY_CASE = Case("L=32768", 1, 8, 8, 32768, 32768, 64)
+
+
+def extras(repeats: int, quick: bool) -> dict:
+    """Thread scaling, decode bandwidth, peak memory: the numbers the table cannot show."""
+    out = {}
+    q, k, v = SCALING_CASE.inputs()
+    one = _bench.median_seconds(lambda: attention(q, k, v, num_threads=1), repeats)
+    threads = info()["max_threads"]
+    many = _bench.median_seconds(lambda: attention(q, k, v, num_threads=threads), repeats)
+    out["scaling"] = {"case": SCALING_CASE.name, "threads": threads, "ms_1": 1e3 * one,
+                      "ms_n": 1e3 * many, "speedup": one / many}
+    q, k, v = DECODE_CASE.inputs()
+    decode = _bench.median_seconds(lambda: attention(q, k, v), repeats)
+    bandwidth = _bench.read_bandwidth_gbs()
+    out["decode"] = {"case": DECODE_CASE.name, "ms": 1e3 * decode,
+                     "kv_gbs": DECODE_CASE.kv_bytes() / decode / 1e9, "read_gbs": bandwidth}
+    if not quick:
+        out["memory"] = {impl: _bench.peak_extra_mib(MEMORY_CASE, impl)
+                         for impl in ("cpuattn", "torch sdpa")}
+    return out
+
+
+def extras_markdown(x: dict) -> str:
+    s, d = x["scaling"], x["decode"]
+    lines = ["", f"- threads: {s['case']} (1, 8, 4096, 64) takes {s['ms_1']:.1f} ms on 1 thread, "
+             f"{s['ms_n']:.1f} ms on {s['threads']}: {s['speedup']:.2f}x",
+             f"- decode {d['case']}: {d['ms']:.2f} ms = {d['kv_gbs']:.1f} GB/s of K/V read, "
+             f"{100 * d['kv_gbs'] / d['read_gbs']:.0f}% of the measured read bandwidth "
+             f"({d['read_gbs']:.1f} GB/s, numpy sum over 256 MiB)"]
+    if "memory" in x:
+        mem = ", ".join(f"{impl} {mib:.1f} MiB" for impl, mib in x["memory"].items()
+                        if mib is not None)
+        lines.append(f"- peak memory beyond inputs and output, (1, 8, 32768, 64), fresh "
+                     f"process: {mem}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -114,10 +163,13 @@ def main(argv=None) -> int:
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)}] {case.name} ...", file=sys.stderr, flush=True)
         rows.append(run_case(case, args.repeats, peak))
+    print("[extras] threads, decode bandwidth, memory ...", file=sys.stderr, flush=True)
+    more = extras(args.repeats, args.quick)
     print(markdown(rows, peak))
+    print(extras_markdown(more))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows}, f, indent=1)
+            json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows, **more}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
     return 0

@@ -1,14 +1,12 @@
 """Sizes past 32-bit indices run right in O(tile) memory; sizes past memory raise MemoryError."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import cpuattn
+from cpuattn import _bench
 
 L, D, WINDOW = 50_000, 8, 63  # one head: Lq * Lk = 2.5e9 > 2**31
 
@@ -39,28 +37,13 @@ def test_window_over_50k_by_50k_scores(backend):
     np.testing.assert_allclose(out[0, rows], banded_reference(q, k, v, rows), atol=2e-5)
 
 
-PEAK_SCRIPT = """
-import json, resource, sys
-import numpy as np
-import cpuattn
-sys.path.insert(0, {tests!r})
-from test_big_sizes import big_inputs, WINDOW
-q, k, v = big_inputs()
-out = np.empty_like(q)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cpuattn.attention(q, k, v, causal=True, window=(WINDOW, 0), out=out, backend="native")
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra_kib": after - before}}))
-"""
-
-
-@pytest.mark.skipif(not cpuattn.info()["native"], reason="native backend not built")
+@pytest.mark.skipif(not cpuattn.info()["native"] or not os.path.exists("/proc/self/clear_refs"),
+                    reason="native backend and Linux /proc needed")
 def test_native_peak_memory_is_independent_of_length():
     """In a fresh process: the call's peak RSS beyond its inputs and output is O(tile)."""
-    script = PEAK_SCRIPT.format(tests=os.path.dirname(__file__))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          check=True)
-    extra_mib = json.loads(done.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
+    case = _bench.Case("big", 1, 1, 1, L, L, D, causal=True, window=(WINDOW, 0))
+    extra_mib = _bench.peak_extra_mib(case)
+    assert extra_mib is not None
     assert extra_mib < 16, f"peak grew {extra_mib:.1f} MiB (L^2 floats would be 9 GiB)"
 
 

@@ -146,6 +146,100 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
     return run
 
 
+def onnxruntime_runner(q, k, v, causal=False, window=None):
+    """A zero-argument callable running onnxruntime on these inputs, or None without it.
+
+    The graph is the standard one: MatMul(q, k^T) * scale (+ a -inf bias for causal/window)
+    -> Softmax -> MatMul(., v), on the CPU provider with its default threads. GQA K/V are
+    repeated to Hq heads beforehand (untimed), as ONNX MatMul does not broadcast heads.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = np.array(1.0 / np.sqrt(q.shape[-1]), np.float32)
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+             helper.make_node("Mul", ["s0", "scale"], ["s1"])]
+    inits = [numpy_helper.from_array(scale, "scale")]
+    scores = "s1"
+    if causal or window is not None:
+        i = np.arange(lq)[:, None] + (lk - lq)
+        j = np.arange(lk)[None, :]
+        keep = (j <= i) if causal else np.ones((lq, lk), bool)
+        if window is not None:
+            if window[0] >= 0:
+                keep &= j >= i - window[0]
+            if window[1] >= 0:
+                keep &= j <= i + window[1]
+        inits.append(numpy_helper.from_array(np.where(keep, 0, -np.inf).astype(np.float32),
+                                             "bias"))
+        nodes.append(helper.make_node("Add", ["s1", "bias"], ["s2"]))
+        scores = "s2"
+    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["out"])]
+
+    def tensor(name, x):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(x.shape))
+
+    graph = helper.make_graph(nodes, "attention", [tensor("q", q), tensor("k", k),
+                                                   tensor("v", v)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"q": q, "k": k, "v": v}
+    return lambda: session.run(None, feeds)
+
+
+PEAK_SCRIPT = """
+import json, sys
+import numpy as np
+from cpuattn import _bench
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+case = _bench.Case("peak", *{dims})
+q, k, v = case.inputs()
+out = np.ones_like(q)  # touched: the output is not extra memory
+if {impl!r} == "cpuattn":
+    run = lambda: _bench.attention(q, k, v, out=out, **case.kwargs())
+else:
+    run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
+if run is None:
+    print(json.dumps(None)); sys.exit()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current resident size
+base = status("VmRSS")
+run()
+print(json.dumps((status("VmHWM") - base) / 1024))
+"""
+
+
+def peak_extra_mib(case: Case, impl: str = "cpuattn") -> Optional[float]:
+    """Peak resident memory a call adds beyond its inputs and output, in a fresh process (MiB):
+    what an O(Lq x Lk) score matrix would show and an O(tile) kernel must not. Linux only
+    (/proc/self/clear_refs resets the peak); None elsewhere or when the impl is missing."""
+    import json
+    import subprocess
+    import sys
+
+    dims = (case.b, case.hq, case.hkv, case.lq, case.lk, case.d, case.causal, case.window)
+    script = PEAK_SCRIPT.format(dims=dims, impl=impl)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def max_error_vs_float64(case: Case, out: np.ndarray) -> float:
     """Max |out - exact| / max |exact|, the exact result from float64 inputs (NumPy backend)."""
     q, k, v = (x.astype(np.float64) for x in case.inputs())
