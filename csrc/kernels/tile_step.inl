@@ -218,6 +218,9 @@ inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
   int64_t e0 = 0;
   for (; e0 + kColBlock * L <= a.dv; e0 += kColBlock * L) pv_block<T, RB, kColBlock>(a, r0, e0);
+  if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
+    for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block<T, RB, 2>(a, r0, e0);
+  }
   for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1>(a, r0, e0);
   if (e0 == a.dv) return;
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
@@ -230,15 +233,27 @@ inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
-// Whether V rows [0, cols) hold an inf or NaN (x - x is NaN exactly for those).
+// Whether V rows [0, cols) hold an inf or NaN (x - x is NaN exactly for those). Vector
+// accumulators: a scalar chain of adds here cost as much as the tile's whole P.V.
 template <typename T>
 inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
-  T acc = 0;
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kLanes;
+  V acc = V{};
+  T tail = 0;
   for (int64_t j = 0; j < a.cols; ++j) {
     const T* vr = a.v + j * a.v_ld;
-    for (int64_t e = 0; e < a.dv; ++e) acc += vr[e] - vr[e];
+    int64_t e = 0;
+    for (; e + L <= a.dv; e += L) {
+      const V x = S::load(vr + e);
+      acc += x - x;
+    }
+    for (; e < a.dv; ++e) tail += vr[e] - vr[e];
   }
-  return acc != acc;
+  bool nonfinite = tail != tail;
+  for (int64_t i = 0; i < L; ++i) nonfinite |= acc[i] != acc[i];
+  return nonfinite;
 }
 
 // P.V for rows [r0, r1) that skips weights of exactly 0, so an inf or NaN in V reaches only
