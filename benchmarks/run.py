@@ -31,8 +31,13 @@ FULL = [
     Case("causal L=8192", 1, 8, 8, 8192, 8192, 64, causal=True),
     Case("window 512 L=8192", 1, 8, 8, 8192, 8192, 64, causal=True, window=(511, 0)),
     Case("decode GQA", 1, 32, 8, 1, 16384, 128),
+    Case("decode Lq=4 causal", 1, 32, 8, 4, 16384, 128, causal=True),
+    Case("decode MQA", 1, 32, 1, 1, 16384, 128),
+    # A padded cache: baselines have no per-batch lengths, so only cpuattn is timed.
+    Case("decode B=8 mixed lengths", 8, 32, 8, 1, 4096, 128,
+         options={"kv_lengths": (512, 4096, 1024, 3000, 77, 4096, 2048, 100)}),
 ]
-QUICK = [FULL[1], FULL[7], FULL[9], FULL[-1]]
+QUICK = [FULL[1], FULL[7], FULL[9], FULL[12]]
 MAX_NAIVE_SCORES = 2**28  # skip the O(L^2) baseline past 1 GiB of float32 scores
 
 
@@ -43,6 +48,8 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
     row = {"case": case.name, "q": list(q.shape), "kv": list(k.shape), "causal": case.causal,
            "window": case.window, "gflop": case.flops() / 1e9, "max_rel_err": err, "ms": {}}
     row["ms"]["cpuattn"] = 1e3 * _bench.median_seconds(lambda: attention(q, k, v, **kw), repeats)
+    if case.options:  # options the baselines lack (kv_lengths): cpuattn only
+        return finish_row(row, case, peak)
     if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
         row["ms"]["numpy naive"] = 1e3 * _bench.median_seconds(
             lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), repeats)
@@ -53,6 +60,10 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
         ort_run = _bench.onnxruntime_runner(q, k, v, case.causal, case.window)
         if ort_run is not None:
             row["ms"]["onnxruntime"] = 1e3 * _bench.median_seconds(ort_run, repeats)
+    return finish_row(row, case, peak)
+
+
+def finish_row(row: dict, case: Case, peak: float) -> dict:
     ours = row["ms"]["cpuattn"]
     row["gflops"] = case.flops() / ours / 1e6
     row["pct_sgemm"] = 100 * row["gflops"] / peak
@@ -106,7 +117,7 @@ def plot(rows, path: str) -> None:
 
 
 SCALING_CASE = Case("L=4096", 1, 8, 8, 4096, 4096, 64)
-DECODE_CASE = FULL[-1]
+DECODE_CASE = FULL[12]
 MEMORY_CASE = Case("L=32768", 1, 8, 8, 32768, 32768, 64)
 
 

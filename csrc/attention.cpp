@@ -90,10 +90,17 @@ class Driver {
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
   int64_t query_tiles_per_head() const { return tiles_; }
+  // Rows of the largest query tile: the size of one split-KV partial result, in rows.
+  int64_t max_tile_rows() const { return std::min(kTileRows, rows_per_head_group_); }
+  // Elements of one partial result: per row m, l, then o (Dv).
+  int64_t partial_elems() const { return max_tile_rows() * (p_.dv + 2); }
 
   // Rows are ordered (query position, head in group): one tile covers a few positions of all
   // heads that share the kv head, so each K/V tile is loaded once for the whole group.
-  void run_item(int64_t item, Scratch<T>& sc) const {
+  // Only keys in [chunk.begin, chunk.end) are visited; with `partial` set the unnormalized
+  // state goes there for merge_item, else the finished rows go to out / lse.
+  void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
+                T* partial = nullptr) const {
     const int64_t tile = item % tiles_;
     const int64_t hk = (item / tiles_) % p_.hkv;
     const int64_t b = item / (tiles_ * p_.hkv);
@@ -135,8 +142,10 @@ class Driver {
     // Key tiles start at multiples of kTileKeys so packed tiles can be shared by query tiles;
     // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
     const int64_t owner = b * p_.hkv + hk;
-    for (int64_t j0 = keys_lo / kTileKeys * kTileKeys; j0 < keys_hi; j0 += kTileKeys) {
-      const int64_t j1 = std::min(j0 + kTileKeys, keys_hi);
+    const int64_t j_end = std::min(keys_hi, chunk.end);
+    for (int64_t j0 = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin); j0 < j_end;
+         j0 += kTileKeys) {
+      const int64_t j1 = std::min(j0 + kTileKeys, j_end);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
@@ -150,7 +159,43 @@ class Driver {
       step.apply_bounds = kind == TileKind::Partial;
       step_(step);
     }
-    write_rows(b, rows, sc);
+    if (partial) {
+      write_partial(rows, sc, partial);
+    } else {
+      write_rows(b, rows, sc);
+    }
+  }
+
+  // Combines an item's chunk results (run_item with `partial`), in chunk order, into out and
+  // lse: the arithmetic of cpuattn.merge. A chunk with no kept key, or whose weight rounds to
+  // exactly 0, contributes nothing.
+  void merge_item(int64_t item, const T* partials, int64_t chunks) const {
+    const int64_t tile = item % tiles_;
+    const int64_t hk = (item / tiles_) % p_.hkv;
+    const int64_t b = item / (tiles_ * p_.hkv);
+    const int64_t r0 = tile * kTileRows;
+    const int64_t rows = std::min(kTileRows, rows_per_head_group_ - r0);
+    const int64_t stride = partial_elems(), dv = p_.dv;
+    std::vector<T> acc(dv);
+    for (int64_t r = 0; r < rows; ++r) {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* part = partials + c * stride + r * (dv + 2);
+        if (part[1] != T(0) && part[0] > m) m = part[0];
+      }
+      T l = 0;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* part = partials + c * stride + r * (dv + 2);
+        if (part[1] == T(0)) continue;
+        const T w = std::exp(part[0] - m);
+        if (w == T(0) && part[1] == part[1]) continue;  // a NaN sum still makes the row NaN
+        l += part[1] * w;
+        for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
+      }
+      const int64_t i = (r0 + r) / group_, h = hk * group_ + (r0 + r) % group_;
+      finish_row(b, i, h, acc.data(), m, l);
+    }
   }
 
  private:
@@ -192,25 +237,42 @@ class Driver {
     }
   }
 
-  // out = o / l and lse = m + log(l); a row that kept no key gets 0 and -inf.
+  static T row_sum(const Scratch<T>& sc, int64_t r) {
+    T l = 0;
+    for (int64_t slot = 0; slot < kSumSlots; ++slot) l += sc.l[r * kSumSlots + slot];
+    return l;
+  }
+
   void write_rows(int64_t b, int64_t rows, const Scratch<T>& sc) const {
-    const size_t nb = p_.batch_shape.size();
-    T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + batch_offset(p_.batch_shape, p_.out, b);
-    T* lse = p_.lse.data ? static_cast<T*>(const_cast<void*>(p_.lse.data)) +
-                               batch_offset(p_.batch_shape, p_.lse, b)
-                         : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = sc.row_pos[r], h = sc.row_head[r];
-      T l = 0;
-      for (int64_t i = 0; i < kSumSlots; ++i) l += sc.l[r * kSumSlots + i];
-      const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
-      const T* o = sc.o.data() + r * p_.dv;
-      T* dst = out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
-      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = o[e] * inv;
-      if (lse) {
-        lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
-            l == T(0) ? -std::numeric_limits<T>::infinity() : sc.m[r] + std::log(l);
-      }
+      finish_row(b, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.m[r],
+                 row_sum(sc, r));
+    }
+  }
+
+  void write_partial(int64_t rows, const Scratch<T>& sc, T* partial) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = partial + r * (p_.dv + 2);
+      dst[0] = sc.m[r];
+      dst[1] = row_sum(sc, r);
+      std::copy(sc.o.data() + r * p_.dv, sc.o.data() + (r + 1) * p_.dv, dst + 2);
+    }
+  }
+
+  // out = o / l and lse = m + log(l) for query i of head h; a row that kept no key gets 0 and
+  // -inf.
+  void finish_row(int64_t b, int64_t i, int64_t h, const T* o, T m, T l) const {
+    const size_t nb = p_.batch_shape.size();
+    T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) +
+             batch_offset(p_.batch_shape, p_.out, b) + h * p_.out.strides[nb] +
+             i * p_.out.strides[nb + 1];
+    const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
+    for (int64_t e = 0; e < p_.dv; ++e) out[e] = o[e] * inv;
+    if (p_.lse.data) {
+      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) +
+               batch_offset(p_.batch_shape, p_.lse, b);
+      lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
+          l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
     }
   }
 
@@ -219,6 +281,14 @@ class Driver {
   int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0;
 };
 
+// Split-KV: how many key chunks each work item is cut into, from the shape alone (never the
+// thread count, so results stay bitwise identical for any number of threads).
+int64_t key_chunks(int64_t items, int64_t lk) {
+  if (items >= kSplitBelowItems || lk <= kSplitMinChunkKeys) return 1;
+  const int64_t by_keys = (lk + kSplitMinChunkKeys - 1) / kSplitMinChunkKeys;
+  return std::max<int64_t>(1, std::min(by_keys, kSplitMaxItems / items));
+}
+
 template <typename T>
 void run(const Params& p, void (*step)(const TileStep<T>&)) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
@@ -226,9 +296,17 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
   const int64_t items = driver.work_items();
   if (items == 0) return;
 
+  // Few items (decode: B * Hkv of them) would leave cores idle: cut each item's keys into
+  // `chunks` ranges of tile-aligned length, computed independently and merged in order.
+  int64_t chunks = key_chunks(items, p.lk);
+  const int64_t chunk_keys =
+      ((p.lk + chunks - 1) / chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
+  if (chunks > 1) chunks = (p.lk + chunk_keys - 1) / chunk_keys;
+  const int64_t tasks = items * chunks;
+
   const CallInFlight call;
   const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(threads_for_call(p.num_threads, call.count()), items)));
+      std::max<int64_t>(1, std::min<int64_t>(threads_for_call(p.num_threads, call.count()), tasks)));
 
   // Allocate before the parallel region: an allocation failure must surface as an exception
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
@@ -236,6 +314,20 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
   scratch.reserve(threads);
   const bool cache_keys = driver.query_tiles_per_head() > 1;
   for (int t = 0; t < threads; ++t) scratch.emplace_back(p.d, p.dv, p.lk, cache_keys);
+  std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
+
+  auto run_task = [&](int64_t task, Scratch<T>& sc) {
+    if (chunks == 1) {
+      driver.run_item(task, sc);
+      return;
+    }
+    const int64_t chunk = task % chunks;
+    driver.run_item(task / chunks, sc, {chunk * chunk_keys, (chunk + 1) * chunk_keys},
+                    partials.data() + task * driver.partial_elems());
+  };
+  auto merge = [&](int64_t item) {
+    driver.merge_item(item, partials.data() + item * chunks * driver.partial_elems(), chunks);
+  };
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -243,10 +335,15 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
     Scratch<T>& sc = scratch[omp_get_thread_num()];
     // Dynamic: causal and windowed items differ in cost. Any schedule gives the same bits.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) driver.run_item(item, sc);
+    for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+    if (chunks > 1) {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < items; ++item) merge(item);
+    }
   }
 #else
-  for (int64_t item = 0; item < items; ++item) driver.run_item(item, scratch[0]);
+  for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
+  for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item);
 #endif
 }
 

@@ -12,6 +12,11 @@ struct KeyRange {
   int64_t lo, hi;  // half-open; empty when hi <= lo
 };
 
+// A tile-aligned range of keys one task visits (split-KV), half-open.
+struct KeyChunk {
+  int64_t begin, end;
+};
+
 struct RowBounds {
   int64_t n_keys;   // valid keys for this batch entry (kv_lengths[b] or Lk)
   int64_t offset;   // diagonal offset: n_keys - Lq (bottom-right) or 0 (top-left)

@@ -19,4 +19,11 @@ constexpr int64_t kSumSlots = 16;
 // packing each tile per query tile.
 constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 
+// Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
+// query tiles) cuts each item's keys into chunks of at least kSplitMinChunkKeys, at most
+// kSplitMaxItems (item, chunk) tasks in all, merged in chunk order afterwards.
+constexpr int64_t kSplitBelowItems = 64;
+constexpr int64_t kSplitMinChunkKeys = 512;
+constexpr int64_t kSplitMaxItems = 256;
+
 }  // namespace cpuattn

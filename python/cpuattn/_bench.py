@@ -39,12 +39,16 @@ class Case:
     def kwargs(self):
         return {"causal": self.causal, "window": self.window, **self.options}
 
-    def kept_pairs(self) -> int:
-        """(query, key) pairs that are kept, per (batch, head): the work actually needed."""
+    def key_lengths(self):
+        """Valid keys per batch entry: kv_lengths if the case has them, else Lk."""
+        return list(self.options.get("kv_lengths", [self.lk] * self.b))
+
+    def kept_pairs(self, n_keys: int) -> int:
+        """(query, key) pairs kept in one head of a batch entry with n_keys valid keys."""
         i = np.arange(self.lq)[:, None]
-        diag = i + self.lk - self.lq
+        diag = i + n_keys - self.lq
         lo = np.zeros_like(diag)
-        hi = np.full_like(diag, self.lk)
+        hi = np.full_like(diag, n_keys)
         if self.window is not None and self.window[0] >= 0:
             lo = np.maximum(lo, diag - self.window[0])
         if self.causal:
@@ -54,11 +58,12 @@ class Case:
         return int(np.clip(hi - lo, 0, None).sum())
 
     def flops(self) -> float:
-        """4 * D per kept pair (Q K^T and P V, multiply-add = 2 flops each)."""
-        return 4.0 * self.b * self.hq * self.d * self.kept_pairs()
+        """4 * D per kept pair (Q K^T and P V, multiply-add = 2 flops each): the work needed."""
+        return 4.0 * self.hq * self.d * sum(self.kept_pairs(n) for n in self.key_lengths())
 
     def kv_bytes(self) -> int:
-        return 2 * self.b * self.hkv * self.lk * self.d * 4
+        """Bytes of valid K and V: what a decode step must read at least once."""
+        return 2 * self.hkv * self.d * 4 * sum(self.key_lengths())
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
