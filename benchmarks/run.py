@@ -90,7 +90,7 @@ def markdown(rows, peak: float) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: str) -> None:
+def plot(rows, path: str, peak: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +106,9 @@ def plot(rows, path: str) -> None:
                   if impl in r["ms"]]
         if points:
             ax.plot(*zip(*points), marker="o", label=impl)
+    ax.axhline(peak, color="gray", linestyle="--", linewidth=1,
+               label=f"numpy sgemm 2048² ({peak:.0f} GF/s)")
+    ax.set_ylim(bottom=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length L  (q, k, v = (1, 8, L, 64), float32)")
     ax.set_ylabel("GF/s")
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows, **more}, f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, peak)
     return 0
 
 
