@@ -90,6 +90,11 @@ class Driver {
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
   int64_t query_tiles_per_head() const { return tiles_; }
+  // Items run head by head (so a thread's packed keys stay valid), and within a head from the
+  // last query tile down: causal costs grow with the tile, and the dynamic schedule balances
+  // best when the big items go first and the small ones fill in at the end.
+  int64_t tile_of(int64_t item) const { return tiles_ - 1 - item % tiles_; }
+
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const { return std::min(kTileRows, rows_per_head_group_); }
   // Elements of one partial result: per row m, l, then o (Dv).
@@ -101,7 +106,7 @@ class Driver {
   // state goes there for merge_item, else the finished rows go to out / lse.
   void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
                 T* partial = nullptr) const {
-    const int64_t tile = item % tiles_;
+    const int64_t tile = tile_of(item);
     const int64_t hk = (item / tiles_) % p_.hkv;
     const int64_t b = item / (tiles_ * p_.hkv);
 
@@ -170,7 +175,7 @@ class Driver {
   // lse: the arithmetic of cpuattn.merge. A chunk with no kept key, or whose weight rounds to
   // exactly 0, contributes nothing.
   void merge_item(int64_t item, const T* partials, int64_t chunks) const {
-    const int64_t tile = item % tiles_;
+    const int64_t tile = tile_of(item);
     const int64_t hk = (item / tiles_) % p_.hkv;
     const int64_t b = item / (tiles_ * p_.hkv);
     const int64_t r0 = tile * kTileRows;
