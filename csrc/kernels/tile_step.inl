@@ -27,6 +27,8 @@ struct Simd {
 // Register blocking: kRowBlock rows x kColBlock vectors of accumulators, plus kColBlock operand
 // vectors and one broadcast. 6 x 4 + 4 + 1 = 29 of 32 AVX-512 registers; with 16 registers
 // (AVX2, SSE) 6 x 2 + 2 + 1 = 15. Leftover rows go 4, then 1 at a time.
+// The inner loops are unrolled 4x (#pragma below): +2% (D = 64) and +6% (D = 128) single
+// thread, measured A/B.
 constexpr int kRowBlock = 6;
 constexpr int kColBlock = CPUATTN_VEC_BYTES == 64 ? 4 : 2;
 
@@ -40,6 +42,7 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   const T* q = a.q + r0 * a.d;
   for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
     V acc[RB][kColBlock] = {};
+#pragma GCC unroll 4
     for (int64_t e = 0; e < a.d; ++e) {
       V kv[kColBlock];
       for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
@@ -200,6 +203,7 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = S::load(a.o + (r0 + r) * a.dv + e0 + c * L);
   }
+#pragma GCC unroll 4
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
     for (int c = 0; c < CB; ++c) vv[c] = S::load(a.v + j * a.v_ld + e0 + c * L);
