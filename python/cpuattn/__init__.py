@@ -5,6 +5,8 @@
 """
 
 from ._api import attention, info, merge
+from ._kvcache import KVCache
+from ._mha import MultiHeadAttention
 from ._version import __version__
 
-__all__ = ["__version__", "attention", "info", "merge"]
+__all__ = ["KVCache", "MultiHeadAttention", "__version__", "attention", "info", "merge"]

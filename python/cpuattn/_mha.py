@@ -1,0 +1,158 @@
+"""Multi-head attention as a layer: NumPy projections (BLAS) around ``cpuattn.attention``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ._api import attention
+from ._kvcache import KVCache
+
+
+class MultiHeadAttention:
+    """``out = attention(x W_Q^T + b_Q, x W_K^T + b_K, x W_V^T + b_V) W_O^T + b_O``, per head.
+
+    Weights follow ``torch.nn.Linear``: ``w_q`` is ``(embed_dim, embed_dim)`` as (out, in),
+    ``w_k`` is ``(num_kv_heads * head_dim, kdim)``, ``w_v`` is ``(num_kv_heads * head_dim,
+    vdim)``, ``w_o`` is ``(embed_dim, embed_dim)``. ``num_kv_heads < num_heads`` is GQA
+    (``num_kv_heads = 1``: MQA). Inputs are ``(B, L, E)``; heads are split by reshape and
+    swapaxes views, which ``cpuattn.attention`` reads in place, and the heads' output is
+    written straight into a ``(B, L, H, Dh)`` buffer, so only the projections allocate.
+
+    Build with ``MultiHeadAttention(embed_dim, num_heads, ...)`` (random Xavier-uniform
+    weights, zero biases), :meth:`from_arrays` or :meth:`from_torch`.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
+                 bias: bool = True, kdim: Optional[int] = None, vdim: Optional[int] = None,
+                 dtype=np.float32, seed: Optional[int] = None):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_heads(embed_dim, num_heads, num_kv_heads)
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        rng = np.random.default_rng(seed)
+        kv_dim = num_kv_heads * (embed_dim // num_heads)
+
+        def xavier(out_dim, in_dim):
+            bound = np.sqrt(6.0 / (in_dim + out_dim))
+            return rng.uniform(-bound, bound, (out_dim, in_dim)).astype(dtype)
+
+        def zeros(n):
+            return np.zeros(n, dtype) if bias else None
+
+        self._set(xavier(embed_dim, embed_dim), xavier(kv_dim, kdim), xavier(kv_dim, vdim),
+                  xavier(embed_dim, embed_dim), zeros(embed_dim), zeros(kv_dim), zeros(kv_dim),
+                  zeros(embed_dim), num_heads, num_kv_heads)
+
+    @classmethod
+    def from_arrays(cls, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None, *,
+                    num_heads: int, num_kv_heads: Optional[int] = None) -> "MultiHeadAttention":
+        """A layer with the given weights ((out, in), as torch.nn.Linear) and biases."""
+        layer = cls.__new__(cls)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        layer._set(w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads)
+        return layer
+
+    @classmethod
+    def from_torch(cls, module) -> "MultiHeadAttention":
+        """Copies a ``torch.nn.MultiheadAttention``'s weights (float32).
+
+        Call the result with ``(B, L, E)`` inputs whatever the module's ``batch_first``, and
+        with cpuattn's mask polarity: torch's ``key_padding_mask`` / bool ``attn_mask`` mark
+        *blocked* positions with True, so pass ``mask=~key_padding_mask[:, None, None, :]``
+        or ``mask=~attn_mask``. Dropout is not applied (inference).
+        """
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("from_torch: add_bias_kv and add_zero_attn are not supported")
+
+        def arr(t):
+            return None if t is None else t.detach().cpu().numpy().astype(np.float32)
+
+        e = module.embed_dim
+        if module._qkv_same_embed_dim:
+            w_q, w_k, w_v = np.split(arr(module.in_proj_weight), 3)
+        else:
+            w_q, w_k, w_v = (arr(module.q_proj_weight), arr(module.k_proj_weight),
+                             arr(module.v_proj_weight))
+        b_q = b_k = b_v = None
+        if module.in_proj_bias is not None:
+            b_q, b_k, b_v = np.split(arr(module.in_proj_bias), [e, 2 * e])
+        return cls.from_arrays(w_q, w_k, w_v, arr(module.out_proj.weight), b_q, b_k, b_v,
+                               arr(module.out_proj.bias), num_heads=module.num_heads)
+
+    def _set(self, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads):
+        w_q, w_k, w_v, w_o = (np.asarray(w) for w in (w_q, w_k, w_v, w_o))
+        embed_dim = w_q.shape[0]
+        _check_heads(embed_dim, num_heads, num_kv_heads)
+        head_dim = embed_dim // num_heads
+        kv_dim = num_kv_heads * head_dim
+        expected = {"w_q": (w_q, (embed_dim, embed_dim)), "w_k": (w_k, (kv_dim, w_k.shape[-1])),
+                    "w_v": (w_v, (kv_dim, w_v.shape[-1])), "w_o": (w_o, (embed_dim, embed_dim))}
+        for name, (w, shape) in expected.items():
+            if w.ndim != 2 or w.shape != shape:
+                raise ValueError(f"MultiHeadAttention: {name} must have shape {shape} "
+                                 f"(out, in), got {w.shape}")
+        for name, b, n in (("b_q", b_q, embed_dim), ("b_k", b_k, kv_dim), ("b_v", b_v, kv_dim),
+                           ("b_o", b_o, embed_dim)):
+            if b is not None and np.shape(b) != (n,):
+                raise ValueError(f"MultiHeadAttention: {name} must have shape ({n},), "
+                                 f"got {np.shape(b)}")
+        self.w_q, self.w_k, self.w_v, self.w_o = w_q, w_k, w_v, w_o
+        self.b_q, self.b_k, self.b_v, self.b_o = b_q, b_k, b_v, b_o
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = head_dim
+
+    def __call__(self, query, key=None, value=None, *, mask=None, causal=False, window=None,
+                 kv_lengths=None, cache: Optional[KVCache] = None) -> np.ndarray:
+        """Self-attention (``key`` and ``value`` default to ``query``) or cross-attention.
+
+        query: ``(B, Lq, embed_dim)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
+        ``mask``, ``causal``, ``window`` and ``kv_lengths`` are those of
+        :func:`cpuattn.attention` (bool mask: True = attend), broadcast over heads as given.
+        With ``cache``, the new keys and values are appended to it first and the attention
+        reads the whole cache with ``kv_lengths=cache.lengths`` (then ``kv_lengths`` must be
+        None; pass ``causal=True`` for a decoder). Returns ``(B, Lq, embed_dim)``.
+        """
+        query = np.asarray(query)
+        key = query if key is None else np.asarray(key)
+        value = key if value is None else np.asarray(value)
+        if query.ndim != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query: expected (B, Lq, {self.embed_dim}), got {query.shape}")
+        for name, x, w in (("key", key, self.w_k), ("value", value, self.w_v)):
+            if x.ndim != 3 or x.shape[0] != query.shape[0] or x.shape[-1] != w.shape[1]:
+                raise ValueError(f"{name}: expected ({query.shape[0]}, Lk, {w.shape[1]}), "
+                                 f"got {x.shape}")
+        b, lq, _ = query.shape
+        q = self._heads(_linear(query, self.w_q, self.b_q), self.num_heads)
+        k = self._heads(_linear(key, self.w_k, self.b_k), self.num_kv_heads)
+        v = self._heads(_linear(value, self.w_v, self.b_v), self.num_kv_heads)
+        if cache is not None:
+            if kv_lengths is not None:
+                raise ValueError("kv_lengths: must be None with cache= (the cache has lengths)")
+            cache.append(k, v)
+            k, v, kv_lengths = cache.k, cache.v, cache.lengths
+        heads = np.empty((b, lq, self.num_heads, self.head_dim), q.dtype)
+        attention(q, k, v, mask=mask, causal=causal, window=window, kv_lengths=kv_lengths,
+                  out=heads.swapaxes(1, 2))
+        return _linear(heads.reshape(b, lq, self.embed_dim), self.w_o, self.b_o)
+
+    def _heads(self, x: np.ndarray, n_heads: int) -> np.ndarray:
+        """(B, L, n * Dh) -> a (B, n, L, Dh) view."""
+        return x.reshape(*x.shape[:2], n_heads, self.head_dim).swapaxes(1, 2)
+
+
+def _linear(x, w, b):
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
+
+
+def _check_heads(embed_dim, num_heads, num_kv_heads):
+    if num_heads < 1 or embed_dim % num_heads:
+        raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} must be a positive "
+                         f"multiple of num_heads {num_heads}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"MultiHeadAttention: num_kv_heads {num_kv_heads} must divide "
+                         f"num_heads {num_heads}")
