@@ -143,7 +143,8 @@ class MultiHeadAttention:
 
 
 def _linear(x, w, b):
-    y = x @ w.T
+    """x @ w.T + b over the last axis, as one 2-D GEMM (a stacked matmul runs one per row)."""
+    y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
     if b is not None:
         y += b
     return y

