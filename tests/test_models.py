@@ -40,3 +40,22 @@ def test_minilm_matches_sentence_transformers(examples_on_path, monkeypatch):
     cosine = (ours * reference).sum(axis=1)
     assert ours.shape == (len(SENTENCES), 384)
     assert cosine.min() >= 0.99999, f"cosines {np.round(cosine, 7)}"
+
+
+def test_llama_prefill_and_greedy_decode_match_transformers(examples_on_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from llama_decode import Llama, small_random_model
+
+    model = small_random_model(seed=0)
+    llama = Llama.from_transformers(model)
+    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 24))
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(prompt)).logits.numpy()
+    logits = llama.forward(prompt, llama.new_cache(2, 24))
+    assert np.abs(logits - expected).max() <= 1e-4
+
+    with torch.inference_mode():
+        reference = model.generate(torch.from_numpy(prompt[:1]), max_new_tokens=64,
+                                   min_new_tokens=64, do_sample=False).numpy()
+    assert np.array_equal(llama.generate(prompt[:1], 64), reference)
