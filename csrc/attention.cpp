@@ -80,7 +80,9 @@ struct Scratch {
 template <typename T>
 class Driver {
  public:
-  Driver(const Params& p, void (*step)(const TileStep<T>&)) : p_(p), step_(step) {
+  using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+  Driver(const Params& p, void (*step)(const TileStep<T>&), Pack pack)
+      : p_(p), step_(step), pack_(pack) {
     batch_ = 1;
     for (int64_t n : p.batch_shape) batch_ *= n;
     group_ = p.hq / p.hkv;
@@ -156,7 +158,7 @@ class Driver {
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
       const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);
       step.kt = sc.key_tile(owner, j0 / kTileKeys, p_.d, [&](T* dst) {
-        pack_keys(k + j0 * k_ld, k_ld, packed_cols, dst);
+        pack_(k + j0 * k_ld, k_ld, packed_cols, p_.d, dst);
       });
       step.v = v + j0 * v_ld;
       step.cols = j1 - j0;
@@ -231,17 +233,6 @@ class Driver {
     std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
   }
 
-  // K rows [j0, j0 + cols) -> d x kTileKeys, transposed so score columns are unit-stride.
-  void pack_keys(const T* k, int64_t k_ld, int64_t cols, T* kt) const {
-    for (int64_t c = 0; c < cols; ++c) {
-      const T* src = k + c * k_ld;
-      for (int64_t e = 0; e < p_.d; ++e) kt[e * kTileKeys + c] = src[e];
-    }
-    for (int64_t e = 0; e < p_.d; ++e) {
-      std::fill(kt + e * kTileKeys + cols, kt + (e + 1) * kTileKeys, T(0));
-    }
-  }
-
   static T row_sum(const Scratch<T>& sc, int64_t r) {
     T l = 0;
     for (int64_t slot = 0; slot < kSumSlots; ++slot) l += sc.l[r * kSumSlots + slot];
@@ -283,6 +274,7 @@ class Driver {
 
   const Params& p_;
   void (*step_)(const TileStep<T>&);
+  Pack pack_;
   int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0;
 };
 
@@ -295,9 +287,10 @@ int64_t key_chunks(int64_t items, int64_t lk) {
 }
 
 template <typename T>
-void run(const Params& p, void (*step)(const TileStep<T>&)) {
+void run(const Params& p, void (*step)(const TileStep<T>&),
+         void (*pack)(const T*, int64_t, int64_t, int64_t, T*)) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
-  const Driver<T> driver(p, step);
+  const Driver<T> driver(p, step, pack);
   const int64_t items = driver.work_items();
   if (items == 0) return;
 
@@ -357,9 +350,9 @@ void run(const Params& p, void (*step)(const TileStep<T>&)) {
 void attention(const Params& p) {
   const KernelSet& kernels = active_kernels();
   if (p.dtype == DType::F32) {
-    run<float>(p, kernels.step_f32);
+    run<float>(p, kernels.step_f32, kernels.pack_f32);
   } else {
-    run<double>(p, kernels.step_f64);
+    run<double>(p, kernels.step_f64, kernels.pack_f64);
   }
 }
 

@@ -37,6 +37,9 @@ struct KernelSet {
   const char* name;
   void (*step_f32)(const TileStep<float>&);
   void (*step_f64)(const TileStep<double>&);
+  // K rows [0, cols), ld elements apart, -> d x kTileKeys transposed tile, zero past cols.
+  void (*pack_f32)(const float* k, int64_t ld, int64_t cols, int64_t d, float* kt);
+  void (*pack_f64)(const double* k, int64_t ld, int64_t cols, int64_t d, double* kt);
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);

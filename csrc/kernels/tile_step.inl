@@ -301,6 +301,49 @@ void tile_step(const cpuattn::TileStep<T>& a) {
   for (; r < a.rows; ++r) step_rows<T, 1>(a, r, v_nonfinite);
 }
 
+// K rows [0, cols), ld elements apart, -> kt: d x kTileKeys (K transposed, so score columns
+// are unit-stride), zero past cols. Blocks of 4 floats (2 doubles) are transposed in 16-byte
+// registers: half the loads and stores of an element-by-element copy, which made decode (a
+// fresh tile per few query rows) bound by this copy rather than by memory.
+template <typename T>
+void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  constexpr int B = 16 / sizeof(T);
+  typedef T Q __attribute__((vector_size(16)));
+  int64_t c = 0;
+  for (; c + B <= cols; c += B) {
+    int64_t e = 0;
+    for (; e + B <= d; e += B) {
+      Q r[B];
+      for (int i = 0; i < B; ++i) __builtin_memcpy(&r[i], k + (c + i) * ld + e, 16);
+      if constexpr (B == 4) {
+        const Q t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);
+        const Q t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);
+        const Q t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
+        const Q t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+        r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+        r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+        r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+        r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+      } else {
+        const Q t0 = __builtin_shufflevector(r[0], r[1], 0, 2);
+        r[1] = __builtin_shufflevector(r[0], r[1], 1, 3);
+        r[0] = t0;
+      }
+      for (int i = 0; i < B; ++i) __builtin_memcpy(kt + (e + i) * W + c, &r[i], 16);
+    }
+    for (; e < d; ++e) {
+      for (int i = 0; i < B; ++i) kt[e * W + c + i] = k[(c + i) * ld + e];
+    }
+  }
+  for (; c < cols; ++c) {
+    for (int64_t e = 0; e < d; ++e) kt[e * W + c] = k[c * ld + e];
+  }
+  for (int64_t e = 0; e < d; ++e) {
+    for (int64_t j = cols; j < W; ++j) kt[e * W + j] = 0;
+  }
+}
+
 // The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {
