@@ -81,9 +81,12 @@ inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
     if (a.mask_kind != cpuattn::MaskKind::None) {
       for (int64_t c = 0; c < a.cols; ++c) sr[c] = mask_value(a, r, c, sr[c]);
     }
-    if (a.apply_bounds) {
-      const int64_t lo = a.bounds[r].lo - a.j0, hi = a.bounds[r].hi - a.j0;
-      for (int64_t c = 0; c < a.cols; ++c) sr[c] = (c < lo || c >= hi) ? kNegInf : sr[c];
+    if (a.apply_bounds) {  // keys outside [lo, hi): two runs of -inf, no test per element
+      int64_t lo = a.bounds[r].lo - a.j0, hi = a.bounds[r].hi - a.j0;
+      lo = lo < 0 ? 0 : (lo > a.cols ? a.cols : lo);  // no std::clamp: see the file's top
+      hi = hi < lo ? lo : (hi > a.cols ? a.cols : hi);
+      for (int64_t c = 0; c < lo; ++c) sr[c] = kNegInf;
+      for (int64_t c = hi; c < a.cols; ++c) sr[c] = kNegInf;
     }
     for (int64_t c = a.cols; c < W; ++c) sr[c] = kNegInf;
   }
@@ -171,6 +174,8 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
     }
     const V shift = S::splat(m_new[i]);
     V vsum = V{};
+    // Unrolled so the vectors' exp chains overlap (each is ~20 dependent operations).
+#pragma GCC unroll 16
     for (int64_t c = 0; c < W; c += L) {
       const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
       S::store(sr + c, p);
