@@ -21,11 +21,16 @@ int default_threads() {
 }
 
 int threads_for_call(int requested, int calls_in_flight) {
-#ifndef _OPENMP
+#ifdef _OPENMP
+  // An explicit count is honoured up to 4x the CPUs: past that, threads only add scratch
+  // memory and context switches.
+  if (requested > 0) return std::min(requested, 4 * std::max(1, omp_get_num_procs()));
+  return std::max(1, default_threads() / std::max(1, calls_in_flight));
+#else
+  (void)requested;
+  (void)calls_in_flight;
   return 1;  // no thread team to size
 #endif
-  if (requested > 0) return requested;
-  return std::max(1, default_threads() / std::max(1, calls_in_flight));
 }
 
 CallInFlight::CallInFlight() : count_(g_calls_in_flight.fetch_add(1) + 1) {}

@@ -8,7 +8,8 @@ namespace cpuattn {
 // Threads a call uses by default: OMP_NUM_THREADS, else all cores (1 without OpenMP).
 int default_threads();
 
-// `requested` when > 0 (an explicit num_threads is honoured); otherwise the default shared
+// `requested` when > 0 (an explicit num_threads is honoured, up to 4x the CPU count);
+// otherwise the default shared
 // evenly among the `calls_in_flight` calls running now, this one included, at least 1.
 // Always 1 in a build without OpenMP.
 int threads_for_call(int requested, int calls_in_flight);

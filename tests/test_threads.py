@@ -1,5 +1,6 @@
 """Concurrent calls from Python threads: same bits as sequential calls, no oversubscription."""
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -57,3 +58,4 @@ def test_default_threads_are_shared_among_calls_in_flight():
     assert core.threads_for_call(0, 2) == max(1, cores // 2)
     assert core.threads_for_call(0, 10 * cores) == 1
     assert core.threads_for_call(3, 8) == (3 if core.openmp() else 1)  # explicit: honoured
+    assert core.threads_for_call(10**6, 1) <= 4 * max(os.cpu_count(), 1) or not core.openmp()
