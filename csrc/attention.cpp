@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include "convert.h"
 #include "kernels/kernel.h"
 #include "mask.h"
 #include "threads.h"
@@ -31,49 +32,66 @@ int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_
   return off;
 }
 
-// Per-thread buffers, sized once per call: O(tile) plus at most kMaxPackedKeyElems of packed
-// keys, never O(Lq x Lk).
+// Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
+// head: packed K^T, or V converted from half. Without caching (one query tile, as in decode,
+// or past the element cap) a tile is prepared into the caller's spare buffer every time.
 template <typename T>
-struct Scratch {
-  std::vector<T> q, kt, s, o, m, l;
-  std::vector<KeyRange> bounds;
-  std::vector<const void*> mask_rows;
-  std::vector<int64_t> row_pos, row_head;
-  // Packed K^T tiles of one (batch, kv head), filled on first use; empty when over the cap.
-  std::vector<T> k_cache;
-  std::vector<uint8_t> k_tile_ready;
-  int64_t k_cache_owner = -1;  // b * Hkv + kv head, or -1
-
-  // cache_keys: worth it only when several query tiles read the same keys; with one (decode)
-  // the cache would only add first-touch page faults.
-  Scratch(int64_t d, int64_t dv, int64_t lk, bool cache_keys)
-      : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
-        m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows),
-        row_head(kTileRows) {
-    const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
-    if (cache_keys && tiles * kTileKeys * d <= kMaxPackedKeyElems) {
-      k_cache.resize(tiles * kTileKeys * d);
-      k_tile_ready.resize(tiles);
+class TileCache {
+ public:
+  void reserve(int64_t tiles, int64_t tile_elems, bool enable) {
+    tile_elems_ = tile_elems;
+    if (enable && tiles * tile_elems <= kMaxPackedKeyElems) {
+      data_.resize(tiles * tile_elems);
+      ready_.resize(tiles);
     }
   }
 
-  // Packed K^T of key tile `tile` ([tile * kTileKeys, + cols)), packing it if needed.
-  template <typename Pack>
-  const T* key_tile(int64_t owner, int64_t tile, int64_t d, const Pack& pack) {
-    if (k_tile_ready.empty()) {
-      pack(kt.data());
-      return kt.data();
+  template <typename Fill>
+  const T* get(int64_t owner, int64_t tile, T* spare, const Fill& fill) {
+    if (ready_.empty()) {
+      fill(spare);
+      return spare;
     }
-    if (owner != k_cache_owner) {
-      std::fill(k_tile_ready.begin(), k_tile_ready.end(), uint8_t(0));
-      k_cache_owner = owner;
+    if (owner != owner_) {
+      std::fill(ready_.begin(), ready_.end(), uint8_t(0));
+      owner_ = owner;
     }
-    T* dst = k_cache.data() + tile * kTileKeys * d;
-    if (!k_tile_ready[tile]) {
-      pack(dst);
-      k_tile_ready[tile] = 1;
+    T* dst = data_.data() + tile * tile_elems_;
+    if (!ready_[tile]) {
+      fill(dst);
+      ready_[tile] = 1;
     }
     return dst;
+  }
+
+ private:
+  std::vector<T> data_;
+  std::vector<uint8_t> ready_;
+  int64_t owner_ = -1;  // b * Hkv + kv head, or -1
+  int64_t tile_elems_ = 0;
+};
+
+// Per-thread buffers, sized once per call: O(tile) plus the capped tile caches, never
+// O(Lq x Lk).
+template <typename T>
+struct Scratch {
+  std::vector<T> q, kt, vt, stage, s, o, m, l;
+  std::vector<KeyRange> bounds;
+  std::vector<const void*> mask_rows;
+  std::vector<int64_t> row_pos, row_head;
+  TileCache<T> keys, values;
+
+  // cache: worth it only when several query tiles read the same keys; with one (decode) the
+  // cache would only add first-touch page faults. Half K/V are converted into `stage` (K,
+  // before packing) and `vt` (V).
+  Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, bool half_kv)
+      : q(kTileRows * d), kt(d * kTileKeys), vt(half_kv ? kTileKeys * dv : 0),
+        stage(half_kv ? kTileKeys * d : 0), s(kTileRows * kTileKeys), o(kTileRows * dv),
+        m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows),
+        row_pos(kTileRows), row_head(kTileRows) {
+    const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
+    keys.reserve(tiles, kTileKeys * d, cache);
+    values.reserve(tiles, kTileKeys * dv, cache && half_kv);
   }
 };
 
@@ -125,15 +143,15 @@ class Driver {
     const int64_t i_first = sc.row_pos[0], i_last = sc.row_pos[rows - 1];
     const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
     const size_t nb = p_.batch_shape.size();
-    const T* k = static_cast<const T*>(p_.k.data) + batch_offset(p_.batch_shape, p_.k, b) +
-                 hk * p_.k.strides[nb];
-    const T* v = static_cast<const T*>(p_.v.data) + batch_offset(p_.batch_shape, p_.v, b) +
-                 hk * p_.v.strides[nb];
+    // Element offsets of this (batch, kv head) in K and V, whatever their storage type.
+    const int64_t k_base = batch_offset(p_.batch_shape, p_.k, b) + hk * p_.k.strides[nb];
+    const int64_t v_base = batch_offset(p_.batch_shape, p_.v, b) + hk * p_.v.strides[nb];
     const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
+    const bool half_kv = p_.kv_dtype != p_.dtype;
 
     TileStep<T> step{};
     step.q = sc.q.data();
-    step.v_ld = v_ld;
+    step.v_ld = half_kv ? p_.dv : v_ld;
     step.rows = rows;
     step.d = p_.d;
     step.dv = p_.dv;
@@ -157,10 +175,22 @@ class Driver {
       if (kind == TileKind::Skip) continue;
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
       const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);
-      step.kt = sc.key_tile(owner, j0 / kTileKeys, p_.d, [&](T* dst) {
-        pack_(k + j0 * k_ld, k_ld, packed_cols, p_.d, dst);
+      step.kt = sc.keys.get(owner, j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
+        if (!half_kv) {
+          pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols, p_.d,
+                dst);
+          return;
+        }
+        convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, packed_cols, p_.d, sc.stage.data());
+        pack_(sc.stage.data(), p_.d, packed_cols, p_.d, dst);
       });
-      step.v = v + j0 * v_ld;
+      if (half_kv) {
+        step.v = sc.values.get(owner, j0 / kTileKeys, sc.vt.data(), [&](T* dst) {
+          convert_rows(p_.v.data, v_base + j0 * v_ld, v_ld, packed_cols, p_.dv, dst);
+        });
+      } else {
+        step.v = static_cast<const T*>(p_.v.data) + v_base + j0 * v_ld;
+      }
       step.cols = j1 - j0;
       step.j0 = j0;
       step.apply_bounds = kind == TileKind::Partial;
@@ -210,7 +240,7 @@ class Driver {
   void pack_rows(int64_t b, int64_t hk, int64_t r0, int64_t rows, const RowBounds& rb,
                  Scratch<T>& sc) const {
     const size_t nb = p_.batch_shape.size();
-    const T* q = static_cast<const T*>(p_.q.data) + batch_offset(p_.batch_shape, p_.q, b);
+    const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b);
     const int64_t mask_base = p_.mask.data ? batch_offset(p_.batch_shape, p_.mask, b) : 0;
     const T scale = static_cast<T>(p_.scale);
     for (int64_t r = 0; r < rows; ++r) {
@@ -219,9 +249,9 @@ class Driver {
       sc.row_pos[r] = i;
       sc.row_head[r] = h;
       sc.bounds[r] = rb.of_row(i);
-      const T* src = q + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
+      const int64_t src = q_base + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
       T* dst = sc.q.data() + r * p_.d;
-      for (int64_t e = 0; e < p_.d; ++e) dst[e] = src[e] * scale;
+      for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
       if (p_.mask.data) {
         const int64_t off = mask_base + h * p_.mask.strides[nb] + i * p_.mask.strides[nb + 1];
         const size_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
@@ -231,6 +261,17 @@ class Driver {
     }
     std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
     std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
+  }
+
+  // Rows [0, rows) of a half K or V, ld elements apart from element `first`, into dst
+  // (rows x width, contiguous) in the compute type.
+  void convert_rows(const void* base, int64_t first, int64_t ld, int64_t rows, int64_t width,
+                    T* dst) const {
+    for (int64_t j = 0; j < rows; ++j) {
+      for (int64_t e = 0; e < width; ++e) {
+        dst[j * width + e] = load_as<T>(base, p_.kv_dtype, first + j * ld + e);
+      }
+    }
   }
 
   static T row_sum(const Scratch<T>& sc, int64_t r) {
@@ -259,11 +300,16 @@ class Driver {
   // -inf.
   void finish_row(int64_t b, int64_t i, int64_t h, const T* o, T m, T l) const {
     const size_t nb = p_.batch_shape.size();
-    T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) +
-             batch_offset(p_.batch_shape, p_.out, b) + h * p_.out.strides[nb] +
-             i * p_.out.strides[nb + 1];
+    void* out = const_cast<void*>(p_.out.data);
+    const int64_t base = batch_offset(p_.batch_shape, p_.out, b) + h * p_.out.strides[nb] +
+                         i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
-    for (int64_t e = 0; e < p_.dv; ++e) out[e] = o[e] * inv;
+    if (p_.out_dtype == p_.dtype) {
+      T* dst = static_cast<T*>(out) + base;
+      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = o[e] * inv;
+    } else {
+      for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
+    }
     if (p_.lse.data) {
       T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) +
                batch_offset(p_.batch_shape, p_.lse, b);
@@ -311,7 +357,9 @@ void run(const Params& p, void (*step)(const TileStep<T>&),
   std::vector<Scratch<T>> scratch;
   scratch.reserve(threads);
   const bool cache_keys = driver.query_tiles_per_head() > 1;
-  for (int t = 0; t < threads; ++t) scratch.emplace_back(p.d, p.dv, p.lk, cache_keys);
+  for (int t = 0; t < threads; ++t) {
+    scratch.emplace_back(p.d, p.dv, p.lk, cache_keys, p.kv_dtype != p.dtype);
+  }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 
   auto run_task = [&](int64_t task, Scratch<T>& sc) {

@@ -5,7 +5,7 @@
 
 namespace cpuattn {
 
-enum class DType { F32, F64 };
+enum class DType { F32, F64, F16, BF16 };
 enum class MaskKind { None, Bool, Additive };
 // Which end the causal diagonal (and a window) is anchored to; see DESIGN §1.
 enum class Align { BottomRight = 0, TopLeft = 1 };
@@ -18,7 +18,10 @@ struct View {
 };
 
 struct Params {
-  DType dtype = DType::F32;
+  DType dtype = DType::F32;  // compute type (F32 or F64), also lse's and a float mask's
+  // Storage types: the compute type, or F16 / BF16 (computed in F32; q may be F32 with half
+  // k and v; out is q's type or F32).
+  DType q_dtype = DType::F32, kv_dtype = DType::F32, out_dtype = DType::F32;
   std::vector<int64_t> batch_shape;  // *batch, possibly empty
   int64_t hq = 0, hkv = 0, lq = 0, lk = 0, d = 0, dv = 0;
 

@@ -100,18 +100,33 @@ def test_causal_invalid(backend, causal):
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex64, np.complex128, np.bool_,
-                                   object, np.float16])
+                                   object, np.float128 if hasattr(np, "float128") else object])
 def test_unsupported_dtypes(backend, dtype):
     q, k, v = qkv()
-    raises(backend, TypeError, r"q: expected a float32 or float64 array, got dtype",
-           q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    raises(backend, TypeError, r"q: expected a float32, float64, float16 or bfloat16 array, "
+           r"got dtype", q.astype(dtype), k.astype(dtype), v.astype(dtype))
 
 
 def test_mixed_dtypes(backend):
     q, k, v = qkv()
-    raises(backend, TypeError, r"k: dtype float64 differs from q's float32", q,
-           k.astype(np.float64), v)
-    raises(backend, TypeError, r"v: dtype float64 differs", q, k, v.astype(np.float64))
+    raises(backend, TypeError, r"k: dtype float64 does not go with q's float32", q,
+           k.astype(np.float64), v.astype(np.float64))
+    raises(backend, TypeError, r"v: dtype float64 differs from k's float32", q, k,
+           v.astype(np.float64))
+    raises(backend, TypeError, r"k: dtype float32 does not go with q's float16",
+           q.astype(np.float16), k, v)
+    raises(backend, TypeError, r"k: dtype float16 does not go with q's float64",
+           q.astype(np.float64), k.astype(np.float16), v.astype(np.float16))
+
+
+def test_out_dtype_invalid(backend):
+    q, k, v = qkv()
+    raises(backend, TypeError, r"out_dtype: expected None, float16 or float32",
+           q.astype(np.float16), k.astype(np.float16), v.astype(np.float16),
+           out_dtype=np.float64)
+    raises(backend, TypeError, r"out: expected dtype float32 \(q's dtype, or out_dtype\)",
+           q.astype(np.float16), k.astype(np.float16), v.astype(np.float16),
+           out_dtype=np.float32, out=np.empty(q.shape[:-1] + (8,), np.float16))
 
 
 def test_out_invalid(backend):

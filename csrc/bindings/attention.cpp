@@ -49,25 +49,37 @@ void expect_shape(const char* name, const py::array& a, const std::vector<int64_
   if (shape_of(a) != want) fail(std::string(name) + " has the wrong shape");
 }
 
-template <typename T>
-bool is_dtype(const py::array& a) {
-  return a.dtype().is(py::dtype::of<T>());
+// The storage type of an array the kernels may read or write; anything else is a TypeError.
+// bfloat16 (ml_dtypes) has no NumPy type number of its own: known by name and size.
+cpuattn::DType dtype_of(const char* name, const py::array& a) {
+  const py::dtype dt = a.dtype();
+  if (dt.is(py::dtype::of<float>())) return cpuattn::DType::F32;
+  if (dt.is(py::dtype::of<double>())) return cpuattn::DType::F64;
+  if (dt.is(py::dtype("float16"))) return cpuattn::DType::F16;
+  if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16") return cpuattn::DType::BF16;
+  throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
 }
+
+bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn::DType::BF16; }
 
 void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                const std::optional<py::array>& lse, const std::optional<py::array>& mask,
                const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
                int64_t window_left, int64_t window_right, int num_threads) {
   cpuattn::Params p;
-  if (is_dtype<float>(q)) {
-    p.dtype = cpuattn::DType::F32;
-  } else if (is_dtype<double>(q)) {
-    p.dtype = cpuattn::DType::F64;
-  } else {
-    throw py::type_error("_core.attention: q must be float32 or float64");
+  // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
+  p.q_dtype = dtype_of("q", q);
+  p.kv_dtype = dtype_of("k", k);
+  p.out_dtype = dtype_of("out", out);
+  p.dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
+  const bool half_kv = is_half(p.kv_dtype);
+  if (dtype_of("v", v) != p.kv_dtype) throw py::type_error("_core.attention: k and v dtypes differ");
+  if (half_kv ? p.dtype != cpuattn::DType::F32 || (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
+              : p.kv_dtype != p.dtype || p.q_dtype != p.dtype) {
+    throw py::type_error("_core.attention: q, k, v dtypes do not go together");
   }
-  for (const py::array* a : {&k, &v, &out}) {
-    if (!a->dtype().is(q.dtype())) throw py::type_error("_core.attention: q, k, v, out dtypes differ");
+  if (p.out_dtype != p.dtype && p.out_dtype != p.q_dtype) {
+    throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
   }
 
   const py::ssize_t n = q.ndim();
@@ -98,17 +110,17 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.out = view_of("out", out, true, true);
 
   if (lse) {
-    if (!lse->dtype().is(q.dtype())) throw py::type_error("_core.attention: lse dtype must match q");
+    if (dtype_of("lse", *lse) != p.dtype) throw py::type_error("_core.attention: lse must have the compute dtype");
     expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
     p.lse = view_of("lse", *lse, false, true);
   }
   if (mask) {
     if (mask->dtype().is(py::dtype::of<bool>())) {
       p.mask_kind = cpuattn::MaskKind::Bool;
-    } else if (mask->dtype().is(q.dtype())) {
+    } else if (dtype_of("mask", *mask) == p.dtype) {
       p.mask_kind = cpuattn::MaskKind::Additive;
     } else {
-      throw py::type_error("_core.attention: mask must be bool or q's dtype");
+      throw py::type_error("_core.attention: mask must be bool or the compute dtype");
     }
     expect_shape("mask", *mask, with_batch({p.hq, p.lq, p.lk}));
     p.mask = view_of("mask", *mask, false, false);

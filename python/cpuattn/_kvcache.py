@@ -6,9 +6,14 @@ from typing import Optional
 
 import numpy as np
 
+from ._request import SUPPORTED_DTYPES
+
 
 class KVCache:
     """Keys and values of ``max_len`` positions for ``batch`` sequences, filled as decoding goes.
+
+    A float16 / bfloat16 cache halves the bytes each decode step reads; queries may stay
+    float32 (``attention`` takes float32 q with half k and v).
 
     ``k`` is ``(batch, num_kv_heads, max_len, head_dim)`` and ``v`` the same with ``value_dim``,
     allocated once; ``lengths`` (int64, ``(batch,)``) counts the valid positions of each
@@ -29,8 +34,9 @@ class KVCache:
                 raise ValueError(f"KVCache: {name} must be a non-negative int, got {n!r}")
         value_dim = head_dim if value_dim is None else value_dim
         dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"KVCache: dtype must be float32 or float64, got {dtype}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"KVCache: dtype must be float32, float64, float16 or bfloat16, "
+                            f"got {dtype}")
         self.k = np.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
         self.v = np.zeros((batch, num_kv_heads, max_len, value_dim), dtype)
         self.lengths = np.zeros(batch, np.int64)

@@ -35,7 +35,7 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
 
     out = req.out
     if out is None or not _is_kernel_ready(out, unit_last=True):
-        out = np.empty(req.out_shape, req.dtype)
+        out = np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     left, right = req.window
     _core.attention(q, k, v, out, lse, mask, req.kv_lengths, req.scale, req.causal,

@@ -27,7 +27,7 @@ _LOG_TINY = {np.dtype(t): t(np.log(np.finfo(t).tiny)) for t in (np.float32, np.f
 
 
 def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    out = req.out if req.out is not None else np.empty(req.out_shape, req.dtype)
+    out = req.out if req.out is not None else np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     g = req.group
     # NaN / inf in the inputs reach only the rows that give their key a weight, silently (as in
@@ -72,7 +72,7 @@ def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
 
 
 def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: int):
-    q = req.q[b][heads, rows] * req.scale  # (group, r, D)
+    q = req.q[b][heads, rows].astype(req.dtype, copy=False) * req.scale  # (group, r, D)
     positions = np.arange(rows.start, rows.stop)
     lo, hi = key_bounds(req, positions, n_keys)
 
@@ -85,8 +85,8 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
     for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
         j1 = min(j0 + BLOCK_K, int(hi[-1]))
-        k = req.k[b][hk, j0:j1]
-        v = req.v[b][hk, j0:j1]
+        k = req.k[b][hk, j0:j1].astype(req.dtype, copy=False)  # half: upcast per block
+        v = req.v[b][hk, j0:j1].astype(req.dtype, copy=False)
         s = q @ k.T  # (group, r, c)
 
         keys = np.arange(j0, j1)

@@ -11,9 +11,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import ml_dtypes
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
+HALF_DTYPES = (F16, BF16)
+SUPPORTED_DTYPES = (F32, F64, F16, BF16)
 CAUSAL_MODES = ("bottom_right", "top_left")
 
 
@@ -35,7 +39,8 @@ class Request:
     lk: int
     d: int
     dv: int
-    dtype: np.dtype
+    dtype: np.dtype  # compute dtype: float64 for float64 inputs, else float32; also lse's
+    out_dtype: np.dtype  # q's dtype, or float32 (out_dtype=) for half inputs
     mask: Optional[np.ndarray]  # None, or bool / dtype view broadcast to (*batch, Hq, Lq, Lk)
     causal: bool
     align: str  # "bottom_right" or "top_left": anchors causal and window
@@ -73,15 +78,12 @@ class Request:
 
 
 def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
-                  kv_lengths=None, return_lse=False, out=None, num_threads=None) -> Request:
+                  kv_lengths=None, return_lse=False, out=None, num_threads=None,
+                  out_dtype=None) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
     v = _as_float_array("v", v)
-    dtype = q.dtype
-    for name, arr in (("k", k), ("v", v)):
-        if arr.dtype != dtype:
-            raise TypeError(f"{name}: dtype {arr.dtype} differs from q's {dtype}; "
-                            "q, k and v must share one dtype")
+    dtype, out_dtype = _dtypes(q.dtype, k.dtype, v.dtype, out_dtype)
 
     if q.ndim < 2:
         raise ValueError(f"q: expected (*batch, Hq, Lq, D) or (Lq, D), got shape {q.shape}")
@@ -116,14 +118,14 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
     causal_flag, align = _causal_mode(causal)
     return Request(
         q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dv=dv,
-        dtype=dtype,
+        dtype=dtype, out_dtype=out_dtype,
         mask=_mask(mask, full_mask_shape, dtype, squeeze_head),
         causal=causal_flag, align=align,
         window=_window(window),
         kv_lengths=_kv_lengths(kv_lengths, batch_shape, lk),
         scale=_scale(scale, d),
         return_lse=bool(return_lse),
-        out=_out(out, (*batch_shape, hq, lq, dv), dtype, squeeze_head),
+        out=_out(out, (*batch_shape, hq, lq, dv), out_dtype, squeeze_head),
         user_out=out,
         num_threads=_num_threads(num_threads),
         squeeze_head=squeeze_head,
@@ -133,8 +135,27 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
 def _as_float_array(name: str, x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
+        raise TypeError(f"{name}: expected a float32, float64, float16 or bfloat16 array, "
+                        f"got dtype {arr.dtype}")
     return arr
+
+
+def _dtypes(q, k, v, out_dtype) -> Tuple[np.dtype, np.dtype]:
+    """(compute dtype, output dtype). k and v share a dtype; q has it too, or is float32 with
+    half k/v (a half KV cache). Half inputs compute in float32."""
+    if v != k:
+        raise TypeError(f"v: dtype {v} differs from k's {k}; k and v must share one dtype")
+    if q != k and not (q == F32 and k in HALF_DTYPES):
+        raise TypeError(f"k: dtype {k} does not go with q's {q}: q, k and v share one dtype, "
+                        "except float32 q with float16/bfloat16 k and v")
+    compute = F64 if q == F64 else F32
+    if out_dtype is None:
+        return compute, q
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (q, compute):
+        raise TypeError(f"out_dtype: expected None, {q} or {compute} for {q} inputs, "
+                        f"got {out_dtype}")
+    return compute, out_dtype
 
 
 def _causal_mode(causal) -> Tuple[bool, str]:
@@ -177,7 +198,7 @@ def _mask(mask, full_shape, dtype, squeeze_head) -> Optional[np.ndarray]:
     mask = np.asarray(mask)
     if mask.dtype == np.bool_:
         pass
-    elif mask.dtype.kind == "f":
+    elif mask.dtype.kind == "f" or mask.dtype == BF16:
         mask = mask.astype(dtype, copy=False)  # copies only the mask as given, before broadcast
     else:
         raise TypeError(f"mask: expected bool (True = attend) or a floating additive mask, "
@@ -215,7 +236,8 @@ def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:
         raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
     user_shape = shape[1:] if squeeze_head else shape
     if out.dtype != dtype:
-        raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
+        raise TypeError(f"out: expected dtype {dtype} (q's dtype, or out_dtype), "
+                        f"got {out.dtype}")
     if out.shape != user_shape:
         raise ValueError(f"out: expected shape (*batch, Hq, Lq, Dv) = {user_shape}, "
                          f"got {out.shape}")
