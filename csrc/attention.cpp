@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -99,8 +100,10 @@ template <typename T>
 class Driver {
  public:
   using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
-  Driver(const Params& p, void (*step)(const TileStep<T>&), Pack pack)
-      : p_(p), step_(step), pack_(pack) {
+  using Convert = void (*)(const uint16_t*, int64_t, int64_t, int64_t, float*);
+  // convert: the ISA's half -> float row conversion for p.kv_dtype (float compute only).
+  Driver(const Params& p, void (*step)(const TileStep<T>&), Pack pack, Convert convert)
+      : p_(p), step_(step), pack_(pack), convert_(convert) {
     batch_ = 1;
     for (int64_t n : p.batch_shape) batch_ *= n;
     group_ = p.hq / p.hkv;
@@ -267,9 +270,13 @@ class Driver {
   // (rows x width, contiguous) in the compute type.
   void convert_rows(const void* base, int64_t first, int64_t ld, int64_t rows, int64_t width,
                     T* dst) const {
-    for (int64_t j = 0; j < rows; ++j) {
-      for (int64_t e = 0; e < width; ++e) {
-        dst[j * width + e] = load_as<T>(base, p_.kv_dtype, first + j * ld + e);
+    if constexpr (std::is_same_v<T, float>) {
+      convert_(static_cast<const uint16_t*>(base) + first, ld, rows, width, dst);
+    } else {  // half storage only ever comes with float compute (the binding checks)
+      for (int64_t j = 0; j < rows; ++j) {
+        for (int64_t e = 0; e < width; ++e) {
+          dst[j * width + e] = load_as<T>(base, p_.kv_dtype, first + j * ld + e);
+        }
       }
     }
   }
@@ -321,6 +328,7 @@ class Driver {
   const Params& p_;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
+  Convert convert_;
   int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0;
 };
 
@@ -333,10 +341,11 @@ int64_t key_chunks(int64_t items, int64_t lk) {
 }
 
 template <typename T>
-void run(const Params& p, void (*step)(const TileStep<T>&),
+void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<T>&),
          void (*pack)(const T*, int64_t, int64_t, int64_t, T*)) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
-  const Driver<T> driver(p, step, pack);
+  const Driver<T> driver(p, step, pack,
+                         p.kv_dtype == DType::BF16 ? kernels.convert_bf16 : kernels.convert_f16);
   const int64_t items = driver.work_items();
   if (items == 0) return;
 
@@ -398,9 +407,9 @@ void run(const Params& p, void (*step)(const TileStep<T>&),
 void attention(const Params& p) {
   const KernelSet& kernels = active_kernels();
   if (p.dtype == DType::F32) {
-    run<float>(p, kernels.step_f32, kernels.pack_f32);
+    run<float>(p, kernels, kernels.step_f32, kernels.pack_f32);
   } else {
-    run<double>(p, kernels.step_f64, kernels.pack_f64);
+    run<double>(p, kernels, kernels.step_f64, kernels.pack_f64);
   }
 }
 

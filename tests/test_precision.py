@@ -90,3 +90,18 @@ def test_kv_cache_in_half(rng):
     q = rng.standard_normal((1, 4, 5, 16)).astype(np.float32)
     out = cpuattn.attention(q, cache.k, cache.v, kv_lengths=cache.lengths, causal=True)
     assert_matches(out, dense_attention(q, k, v, causal=True)[0], np.float32)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_every_half_value_converts_exactly(attention, dtype):
+    """One key of weight 1: out is V itself, so all 65 536 bit patterns (subnormals, +-inf,
+    NaN) must come out as NumPy / ml_dtypes convert them to float32 (the sign of a zero or
+    NaN is not kept: the sum starts at +0)."""
+    v = np.arange(2**16, dtype=np.uint16).view(dtype).reshape(1, 1, 2**16)
+    q = np.ones((1, 1, 4), dtype)
+    k = np.ones((1, 1, 4), dtype)
+    out = attention(q, k, v, out_dtype=np.float32)
+    expected = v.astype(np.float32)
+    assert np.array_equal(out, expected, equal_nan=True)
+    signed = (expected != 0) & ~np.isnan(expected)
+    assert np.array_equal(np.signbit(out[signed]), np.signbit(expected[signed]))

@@ -40,6 +40,9 @@ struct KernelSet {
   // K rows [0, cols), ld elements apart, -> d x kTileKeys transposed tile, zero past cols.
   void (*pack_f32)(const float* k, int64_t ld, int64_t cols, int64_t d, float* kt);
   void (*pack_f64)(const double* k, int64_t ld, int64_t cols, int64_t d, double* kt);
+  // float16 / bfloat16 rows (ld elements apart) -> rows x width floats, contiguous.
+  void (*convert_f16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
+  void (*convert_bf16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);

@@ -349,6 +349,37 @@ void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
   }
 }
 
+// Half K or V rows -> float rows, dst[j * width + e] = src[j * ld + e]. Branch-free per element
+// so the compiler vectorizes it for this ISA (the same values as convert.h's scalar helpers).
+inline void convert_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t width,
+                              float* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint16_t* s = src + j * ld;
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst + j * width);
+    for (int64_t e = 0; e < width; ++e) d[e] = uint32_t(s[e]) << 16;
+  }
+}
+
+inline void convert_f16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t width,
+                             float* dst) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint16_t* s = src + j * ld;
+    float* d = dst + j * width;
+    for (int64_t e = 0; e < width; ++e) {
+      const uint32_t h = s[e], magnitude = (h & 0x7fffu) << 13;
+      // Finite: the half's bits in float position, rebiased by 2^112 (exact, subnormals too);
+      // inf / NaN: the float exponent all ones.
+      float f;
+      if (magnitude >= (0x7c00u << 13)) {
+        f = __builtin_bit_cast(float, magnitude | 0x7f800000u);
+      } else {
+        f = __builtin_bit_cast(float, magnitude) * 0x1p112f;
+      }
+      d[e] = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, f) | ((h & 0x8000u) << 16));
+    }
+  }
+}
+
 // The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {
