@@ -79,7 +79,8 @@ struct Scratch {
   std::vector<T> q, kt, vt, stage, s, o, m, l;
   std::vector<KeyRange> bounds;
   std::vector<const void*> mask_rows;
-  std::vector<int64_t> row_pos, row_head;
+  std::vector<int64_t> row_pos, row_head, diag;
+  std::vector<T> slopes;
   TileCache<T> keys, values;
 
   // cache: worth it only when several query tiles read the same keys; with one (decode) the
@@ -89,7 +90,7 @@ struct Scratch {
       : q(kTileRows * d), kt(d * kTileKeys), vt(half_kv ? kTileKeys * dv : 0),
         stage(half_kv ? kTileKeys * d : 0), s(kTileRows * kTileKeys), o(kTileRows * dv),
         m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows),
-        row_pos(kTileRows), row_head(kTileRows) {
+        row_pos(kTileRows), row_head(kTileRows), diag(kTileRows), slopes(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     keys.reserve(tiles, kTileKeys * d, cache);
     values.reserve(tiles, kTileKeys * dv, cache && half_kv);
@@ -166,6 +167,9 @@ class Driver {
     step.mask_kind = p_.mask_kind;
     step.mask_rows = sc.mask_rows.data();
     step.mask_col_stride = p_.mask.data ? p_.mask.strides[nb + 2] : 0;
+    step.softcap = static_cast<T>(p_.softcap);
+    step.slopes = p_.alibi.data ? sc.slopes.data() : nullptr;
+    step.diag = sc.diag.data();
 
     // Key tiles start at multiples of kTileKeys so packed tiles can be shared by query tiles;
     // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
@@ -252,6 +256,11 @@ class Driver {
       sc.row_pos[r] = i;
       sc.row_head[r] = h;
       sc.bounds[r] = rb.of_row(i);
+      sc.diag[r] = i + rb.offset;
+      if (p_.alibi.data) {
+        sc.slopes[r] = static_cast<const T*>(p_.alibi.data)[batch_offset(p_.batch_shape, p_.alibi, b) +
+                                                            h * p_.alibi.strides[nb]];
+      }
       const int64_t src = q_base + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
       T* dst = sc.q.data() + r * p_.d;
       for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;

@@ -37,6 +37,8 @@ struct Params {
   Align align = Align::BottomRight;
   int64_t window_left = -1, window_right = -1;  // -1 = unbounded on that side
   int num_threads = 0;                          // 0 = OpenMP default
+  double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)
+  View alibi;             // (*batch, Hq) slopes in the compute type, or data == nullptr
 };
 
 // Computes the attention described by `p` into p.out (and p.lse). Thread-safe, no GIL needed.

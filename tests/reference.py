@@ -8,7 +8,7 @@ import numpy as np
 
 
 def dense_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
-                    kv_lengths=None):
+                    kv_lengths=None, softcap=None, alibi_slopes=None):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     squeeze = q.ndim == 2
     if squeeze:
@@ -28,6 +28,11 @@ def dense_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None
     i = np.arange(lq)[:, None]
     j = np.arange(lk)[None, :]
     off = 0 if causal == "top_left" else n_keys - lq
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), (*batch, hq))
+        s = s - slopes[..., None, None] * np.abs(i + off - j)
     keep = np.broadcast_to(j < n_keys, (*batch, hq, lq, lk))
     if causal:
         keep = keep & (j <= i + off)

@@ -184,7 +184,7 @@ def test_core_rejects_unvalidated_arguments():
 
     q, k, v = qkv()
     out = np.empty((2, 4, 5, 8), F32)
-    args = (None, None, None, 1.0, False, 0, -1, -1, 0)
+    args = (None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None)
     with pytest.raises(ValueError, match="kv_lengths values must lie in"):
         _core.attention(q, k, v, out, None, None, np.array([9, 1]), *args[3:])
     with pytest.raises(ValueError, match="unit-stride"):
@@ -194,8 +194,14 @@ def test_core_rejects_unvalidated_arguments():
         _core.attention(q, k, v, out, *args)
     with pytest.raises(ValueError, match="wrong shape"):
         _core.attention(q, k, v[:, :, :3], np.empty((2, 4, 5, 8), F32), *args)
-    with pytest.raises(TypeError, match="dtypes differ"):
+    with pytest.raises(TypeError, match="k and v dtypes differ"):
         _core.attention(q, k.astype(np.float64), v, np.empty((2, 4, 5, 8), F32), *args)
+    with pytest.raises(TypeError, match="do not go together"):
+        _core.attention(q, k.astype(np.float64), v.astype(np.float64), out, *args)
+    with pytest.raises(ValueError, match="softcap must be"):
+        _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-2], -1.0, None)
+    with pytest.raises(ValueError, match="alibi has the wrong shape"):
+        _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-1], np.ones(3, F32))
     with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
         q3, k3, v3 = qkv(hq=3, hkv=2)
         _core.attention(q3, k3, v3, np.empty((2, 3, 5, 8), F32), *args)

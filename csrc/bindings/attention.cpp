@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional arguments
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -65,7 +66,8 @@ bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn
 void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                const std::optional<py::array>& lse, const std::optional<py::array>& mask,
                const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
-               int64_t window_left, int64_t window_right, int num_threads) {
+               int64_t window_left, int64_t window_right, int num_threads, double softcap,
+               const std::optional<py::array>& alibi) {
   cpuattn::Params p;
   // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
   p.q_dtype = dtype_of("q", q);
@@ -141,6 +143,15 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
   if (num_threads < 0) fail("num_threads must be >= 0");
 
+  if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
+  p.softcap = softcap;
+  if (alibi) {
+    if (dtype_of("alibi", *alibi) != p.dtype) throw py::type_error("_core.attention: alibi must have the compute dtype");
+    std::vector<int64_t> want(p.batch_shape);
+    want.push_back(p.hq);
+    expect_shape("alibi", *alibi, want);
+    p.alibi = view_of("alibi", *alibi, false, false);
+  }
   p.scale = scale;
   p.causal = causal;
   p.align = static_cast<cpuattn::Align>(align);
@@ -160,7 +171,7 @@ void register_attention(py::module_& m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"),
         py::arg("causal"), py::arg("align"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("num_threads"),
+        py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
 }

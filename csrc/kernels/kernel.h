@@ -26,6 +26,9 @@ struct TileStep {
   T* l;             // running row sum of exp(s - m), as kSumSlots partial sums per row
 
   int64_t j0;                  // index of the tile's first key
+  T softcap;                   // > 0: s -> softcap * tanh(s / softcap), before the mask
+  const T* slopes;             // per row ALiBi slope, or nullptr: s -= slope * |diag - j|
+  const int64_t* diag;         // per row: i + off, the key on the row's diagonal
   const KeyRange* bounds;      // per row, used only when apply_bounds
   bool apply_bounds;           // false for Full tiles: no per-element checks
   MaskKind mask_kind;

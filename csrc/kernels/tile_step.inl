@@ -57,6 +57,35 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
+// Score modifiers on rows [r0, r1), before the mask: softcap (tanh = 1 - 2 / (exp(2x) + 1),
+// right at both infinities), then ALiBi's linear distance penalty, computed per key.
+template <typename T>
+inline void modify_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  V lane;
+  for (int i = 0; i < L; ++i) lane[i] = T(i);
+  for (int64_t r = r0; r < r1; ++r) {
+    T* sr = a.s + r * W;
+    if (a.softcap > 0) {
+      const V cap = S::splat(a.softcap), two_over_cap = S::splat(T(2) / a.softcap);
+      for (int64_t c = 0; c < W; c += L) {
+        const V e = fast_exp_vec<T>(S::load(sr + c) * two_over_cap);
+        S::store(sr + c, cap - (cap + cap) / (e + T(1)));
+      }
+    }
+    if (a.slopes) {
+      const V slope = S::splat(a.slopes[r]);
+      const V from_diag = S::splat(T(a.diag[r] - a.j0));
+      for (int64_t c = 0; c < W; c += L) {
+        const V dist = from_diag - (lane + T(c));
+        S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
+      }
+    }
+  }
+}
+
 template <typename T>
 inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -286,6 +315,7 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
 template <typename T, int RB>
 inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
   score_rows<T, RB>(a, r0);
+  if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (softmax_rows(a, r0, r0 + RB)) {
     if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite(a);  // checked once a tile

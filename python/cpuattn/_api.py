@@ -15,7 +15,8 @@ BACKENDS = ("auto", "native", "numpy")
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_lengths=None,
-              return_lse=False, out=None, num_threads=None, backend="auto", out_dtype=None
+              return_lse=False, out=None, num_threads=None, backend="auto", out_dtype=None,
+              softcap=None, alibi_slopes=None
               ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
@@ -74,6 +75,13 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
     out_dtype : dtype, optional
         The output's dtype: q's by default; ``np.float32`` for half inputs keeps the float32
         result unrounded.
+    softcap : float, optional
+        Gemma-2 / flash-attn logit soft-capping: each scaled score ``s`` becomes
+        ``softcap * tanh(s / softcap)`` before the mask is added.
+    alibi_slopes : array of shape ``(Hq,)`` or ``(*batch, Hq)``, optional
+        ALiBi (Press et al. 2022): ``s -= slope[h] * |i + off - j|``, ``off`` as for causal
+        (bottom-right unless ``causal="top_left"``), after softcap. Computed on the fly: no
+        ``Lq x Lk`` bias is ever built.
 
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
@@ -104,7 +112,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     req = build_request(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                         kv_lengths=kv_lengths, return_lse=return_lse, out=out,
-                        num_threads=num_threads, out_dtype=out_dtype)
+                        num_threads=num_threads, out_dtype=out_dtype, softcap=softcap,
+                        alibi_slopes=alibi_slopes)
     run = _pick_backend(backend)
     if req.out is not None and _overlaps(req.out, req.q, req.k, req.v, req.mask):
         # Writing in place would clobber inputs still to be read: compute aside, then copy.

@@ -88,8 +88,9 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
         k = req.k[b][hk, j0:j1].astype(req.dtype, copy=False)  # half: upcast per block
         v = req.v[b][hk, j0:j1].astype(req.dtype, copy=False)
         s = q @ k.T  # (group, r, c)
-
         keys = np.arange(j0, j1)
+        s = _score_mods(req, s, b, heads, positions, keys, n_keys)
+
         keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
         if req.mask is not None:
             mask = req.mask[b][heads, rows, j0:j1]
@@ -114,6 +115,17 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     empty = l == 0
     safe_l = np.where(empty, 1, l)
     return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+
+
+def _score_mods(req: Request, s, b, heads: slice, positions, keys, n_keys: int):
+    """Softcap, then ALiBi, on the scaled scores of one block (before any mask)."""
+    if req.softcap:
+        s = req.softcap * np.tanh(s / req.softcap)
+    if req.alibi is not None:
+        diag = positions + (n_keys - req.lq if req.align == "bottom_right" else 0)
+        distance = np.abs(diag[:, None] - keys[None, :]).astype(req.dtype)  # (r, c)
+        s = s - req.alibi[b][heads][:, None, None] * distance
+    return s
 
 
 def _exp(x: np.ndarray, log_tiny: float) -> np.ndarray:

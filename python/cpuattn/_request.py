@@ -52,6 +52,8 @@ class Request:
     user_out: Optional[np.ndarray]  # the caller's out itself, returned as given
     num_threads: Optional[int]
     squeeze_head: bool
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap); 0 = off
+    alibi: Optional[np.ndarray] = None  # (*batch, Hq) slopes in the compute dtype, C-order
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -79,7 +81,7 @@ class Request:
 
 def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
                   kv_lengths=None, return_lse=False, out=None, num_threads=None,
-                  out_dtype=None) -> Request:
+                  out_dtype=None, softcap=None, alibi_slopes=None) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
     v = _as_float_array("v", v)
@@ -129,6 +131,8 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
         user_out=out,
         num_threads=_num_threads(num_threads),
         squeeze_head=squeeze_head,
+        softcap=_softcap(softcap),
+        alibi=_alibi(alibi_slopes, batch_shape, hq, dtype, squeeze_head),
     )
 
 
@@ -244,6 +248,32 @@ def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:
     if not out.flags.writeable:
         raise ValueError("out: array is read-only")
     return out[None] if squeeze_head else out
+
+
+def _softcap(softcap) -> float:
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive finite number or None, got {softcap}")
+    return float(softcap)
+
+
+def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> Optional[np.ndarray]:
+    if slopes is None:
+        return None
+    slopes = np.asarray(slopes)
+    if slopes.dtype.kind not in "fiu" and slopes.dtype != BF16:
+        raise TypeError(f"alibi_slopes: expected real numbers, got dtype {slopes.dtype}")
+    expected = "(Hq,)" if squeeze_head else "(Hq,) or (*batch, Hq)"
+    shape = (hq,) if squeeze_head else (*batch_shape, hq)
+    if slopes.shape not in ((hq,), shape):
+        raise ValueError(f"alibi_slopes: expected shape {expected} = {shape}, got {slopes.shape}")
+    slopes = np.ascontiguousarray(np.broadcast_to(slopes, (*batch_shape, hq)), dtype=dtype)
+    if not np.isfinite(slopes).all():
+        raise ValueError("alibi_slopes: expected finite values")
+    return slopes
 
 
 def _num_threads(num_threads) -> Optional[int]:
