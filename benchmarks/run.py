@@ -18,6 +18,8 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from cpuattn import _bench, attention, info
 
 Case = _bench.Case
@@ -33,6 +35,10 @@ FULL = [
     Case("decode GQA", 1, 32, 8, 1, 16384, 128),
     Case("decode Lq=4 causal", 1, 32, 8, 4, 16384, 128, causal=True),
     Case("decode MQA", 1, 32, 1, 1, 16384, 128),
+    # Variants: softcap and ALiBi (issue 7 target: <= 1.15x the plain L=4096 row's time).
+    Case("softcap 30 L=4096", 1, 8, 8, 4096, 4096, 64, options={"softcap": 30.0}),
+    Case("ALiBi L=4096", 1, 8, 8, 4096, 4096, 64,
+         options={"alibi_slopes": tuple(2.0 ** -np.arange(1, 9))}),
     # A padded cache: baselines have no per-batch lengths, so only cpuattn is timed.
     Case("decode B=8 mixed lengths", 8, 32, 8, 1, 4096, 128,
          options={"kv_lengths": (512, 4096, 1024, 3000, 77, 4096, 2048, 100)}),
@@ -48,7 +54,7 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
     row = {"case": case.name, "q": list(q.shape), "kv": list(k.shape), "causal": case.causal,
            "window": case.window, "gflop": case.flops() / 1e9, "max_rel_err": err, "ms": {}}
     row["ms"]["cpuattn"] = 1e3 * _bench.median_seconds(lambda: attention(q, k, v, **kw), repeats)
-    if case.options:  # options the baselines lack (kv_lengths): cpuattn only
+    if case.options:  # options the baselines lack (kv_lengths, softcap, ALiBi): cpuattn only
         return finish_row(row, case, peak)
     if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
         row["ms"]["numpy naive"] = 1e3 * _bench.median_seconds(
