@@ -94,3 +94,12 @@ def random_qkv(rng, batch, hq, hkv, lq, lk, d, dv=None, dtype=np.float32):
     k = rng.standard_normal((*batch, hkv, lk, d)).astype(dtype)
     v = rng.standard_normal((*batch, hkv, lk, dv)).astype(dtype)
     return q, k, v
+
+
+def check(attention, q, k, v, dtype=np.float32, **kw):
+    """attention(...) (with lse) against dense_attention: out and lse within tolerance."""
+    out, lse = attention(q, k, v, return_lse=True, **kw)
+    ref_out, ref_lse = dense_attention(q, k, v, **kw)
+    assert_matches(out, ref_out, dtype)
+    assert_matches(lse, ref_lse, dtype, "lse")
+    return out, lse

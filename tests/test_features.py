@@ -2,19 +2,11 @@
 
 import numpy as np
 import pytest
-from reference import assert_matches, dense_attention, random_qkv
+from reference import assert_matches, check, dense_attention, random_qkv
 
 import cpuattn
 
 F32 = np.float32
-
-
-def check(attention, q, k, v, dtype=F32, **kw):
-    out, lse = attention(q, k, v, return_lse=True, **kw)
-    ref_out, ref_lse = dense_attention(q, k, v, **kw)
-    assert_matches(out, ref_out, dtype)
-    assert_matches(lse, ref_lse, dtype, "lse")
-    return out, lse
 
 
 @pytest.mark.parametrize("causal", [False, True, "bottom_right", "top_left"], ids=str)

@@ -2,17 +2,9 @@
 
 import numpy as np
 import pytest
-from reference import assert_matches, dense_attention, random_qkv
+from reference import assert_matches, check, random_qkv
 
 F32 = np.float32
-
-
-def check(attention, q, k, v, dtype=F32, **kw):
-    out, lse = attention(q, k, v, return_lse=True, **kw)
-    ref_out, ref_lse = dense_attention(q, k, v, **kw)
-    assert_matches(out, ref_out, dtype)
-    assert_matches(lse, ref_lse, dtype, "lse")
-
 
 OPTIONS = [{}, {"causal": True}, {"causal": "top_left"}, {"window": (20, 3), "causal": True},
            {"kv_lengths": np.array([150, 61])}, {"mask": "bool"}, {"mask": "float"}]
