@@ -20,6 +20,11 @@ inline F32x16 scalef(F32x16 p, F32x16 n) {
 inline F64x8 scalef(F64x8 p, F64x8 n) {
   return (F64x8)_mm512_mask_scalef_pd((__m512d)p, __mmask8(0xFF), (__m512d)p, (__m512d)n);
 }
+// 1 / x to float precision: 14-bit estimate + one Newton step (vdivps costs ~4x more).
+inline F32x16 reciprocal(F32x16 x) {
+  const F32x16 r = (F32x16)_mm512_mask_rcp14_ps((__m512)x, __mmask16(0xFFFF), (__m512)x);
+  return r * (2.0f - x * r);
+}
 #else
 constexpr bool kHaveScalef = false;
 template <typename V>

@@ -63,3 +63,11 @@ def test_invalid(attention, rng, kw, exc, match):
     q, k, v = random_qkv(rng, (2,), 4, 2, 5, 7, 8)
     with pytest.raises(exc, match=match):
         attention(q, k, v, **kw)
+
+
+def test_nan_score_stays_nan_through_softcap_and_alibi(attention, rng):
+    q, k, v = random_qkv(rng, (), 2, 1, 6, 20, 8)
+    k[0, 4] = np.nan  # every row keeps key 4
+    for kw in ({"softcap": 5.0}, {"alibi_slopes": np.ones(2)}):
+        out = attention(q, k, v, **kw)
+        assert np.isnan(out).all()

@@ -57,6 +57,16 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
+// 1 / x for finite x >= 1: AVX-512 float has a fast estimate refined to full precision;
+// elsewhere divide.
+template <typename V>
+inline V inverse(V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(x[0]) == 4) return reciprocal(x);
+#endif
+  return 1 / x;
+}
+
 // Score modifiers on rows [r0, r1), before the mask: softcap (tanh = 1 - 2 / (exp(2x) + 1),
 // right at both infinities), then ALiBi's linear distance penalty, computed per key.
 template <typename T>
@@ -70,9 +80,11 @@ inline void modify_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1)
     T* sr = a.s + r * W;
     if (a.softcap > 0) {
       const V cap = S::splat(a.softcap), two_over_cap = S::splat(T(2) / a.softcap);
+      const V top = S::splat(T(80));  // tanh(40) is 1 in float: keeps exp finite for inverse
       for (int64_t c = 0; c < W; c += L) {
-        const V e = fast_exp_vec<T>(S::load(sr + c) * two_over_cap);
-        S::store(sr + c, cap - (cap + cap) / (e + T(1)));
+        const V x = S::load(sr + c) * two_over_cap;
+        const V e = fast_exp_vec<T>(x > top ? top : x);  // NaN passes through (x > top false)
+        S::store(sr + c, cap - (cap + cap) * inverse(e + T(1)));
       }
     }
     if (a.slopes) {
