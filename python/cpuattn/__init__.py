@@ -7,6 +7,8 @@
 from ._api import attention, info, merge
 from ._kvcache import KVCache
 from ._mha import MultiHeadAttention
+from ._varlen import attention_varlen
 from ._version import __version__
 
-__all__ = ["KVCache", "MultiHeadAttention", "__version__", "attention", "info", "merge"]
+__all__ = ["KVCache", "MultiHeadAttention", "__version__", "attention", "attention_varlen",
+           "info", "merge"]

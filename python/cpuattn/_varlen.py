@@ -1,0 +1,86 @@
+"""Packed variable-length batches (flash-attn's ``varlen`` convention) on top of ``attention``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ._api import attention
+from ._request import build_request
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None,
+                     scale=None, softcap=None, alibi_slopes=None, return_lse=False,
+                     num_threads: Optional[int] = None, backend="auto"):
+    """Attention over B sequences packed end to end, with no padding anywhere.
+
+    Sequence ``b`` is ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` against
+    ``k/v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]``; causal and window are aligned per sequence
+    as in :func:`attention` (bottom-right unless ``causal="top_left"``).
+
+    Parameters
+    ----------
+    q : ``(total_q, Hq, D)``; k : ``(total_k, Hkv, D)``; v : ``(total_k, Hkv, Dv)``, dtypes
+        as for :func:`attention`, any strides.
+    cu_seqlens_q, cu_seqlens_k : int arrays of length ``B + 1``: start at 0, non-decreasing,
+        end at ``total_q`` / ``total_k``.
+    alibi_slopes : ``(Hq,)`` or ``(B, Hq)``, optional. Other options as for :func:`attention`.
+
+    Returns
+    -------
+    out ``(total_q, Hq, Dv)``, or ``(out, lse)`` with lse ``(Hq, total_q)`` (flash-attn's
+    layout) with ``return_lse=True``.
+
+    Each sequence runs as one native call (threads over its heads and query tiles); sequences
+    themselves run one after another, so very many very short sequences pay per-call overhead.
+    """
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected (total, H, D) for varlen, got shape {x.shape}")
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q "
+                         f"(B + 1), got {len(cu_k)}")
+    batch = len(cu_q) - 1
+    hq = q.shape[1]
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes)
+        if slopes.shape not in ((hq,), (batch, hq)):
+            raise ValueError(f"alibi_slopes: expected shape (Hq,) = ({hq},) or (B, Hq) = "
+                             f"({batch}, {hq}), got {slopes.shape}")
+        slopes = np.broadcast_to(slopes, (batch, hq))
+
+    # Validates dtypes, heads and head dims once, on the packed arrays seen as one sequence.
+    req = build_request(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), scale=scale,
+                        causal=causal, window=window, softcap=softcap,
+                        num_threads=num_threads)
+    out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
+    lse = np.empty((hq, q.shape[0]), req.dtype) if return_lse else None
+    for b in range(batch):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        result = attention(q[qs:qe].swapaxes(0, 1), k[ks:ke].swapaxes(0, 1),
+                           v[ks:ke].swapaxes(0, 1), causal=causal, window=window, scale=scale,
+                           softcap=softcap,
+                           alibi_slopes=None if slopes is None else slopes[b],
+                           return_lse=return_lse, out=out[qs:qe].swapaxes(0, 1),
+                           num_threads=num_threads, backend=backend)
+        if return_lse:
+            lse[:, qs:qe] = result[1]
+    return (out, lse) if return_lse else out
+
+
+def _cu_seqlens(name: str, cu, total: int) -> np.ndarray:
+    cu = np.asarray(cu)
+    if cu.dtype.kind not in "iu" or cu.ndim != 1:
+        raise TypeError(f"{name}: expected a 1-D integer array (B + 1 offsets), "
+                        f"got dtype {cu.dtype}, shape {cu.shape}")
+    if cu.size < 1 or cu[0] != 0 or cu[-1] != total:
+        raise ValueError(f"{name}: expected offsets starting at 0 and ending at {total} "
+                         f"(the packed length), got {cu.tolist()[:8]}")
+    if np.any(np.diff(cu) < 0):
+        raise ValueError(f"{name}: offsets must be non-decreasing")
+    return [int(x) for x in cu]
