@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _native, _numpy
 from ._request import build_request
+from ._weights import attention_weights
 from ._version import __version__
 
 BACKENDS = ("auto", "native", "numpy")
@@ -16,8 +17,8 @@ BACKENDS = ("auto", "native", "numpy")
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_lengths=None,
               return_lse=False, out=None, num_threads=None, backend="auto", out_dtype=None,
-              softcap=None, alibi_slopes=None
-              ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+              softcap=None, alibi_slopes=None, return_weights=False
+              ) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
     ``out[..., h, i, :] = sum_j softmax_j(s[..., h, i, j]) * v[..., h // (Hq // Hkv), j, :]``
@@ -82,6 +83,11 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
         ALiBi (Press et al. 2022): ``s -= slope[h] * |i + off - j|``, ``off`` as for causal
         (bottom-right unless ``causal="top_left"``), after softcap. Computed on the fly: no
         ``Lq x Lk`` bias is ever built.
+    return_weights : bool
+        Also return the softmax weights actually used, ``(*batch, Hq, Lq, Lk)`` in the compute
+        dtype: 0 where a key is not kept, all 0 for a query that keeps none. For inspection and
+        plots (:func:`cpuattn.plot.attention_heatmap`): this costs O(Lq x Lk) memory and
+        recomputes the scores.
 
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
@@ -95,7 +101,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
 
     Returns
     -------
-    out, or ``(out, lse)`` with ``return_lse=True``. ``out`` has shape ``(*batch, Hq, Lq, Dv)``
+    out; ``(out, lse)`` with ``return_lse=True``; ``(out, weights)`` or
+    ``(out, lse, weights)`` with ``return_weights=True``. ``out`` has shape ``(*batch, Hq, Lq, Dv)``
     (``(Lq, Dv)`` for 2-D inputs) and q's dtype (or ``out_dtype``).
 
     Examples
@@ -114,6 +121,16 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
                         kv_lengths=kv_lengths, return_lse=return_lse, out=out,
                         num_threads=num_threads, out_dtype=out_dtype, softcap=softcap,
                         alibi_slopes=alibi_slopes)
+    if return_weights:
+        result = attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                           kv_lengths=kv_lengths, return_lse=True, out=out,
+                           num_threads=num_threads, backend=backend, out_dtype=out_dtype,
+                           softcap=softcap, alibi_slopes=alibi_slopes)
+        lse = result[1][None] if req.squeeze_head else result[1]
+        weights = attention_weights(req, lse)
+        if req.squeeze_head:
+            weights = weights[0]
+        return (*result, weights) if return_lse else (result[0], weights)
     run = _pick_backend(backend)
     if req.out is not None and _overlaps(req.out, req.q, req.k, req.v, req.mask):
         # Writing in place would clobber inputs still to be read: compute aside, then copy.

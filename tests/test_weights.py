@@ -1,0 +1,49 @@
+"""return_weights: the softmax weights actually used, and the heatmap that draws them."""
+
+import numpy as np
+import pytest
+from reference import dense_attention, random_qkv
+
+F32 = np.float32
+
+
+def reference_weights(q, k, v, **kw):
+    """Weights from the dense reference: attention of V = one-hot keys."""
+    lk = k.shape[-2]
+    eye = np.broadcast_to(np.eye(lk), (*k.shape[:-1], lk))
+    return dense_attention(q, k, eye, **kw)[0]
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (9, 2)}, {"mask": "bool"},
+                                {"kv_lengths": np.array([40, 0])}, {"softcap": 3.0},
+                                {"alibi_slopes": np.ones(4) * 0.1}], ids=str)
+def test_weights_match_reference(attention, rng, kw):
+    q, k, v = random_qkv(rng, (2,), 4, 2, 30, 40, 8)
+    kw = dict(kw)
+    if kw.get("mask") == "bool":
+        kw["mask"] = rng.random((30, 40)) > 0.3
+    out, lse, w = attention(q, k, v, return_lse=True, return_weights=True, **kw)
+    assert w.shape == (2, 4, 30, 40)
+    expected = reference_weights(q, k, v, **kw)
+    np.testing.assert_allclose(w, expected, atol=2e-6)
+    rows = w.sum(-1)
+    assert np.allclose(rows[np.isfinite(lse)], 1, atol=1e-5)
+    assert np.all(rows[~np.isfinite(lse)] == 0)
+    o2, w2 = attention(q, k, v, return_weights=True, **kw)
+    assert np.array_equal(o2, out)
+    assert np.array_equal(w2, w)
+
+
+def test_weights_2d_and_heatmap(attention, rng):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from cpuattn.plot import attention_heatmap
+
+    q, k, v = random_qkv(rng, (), 1, 1, 5, 7, 4)
+    out, w = attention(q[0], k[0], v[0], return_weights=True, causal=True)
+    assert w.shape == (5, 7)
+    ax = attention_heatmap(w, query_labels=list("abcde"), key_labels=list("ABCDEFG"))
+    assert ax.get_xlabel() == "key"
+    with pytest.raises(ValueError, match="query_labels: expected 5 labels"):
+        attention_heatmap(w, query_labels=["x"])
+    matplotlib.pyplot.close("all")
