@@ -72,6 +72,17 @@ class MiniLM:
         pooled = (x * valid[..., None]).sum(1) / np.maximum(lengths, 1)[:, None]
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True).clip(1e-12)
 
+    def first_layer_weights(self, sentence: str):
+        """(tokens, weights (12, L, L)) of layer 0's attention for one sentence."""
+        encoding = self.tokenizer.encode(sentence)
+        x = self.embed(np.array([encoding.ids], np.int64))
+        attn = self.layers[0][1]
+        q = attn._heads(x @ attn.w_q.T + attn.b_q, attn.num_heads)
+        k = attn._heads(x @ attn.w_k.T + attn.b_k, attn.num_kv_heads)
+        v = attn._heads(x @ attn.w_v.T + attn.b_v, attn.num_kv_heads)
+        _, weights = cpuattn.attention(q, k, v, return_weights=True)
+        return encoding.tokens, weights[0]
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         w = self.w
         x = (w["embeddings.word_embeddings.weight"][ids]
@@ -115,6 +126,20 @@ def gelu(x):
         poly *= 0.5
         res[i:i + 64] = poly
     return out
+
+
+def save_heatmap(model: MiniLM, sentence: str, path: str) -> None:
+    """Layer 0, head 3 of the sentence as a heatmap (README's picture)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cpuattn.plot import attention_heatmap
+
+    tokens, weights = model.first_layer_weights(sentence)
+    ax = attention_heatmap(weights, tokens, tokens, head=3,
+                           title="all-MiniLM-L6-v2, layer 0, head 3")
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
