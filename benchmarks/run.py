@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+import cpuattn
 from cpuattn import _bench, attention, info
 
 Case = _bench.Case
@@ -147,7 +148,26 @@ def extras(repeats: int, quick: bool) -> dict:
     if not quick:
         out["memory"] = {impl: _bench.peak_extra_mib(MEMORY_CASE, impl)
                          for impl in ("cpuattn", "torch sdpa")}
+        out["varlen"] = varlen_vs_padded(repeats)
     return out
+
+
+def varlen_vs_padded(repeats: int) -> dict:
+    """16 causal sequences of 32..2048 tokens (8 heads, D 64): packed vs padded to the longest."""
+    lengths = np.geomspace(32, 2048, 16).astype(int)
+    rng = np.random.default_rng(0)
+    total, longest = int(lengths.sum()), int(lengths.max())
+    q, k, v = (rng.standard_normal((total, 8, 64), dtype=np.float32) for _ in range(3))
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    packed = _bench.median_seconds(
+        lambda: cpuattn.attention_varlen(q, k, v, cu, cu, causal=True), repeats)
+    padded_q = np.zeros((16, 8, longest, 64), np.float32)
+    for b, (start, n) in enumerate(zip(cu, lengths)):
+        padded_q[b, :, :n] = q[start:start + n].swapaxes(0, 1)
+    padded = _bench.median_seconds(lambda: attention(
+        padded_q, padded_q, padded_q, causal="top_left", kv_lengths=lengths), repeats)
+    return {"lengths": lengths.tolist(), "ms_packed": 1e3 * packed, "ms_padded": 1e3 * padded,
+            "work_ratio": 16 * longest**2 / float((lengths.astype(float) ** 2).sum())}
 
 
 def extras_markdown(x: dict) -> str:
@@ -162,6 +182,12 @@ def extras_markdown(x: dict) -> str:
                         if mib is not None)
         lines.append(f"- peak memory beyond inputs and output, (1, 8, 32768, 64), fresh "
                      f"process: {mem}")
+    if "varlen" in x:
+        vl = x["varlen"]
+        lines.append(f"- varlen: 16 causal sequences of 32..2048 tokens, packed "
+                     f"{vl['ms_packed']:.1f} ms vs padded to the longest {vl['ms_padded']:.1f} ms "
+                     f"({vl['ms_padded'] / vl['ms_packed']:.1f}x; B·max L² / Σ L² = "
+                     f"{vl['work_ratio']:.1f})")
     return "\n".join(lines)
 
 
