@@ -149,7 +149,24 @@ def extras(repeats: int, quick: bool) -> dict:
         out["memory"] = {impl: _bench.peak_extra_mib(MEMORY_CASE, impl)
                          for impl in ("cpuattn", "torch sdpa")}
         out["varlen"] = varlen_vs_padded(repeats)
+        out["additive"] = additive_vs_numpy(repeats)
     return out
+
+
+def additive_vs_numpy(repeats: int) -> dict:
+    """Bahdanau attention at (1, 8, 512, 32): cpuattn vs NumPy broadcasting the score cube."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 8, 512, 32), dtype=np.float32) for _ in range(3))
+    w = rng.standard_normal(32).astype(np.float32)
+
+    def numpy_broadcast():
+        s = (w * np.tanh(q[..., :, None, :] + k[..., None, :, :])).sum(-1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return (p / p.sum(-1, keepdims=True)) @ v
+
+    ours = _bench.median_seconds(lambda: cpuattn.additive_attention(q, k, v, w), repeats)
+    theirs = _bench.median_seconds(numpy_broadcast, repeats)
+    return {"ms": 1e3 * ours, "ms_numpy": 1e3 * theirs}
 
 
 def varlen_vs_padded(repeats: int) -> dict:
@@ -182,6 +199,11 @@ def extras_markdown(x: dict) -> str:
                         if mib is not None)
         lines.append(f"- peak memory beyond inputs and output, (1, 8, 32768, 64), fresh "
                      f"process: {mem}")
+    if "additive" in x:
+        ad = x["additive"]
+        lines.append(f"- additive (Bahdanau) attention (1, 8, 512, 32): {ad['ms']:.1f} ms vs NumPy "
+                     f"broadcasting the (Lq, Lk, D) cube {ad['ms_numpy']:.1f} ms "
+                     f"({ad['ms_numpy'] / ad['ms']:.1f}x)")
     if "varlen" in x:
         vl = x["varlen"]
         lines.append(f"- varlen: 16 causal sequences of 32..2048 tokens, packed "

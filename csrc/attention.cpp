@@ -170,6 +170,7 @@ class Driver {
     step.softcap = static_cast<T>(p_.softcap);
     step.slopes = p_.alibi.data ? sc.slopes.data() : nullptr;
     step.diag = sc.diag.data();
+    step.additive_w = static_cast<const T*>(p_.additive_w);
 
     // Key tiles start at multiples of kTileKeys so packed tiles can be shared by query tiles;
     // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.

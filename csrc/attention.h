@@ -39,6 +39,7 @@ struct Params {
   int num_threads = 0;                          // 0 = OpenMP default
   double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)
   View alibi;             // (*batch, Hq) slopes in the compute type, or data == nullptr
+  const void* additive_w = nullptr;  // (D,) compute type: scores sum_d w tanh(q + k), or dot
 };
 
 // Computes the attention described by `p` into p.out (and p.lse). Thread-safe, no GIL needed.

@@ -184,7 +184,7 @@ def test_core_rejects_unvalidated_arguments():
 
     q, k, v = qkv()
     out = np.empty((2, 4, 5, 8), F32)
-    args = (None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None)
+    args = (None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None)
     with pytest.raises(ValueError, match="kv_lengths values must lie in"):
         _core.attention(q, k, v, out, None, None, np.array([9, 1]), *args[3:])
     with pytest.raises(ValueError, match="unit-stride"):
@@ -199,8 +199,10 @@ def test_core_rejects_unvalidated_arguments():
     with pytest.raises(TypeError, match="do not go together"):
         _core.attention(q, k.astype(np.float64), v.astype(np.float64), out, *args)
     with pytest.raises(ValueError, match="softcap must be"):
-        _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-2], -1.0, None)
+        _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-3], -1.0, None, None)
     with pytest.raises(ValueError, match="alibi has the wrong shape"):
+        _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-2], np.ones(3, F32), None)
+    with pytest.raises(ValueError, match="additive_w has the wrong shape"):
         _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-1], np.ones(3, F32))
     with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
         q3, k3, v3 = qkv(hq=3, hkv=2)

@@ -67,7 +67,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                const std::optional<py::array>& lse, const std::optional<py::array>& mask,
                const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
                int64_t window_left, int64_t window_right, int num_threads, double softcap,
-               const std::optional<py::array>& alibi) {
+               const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w) {
   cpuattn::Params p;
   // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
   p.q_dtype = dtype_of("q", q);
@@ -152,6 +152,12 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     expect_shape("alibi", *alibi, want);
     p.alibi = view_of("alibi", *alibi, false, false);
   }
+  if (additive_w) {
+    if (dtype_of("additive_w", *additive_w) != p.dtype) throw py::type_error("_core.attention: additive_w must have the compute dtype");
+    expect_shape("additive_w", *additive_w, {p.d});
+    if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
+    p.additive_w = additive_w->data();
+  }
   p.scale = scale;
   p.causal = causal;
   p.align = static_cast<cpuattn::Align>(align);
@@ -171,7 +177,7 @@ void register_attention(py::module_& m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"),
         py::arg("causal"), py::arg("align"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"),
+        py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
 }

@@ -29,6 +29,7 @@ struct TileStep {
   T softcap;                   // > 0: s -> softcap * tanh(s / softcap), before the mask
   const T* slopes;             // per row ALiBi slope, or nullptr: s -= slope * |diag - j|
   const int64_t* diag;         // per row: i + off, the key on the row's diagonal
+  const T* additive_w;         // (d,): Bahdanau scores sum_e w[e] tanh(q[e] + k[e]), or nullptr
   const KeyRange* bounds;      // per row, used only when apply_bounds
   bool apply_bounds;           // false for Full tiles: no per-element checks
   MaskKind mask_kind;

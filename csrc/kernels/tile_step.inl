@@ -67,6 +67,41 @@ inline V inverse(V x) {
   return 1 / x;
 }
 
+// tanh(x) = 1 - 2 / (exp(2x) + 1): right at both ends (2x capped at 80, where tanh is 1 in
+// float, keeps exp finite for inverse); NaN passes through (x > top is false for NaN).
+template <typename V>
+inline V fast_tanh(V x) {
+  using T = decltype(+x[0]);
+  const V top = V{} + T(40);
+  const V e = fast_exp_vec<T>((x > top ? top : x) * T(2));
+  return T(1) - T(2) * inverse(e + T(1));
+}
+
+// Bahdanau scores: s[r0 + r, :] = sum_e w[e] tanh(q[r0 + r, e] + K^T[e, :]), for RB rows; the
+// same register blocking as score_rows, a tanh per term instead of a product.
+template <typename T, int RB>
+inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  const T* q = a.q + r0 * a.d;
+  for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
+    V acc[RB][kColBlock] = {};
+    for (int64_t e = 0; e < a.d; ++e) {
+      V kv[kColBlock];
+      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
+      const V w = S::splat(a.additive_w[e]);
+      for (int r = 0; r < RB; ++r) {
+        const V qe = S::splat(q[r * a.d + e]);
+        for (int c = 0; c < kColBlock; ++c) acc[r][c] += w * fast_tanh(qe + kv[c]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
+    }
+  }
+}
+
 // Score modifiers on rows [r0, r1), before the mask: softcap (tanh = 1 - 2 / (exp(2x) + 1),
 // right at both infinities), then ALiBi's linear distance penalty, computed per key.
 template <typename T>
@@ -79,13 +114,8 @@ inline void modify_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1)
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
     if (a.softcap > 0) {
-      const V cap = S::splat(a.softcap), two_over_cap = S::splat(T(2) / a.softcap);
-      const V top = S::splat(T(80));  // tanh(40) is 1 in float: keeps exp finite for inverse
-      for (int64_t c = 0; c < W; c += L) {
-        const V x = S::load(sr + c) * two_over_cap;
-        const V e = fast_exp_vec<T>(x > top ? top : x);  // NaN passes through (x > top false)
-        S::store(sr + c, cap - (cap + cap) * inverse(e + T(1)));
-      }
+      const V cap = S::splat(a.softcap), inv_cap = S::splat(T(1) / a.softcap);
+      for (int64_t c = 0; c < W; c += L) S::store(sr + c, cap * fast_tanh(S::load(sr + c) * inv_cap));
     }
     if (a.slopes) {
       const V slope = S::splat(a.slopes[r]);
@@ -326,7 +356,11 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
 // few rows at a time keeps their scores, the packed K tile and the V tile in L1.
 template <typename T, int RB>
 inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
-  score_rows<T, RB>(a, r0);
+  if (a.additive_w) {
+    additive_score_rows<T, RB>(a, r0);
+  } else {
+    score_rows<T, RB>(a, r0);
+  }
   if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (softmax_rows(a, r0, r0 + RB)) {

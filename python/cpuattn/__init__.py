@@ -4,11 +4,12 @@
 >>> out = cpuattn.attention(q, k, v, causal=True)  # doctest: +SKIP
 """
 
+from ._additive import additive_attention
 from ._api import attention, info, merge
 from ._kvcache import KVCache
 from ._mha import MultiHeadAttention
 from ._varlen import attention_varlen
 from ._version import __version__
 
-__all__ = ["KVCache", "MultiHeadAttention", "__version__", "attention", "attention_varlen",
-           "info", "merge"]
+__all__ = ["KVCache", "MultiHeadAttention", "__version__", "additive_attention", "attention",
+           "attention_varlen", "info", "merge"]

@@ -131,6 +131,11 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
         if req.squeeze_head:
             weights = weights[0]
         return (*result, weights) if return_lse else (result[0], weights)
+    return run_request(req, backend)
+
+
+def run_request(req, backend: str):
+    """Runs a validated request on the chosen backend and shapes the result for the caller."""
     run = _pick_backend(backend)
     if req.out is not None and _overlaps(req.out, req.q, req.k, req.v, req.mask):
         # Writing in place would clobber inputs still to be read: compute aside, then copy.

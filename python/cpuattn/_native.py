@@ -40,7 +40,8 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     left, right = req.window
     _core.attention(q, k, v, out, lse, mask, req.kv_lengths, req.scale, req.causal,
                     0 if req.align == "bottom_right" else 1, left, right,
-                    min(req.num_threads or 0, 2**31 - 1), req.softcap, req.alibi)
+                    min(req.num_threads or 0, 2**31 - 1), req.softcap, req.alibi,
+                    req.additive_w)
     if req.out is not None and out is not req.out:
         req.out[...] = out
         out = req.out

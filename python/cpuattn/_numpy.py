@@ -87,7 +87,7 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
         j1 = min(j0 + BLOCK_K, int(hi[-1]))
         k = req.k[b][hk, j0:j1].astype(req.dtype, copy=False)  # half: upcast per block
         v = req.v[b][hk, j0:j1].astype(req.dtype, copy=False)
-        s = q @ k.T  # (group, r, c)
+        s = q @ k.T if req.additive_w is None else _additive_scores(q, k, req.additive_w)
         keys = np.arange(j0, j1)
         s = _score_mods(req, s, b, heads, positions, keys, n_keys)
 
@@ -115,6 +115,14 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     empty = l == 0
     safe_l = np.where(empty, 1, l)
     return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+
+
+def _additive_scores(q, k, w):
+    """sum_d w[d] tanh(q[..., i, d] + k[j, d]), one d at a time: O(rows x keys) memory."""
+    s = np.zeros((*q.shape[:-1], k.shape[0]), q.dtype)
+    for e in range(q.shape[-1]):
+        s += w[e] * np.tanh(q[..., e, None] + k[:, e])
+    return s
 
 
 def _score_mods(req: Request, s, b, heads: slice, positions, keys, n_keys: int):

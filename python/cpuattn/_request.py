@@ -54,6 +54,7 @@ class Request:
     squeeze_head: bool
     softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap); 0 = off
     alibi: Optional[np.ndarray] = None  # (*batch, Hq) slopes in the compute dtype, C-order
+    additive_w: Optional[np.ndarray] = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
 
     @property
     def out_shape(self) -> Tuple[int, ...]:
@@ -81,7 +82,8 @@ class Request:
 
 def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
                   kv_lengths=None, return_lse=False, out=None, num_threads=None,
-                  out_dtype=None, softcap=None, alibi_slopes=None) -> Request:
+                  out_dtype=None, softcap=None, alibi_slopes=None,
+                  additive_w=None) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
     v = _as_float_array("v", v)
@@ -133,6 +135,7 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
         squeeze_head=squeeze_head,
         softcap=_softcap(softcap),
         alibi=_alibi(alibi_slopes, batch_shape, hq, dtype, squeeze_head),
+        additive_w=_additive_w(additive_w, d, dtype),
     )
 
 
@@ -274,6 +277,20 @@ def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> Optional[np.ndarray]
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes: expected finite values")
     return slopes
+
+
+def _additive_w(w, d, dtype) -> Optional[np.ndarray]:
+    if w is None:
+        return None
+    w = np.asarray(w)
+    if w.dtype.kind not in "fiu" and w.dtype != BF16:
+        raise TypeError(f"w: expected real numbers, got dtype {w.dtype}")
+    if w.shape != (d,):
+        raise ValueError(f"w: expected shape (D,) = ({d},), got {w.shape}")
+    w = np.ascontiguousarray(w, dtype=dtype)
+    if not np.isfinite(w).all():
+        raise ValueError("w: expected finite values")
+    return w
 
 
 def _num_threads(num_threads) -> Optional[int]:
