@@ -9,8 +9,8 @@ import numpy as np
 
 from . import _native, _numpy
 from ._request import build_request
-from ._weights import attention_weights
 from ._version import __version__
+from ._weights import attention_weights
 
 BACKENDS = ("auto", "native", "numpy")
 

@@ -23,7 +23,8 @@ def attention_heatmap(weights, query_labels: Optional[Sequence[str]] = None,
     if w.ndim == 3:
         w = w.mean(axis=0) if head is None else w[head]
     if w.ndim != 2:
-        raise ValueError(f"weights: expected (Lq, Lk) or (H, Lq, Lk), got shape {np.shape(weights)}")
+        raise ValueError(f"weights: expected (Lq, Lk) or (H, Lq, Lk), got shape "
+                         f"{np.shape(weights)}")
     for name, labels, n in (("query_labels", query_labels, w.shape[0]),
                             ("key_labels", key_labels, w.shape[1])):
         if labels is not None and len(labels) != n:
