@@ -122,10 +122,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
                         num_threads=num_threads, out_dtype=out_dtype, softcap=softcap,
                         alibi_slopes=alibi_slopes)
     if return_weights:
-        result = attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                           kv_lengths=kv_lengths, return_lse=True, out=out,
-                           num_threads=num_threads, backend=backend, out_dtype=out_dtype,
-                           softcap=softcap, alibi_slopes=alibi_slopes)
+        result = run_request(dataclasses.replace(req, return_lse=True), backend)
         lse = result[1][None] if req.squeeze_head else result[1]
         weights = attention_weights(req, lse)
         if req.squeeze_head:

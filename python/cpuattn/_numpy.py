@@ -93,12 +93,7 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
 
         keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
         if req.mask is not None:
-            mask = req.mask[b][heads, rows, j0:j1]
-            if mask.dtype == np.bool_:
-                keep = keep & mask
-            else:
-                keep = keep & (mask != neg_inf)  # -inf drops the key, even a NaN score
-                s = s + mask
+            s, keep = apply_mask(s, keep, req.mask[b][heads, rows, j0:j1])
         s = np.where(keep, s, neg_inf)
 
         m_new = np.maximum(m, s.max(axis=-1))
@@ -115,6 +110,14 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     empty = l == 0
     safe_l = np.where(empty, 1, l)
     return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+
+
+def apply_mask(s, keep, mask):
+    """A user mask on a block: bool narrows ``keep``; a float one is added to the scores, and
+    its -inf drops the key outright, so even a NaN score of that key never reaches the row."""
+    if mask.dtype == np.bool_:
+        return s, keep & mask
+    return s + mask, keep & (mask != -np.inf)
 
 
 def _additive_scores(q, k, w):

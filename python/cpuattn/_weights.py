@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numpy import _score_mods, key_bounds
+from ._numpy import _score_mods, apply_mask, key_bounds
 from ._request import Request
 
 
@@ -30,12 +30,7 @@ def attention_weights(req: Request, lse: np.ndarray) -> np.ndarray:
                 s = _score_mods(req, s, b, heads, positions, keys, n_keys)
                 keep = np.broadcast_to(bounds, s.shape)
                 if req.mask is not None:
-                    mask = req.mask[b][heads]
-                    if mask.dtype == np.bool_:
-                        keep = keep & mask
-                    else:
-                        keep = keep & (mask != -np.inf)
-                        s = s + mask
+                    s, keep = apply_mask(s, keep, req.mask[b][heads])
                 p = np.exp(s - lse[b][heads][..., None])
                 weights[b][heads] = np.where(keep, p, 0)
     return weights
