@@ -74,6 +74,13 @@ class TileCache {
 
 // Per-thread buffers, sized once per call: O(tile) plus the capped tile caches, never
 // O(Lq x Lk).
+// How K and V reach the kernel: in the compute type, converted from half to float32, or as
+// bfloat16 pairs for the kernels' bfloat16 dot products.
+enum class Operands { Native, Converted, Bf16Pairs };
+
+// Width of a packed bfloat16 V row: Dv rounded up to whole 16-lane vectors.
+int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
+
 template <typename T>
 struct Scratch {
   std::vector<T> q, kt, vt, stage, s, o, m, l;
@@ -82,20 +89,46 @@ struct Scratch {
   std::vector<int64_t> row_pos, row_head, diag;
   std::vector<T> slopes;
   TileCache<T> keys, values;
+  std::vector<uint32_t> q_hi, q_lo, kt2, v2;  // Operands::Bf16Pairs only
+  TileCache<uint32_t> keys2, values2;
 
   // cache: worth it only when several query tiles read the same keys; with one (decode) the
-  // cache would only add first-touch page faults. Half K/V are converted into `stage` (K,
-  // before packing) and `vt` (V).
-  Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, bool half_kv)
-      : q(kTileRows * d), kt(d * kTileKeys), vt(half_kv ? kTileKeys * dv : 0),
-        stage(half_kv ? kTileKeys * d : 0), s(kTileRows * kTileKeys), o(kTileRows * dv),
+  // cache would only add first-touch page faults. Converted K/V go through `stage` (K, before
+  // packing) and `vt` (V).
+  // pairs: D's bfloat16 pairs, padded as the kernel needs (Operands::Bf16Pairs only).
+  Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, Operands how, int64_t pairs)
+      : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
         m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows),
         row_pos(kTileRows), row_head(kTileRows), diag(kTileRows), slopes(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
+    if (how == Operands::Bf16Pairs) {
+      const int64_t v_elems = kTileKeys / 2 * bf16_values_width(dv);
+      q_hi.resize(kTileRows * pairs);
+      q_lo.resize(kTileRows * pairs);
+      kt2.resize(pairs * kTileKeys);
+      v2.resize(v_elems);
+      keys2.reserve(tiles, pairs * kTileKeys, cache);
+      values2.reserve(tiles, v_elems, cache);
+      return;
+    }
     keys.reserve(tiles, kTileKeys * d, cache);
-    values.reserve(tiles, kTileKeys * dv, cache && half_kv);
+    if (how == Operands::Converted) {
+      vt.resize(kTileKeys * dv);
+      stage.resize(kTileKeys * d);
+      values.reserve(tiles, kTileKeys * dv, cache);
+    }
   }
 };
+
+// x = hi + lo as two bfloat16 (hi rounded to nearest, lo the rounding error rounded): 16 of
+// float32's 24 significant bits, so bfloat16 dot products with a float32 q lose ~2^-17 of
+// each product. A finite x never gets an infinite hi; a non-finite x has lo = 0.
+inline void split_bf16(float x, uint32_t& hi, uint32_t& lo) {
+  uint16_t h = f32_to_bf16(x);
+  if (std::isfinite(x) && !std::isfinite(bf16_to_f32(h))) h = uint16_t(f32_to_bits(x) >> 16);
+  hi = h;
+  lo = std::isfinite(x) ? f32_to_bf16(x - bf16_to_f32(h)) : 0;
+}
 
 template <typename T>
 class Driver {
@@ -103,8 +136,11 @@ class Driver {
   using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
   using Convert = void (*)(const uint16_t*, int64_t, int64_t, int64_t, float*);
   // convert: the ISA's half -> float row conversion for p.kv_dtype (float compute only).
-  Driver(const Params& p, void (*step)(const TileStep<T>&), Pack pack, Convert convert)
-      : p_(p), step_(step), pack_(pack), convert_(convert) {
+  // pairs: D's bfloat16 pairs padded for the kernel (Operands::Bf16Pairs).
+  Driver(const Params& p, const KernelSet& kernels, Operands how, int64_t pairs,
+         void (*step)(const TileStep<T>&), Pack pack, Convert convert)
+      : p_(p), kernels_(kernels), how_(how), pairs_(pairs), step_(step), pack_(pack),
+        convert_(convert) {
     batch_ = 1;
     for (int64_t n : p.batch_shape) batch_ *= n;
     group_ = p.hq / p.hkv;
@@ -151,7 +187,7 @@ class Driver {
     const int64_t k_base = batch_offset(p_.batch_shape, p_.k, b) + hk * p_.k.strides[nb];
     const int64_t v_base = batch_offset(p_.batch_shape, p_.v, b) + hk * p_.v.strides[nb];
     const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
-    const bool half_kv = p_.kv_dtype != p_.dtype;
+    const bool half_kv = how_ == Operands::Converted;
 
     TileStep<T> step{};
     step.q = sc.q.data();
@@ -171,6 +207,14 @@ class Driver {
     step.slopes = p_.alibi.data ? sc.slopes.data() : nullptr;
     step.diag = sc.diag.data();
     step.additive_w = static_cast<const T*>(p_.additive_w);
+    if (how_ == Operands::Bf16Pairs) {
+      step.q_hi = sc.q_hi.data();
+      step.q_lo = p_.q_dtype == DType::BF16 ? nullptr : sc.q_lo.data();
+      step.d_pairs = pairs_;
+      step.v2_ld = bf16_values_width(p_.dv);
+      step.dot_scale = static_cast<T>(p_.scale);
+      step.split_p = p_.out_dtype != DType::BF16;  // full float32 accuracy for a float32 out
+    }
 
     // Key tiles start at multiples of kTileKeys so packed tiles can be shared by query tiles;
     // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
@@ -183,6 +227,21 @@ class Driver {
       if (kind == TileKind::Skip) continue;
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
       const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);
+      step.cols = j1 - j0;
+      step.j0 = j0;
+      step.apply_bounds = kind == TileKind::Partial;
+      if (how_ == Operands::Bf16Pairs) {
+        const auto* k16 = static_cast<const uint16_t*>(p_.k.data) + k_base + j0 * k_ld;
+        const auto* v16 = static_cast<const uint16_t*>(p_.v.data) + v_base + j0 * v_ld;
+        step.kt2 = sc.keys2.get(owner, j0 / kTileKeys, sc.kt2.data(), [&](uint32_t* dst) {
+          kernels_.pack_bf16_keys(k16, k_ld, packed_cols, p_.d, pairs_, dst);
+        });
+        step.v2 = sc.values2.get(owner, j0 / kTileKeys, sc.v2.data(), [&](uint32_t* dst) {
+          kernels_.pack_bf16_values(v16, v_ld, packed_cols, p_.dv, step.v2_ld, dst);
+        });
+        step_(step);
+        continue;
+      }
       step.kt = sc.keys.get(owner, j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
         if (!half_kv) {
           pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols, p_.d,
@@ -199,9 +258,6 @@ class Driver {
       } else {
         step.v = static_cast<const T*>(p_.v.data) + v_base + j0 * v_ld;
       }
-      step.cols = j1 - j0;
-      step.j0 = j0;
-      step.apply_bounds = kind == TileKind::Partial;
       step_(step);
     }
     if (partial) {
@@ -263,8 +319,12 @@ class Driver {
                                                             h * p_.alibi.strides[nb]];
       }
       const int64_t src = q_base + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
-      T* dst = sc.q.data() + r * p_.d;
-      for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+      if (how_ == Operands::Bf16Pairs) {
+        pack_query_pairs(src, r, sc);
+      } else {
+        T* dst = sc.q.data() + r * p_.d;
+        for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+      }
       if (p_.mask.data) {
         const int64_t off = mask_base + h * p_.mask.strides[nb] + i * p_.mask.strides[nb + 1];
         const size_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
@@ -274,6 +334,27 @@ class Driver {
     }
     std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
     std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
+  }
+
+  // Query row `r` as bfloat16 pairs, unscaled (the kernel scales the scores): a bfloat16 q
+  // as it is, another q split into hi + lo (split_bf16); zero pairs past D.
+  void pack_query_pairs(int64_t src, int64_t r, Scratch<T>& sc) const {
+    uint32_t* hi = sc.q_hi.data() + r * pairs_;
+    uint32_t* lo = sc.q_lo.data() + r * pairs_;
+    std::fill(hi + p_.d / 2, hi + pairs_, 0u);
+    std::fill(lo + p_.d / 2, lo + pairs_, 0u);
+    for (int64_t e = 0; e < p_.d; ++e) {
+      uint32_t h, l;
+      if (p_.q_dtype == DType::BF16) {
+        h = static_cast<const uint16_t*>(p_.q.data)[src + e];
+        l = 0;
+      } else {
+        split_bf16(load_as<float>(p_.q.data, p_.q_dtype, src + e), h, l);
+      }
+      const int shift = e % 2 ? 16 : 0;
+      hi[e / 2] = (e % 2 ? hi[e / 2] : 0) | h << shift;
+      lo[e / 2] = (e % 2 ? lo[e / 2] : 0) | l << shift;
+    }
   }
 
   // Rows [0, rows) of a half K or V, ld elements apart from element `first`, into dst
@@ -332,6 +413,9 @@ class Driver {
   }
 
   const Params& p_;
+  const KernelSet& kernels_;
+  Operands how_;
+  int64_t pairs_;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   Convert convert_;
@@ -350,7 +434,21 @@ template <typename T>
 void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<T>&),
          void (*pack)(const T*, int64_t, int64_t, int64_t, T*)) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
-  const Driver<T> driver(p, step, pack,
+  Operands how = p.kv_dtype == p.dtype ? Operands::Native : Operands::Converted;
+  int64_t pairs = (p.d + 1) / 2;
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.kv_dtype == DType::BF16 && !p.additive_w) {
+      if (kernels.step_bf16_tiles && p.dv % 16 == 0) {
+        how = Operands::Bf16Pairs;
+        step = kernels.step_bf16_tiles;
+        pairs = (pairs + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
+      } else if (kernels.step_bf16) {
+        how = Operands::Bf16Pairs;
+        step = kernels.step_bf16;
+      }
+    }
+  }
+  const Driver<T> driver(p, kernels, how, pairs, step, pack,
                          p.kv_dtype == DType::BF16 ? kernels.convert_bf16 : kernels.convert_f16);
   const int64_t items = driver.work_items();
   if (items == 0) return;
@@ -373,7 +471,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   scratch.reserve(threads);
   const bool cache_keys = driver.query_tiles_per_head() > 1;
   for (int t = 0; t < threads; ++t) {
-    scratch.emplace_back(p.d, p.dv, p.lk, cache_keys, p.kv_dtype != p.dtype);
+    scratch.emplace_back(p.d, p.dv, p.lk, cache_keys, how, pairs);
   }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 

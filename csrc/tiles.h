@@ -19,6 +19,10 @@ constexpr int64_t kSumSlots = 16;
 // packing each tile per query tile.
 constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 
+// AMX tile rows hold 16 bfloat16 pairs: with AMX kernels, q and K are padded to whole
+// multiples of this many pairs along D.
+constexpr int64_t kAmxPairs = 16;
+
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
 // query tiles) cuts each item's keys into chunks of at least kSplitMinChunkKeys, at most
 // kSplitMaxItems (item, chunk) tasks in all, merged in chunk order afterwards.

@@ -4,6 +4,12 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if CPUATTN_HAVE_X86_KERNELS && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels/kernel.h"
 
 namespace cpuattn {
@@ -24,6 +30,24 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 }
+bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+// AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22), and Linux's permission to use the tile
+// data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; Linux 5.16+): without it
+// the first tile instruction would fault. Asked once; the answer holds for the process.
+bool has_avx512_amx() {
+#if defined(__linux__)
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 24)) || !(d & (1u << 22))) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
 #endif
 
 // Worst to best.
@@ -32,6 +56,8 @@ const Candidate kCandidates[] = {
 #if CPUATTN_HAVE_X86_KERNELS
     {&kAvx2Kernels, &has_avx2},
     {&kAvx512Kernels, &has_avx512},
+    {&kAvx512Bf16Kernels, &has_avx512_bf16},
+    {&kAvx512AmxKernels, &has_avx512_amx},
 #endif
 };
 

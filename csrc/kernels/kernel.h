@@ -35,6 +35,16 @@ struct TileStep {
   MaskKind mask_kind;
   const void* const* mask_rows;  // per row: the mask element of key 0
   int64_t mask_col_stride;       // elements between consecutive keys (0 when broadcast)
+
+  // Only for KernelSet::step_bf16, which reads these instead of q, kt and v: bfloat16 pairs
+  // in uint32 (low half the even element), scores times dot_scale.
+  const uint32_t* q_hi;  // rows x d_pairs, q (unscaled) rounded to bfloat16
+  const uint32_t* q_lo;  // rows x d_pairs, q - q_hi rounded, for a float32 q; else nullptr
+  const uint32_t* kt2;   // d_pairs x kTileKeys, pairs along D of K^T; zero past d and cols
+  const uint32_t* v2;    // (cols + 1) / 2 rows of v2_ld: pairs of consecutive keys' V
+  int64_t d_pairs, v2_ld;
+  T dot_scale;
+  bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 };
 
 struct KernelSet {
@@ -50,6 +60,20 @@ struct KernelSet {
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);
+
+  // bfloat16 K and V multiplied as bfloat16 pairs (AVX512-BF16); nullptr where the ISA has no
+  // such instruction, and K and V are then converted to float32 for step_f32.
+  void (*step_bf16)(const TileStep<float>&);
+  // The same on AMX tiles (nullptr where absent): needs Dv % 16 == 0 and d_pairs a multiple
+  // of kAmxPairs, the pairs past D zero. Preferred over step_bf16 where both exist.
+  void (*step_bf16_tiles)(const TileStep<float>&);
+  // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
+  void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
+                         uint32_t* kt);
+  // V rows [0, cols) -> (cols + 1) / 2 rows of `width` (>= dv) pairs, zero past dv and past
+  // cols up to a whole kAmxPairs rows.
+  void (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv,
+                           int64_t width, uint32_t* vt);
 };
 
 // Kernels compiled into this build, best last. Only those the CPU supports are ever called.
@@ -57,6 +81,8 @@ extern const KernelSet kScalarKernels;
 #if CPUATTN_HAVE_X86_KERNELS
 extern const KernelSet kAvx2Kernels;
 extern const KernelSet kAvx512Kernels;
+extern const KernelSet kAvx512Bf16Kernels;
+extern const KernelSet kAvx512AmxKernels;
 #endif
 
 // Run-time dispatch (kernels/dispatch.cpp). The default is the best ISA this CPU supports,

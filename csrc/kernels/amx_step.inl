@@ -1,0 +1,167 @@
+// The tile step on bfloat16 K and V with AMX (tdpbf16ps: a 16 x 16 float32 tile += a
+// 16 x 32 bfloat16 tile times a 32 x 16 one, as pairs): the same operands and the same
+// float32 softmax as bf16_step.inl, with both products on the tile unit, 16 query rows at a
+// time. The driver pads D to whole 32-element chunks (zero pairs in q and K), and uses this
+// step only when Dv is a multiple of 16. Include after bf16_step.inl.
+
+#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__)
+#error "amx_step.inl needs -mamx-tile -mamx-bf16"
+#endif
+
+constexpr int64_t kAmxRows = 16;        // rows of a tile register
+constexpr int64_t kAmxOutColumns = 16;  // float32 in a 64-byte tile row
+
+// The GCC tile intrinsics are asm statements that do not tell the compiler which memory they
+// read: a barrier first, so buffers written by plain stores are complete.
+inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
+
+// Palette 1, all 8 tiles 16 rows x 64 bytes. Loaded per call: the configuration is per thread
+// and other code in the same thread (another AMX library) may have changed it.
+inline void configure_tiles() {
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg = {};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kAmxRows;
+  }
+  memory_barrier();
+  _tile_loadconfig(&cfg);
+}
+
+// s[r0 .. r0 + 16, 0 .. 64) = dot_scale * q . K^T. Tiles 0-3 hold the four 16-key column
+// blocks; 4 holds q_hi, 6 q_lo, 5 and 7 K^T. Rows past a.rows compute from stale q rows and
+// are never read.
+template <bool kSplitQ>
+inline void score_block_amx(const cpuattn::TileStep<float>& a, int64_t r0) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  const int64_t q_stride = a.d_pairs * 4, k_stride = W * 4;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t e = 0; e < a.d_pairs; e += cpuattn::kAmxPairs) {
+    _tile_loadd(4, a.q_hi + r0 * a.d_pairs + e, q_stride);
+    if constexpr (kSplitQ) _tile_loadd(6, a.q_lo + r0 * a.d_pairs + e, q_stride);
+    const uint32_t* k = a.kt2 + e * W;
+    _tile_loadd(5, k, k_stride);
+    _tile_loadd(7, k + 16, k_stride);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (kSplitQ) _tile_dpbf16ps(0, 6, 5);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kSplitQ) _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(5, k + 32, k_stride);
+    _tile_loadd(7, k + 48, k_stride);
+    _tile_dpbf16ps(2, 4, 5);
+    if constexpr (kSplitQ) _tile_dpbf16ps(2, 6, 5);
+    _tile_dpbf16ps(3, 4, 7);
+    if constexpr (kSplitQ) _tile_dpbf16ps(3, 6, 7);
+  }
+  float* s = a.s + r0 * W;
+  _tile_stored(0, s, k_stride);
+  _tile_stored(1, s + 16, k_stride);
+  _tile_stored(2, s + 32, k_stride);
+  _tile_stored(3, s + 48, k_stride);
+}
+
+// Multiplies tile register `t` (already holding o's block) by p . V for key chunk `chunk`
+// (32 keys): A = p_hi (tile 4) and p_lo (tile 6), already loaded; B = V pairs (tile 5).
+#define CPUATTN_AMX_PV(t, split)                                                   \
+  do {                                                                             \
+    _tile_loadd(5, v + (t) * kAmxOutColumns, v_stride);                            \
+    _tile_dpbf16ps(t, 4, 5);                                                       \
+    if (split) _tile_dpbf16ps(t, 6, 5);                                            \
+  } while (0)
+
+// o[r0 .. r0 + 16, e0 .. e0 + 16 * NT) += p . V, NT <= 4 output tiles (registers 0-3).
+template <int NT, bool kSplitP>
+inline void pv_block_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t e0,
+                         const uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
+                         const uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
+  const int64_t o_stride = a.dv * 4, v_stride = a.v2_ld * 4, p_stride = cpuattn::kTileKeys / 2 * 4;
+  float* o = a.o + r0 * a.dv + e0;
+  _tile_loadd(0, o, o_stride);
+  if constexpr (NT > 1) _tile_loadd(1, o + 16, o_stride);
+  if constexpr (NT > 2) _tile_loadd(2, o + 32, o_stride);
+  if constexpr (NT > 3) _tile_loadd(3, o + 48, o_stride);
+  const int64_t key_pairs = (a.cols + 1) / 2;
+  for (int64_t j = 0; j < key_pairs; j += kAmxRows) {  // 32 keys (16 pairs) a chunk
+    _tile_loadd(4, p_hi[0] + j, p_stride);
+    if constexpr (kSplitP) _tile_loadd(6, p_lo[0] + j, p_stride);
+    const uint32_t* v = a.v2 + j * a.v2_ld + e0;
+    CPUATTN_AMX_PV(0, kSplitP);
+    if constexpr (NT > 1) CPUATTN_AMX_PV(1, kSplitP);
+    if constexpr (NT > 2) CPUATTN_AMX_PV(2, kSplitP);
+    if constexpr (NT > 3) CPUATTN_AMX_PV(3, kSplitP);
+  }
+  _tile_stored(0, o, o_stride);
+  if constexpr (NT > 1) _tile_stored(1, o + 16, o_stride);
+  if constexpr (NT > 2) _tile_stored(2, o + 32, o_stride);
+  if constexpr (NT > 3) _tile_stored(3, o + 48, o_stride);
+}
+#undef CPUATTN_AMX_PV
+
+// p of real rows [r0, r0 + n) -> bfloat16 pairs; rows past n are 0, so padding rows of the
+// 16-row block add nothing to their (unused) output rows.
+template <bool kSplitP>
+inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n) {
+  alignas(64) uint32_t p_hi[kAmxRows][cpuattn::kTileKeys / 2] = {};
+  alignas(64) uint32_t p_lo[kSplitP ? kAmxRows : 1][cpuattn::kTileKeys / 2] = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
+  for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
+  memory_barrier();
+  int64_t e0 = 0;
+  for (; e0 + 64 <= a.dv; e0 += 64) pv_block_amx<4, kSplitP>(a, r0, e0, p_hi, p_lo);
+  switch ((a.dv - e0) / kAmxOutColumns) {
+    case 3: pv_block_amx<3, kSplitP>(a, r0, e0, p_hi, p_lo); break;
+    case 2: pv_block_amx<2, kSplitP>(a, r0, e0, p_hi, p_lo); break;
+    case 1: pv_block_amx<1, kSplitP>(a, r0, e0, p_hi, p_lo); break;
+    default: break;
+  }
+}
+
+inline void scale_scores(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  const __m512 scale = _mm512_set1_ps(a.dot_scale);
+  for (int64_t r = r0; r < r0 + n; ++r) {
+    for (int64_t c = 0; c < W; c += 16) {
+      _mm512_storeu_ps(a.s + r * W + c, _mm512_mul_ps(_mm512_loadu_ps(a.s + r * W + c), scale));
+    }
+  }
+}
+
+void tile_step_amx(const cpuattn::TileStep<float>& a) {
+  configure_tiles();
+  int v_nonfinite = -1;
+  // V pair rows the tile unit reads: whole 16-pair chunks (pack_bf16_values zero-fills them).
+  const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) {
+    const int64_t n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
+    if (a.q_lo) {
+      score_block_amx<true>(a, r0);
+    } else {
+      score_block_amx<false>(a, r0);
+    }
+    scale_scores(a, r0, n);
+    if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + n);
+    mask_rows(a, r0, r0 + n);
+    if (softmax_rows(a, r0, r0 + n)) {
+      if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);
+      if (v_nonfinite) {
+        pv_rows_bf16_skip_zero_weights(a, r0, r0 + n);
+        continue;
+      }
+    }
+    memory_barrier();  // o rows were rescaled by plain stores
+    if (a.split_p) {
+      pv_rows_amx<true>(a, r0, n);
+    } else {
+      pv_rows_amx<false>(a, r0, n);
+    }
+  }
+  _tile_release();
+}

@@ -1,0 +1,22 @@
+// The avx512 kernels plus bfloat16 dot products (AVX512-BF16, flags set in CMakeLists.txt):
+// the float32 and float64 steps are the avx512 ones compiled again; bfloat16 K/V use
+// tile_step_bf16 instead of being converted to float32.
+#include <immintrin.h>  // before the namespace below: exp.h uses vscalefps
+
+#include "convert.h"
+#include "kernels/kernel.h"
+
+#define CPUATTN_VEC_BYTES 64
+
+namespace {
+#include "kernels/tile_step.inl"
+#include "kernels/bf16_step.inl"
+}  // namespace
+
+namespace cpuattn {
+extern const KernelSet kAvx512Bf16Kernels = {
+    "avx512_bf16",        &tile_step<float>,     &tile_step<double>, &pack_keys<float>,
+    &pack_keys<double>,   &convert_f16_rows,     &convert_bf16_rows, &exp_array<float>,
+    &exp_array<double>,   &tile_step_bf16,       nullptr,            &pack_bf16_keys,
+    &pack_bf16_values};
+}  // namespace cpuattn

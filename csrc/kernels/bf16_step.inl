@@ -1,0 +1,254 @@
+// The tile step on bfloat16 K and V with AVX512-BF16 dot products (vdpbf16ps: per float32
+// lane, acc += a0 * b0 + a1 * b1 over a pair of bfloat16, products exact, sum in float32).
+// Operands are pairs in uint32 (low half the even element): K^T pairs along D, V pairs along
+// keys, so both products need half the instructions of the float32 step. Scores, softmax and
+// the output stay float32. p is rounded to bfloat16 for P.V (relative error <= 2^-9 a weight)
+// when the output is bfloat16 anyway; for a float32 output p is split into two bfloat16
+// (p_hi + p_lo, 2^-17), as is a float32 q: twice the products, float32 accuracy. Include after tile_step.inl and convert.h, inside tile_step.inl's anonymous
+// namespace.
+
+#if !defined(__AVX512BF16__)
+#error "bf16_step.inl needs -mavx512bf16"
+#endif
+
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+}
+
+// s[r0 + r, :] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K^T, for RB rows. q_lo (the rounding
+// error of a float32 q, as bfloat16) is nullptr when q is bfloat16 already.
+template <int RB, bool kSplitQ>
+inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
+  constexpr int64_t W = cpuattn::kTileKeys, L = 16, CB = 4;
+  static_assert(W == L * CB, "one column block covers the tile");
+  const int64_t pairs = a.d_pairs;
+  const uint32_t* qh = a.q_hi + r0 * pairs;
+  const uint32_t* ql = kSplitQ ? a.q_lo + r0 * pairs : nullptr;
+  __m512 acc[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int64_t e = 0; e < pairs; ++e) {
+    __m512i kv[CB];
+    for (int c = 0; c < CB; ++c) kv[c] = _mm512_loadu_si512(a.kt2 + e * W + c * L);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i qe = _mm512_set1_epi32(static_cast<int>(qh[r * pairs + e]));
+      for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], qe, kv[c]);
+      if constexpr (kSplitQ) {
+        const __m512i qe_lo = _mm512_set1_epi32(static_cast<int>(ql[r * pairs + e]));
+        for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], qe_lo, kv[c]);
+      }
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(a.dot_scale);
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < CB; ++c) {
+      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, _mm512_mul_ps(acc[r][c], scale));
+    }
+  }
+}
+
+// x rounded to bfloat16 (nearest even, as vcvtne2ps2bf16 for all but NaN), as float32.
+// Vector extensions rather than _mm512 shifts, which GCC 12 flags as reading uninitialized.
+inline __m512 round_to_bf16(__m512 x) {
+  typedef uint32_t U __attribute__((vector_size(64)));
+  const U bits = reinterpret_cast<U>(x);
+  const U up = bits + 0x7fffu + ((bits >> 16) & 1u);
+  return reinterpret_cast<__m512>(up & 0xffff0000u);
+}
+
+// p (float32, rows r0.. of a.s) -> bfloat16 pairs of consecutive keys, rounded to nearest
+// even, into p_hi; with kSplitP also the rounding error p - p_hi, rounded, into p_lo.
+template <int RB, bool kSplitP>
+inline void round_weights(const cpuattn::TileStep<float>& a, int64_t r0,
+                          uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
+                          uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  for (int r = 0; r < RB; ++r) {
+    const float* sr = a.s + (r0 + r) * W;
+    for (int64_t c = 0; c < W; c += 32) {
+      const __m512 x0 = _mm512_loadu_ps(sr + c), x1 = _mm512_loadu_ps(sr + c + 16);
+      const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
+      _mm512_storeu_si512(p_hi[r] + c / 2, h);
+      if constexpr (kSplitP) {
+        const __m512 e0 = _mm512_sub_ps(x0, round_to_bf16(x0));
+        const __m512 e1 = _mm512_sub_ps(x1, round_to_bf16(x1));
+        _mm512_storeu_si512(p_lo[r] + c / 2,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+      }
+    }
+  }
+}
+
+// o[r0 + r, e0 : e0 + CB * 16] += p . V for RB rows, p = p_hi (+ p_lo with kSplitP);
+// `tail` masks the last vector's columns.
+template <int RB, int CB, bool kSplitP>
+inline void pv_block_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int64_t e0,
+                          const uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
+                          const uint32_t (*p_lo)[cpuattn::kTileKeys / 2], __mmask16 tail) {
+  constexpr int64_t L = 16;
+  const int64_t key_pairs = (a.cols + 1) / 2;
+  __m512 acc[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    float* o = a.o + (r0 + r) * a.dv + e0;
+    for (int c = 0; c < CB; ++c) {
+      acc[r][c] = c + 1 < CB ? _mm512_loadu_ps(o + c * L) : _mm512_maskz_loadu_ps(tail, o + c * L);
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t j = 0; j < key_pairs; ++j) {
+    __m512i vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(a.v2 + j * a.v2_ld + e0 + c * L);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i p = _mm512_set1_epi32(static_cast<int>(p_hi[r][j]));
+      for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], p, vv[c]);
+      if constexpr (kSplitP) {
+        const __m512i p_rest = _mm512_set1_epi32(static_cast<int>(p_lo[r][j]));
+        for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], p_rest, vv[c]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float* o = a.o + (r0 + r) * a.dv + e0;
+    for (int c = 0; c < CB; ++c) {
+      if (c + 1 < CB) {
+        _mm512_storeu_ps(o + c * L, acc[r][c]);
+      } else {
+        _mm512_mask_storeu_ps(o + c * L, tail, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Packed V rows are a.v2_ld >= dv wide, a whole number of vectors, zero past dv: the last
+// vector of a row reads padding and only its first dv % 16 lanes are kept.
+template <int RB, bool kSplitP>
+inline void pv_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
+  constexpr int64_t L = 16;
+  const __mmask16 all = 0xffff;
+  uint32_t p_hi[RB][cpuattn::kTileKeys / 2], p_lo[kSplitP ? RB : 1][cpuattn::kTileKeys / 2];
+  round_weights<RB, kSplitP>(a, r0, p_hi, p_lo);
+  int64_t e0 = 0;
+  for (; e0 + 4 * L <= a.dv; e0 += 4 * L) pv_block_bf16<RB, 4, kSplitP>(a, r0, e0, p_hi, p_lo, all);
+  for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block_bf16<RB, 2, kSplitP>(a, r0, e0, p_hi, p_lo, all);
+  for (; e0 < a.dv; e0 += L) {
+    const int64_t left = a.dv - e0;
+    const __mmask16 tail = left >= L ? all : static_cast<__mmask16>((1u << left) - 1);
+    pv_block_bf16<RB, 1, kSplitP>(a, r0, e0, p_hi, p_lo, tail);
+  }
+}
+
+// Whether packed V holds an inf or NaN (exponent bits all ones) in its first `pair_rows` rows.
+inline bool tile_v2_has_nonfinite(const cpuattn::TileStep<float>& a, int64_t pair_rows) {
+  uint32_t found = 0;
+  for (int64_t j = 0; j < pair_rows; ++j) {
+    const uint32_t* row = a.v2 + j * a.v2_ld;
+    for (int64_t e = 0; e < a.dv; ++e) {
+      found |= (row[e] & 0x7f80u) == 0x7f80u;
+      found |= (row[e] & 0x7f800000u) == 0x7f800000u;
+    }
+  }
+  return found != 0;
+}
+
+// P.V skipping weights of exactly 0 (see pv_rows_skip_zero_weights), from packed pairs, with
+// p rounded as in the fast path (or kept whole, as the split p_hi + p_lo nearly is).
+inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, int64_t r0,
+                                           int64_t r1) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = a.o + r * a.dv;
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const float p = a.s[r * W + j];
+      if (p == 0.0f) continue;
+      const float p16 = a.split_p ? p : cpuattn::bf16_to_f32(cpuattn::f32_to_bf16(p));
+      const uint32_t* row = a.v2 + (j / 2) * a.v2_ld;
+      const int shift = j % 2 ? 16 : 0;
+      for (int64_t e = 0; e < a.dv; ++e) o[e] += p16 * cpuattn::bf16_to_f32(uint16_t(row[e] >> shift));
+    }
+  }
+}
+
+template <int RB>
+inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v_nonfinite) {
+  if (a.q_lo) {
+    score_rows_bf16<RB, true>(a, r0);
+  } else {
+    score_rows_bf16<RB, false>(a, r0);
+  }
+  if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
+  mask_rows(a, r0, r0 + RB);
+  if (softmax_rows(a, r0, r0 + RB)) {
+    if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
+    if (v_nonfinite) {
+      pv_rows_bf16_skip_zero_weights(a, r0, r0 + RB);
+      return;
+    }
+  }
+  if (a.split_p) {
+    pv_rows_bf16<RB, true>(a, r0);
+  } else {
+    pv_rows_bf16<RB, false>(a, r0);
+  }
+}
+
+inline void tile_step_bf16(const cpuattn::TileStep<float>& a) {
+  int v_nonfinite = -1;
+  int64_t r = 0;
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows_bf16<kRowBlock>(a, r, v_nonfinite);
+  for (; r + 4 <= a.rows; r += 4) step_rows_bf16<4>(a, r, v_nonfinite);
+  for (; r < a.rows; ++r) step_rows_bf16<1>(a, r, v_nonfinite);
+}
+
+// K rows [0, cols) (bfloat16, ld elements apart) -> K^T pairs: kt[e * kTileKeys + j] holds
+// K[j, 2e] (low half) and K[j, 2e + 1] (high half), zero past cols and past d (to `pairs`
+// rows). When rows start on 4-byte boundaries and d is even this is a 32-bit transpose, the
+// float32 packing's code.
+void pack_bf16_keys(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
+                    uint32_t* kt) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  const int64_t d_pairs = (d + 1) / 2;
+  if (d % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0) {
+    pack_keys<uint32_t>(reinterpret_cast<const uint32_t*>(k), ld / 2, cols, d_pairs, kt);
+  } else {
+    for (int64_t e = 0; e < d_pairs; ++e) {
+      for (int64_t j = 0; j < W; ++j) {
+        uint32_t pair = 0;
+        if (j < cols) {
+          const uint16_t* row = k + j * ld;
+          pair = row[2 * e] | (2 * e + 1 < d ? uint32_t(row[2 * e + 1]) << 16 : 0u);
+        }
+        kt[e * W + j] = pair;
+      }
+    }
+  }
+  for (int64_t i = d_pairs * W; i < pairs * W; ++i) kt[i] = 0;
+}
+
+// V rows [0, cols) (bfloat16, ld elements apart) -> pairs of consecutive keys:
+// vt[(j / 2) * width + e] holds V[j, e] in its low (even j) or high (odd j) half; zero past
+// dv (to width) and past cols, to a whole 16 pairs (the rows one AMX tile reads).
+void pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
+                      uint32_t* vt) {
+  const int64_t key_pairs = (cols + 1) / 2, padded = (key_pairs + 15) / 16 * 16;
+  for (int64_t i = key_pairs * width; i < padded * width; ++i) vt[i] = 0;
+  for (int64_t j = 0; j < key_pairs; ++j) {
+    const uint16_t* even = v + 2 * j * ld;
+    const uint16_t* odd = 2 * j + 1 < cols ? even + ld : nullptr;
+    uint32_t* dst = vt + j * width;
+    int64_t e = 0;
+    for (; e + 32 <= dv; e += 32) {  // interleave 32 columns of the two rows
+      const __m512i x = _mm512_loadu_si512(even + e);
+      const __m512i y = odd ? _mm512_loadu_si512(odd + e) : _mm512_setzero_si512();
+      const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,
+                                              41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
+                                              34, 2, 33, 1, 32, 0);
+      const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+      _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x, lo_idx, y));
+      _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
+    }
+    for (; e < dv; ++e) dst[e] = uint32_t(even[e]) | (odd ? uint32_t(odd[e]) << 16 : 0u);
+    for (; e < width; ++e) dst[e] = 0;
+  }
+}
