@@ -30,7 +30,11 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
 }
+#endif
+#if CPUATTN_HAVE_BF16_KERNELS
 bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+#endif
+#if CPUATTN_HAVE_AMX_KERNELS
 // AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22), and Linux's permission to use the tile
 // data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA; Linux 5.16+): without it
 // the first tile instruction would fault. Asked once; the answer holds for the process.
@@ -56,7 +60,11 @@ const Candidate kCandidates[] = {
 #if CPUATTN_HAVE_X86_KERNELS
     {&kAvx2Kernels, &has_avx2},
     {&kAvx512Kernels, &has_avx512},
+#endif
+#if CPUATTN_HAVE_BF16_KERNELS
     {&kAvx512Bf16Kernels, &has_avx512_bf16},
+#endif
+#if CPUATTN_HAVE_AMX_KERNELS
     {&kAvx512AmxKernels, &has_avx512_amx},
 #endif
 };

@@ -81,7 +81,11 @@ extern const KernelSet kScalarKernels;
 #if CPUATTN_HAVE_X86_KERNELS
 extern const KernelSet kAvx2Kernels;
 extern const KernelSet kAvx512Kernels;
+#endif
+#if CPUATTN_HAVE_BF16_KERNELS
 extern const KernelSet kAvx512Bf16Kernels;
+#endif
+#if CPUATTN_HAVE_AMX_KERNELS
 extern const KernelSet kAvx512AmxKernels;
 #endif
 
