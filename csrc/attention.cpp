@@ -436,12 +436,16 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
   Operands how = p.kv_dtype == p.dtype ? Operands::Native : Operands::Converted;
   int64_t pairs = (p.d + 1) / 2;
+  void (*tiles_begin)() = nullptr;
+  void (*tiles_end)() = nullptr;
   if constexpr (std::is_same_v<T, float>) {
     if (p.kv_dtype == DType::BF16 && !p.additive_w) {
       if (kernels.step_bf16_tiles && p.dv % 16 == 0) {
         how = Operands::Bf16Pairs;
         step = kernels.step_bf16_tiles;
         pairs = (pairs + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
+        tiles_begin = kernels.tiles_begin;
+        tiles_end = kernels.tiles_end;
       } else if (kernels.step_bf16) {
         how = Operands::Bf16Pairs;
         step = kernels.step_bf16;
@@ -492,16 +496,20 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
 #pragma omp parallel num_threads(threads)
   {
     Scratch<T>& sc = scratch[omp_get_thread_num()];
+    if (tiles_begin) tiles_begin();
     // Dynamic: causal and windowed items differ in cost. Any schedule gives the same bits.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+    if (tiles_end) tiles_end();
     if (chunks > 1) {
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < items; ++item) merge(item);
     }
   }
 #else
+  if (tiles_begin) tiles_begin();
   for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
+  if (tiles_end) tiles_end();
   for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item);
 #endif
 }

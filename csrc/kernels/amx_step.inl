@@ -15,9 +15,8 @@ constexpr int64_t kAmxOutColumns = 16;  // float32 in a 64-byte tile row
 // read: a barrier first, so buffers written by plain stores are complete.
 inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
 
-// Palette 1, all 8 tiles 16 rows x 64 bytes. Loaded per call: the configuration is per thread
-// and other code in the same thread (another AMX library) may have changed it.
-inline void configure_tiles() {
+// Palette 1, all 8 tiles 16 rows x 64 bytes, for this thread (KernelSet::tiles_begin).
+void configure_tiles() {
   struct alignas(64) Config {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -134,8 +133,9 @@ inline void scale_scores(const cpuattn::TileStep<float>& a, int64_t r0, int64_t 
   }
 }
 
+void release_tiles() { _tile_release(); }
+
 void tile_step_amx(const cpuattn::TileStep<float>& a) {
-  configure_tiles();
   int v_nonfinite = -1;
   // V pair rows the tile unit reads: whole 16-pair chunks (pack_bf16_values zero-fills them).
   const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
@@ -163,5 +163,4 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
       pv_rows_amx<false>(a, r0, n);
     }
   }
-  _tile_release();
 }

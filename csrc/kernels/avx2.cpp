@@ -12,5 +12,6 @@ extern const KernelSet kAvx2Kernels = {"avx2", &tile_step<float>, &tile_step<dou
                                              &pack_keys<float>, &pack_keys<double>,
                                              &convert_f16_rows, &convert_bf16_rows,
                                              &exp_array<float>, &exp_array<double>,
-                                             nullptr, nullptr, nullptr, nullptr};
+                                             nullptr, nullptr, nullptr, nullptr,
+                                             nullptr, nullptr};
 }  // namespace cpuattn

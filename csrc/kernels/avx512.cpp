@@ -14,5 +14,6 @@ extern const KernelSet kAvx512Kernels = {"avx512", &tile_step<float>, &tile_step
                                              &pack_keys<float>, &pack_keys<double>,
                                              &convert_f16_rows, &convert_bf16_rows,
                                              &exp_array<float>, &exp_array<double>,
-                                             nullptr, nullptr, nullptr, nullptr};
+                                             nullptr, nullptr, nullptr, nullptr,
+                                             nullptr, nullptr};
 }  // namespace cpuattn

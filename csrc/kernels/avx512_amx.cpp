@@ -18,6 +18,6 @@ namespace cpuattn {
 extern const KernelSet kAvx512AmxKernels = {
     "avx512_amx",         &tile_step<float>,     &tile_step<double>, &pack_keys<float>,
     &pack_keys<double>,   &convert_f16_rows,     &convert_bf16_rows, &exp_array<float>,
-    &exp_array<double>,   nullptr,               &tile_step_amx,     &pack_bf16_keys,
-    &pack_bf16_values};
+    &exp_array<double>,   nullptr,               &tile_step_amx,     &configure_tiles,
+    &release_tiles,       &pack_bf16_keys,       &pack_bf16_values};
 }  // namespace cpuattn

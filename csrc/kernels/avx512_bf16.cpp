@@ -17,6 +17,6 @@ namespace cpuattn {
 extern const KernelSet kAvx512Bf16Kernels = {
     "avx512_bf16",        &tile_step<float>,     &tile_step<double>, &pack_keys<float>,
     &pack_keys<double>,   &convert_f16_rows,     &convert_bf16_rows, &exp_array<float>,
-    &exp_array<double>,   &tile_step_bf16,       nullptr,            &pack_bf16_keys,
-    &pack_bf16_values};
+    &exp_array<double>,   &tile_step_bf16,       nullptr,            nullptr,
+    nullptr,              &pack_bf16_keys,       &pack_bf16_values};
 }  // namespace cpuattn

@@ -67,6 +67,11 @@ struct KernelSet {
   // The same on AMX tiles (nullptr where absent): needs Dv % 16 == 0 and d_pairs a multiple
   // of kAmxPairs, the pairs past D zero. Preferred over step_bf16 where both exist.
   void (*step_bf16_tiles)(const TileStep<float>&);
+  // Each thread calls tiles_begin before its first step_bf16_tiles of a call and tiles_end
+  // after its last: the tile configuration is per thread state, and other code in the same
+  // thread may use another one between calls.
+  void (*tiles_begin)();
+  void (*tiles_end)();
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);
