@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -343,14 +344,14 @@ class Driver {
     uint32_t* lo = sc.q_lo.data() + r * pairs_;
     std::fill(hi + p_.d / 2, hi + pairs_, 0u);
     std::fill(lo + p_.d / 2, lo + pairs_, 0u);
+    // A pair of consecutive bfloat16 is their 4 bytes in memory (little-endian, as x86).
+    if (p_.q_dtype == DType::BF16) {
+      std::memcpy(hi, static_cast<const uint16_t*>(p_.q.data) + src, p_.d * sizeof(uint16_t));
+      return;
+    }
     for (int64_t e = 0; e < p_.d; ++e) {
       uint32_t h, l;
-      if (p_.q_dtype == DType::BF16) {
-        h = static_cast<const uint16_t*>(p_.q.data)[src + e];
-        l = 0;
-      } else {
-        split_bf16(load_as<float>(p_.q.data, p_.q_dtype, src + e), h, l);
-      }
+      split_bf16(load_as<float>(p_.q.data, p_.q_dtype, src + e), h, l);
       const int shift = e % 2 ? 16 : 0;
       hi[e / 2] = (e % 2 ? hi[e / 2] : 0) | h << shift;
       lo[e / 2] = (e % 2 ? lo[e / 2] : 0) | l << shift;
@@ -401,6 +402,9 @@ class Driver {
     if (p_.out_dtype == p_.dtype) {
       T* dst = static_cast<T*>(out) + base;
       for (int64_t e = 0; e < p_.dv; ++e) dst[e] = o[e] * inv;
+    } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
+      uint16_t* dst = static_cast<uint16_t*>(out) + base;
+      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = f32_to_bf16(float(o[e] * inv));
     } else {
       for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
     }
