@@ -43,7 +43,14 @@ FULL = [
     # A padded cache: baselines have no per-batch lengths, so only cpuattn is timed.
     Case("decode B=8 mixed lengths", 8, 32, 8, 1, 4096, 128,
          options={"kv_lengths": (512, 4096, 1024, 3000, 77, 4096, 2048, 100)}),
+    # Half precision (issue 5): compare with the float32 rows L=2048 and decode GQA above.
+    Case("bf16 L=2048", 1, 8, 8, 2048, 2048, 64, q_dtype="bfloat16", kv_dtype="bfloat16"),
+    Case("f16 L=2048", 1, 8, 8, 2048, 2048, 64, q_dtype="float16", kv_dtype="float16"),
+    Case("bf16 decode GQA", 1, 32, 8, 1, 16384, 128, q_dtype="bfloat16", kv_dtype="bfloat16"),
+    Case("f32 q, bf16 cache decode GQA", 1, 32, 8, 1, 16384, 128, kv_dtype="bfloat16"),
 ]
+HALF_VS_FLOAT32 = {"bf16 L=2048": "L=2048", "f16 L=2048": "L=2048",
+                   "bf16 decode GQA": "decode GQA", "f32 q, bf16 cache decode GQA": "decode GQA"}
 QUICK = [FULL[1], FULL[7], FULL[9], FULL[12]]
 MAX_NAIVE_SCORES = 2**28  # skip the O(L^2) baseline past 1 GiB of float32 scores
 
@@ -57,13 +64,14 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
     row["ms"]["cpuattn"] = 1e3 * _bench.median_seconds(lambda: attention(q, k, v, **kw), repeats)
     if case.options:  # options the baselines lack (kv_lengths, softcap, ALiBi): cpuattn only
         return finish_row(row, case, peak)
-    if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
+    half = case.kv_dtype != "float32"  # NumPy and this onnxruntime graph: float32 only
+    if not half and case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
         row["ms"]["numpy naive"] = 1e3 * _bench.median_seconds(
             lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), repeats)
     torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
     if torch_run is not None:
         row["ms"]["torch sdpa"] = 1e3 * _bench.median_seconds(torch_run, repeats)
-    if case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
+    if not half and case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
         ort_run = _bench.onnxruntime_runner(q, k, v, case.causal, case.window)
         if ort_run is not None:
             row["ms"]["onnxruntime"] = 1e3 * _bench.median_seconds(ort_run, repeats)
@@ -187,6 +195,23 @@ def varlen_vs_padded(repeats: int) -> dict:
             "work_ratio": 16 * longest**2 / float((lengths.astype(float) ** 2).sum())}
 
 
+def half_markdown(rows) -> str:
+    """Each half-precision row against its float32 twin (same shape) and torch in the same dtype."""
+    by_name = {r["case"]: r for r in rows}
+    lines = []
+    for name, twin in HALF_VS_FLOAT32.items():
+        if name not in by_name or twin not in by_name:
+            continue
+        r, f = by_name[name], by_name[twin]
+        ours = r["ms"]["cpuattn"]
+        line = (f"- {name}: {ours:.2f} ms, {f['ms']['cpuattn'] / ours:.2f}x cpuattn float32 "
+                f"({twin} {f['ms']['cpuattn']:.2f} ms)")
+        if "torch sdpa" in r["ms"]:
+            line += f", {r['ms']['torch sdpa'] / ours:.2f}x torch SDPA in the same dtype"
+        lines.append(line)
+    return "\n".join(["", *lines]) if lines else ""
+
+
 def extras_markdown(x: dict) -> str:
     s, d = x["scaling"], x["decode"]
     lines = ["", f"- threads: {s['case']} (1, 8, 4096, 64) takes {s['ms_1']:.1f} ms on 1 thread, "
@@ -234,6 +259,7 @@ def main(argv=None) -> int:
     print("[extras] threads, decode bandwidth, memory ...", file=sys.stderr, flush=True)
     more = extras(args.repeats, args.quick)
     print(markdown(rows, peak))
+    print(half_markdown(rows))
     print(extras_markdown(more))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,7 +16,10 @@ from ._api import attention
 
 @dataclass(frozen=True)
 class Case:
-    """One attention problem: q (b, hq, lq, d), k/v (b, hkv, lk, d), float32."""
+    """One attention problem: q (b, hq, lq, d), k/v (b, hkv, lk, d).
+
+    kv_dtype: "float32", "float16" or "bfloat16" for k and v; q_dtype the same or float32.
+    """
 
     name: str
     b: int
@@ -28,13 +31,16 @@ class Case:
     causal: bool = False
     window: Optional[Tuple[int, int]] = None
     options: Dict = field(default_factory=dict)
+    q_dtype: str = "float32"
+    kv_dtype: str = "float32"
 
     def inputs(self, seed: int = 0):
         rng = np.random.default_rng(seed)
         q = rng.standard_normal((self.b, self.hq, self.lq, self.d), dtype=np.float32)
         k = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
         v = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
-        return q, k, v
+        return (q.astype(_dtype(self.q_dtype)), k.astype(_dtype(self.kv_dtype)),
+                v.astype(_dtype(self.kv_dtype)))
 
     def kwargs(self):
         return {"causal": self.causal, "window": self.window, **self.options}
@@ -63,7 +69,16 @@ class Case:
 
     def kv_bytes(self) -> int:
         """Bytes of valid K and V: what a decode step must read at least once."""
-        return 2 * self.hkv * self.d * 4 * sum(self.key_lengths())
+        itemsize = _dtype(self.kv_dtype).itemsize
+        return 2 * self.hkv * self.d * itemsize * sum(self.key_lengths())
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
@@ -128,7 +143,14 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
         import torch.nn.functional as F
     except ImportError:
         return None
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    def tensor(x):  # bfloat16 (ml_dtypes) has no torch.from_numpy: go through float32
+        if x.dtype.name == "bfloat16":
+            return torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(x)
+
+    tq, tk, tv = (tensor(x) for x in (q, k, v))
+    if tq.dtype != tk.dtype:  # torch needs one dtype: a float32 q on a half cache is cast
+        tq = tq.to(tk.dtype)
     lq, lk = q.shape[-2], k.shape[-2]
     kw = {"enable_gqa": q.shape[-3] != k.shape[-3]}
     if window is not None or (causal and lq != lk):
@@ -249,4 +271,4 @@ def max_error_vs_float64(case: Case, out: np.ndarray) -> float:
     """Max |out - exact| / max |exact|, the exact result from float64 inputs (NumPy backend)."""
     q, k, v = (x.astype(np.float64) for x in case.inputs())
     exact = attention(q, k, v, backend="numpy", **case.kwargs())
-    return float(np.abs(out - exact).max() / np.abs(exact).max())
+    return float(np.abs(out.astype(np.float64) - exact).max() / np.abs(exact).max())
