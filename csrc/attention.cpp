@@ -147,6 +147,13 @@ class Driver {
     group_ = p.hq / p.hkv;
     rows_per_head_group_ = p.lq * group_;
     tiles_ = (rows_per_head_group_ + kTileRows - 1) / kTileRows;
+    // AMX can take K rows as they are when each K/V tile is used once (a single query tile
+    // per head: no packed tile to reuse), D fills whole 32-element chunks and rows go forward.
+    const size_t nb = p.batch_shape.size();
+    const bool on_tiles = how == Operands::Bf16Pairs && pairs % kAmxPairs == 0 &&
+                          kernels.step_bf16_tiles && p.dv % 16 == 0;  // as run() chose
+    keys_in_place_ = on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
+                     p.k.strides[nb + 1] > 0;
   }
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
@@ -234,9 +241,15 @@ class Driver {
       if (how_ == Operands::Bf16Pairs) {
         const auto* k16 = static_cast<const uint16_t*>(p_.k.data) + k_base + j0 * k_ld;
         const auto* v16 = static_cast<const uint16_t*>(p_.v.data) + v_base + j0 * v_ld;
-        step.kt2 = sc.keys2.get(owner, j0 / kTileKeys, sc.kt2.data(), [&](uint32_t* dst) {
-          kernels_.pack_bf16_keys(k16, k_ld, packed_cols, p_.d, pairs_, dst);
-        });
+        // Decode on tiles: K rows read in place when a whole tile lies inside the array.
+        const bool in_place = keys_in_place_ && j0 + kTileKeys <= p_.lk;
+        step.k_rows = in_place ? k16 : nullptr;
+        step.k_ld = k_ld;
+        if (!in_place) {
+          step.kt2 = sc.keys2.get(owner, j0 / kTileKeys, sc.kt2.data(), [&](uint32_t* dst) {
+            kernels_.pack_bf16_keys(k16, k_ld, packed_cols, p_.d, pairs_, dst);
+          });
+        }
         step.v2 = sc.values2.get(owner, j0 / kTileKeys, sc.v2.data(), [&](uint32_t* dst) {
           kernels_.pack_bf16_values(v16, v_ld, packed_cols, p_.dv, step.v2_ld, dst);
         });
@@ -420,6 +433,7 @@ class Driver {
   const KernelSet& kernels_;
   Operands how_;
   int64_t pairs_;
+  bool keys_in_place_ = false;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   Convert convert_;

@@ -66,6 +66,52 @@ inline void score_block_amx(const cpuattn::TileStep<float>& a, int64_t r0) {
   _tile_stored(3, s + 48, k_stride);
 }
 
+// The same scores from K rows in place (decode: no K^T packing, which cost as much as the
+// rest of the step): S^T = K . q^T with K rows as the A operand and q^T pairs as B, one
+// 16-key block per output tile, then S^T transposed into s for the real rows [r0, r0 + n).
+template <bool kSplitQ>
+inline void score_block_amx_in_place(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n) {
+  constexpr int64_t W = cpuattn::kTileKeys, P = cpuattn::kAmxPairs;
+  alignas(64) uint32_t qt_hi[P][kAmxRows], qt_lo[kSplitQ ? P : 1][kAmxRows];
+  alignas(64) float st[W][kAmxRows];
+  const int64_t k_stride = a.k_ld * 2;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t e = 0; e < a.d_pairs; e += P) {
+    for (int64_t pe = 0; pe < P; ++pe) {  // q^T pairs of this chunk, zero for padding rows
+      for (int64_t r = 0; r < kAmxRows; ++r) {
+        qt_hi[pe][r] = r < n ? a.q_hi[(r0 + r) * a.d_pairs + e + pe] : 0;
+        if constexpr (kSplitQ) qt_lo[pe][r] = r < n ? a.q_lo[(r0 + r) * a.d_pairs + e + pe] : 0;
+      }
+    }
+    memory_barrier();
+    _tile_loadd(4, qt_hi, kAmxRows * 4);
+    if constexpr (kSplitQ) _tile_loadd(6, qt_lo, kAmxRows * 4);
+    const uint16_t* k = a.k_rows + 2 * e;
+    for (int kb = 0; kb < 4; ++kb) {
+      // Tile numbers are immediates: one branch per output tile.
+      const uint16_t* rows = k + kb * kAmxRows * a.k_ld;
+      _tile_loadd(5, rows, k_stride);
+      switch (kb) {
+        case 0: _tile_dpbf16ps(0, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(0, 5, 6); break;
+        case 1: _tile_dpbf16ps(1, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(1, 5, 6); break;
+        case 2: _tile_dpbf16ps(2, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(2, 5, 6); break;
+        default: _tile_dpbf16ps(3, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(3, 5, 6); break;
+      }
+    }
+  }
+  _tile_stored(0, st[0], kAmxRows * 4);
+  _tile_stored(1, st[16], kAmxRows * 4);
+  _tile_stored(2, st[32], kAmxRows * 4);
+  _tile_stored(3, st[48], kAmxRows * 4);
+  for (int64_t r = 0; r < n; ++r) {
+    float* s = a.s + (r0 + r) * W;
+    for (int64_t j = 0; j < W; ++j) s[j] = st[j][r];
+  }
+}
+
 // Multiplies tile register `t` (already holding o's block) by p . V for key chunk `chunk`
 // (32 keys): A = p_hi (tile 4) and p_lo (tile 6), already loaded; B = V pairs (tile 5).
 #define CPUATTN_AMX_PV(t, split)                                                   \
@@ -141,7 +187,13 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
   const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
   for (int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) {
     const int64_t n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
-    if (a.q_lo) {
+    if (a.k_rows) {
+      if (a.q_lo) {
+        score_block_amx_in_place<true>(a, r0, n);
+      } else {
+        score_block_amx_in_place<false>(a, r0, n);
+      }
+    } else if (a.q_lo) {
       score_block_amx<true>(a, r0);
     } else {
       score_block_amx<false>(a, r0);
