@@ -35,7 +35,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
         (integer, complex, other mixes) is a ``TypeError``. Half inputs are computed in float32
         (scores, softmax, accumulation); max error against float64 on the same rounded
         inputs, tested up to L = 4096: 2e-3 x max|v| (float16 output), 1e-2 x max|v|
-        (bfloat16 output), float32 accuracy with ``out_dtype=np.float32``.
+        (bfloat16 output), float32 accuracy with ``out_dtype=np.float32`` or a float32 ``q``
+        (bfloat16 products on AMX / AVX512-BF16 then split q and the weights in hi + lo).
         ``*batch`` is any number of dims and must be equal for q, k and v. ``Hq % Hkv == 0``:
         query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA; ``Hkv == 1`` is MQA), and K/V
         are never repeated in memory. ``Lq != Lk`` and ``Dv != D`` are fine.
