@@ -73,8 +73,6 @@ class TileCache {
   int64_t tile_elems_ = 0;
 };
 
-// Per-thread buffers, sized once per call: O(tile) plus the capped tile caches, never
-// O(Lq x Lk).
 // How K and V reach the kernel: in the compute type, converted from half to float32, or as
 // bfloat16 pairs for the kernels' bfloat16 dot products.
 enum class Operands { Native, Converted, Bf16Pairs };
@@ -82,6 +80,8 @@ enum class Operands { Native, Converted, Bf16Pairs };
 // Width of a packed bfloat16 V row: Dv rounded up to whole 16-lane vectors.
 int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
 
+// Per-thread buffers, sized once per call: O(tile) plus the capped tile caches, never
+// O(Lq x Lk).
 template <typename T>
 struct Scratch {
   std::vector<T> q, kt, vt, stage, s, o, m, l;
@@ -137,8 +137,9 @@ class Driver {
   using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
   using Convert = void (*)(const uint16_t*, int64_t, int64_t, int64_t, float*);
   // convert: the ISA's half -> float row conversion for p.kv_dtype (float compute only).
-  // pairs: D's bfloat16 pairs padded for the kernel (Operands::Bf16Pairs).
-  Driver(const Params& p, const KernelSet& kernels, Operands how, int64_t pairs,
+  // pairs: D's bfloat16 pairs padded for the kernel, on_tiles: `step` is the AMX step
+  // (Operands::Bf16Pairs).
+  Driver(const Params& p, const KernelSet& kernels, Operands how, int64_t pairs, bool on_tiles,
          void (*step)(const TileStep<T>&), Pack pack, Convert convert)
       : p_(p), kernels_(kernels), how_(how), pairs_(pairs), step_(step), pack_(pack),
         convert_(convert) {
@@ -150,8 +151,6 @@ class Driver {
     // AMX can take K rows as they are when each K/V tile is used once (a single query tile
     // per head: no packed tile to reuse), D fills whole 32-element chunks and rows go forward.
     const size_t nb = p.batch_shape.size();
-    const bool on_tiles = how == Operands::Bf16Pairs && pairs % kAmxPairs == 0 &&
-                          kernels.step_bf16_tiles && p.dv % 16 == 0;  // as run() chose
     keys_in_place_ = on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
                      p.k.strides[nb + 1] > 0;
   }
@@ -454,6 +453,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
   Operands how = p.kv_dtype == p.dtype ? Operands::Native : Operands::Converted;
   int64_t pairs = (p.d + 1) / 2;
+  bool on_tiles = false;
   void (*tiles_begin)() = nullptr;
   void (*tiles_end)() = nullptr;
   if constexpr (std::is_same_v<T, float>) {
@@ -461,6 +461,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
       if (kernels.step_bf16_tiles && p.dv % 16 == 0) {
         how = Operands::Bf16Pairs;
         step = kernels.step_bf16_tiles;
+        on_tiles = true;
         pairs = (pairs + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
         tiles_begin = kernels.tiles_begin;
         tiles_end = kernels.tiles_end;
@@ -470,7 +471,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
       }
     }
   }
-  const Driver<T> driver(p, kernels, how, pairs, step, pack,
+  const Driver<T> driver(p, kernels, how, pairs, on_tiles, step, pack,
                          p.kv_dtype == DType::BF16 ? kernels.convert_bf16 : kernels.convert_f16);
   const int64_t items = driver.work_items();
   if (items == 0) return;
