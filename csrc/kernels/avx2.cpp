@@ -10,10 +10,5 @@ namespace {
 }  // namespace
 
 namespace cpuattn {
-extern const KernelSet kAvx2Kernels = {"avx2", &tile_step<float>, &tile_step<double>,
-                                             &pack_keys<float>, &pack_keys<double>,
-                                             &convert_f16_rows, &convert_bf16_rows,
-                                             &exp_array<float>, &exp_array<double>,
-                                             nullptr, nullptr, nullptr, nullptr,
-                                             nullptr, nullptr};
+extern const KernelSet kAvx2Kernels = portable_kernels("avx2");
 }  // namespace cpuattn

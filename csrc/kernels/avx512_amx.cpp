@@ -12,12 +12,17 @@ namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
 #include "kernels/amx_step.inl"
+constexpr cpuattn::KernelSet amx_kernels() {
+  cpuattn::KernelSet k = portable_kernels("avx512_amx");
+  k.step_bf16_tiles = &tile_step_amx;
+  k.tiles_begin = &configure_tiles;
+  k.tiles_end = &release_tiles;
+  k.pack_bf16_keys = &pack_bf16_keys;
+  k.pack_bf16_values = &pack_bf16_values;
+  return k;
+}
 }  // namespace
 
 namespace cpuattn {
-extern const KernelSet kAvx512AmxKernels = {
-    "avx512_amx",         &tile_step<float>,     &tile_step<double>, &pack_keys<float>,
-    &pack_keys<double>,   &convert_f16_rows,     &convert_bf16_rows, &exp_array<float>,
-    &exp_array<double>,   nullptr,               &tile_step_amx,     &configure_tiles,
-    &release_tiles,       &pack_bf16_keys,       &pack_bf16_values};
+extern const KernelSet kAvx512AmxKernels = amx_kernels();
 }  // namespace cpuattn

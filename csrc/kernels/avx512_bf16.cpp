@@ -11,12 +11,15 @@
 namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
+constexpr cpuattn::KernelSet bf16_kernels() {
+  cpuattn::KernelSet k = portable_kernels("avx512_bf16");
+  k.step_bf16 = &tile_step_bf16;
+  k.pack_bf16_keys = &pack_bf16_keys;
+  k.pack_bf16_values = &pack_bf16_values;
+  return k;
+}
 }  // namespace
 
 namespace cpuattn {
-extern const KernelSet kAvx512Bf16Kernels = {
-    "avx512_bf16",        &tile_step<float>,     &tile_step<double>, &pack_keys<float>,
-    &pack_keys<double>,   &convert_f16_rows,     &convert_bf16_rows, &exp_array<float>,
-    &exp_array<double>,   &tile_step_bf16,       nullptr,            nullptr,
-    nullptr,              &pack_bf16_keys,       &pack_bf16_values};
+extern const KernelSet kAvx512Bf16Kernels = bf16_kernels();
 }  // namespace cpuattn

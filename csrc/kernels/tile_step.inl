@@ -478,3 +478,19 @@ void exp_array(const T* x, T* y, int64_t n) {
   for (; i + S::kLanes <= n; i += S::kLanes) S::store(y + i, fast_exp_vec<T>(S::load(x + i)));
   for (; i < n; ++i) y[i] = fast_exp(x[i]);
 }
+
+// The kernel set of this ISA's portable code; the bfloat16 pair entries stay nullptr unless
+// the includer fills them. constexpr, so every set is constant-initialized before any use.
+constexpr cpuattn::KernelSet portable_kernels(const char* name) {
+  cpuattn::KernelSet k{};
+  k.name = name;
+  k.step_f32 = &tile_step<float>;
+  k.step_f64 = &tile_step<double>;
+  k.pack_f32 = &pack_keys<float>;
+  k.pack_f64 = &pack_keys<double>;
+  k.convert_f16 = &convert_f16_rows;
+  k.convert_bf16 = &convert_bf16_rows;
+  k.exp_f32 = &exp_array<float>;
+  k.exp_f64 = &exp_array<double>;
+  return k;
+}
