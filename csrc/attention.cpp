@@ -153,6 +153,10 @@ class Driver {
     const size_t nb = p.batch_shape.size();
     keys_in_place_ = on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
                      p.k.strides[nb + 1] > 0;
+    // Float K rows are read in place (scores as dot products) for a few query rows per head
+    // with no later query tile to reuse a packed K^T.
+    float_keys_in_place_ = how == Operands::Native && tiles_ == 1 && !p.additive_w &&
+                           rows_per_head_group_ <= kInPlaceMaxRows;
   }
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
@@ -199,6 +203,7 @@ class Driver {
     TileStep<T> step{};
     step.q = sc.q.data();
     step.v_ld = half_kv ? p_.dv : v_ld;
+    step.k_ld = k_ld;
     step.rows = rows;
     step.d = p_.d;
     step.dv = p_.dv;
@@ -243,7 +248,6 @@ class Driver {
         // Decode on tiles: K rows read in place when a whole tile lies inside the array.
         const bool in_place = keys_in_place_ && j0 + kTileKeys <= p_.lk;
         step.k_rows = in_place ? k16 : nullptr;
-        step.k_ld = k_ld;
         if (!in_place) {
           step.kt2 = sc.keys2.get(owner, j0 / kTileKeys, sc.kt2.data(), [&](uint32_t* dst) {
             kernels_.pack_bf16_keys(k16, k_ld, packed_cols, p_.d, pairs_, dst);
@@ -255,15 +259,20 @@ class Driver {
         step_(step);
         continue;
       }
-      step.kt = sc.keys.get(owner, j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
-        if (!half_kv) {
-          pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols, p_.d,
-                dst);
-          return;
-        }
-        convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, packed_cols, p_.d, sc.stage.data());
-        pack_(sc.stage.data(), p_.d, packed_cols, p_.d, dst);
-      });
+      if (float_keys_in_place_) {
+        step.k = static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld;
+        step.prefetch_next = j1 < j_end;
+      } else {
+        step.kt = sc.keys.get(owner, j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
+          if (!half_kv) {
+            pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols,
+                  p_.d, dst);
+            return;
+          }
+          convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, packed_cols, p_.d, sc.stage.data());
+          pack_(sc.stage.data(), p_.d, packed_cols, p_.d, dst);
+        });
+      }
       if (half_kv) {
         step.v = sc.values.get(owner, j0 / kTileKeys, sc.vt.data(), [&](T* dst) {
           convert_rows(p_.v.data, v_base + j0 * v_ld, v_ld, packed_cols, p_.dv, dst);
@@ -433,6 +442,7 @@ class Driver {
   Operands how_;
   int64_t pairs_;
   bool keys_in_place_ = false;
+  bool float_keys_in_place_ = false;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   Convert convert_;

@@ -19,6 +19,11 @@ constexpr int64_t kSumSlots = 16;
 // packing each tile per query tile.
 constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 
+// Query tiles of at most this many rows, with no other query tile of the same head (decode),
+// take their scores from K rows in place instead of packing K^T for them (measured at
+// D = 128, Lk = 16384, GQA 4: faster up to 32 rows, even at 64).
+constexpr int64_t kInPlaceMaxRows = 32;
+
 // AMX tile rows hold 16 bfloat16 pairs: with AMX kernels, q and K are padded to whole
 // multiples of this many pairs along D.
 constexpr int64_t kAmxPairs = 16;

@@ -17,6 +17,8 @@ template <typename T>
 struct TileStep {
   const T* q;       // rows x d, packed row-major, already multiplied by the scale
   const T* kt;      // d x kTileKeys, packed K transposed; columns >= cols are zero
+  const T* k;       // or nullptr: K row of the tile's first key, rows k_ld apart, used in
+                    // place of kt (few query rows; never with additive_w)
   const T* v;       // V row of the tile's first key; rows are v_ld elements apart
   int64_t v_ld;
   int64_t rows, cols, d, dv;
@@ -26,6 +28,7 @@ struct TileStep {
   T* l;             // running row sum of exp(s - m), as kSumSlots partial sums per row
 
   int64_t j0;                  // index of the tile's first key
+  bool prefetch_next;          // the K and V rows kTileKeys on are this thread's next tile
   T softcap;                   // > 0: s -> softcap * tanh(s / softcap), before the mask
   const T* slopes;             // per row ALiBi slope, or nullptr: s -= slope * |diag - j|
   const int64_t* diag;         // per row: i + off, the key on the row's diagonal
@@ -46,7 +49,7 @@ struct TileStep {
   // step_bf16_tiles only, or nullptr: the tile's kTileKeys K rows in place (bfloat16, k_ld
   // elements apart, d_pairs pairs each, all inside the array), used instead of kt2.
   const uint16_t* k_rows;
-  int64_t k_ld;
+  int64_t k_ld;  // for k and k_rows
   T dot_scale;
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 };

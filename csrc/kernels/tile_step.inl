@@ -57,6 +57,110 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
+// The fold tree that turns L vectors of per-lane partial dot products into one vector of L
+// sums: each level adds the two halves of every B-lane block of x and of y and packs the
+// results side by side, so after log2(L) levels over inputs 0..L-1 (paired as 0+1, then
+// (01)+(23), ...) lane i holds the sum of input bitrev(i). 2 shuffles + 1 add per pair.
+constexpr int fold_source(int lane, int block, int lanes) {
+  const int k = lane / block, w = lane % block, h = block / 2;
+  return w < h ? k * block + w : lanes + k * block + (w - h);
+}
+
+template <int B, typename V, int... I>
+inline V fold_level(V x, V y, std::integer_sequence<int, I...>) {
+  constexpr int L = sizeof...(I);
+  return __builtin_shufflevector(x, y, fold_source(I, B, L)...) +
+         __builtin_shufflevector(x, y, (fold_source(I, B, L) + B / 2)...);
+}
+
+// Folds N vectors (a power of two) with levels of block B, B / 2, ...: pairs (0, 1), (2, 3),
+// then pairs of those results, and so on.
+template <int B, int N, typename V>
+inline V fold_tree(const V* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    constexpr int L = sizeof(V) / sizeof(v[0][0]);
+    V next[N / 2];
+    for (int i = 0; i < N / 2; ++i) {
+      next[i] = fold_level<B>(v[2 * i], v[2 * i + 1], std::make_integer_sequence<int, L>{});
+    }
+    return fold_tree<B / 2, N / 2>(next);
+  }
+}
+
+constexpr int bit_reverse(int x, int bits) {
+  int r = 0;
+  for (int b = 0; b < bits; ++b) r |= ((x >> b) & 1) << (bits - 1 - b);
+  return r;
+}
+
+constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
+
+// The fold tree's output (lane i: input bitrev(i)) back in input order; the permutation is
+// its own inverse.
+template <typename V, int... I>
+inline V in_key_order(V v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, bit_reverse(I, log2_of(sizeof...(I)))...);
+}
+
+// Scores from K rows in place (a.k, a.k_ld elements apart), for RB rows: the dot-product
+// form, s[r, j] = q[r, :] . K[j, :], vectorized along D. For a few query rows (decode) this
+// beats packing K^T, which costs a transposing pass over every K tile for only a few rows
+// of products. Keys go L at a time, KB keys x RB rows of accumulators at once, folded part
+// way; the rest of the tree and one permutation give the L scores in key order. The D % L
+// trailing elements are added per score afterwards. With prefetch_next, each K line read
+// asks for the same line of the next tile (into L2): the hardware prefetchers alone left
+// decode at ~60% of the memory bandwidth.
+template <typename T, int RB>
+inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int W = cpuattn::kTileKeys, L = S::kLanes;
+  constexpr int KB = kColBlock < L ? kColBlock : L;  // keys per register block
+  constexpr int kGroups = L / KB;
+  static_assert(W % L == 0 && (L & (L - 1)) == 0, "whole vectors of keys, lanes a power of 2");
+  const T* q = a.q + r0 * a.d;
+  const int64_t d_main = a.d / L * L;
+  for (int64_t jb = 0; jb < a.cols; jb += L) {
+    V folded[RB][kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      const T* k[KB];
+      for (int n = 0; n < KB; ++n) {
+        const int64_t j = jb + g * KB + n;
+        k[n] = a.k + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any valid row, masked later
+      }
+      V acc[RB][KB] = {};
+#pragma GCC unroll 2
+      for (int64_t e = 0; e < d_main; e += L) {
+        V kv[KB];
+        for (int n = 0; n < KB; ++n) {
+          kv[n] = S::load(k[n] + e);
+          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.k_ld, 0, 1);
+        }
+        for (int r = 0; r < RB; ++r) {
+          const V qv = S::load(q + r * a.d + e);
+          for (int n = 0; n < KB; ++n) acc[r][n] += qv * kv[n];
+        }
+      }
+      for (int r = 0; r < RB; ++r) folded[r][g] = fold_tree<L, KB>(acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      V sums = in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
+                            std::make_integer_sequence<int, L>{});
+      if (d_main < a.d) {
+        for (int i = 0; i < L; ++i) {
+          const T* kr = a.k + (jb + i < a.cols ? jb + i : 0) * a.k_ld;
+          T tail = 0;
+          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * kr[e];
+          sums[i] += tail;
+        }
+      }
+      S::store(a.s + (r0 + r) * W + jb, sums);
+    }
+  }
+}
+
 // 1 / x for finite x >= 1: AVX-512 float has a fast estimate refined to full precision;
 // elsewhere divide.
 template <typename V>
@@ -282,7 +386,10 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 #pragma GCC unroll 4
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = S::load(a.v + j * a.v_ld + e0 + c * L);
+    for (int c = 0; c < CB; ++c) {
+      vv[c] = S::load(a.v + j * a.v_ld + e0 + c * L);
+      if (a.prefetch_next) __builtin_prefetch(a.v + (j + W) * a.v_ld + e0 + c * L, 0, 1);
+    }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(a.s[(r0 + r) * W + j]);
       for (int c = 0; c < CB; ++c) acc[r][c] += p * vv[c];
@@ -358,6 +465,8 @@ template <typename T, int RB>
 inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
   if (a.additive_w) {
     additive_score_rows<T, RB>(a, r0);
+  } else if (a.k) {
+    score_rows_in_place<T, RB>(a, r0);
   } else {
     score_rows<T, RB>(a, r0);
   }

@@ -1,0 +1,68 @@
+"""Few query rows per kv head (decode): the native step reads K rows in place and takes each
+score as a dot product along D (a fold tree reduces the per-lane partial sums), instead of
+packing K^T. Up to 16 rows (query positions x heads in a GQA group) take this path; 17 take
+the packed one. Shapes here exercise its edges: D not a multiple of the vector width (the
+scalar tail), partial key tiles, rows at the limit, views with any row stride, float64, and
+inf / NaN in K rows a query never keeps."""
+
+import numpy as np
+import pytest
+from reference import assert_matches, dense_attention
+
+CASES = [  # lq, group, lk, d
+    (1, 1, 1, 1), (1, 4, 7, 13), (1, 8, 129, 40), (2, 8, 700, 80), (4, 4, 65, 256),
+    (16, 1, 200, 17), (1, 16, 1000, 64), (17, 1, 300, 64), (3, 5, 513, 33),
+]
+
+
+def inputs(rng, lq, group, lk, d, dtype, batch=2, hkv=2):
+    q = rng.standard_normal((batch, hkv * group, lq, d)).astype(dtype)
+    k = rng.standard_normal((batch, hkv, lk, d)).astype(dtype)
+    v = rng.standard_normal((batch, hkv, lk, d + 3)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize(("lq", "group", "lk", "d"), CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_few_rows_match_reference(native, rng, lq, group, lk, d, dtype, causal):
+    q, k, v = inputs(rng, lq, group, lk, d, dtype)
+    lengths = np.array([lk, max(1, lk // 3)])
+    out, lse = native(q, k, v, causal=causal, kv_lengths=lengths, return_lse=True)
+    ref, ref_lse = dense_attention(q, k, v, causal=causal, kv_lengths=lengths)
+    assert_matches(out, ref, dtype)
+    assert_matches(lse, ref_lse, dtype, "lse")
+
+
+@pytest.mark.parametrize("d", [13, 64])
+def test_key_row_strides(native, rng, d):
+    """Odd, negative and zero row strides and a transposed base: rows are found one by one."""
+    base = rng.standard_normal((2, 2, 900, d + 5)).astype(np.float32)
+    q = rng.standard_normal((2, 8, 1, d)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 300, 24)).astype(np.float32)
+    views = {
+        "odd stride": base[:, :, ::3, 2:2 + d],
+        "negative stride": base[:, :, ::-3, 1:1 + d],
+        "zero stride": np.broadcast_to(base[:, :, :1, :d], (2, 2, 300, d)),
+        "transposed": np.swapaxes(rng.standard_normal((2, 2, d, 300)).astype(np.float32), -1, -2),
+    }
+    for name, k in views.items():
+        assert_matches(native(q, k, v), dense_attention(q, k, v)[0], np.float32, name)
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_nonfinite_keys_outside_kept_range(native, rng, bad):
+    q, k, v = inputs(rng, 2, 4, 1000, 40, np.float32)
+    lengths = np.array([1000, 333])
+    ref = dense_attention(q, k, v, causal=True, kv_lengths=lengths)[0]
+    k[1, :, 333:, :] = bad  # past kv_lengths: never read, or read and masked
+    k[0, :, 999:, :] = bad  # past the causal diagonal of query 0
+    out = native(q, k, v, causal=True, kv_lengths=lengths)
+    assert_matches(out[1], ref[1], np.float32)
+    assert_matches(out[0, :, :1], ref[0, :, :1], np.float32)
+
+
+def test_huge_scores(native, rng):
+    q, k, v = inputs(rng, 1, 8, 300, 64, np.float32)
+    q *= 1e3
+    assert_matches(native(q, k, v), dense_attention(q, k, v)[0], np.float32)
