@@ -155,8 +155,10 @@ class Driver {
                      p.k.strides[nb + 1] > 0;
     // Float K rows are read in place (scores as dot products) for a few query rows per head
     // with no later query tile to reuse a packed K^T.
-    float_keys_in_place_ = how == Operands::Native && tiles_ == 1 && !p.additive_w &&
-                           rows_per_head_group_ <= kInPlaceMaxRows;
+    const bool few_rows = tiles_ == 1 && rows_per_head_group_ <= kInPlaceMaxRows;
+    float_keys_in_place_ = how != Operands::Bf16Pairs && few_rows && !p.additive_w;
+    // The bfloat16 dot-product step reads K and V rows in place for as few rows.
+    bf16_rows_in_place_ = how == Operands::Bf16Pairs && !on_tiles && few_rows;
   }
 
   int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
@@ -245,6 +247,14 @@ class Driver {
       if (how_ == Operands::Bf16Pairs) {
         const auto* k16 = static_cast<const uint16_t*>(p_.k.data) + k_base + j0 * k_ld;
         const auto* v16 = static_cast<const uint16_t*>(p_.v.data) + v_base + j0 * v_ld;
+        if (bf16_rows_in_place_) {
+          step.k_rows = k16;
+          step.v_rows = v16;
+          step.v_ld = v_ld;
+          step.prefetch_next = j1 < j_end;
+          step_(step);
+          continue;
+        }
         // Decode on tiles: K rows read in place when a whole tile lies inside the array.
         const bool in_place = keys_in_place_ && j0 + kTileKeys <= p_.lk;
         step.k_rows = in_place ? k16 : nullptr;
@@ -259,7 +269,11 @@ class Driver {
         step_(step);
         continue;
       }
-      if (float_keys_in_place_) {
+      if (float_keys_in_place_ && half_kv) {
+        convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, step.cols, p_.d, sc.stage.data());
+        step.k = sc.stage.data();
+        step.k_ld = p_.d;
+      } else if (float_keys_in_place_) {
         step.k = static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld;
         step.prefetch_next = j1 < j_end;
       } else {
@@ -443,6 +457,7 @@ class Driver {
   int64_t pairs_;
   bool keys_in_place_ = false;
   bool float_keys_in_place_ = false;
+  bool bf16_rows_in_place_ = false;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   Convert convert_;

@@ -170,15 +170,179 @@ inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, in
   }
 }
 
+// ---- Few query rows (decode): K and V rows read in place, nothing packed ----
+
+// s[r0 + r, :] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K[j, :] from K rows in place
+// (a.k_rows, k_ld apart): pairs along D are consecutive elements of a K row, so each K
+// vector feeds vdpbf16ps as loaded; the fold tree of tile_step.inl reduces the per-lane
+// sums. The last D % 32 elements are read with a masked load (nothing past a row). With
+// prefetch_next each K line read asks for the next tile's line (into L2).
+template <int RB, bool kSplitQ>
+inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t r0) {
+  constexpr int W = cpuattn::kTileKeys, L = 16, KB = 4, kGroups = L / KB;
+  const int64_t pairs = a.d_pairs, d_main = a.d / 32 * 32, left = a.d - d_main;
+  const __mmask32 k_tail = static_cast<__mmask32>((uint64_t(1) << left) - 1);
+  const __mmask16 q_tail = static_cast<__mmask16>((1u << ((left + 1) / 2)) - 1);
+  const __m512 scale = _mm512_set1_ps(a.dot_scale);
+  for (int64_t jb = 0; jb < a.cols; jb += L) {
+    __m512 folded[RB][kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      const uint16_t* k[KB];
+      for (int n = 0; n < KB; ++n) {
+        const int64_t j = jb + g * KB + n;
+        k[n] = a.k_rows + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any row, masked later
+      }
+      __m512 acc[RB][KB];
+      for (int r = 0; r < RB; ++r) {
+        for (int n = 0; n < KB; ++n) acc[r][n] = _mm512_setzero_ps();
+      }
+      auto accumulate = [&](int64_t e, const __m512i* kv, bool tail) {
+        for (int r = 0; r < RB; ++r) {
+          const uint32_t* qh = a.q_hi + (r0 + r) * pairs + e / 2;
+          const __m512i q = tail ? _mm512_maskz_loadu_epi32(q_tail, qh) : _mm512_loadu_si512(qh);
+          for (int n = 0; n < KB; ++n) acc[r][n] = dot_pairs(acc[r][n], q, kv[n]);
+          if constexpr (kSplitQ) {
+            const uint32_t* ql = a.q_lo + (r0 + r) * pairs + e / 2;
+            const __m512i q2 = tail ? _mm512_maskz_loadu_epi32(q_tail, ql) : _mm512_loadu_si512(ql);
+            for (int n = 0; n < KB; ++n) acc[r][n] = dot_pairs(acc[r][n], q2, kv[n]);
+          }
+        }
+      };
+      for (int64_t e = 0; e < d_main; e += 32) {
+        __m512i kv[KB];
+        for (int n = 0; n < KB; ++n) {
+          kv[n] = _mm512_loadu_si512(k[n] + e);
+          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.k_ld, 0, 1);
+        }
+        accumulate(e, kv, false);
+      }
+      if (left > 0) {
+        __m512i kv[KB];
+        for (int n = 0; n < KB; ++n) kv[n] = _mm512_maskz_loadu_epi16(k_tail, k[n] + d_main);
+        accumulate(d_main, kv, true);
+      }
+      for (int r = 0; r < RB; ++r) folded[r][g] = fold_tree<L, KB>(acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m512 sums = in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
+                                       std::make_integer_sequence<int, L>{});
+      _mm512_storeu_ps(a.s + (r0 + r) * W + jb, _mm512_mul_ps(sums, scale));
+    }
+  }
+}
+
+// 16 bfloat16 (mask: which to read, the rest 0) widened to float32 exactly.
+inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 mask) {
+  typedef uint32_t U __attribute__((vector_size(64)));
+  const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(mask, p));
+  return reinterpret_cast<__m512>(reinterpret_cast<U>(wide) << 16);
+}
+
+// o[r0 + r, e0 : e0 + CB * 16] += p . V for RB rows, V rows in place (a.v_rows, v_ld apart)
+// widened to float32 as read: exact products with p unrounded, no V packing. `tail` masks
+// the last vector's columns.
+template <int RB, int CB>
+inline void pv_block_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t r0, int64_t e0,
+                                   __mmask16 tail) {
+  constexpr int64_t W = cpuattn::kTileKeys, L = 16;
+  // Locals, not a.*: stores through pointers could alias a's fields, and GCC then kept the
+  // accumulators in memory.
+  const uint16_t* row = a.v_rows + e0;
+  const float* p_col = a.s + r0 * W;
+  const int64_t cols = a.cols, ld = a.v_ld, ahead = a.prefetch_next ? W * a.v_ld : 0;
+  __mmask16 mask[CB];
+  for (int c = 0; c < CB; ++c) mask[c] = c + 1 < CB ? __mmask16(0xffff) : tail;
+  __m512 acc[RB][CB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_maskz_loadu_ps(mask[c], a.o + (r0 + r) * a.dv + e0 + c * L);
+  }
+  for (int64_t j = 0; j < cols; ++j, row += ld) {
+    __m512 vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = load_bf16_as_f32(row + c * L, mask[c]);
+    // A 64-byte line per two vectors of 16 bfloat16; without prefetch_next, this row again
+    // (a no-op), so the loop has no branch: with one GCC kept the accumulators in memory.
+    for (int c = 0; c < CB; c += 2) __builtin_prefetch(row + ahead + c * L, 0, 1);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 p = _mm512_set1_ps(p_col[r * W + j]);
+      for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(a.o + (r0 + r) * a.dv + e0 + c * L, mask[c], acc[r][c]);
+  }
+}
+
+// 64 columns (128 bytes of a V row) at a time.
+template <int RB>
+inline void pv_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t r0) {
+  constexpr int64_t L = 16;
+  const __mmask16 all = 0xffff;
+  int64_t e0 = 0;
+  for (; e0 + 4 * L <= a.dv; e0 += 4 * L) pv_block_bf16_in_place<RB, 4>(a, r0, e0, all);
+  for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block_bf16_in_place<RB, 2>(a, r0, e0, all);
+  for (; e0 < a.dv; e0 += L) {
+    const int64_t left = a.dv - e0;
+    pv_block_bf16_in_place<RB, 1>(a, r0, e0, left >= L ? all : static_cast<__mmask16>((1u << left) - 1));
+  }
+}
+
+// Whether V rows [0, cols) in place hold an inf or NaN (exponent bits all ones).
+inline bool tile_v_rows_have_nonfinite(const cpuattn::TileStep<float>& a) {
+  uint32_t found = 0;
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const uint16_t* row = a.v_rows + j * a.v_ld;
+    for (int64_t e = 0; e < a.dv; ++e) found |= (row[e] & 0x7f80u) == 0x7f80u;
+  }
+  return found != 0;
+}
+
+// P.V from V rows in place, skipping weights of exactly 0 (see pv_rows_skip_zero_weights).
+inline void pv_rows_in_place_skip_zero_weights(const cpuattn::TileStep<float>& a, int64_t r0,
+                                               int64_t r1) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* o = a.o + r * a.dv;
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const float p = a.s[r * W + j];
+      if (p == 0.0f) continue;
+      const uint16_t* row = a.v_rows + j * a.v_ld;
+      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * cpuattn::bf16_to_f32(row[e]);
+    }
+  }
+}
+
+// Rows [r0, r0 + RB) against the tile: from packed pairs, or (decode) from K and V rows in
+// place.
 template <int RB>
 inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v_nonfinite) {
-  if (a.q_lo) {
+  if (a.k_rows) {
+    if (a.q_lo) {
+      score_rows_bf16_in_place<RB, true>(a, r0);
+    } else {
+      score_rows_bf16_in_place<RB, false>(a, r0);
+    }
+  } else if (a.q_lo) {
     score_rows_bf16<RB, true>(a, r0);
   } else {
     score_rows_bf16<RB, false>(a, r0);
   }
   if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
+  if (a.v_rows) {
+    if (softmax_rows(a, r0, r0 + RB)) {
+      if (v_nonfinite < 0) v_nonfinite = tile_v_rows_have_nonfinite(a);
+      if (v_nonfinite) {
+        pv_rows_in_place_skip_zero_weights(a, r0, r0 + RB);
+        return;
+      }
+    }
+    pv_rows_bf16_in_place<RB>(a, r0);
+    return;
+  }
   if (softmax_rows(a, r0, r0 + RB)) {
     if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
     if (v_nonfinite) {

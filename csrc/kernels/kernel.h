@@ -46,10 +46,13 @@ struct TileStep {
   const uint32_t* kt2;   // d_pairs x kTileKeys, pairs along D of K^T; zero past d and cols
   const uint32_t* v2;    // (cols + 1) / 2 rows of v2_ld: pairs of consecutive keys' V
   int64_t d_pairs, v2_ld;
-  // step_bf16_tiles only, or nullptr: the tile's kTileKeys K rows in place (bfloat16, k_ld
-  // elements apart, d_pairs pairs each, all inside the array), used instead of kt2.
+  // Or nullptr: K rows in place (bfloat16, k_ld elements apart), used instead of kt2. For
+  // step_bf16_tiles all kTileKeys rows, d_pairs pairs each, lie inside the array; step_bf16
+  // reads only rows [0, cols), d elements each.
   const uint16_t* k_rows;
   int64_t k_ld;  // for k and k_rows
+  // step_bf16 only, or nullptr: V rows in place (bfloat16, v_ld elements apart), instead of v2.
+  const uint16_t* v_rows;
   T dot_scale;
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 };
