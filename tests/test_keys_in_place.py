@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from reference import assert_matches, dense_attention
 
+from cpuattn._request import BF16
+
 CASES = [  # lq, group, lk, d
     (1, 1, 1, 1), (1, 4, 7, 13), (1, 8, 129, 40), (2, 8, 700, 80), (4, 4, 65, 256),
     (16, 1, 200, 17), (1, 16, 1000, 64), (17, 1, 300, 64), (3, 5, 513, 33),
@@ -66,3 +68,35 @@ def test_huge_scores(native, rng):
     q, k, v = inputs(rng, 1, 8, 300, 64, np.float32)
     q *= 1e3
     assert_matches(native(q, k, v), dense_attention(q, k, v)[0], np.float32)
+
+
+@pytest.mark.parametrize(("lq", "group", "lk", "d"), CASES, ids=str)
+@pytest.mark.parametrize("q_type", ["bf16", "f32"])
+def test_bfloat16_cache(native, rng, lq, group, lk, d, q_type):
+    """bfloat16 K/V (on avx512_bf16: dot products on K rows, V widened in place), with a
+    bfloat16 or float32 q; float32 output keeps float32 accuracy, a bfloat16 one its bound."""
+    q, k, v = inputs(rng, lq, group, lk, d, np.float32)
+    k, v = k.astype(BF16), v.astype(BF16)
+    if q_type == "bf16":
+        q = q.astype(BF16)
+    lengths = np.array([lk, max(1, lk // 3)])
+    ref = dense_attention(q, k, v, causal=True, kv_lengths=lengths)[0]
+    out = native(q, k, v, causal=True, kv_lengths=lengths, out_dtype=np.float32)
+    assert_matches(out, ref, np.float32)
+    out = native(q, k, v, causal=True, kv_lengths=lengths)
+    assert np.abs(out.astype(np.float64) - ref).max() <= 1e-2 * np.abs(v.astype(np.float64)).max()
+
+
+def test_bfloat16_nonfinite_value_reaches_only_its_rows(native, rng):
+    q, k, v = inputs(rng, 1, 4, 300, 64, np.float32)
+    k, v = k.astype(BF16), v.astype(BF16)
+    v[0, 0, 100, 3] = np.inf
+    mask = np.ones((2, 8, 1, 300), bool)
+    mask[0, 1:, :, 100] = False  # only head 0 keeps key 100
+    out = native(q, k, v, mask=mask, out_dtype=np.float32)
+    assert np.isinf(out[0, 0, 0, 3])
+    finite_v = v.copy()
+    finite_v[0, 0, 100, 3] = 0  # what the heads that drop key 100 must see
+    ref = dense_attention(q, k, finite_v, mask=mask)[0]
+    assert_matches(out[0, 1:], ref[0, 1:], np.float32)
+    assert_matches(out[1], ref[1], np.float32)
