@@ -59,16 +59,12 @@ struct ExpConsts<double> {
   static constexpr Bits kBias = 1023;
 };
 
-// Lane-wise on a GCC/Clang vector V of T (a 1-lane vector for a scalar).
+// exp(xc) for xc in [kMin, kMax], or NaN (-> NaN): the arithmetic of fast_exp_vec without
+// its range handling, for callers that bound the argument themselves (tanh).
 template <typename T, typename V>
-inline V fast_exp_vec(V x) {
+inline V exp_in_range(V xc) {
   using C = ExpConsts<T>;
-  const V lo = V{} + C::kMin, hi = V{} + C::kMax, shifter = V{} + C::kShifter;
-  // Inputs below kMin (and NaN) are computed as 0 and replaced below: clamping them to kMin
-  // instead would make 2^n * p a subnormal, and a subnormal result costs a microcode assist
-  // (~100 cycles) per vector on x86, on every masked or underflowing score.
-  V xc = x >= lo ? x : V{};
-  xc = xc < hi ? xc : hi;
+  const V shifter = V{} + C::kShifter;
   V n = (xc * T(1.4426950408889634) + shifter) - shifter;
   constexpr bool kScalef = kHaveScalef && sizeof(V) == 64;
   if constexpr (!kScalef) {
@@ -117,6 +113,20 @@ inline V fast_exp_vec(V x) {
     const IV bits = (__builtin_convertvector(n, IV) + C::kBias) << C::kMantissaBits;
     y = p * __builtin_bit_cast(V, bits);
   }
+  return y;
+}
+
+// Lane-wise on a GCC/Clang vector V of T (a 1-lane vector for a scalar).
+template <typename T, typename V>
+inline V fast_exp_vec(V x) {
+  using C = ExpConsts<T>;
+  const V lo = V{} + C::kMin, hi = V{} + C::kMax;
+  // Inputs below kMin (and NaN) are computed as 0 and replaced below: clamping them to kMin
+  // instead would make 2^n * p a subnormal, and a subnormal result costs a microcode assist
+  // (~100 cycles) per vector on x86, on every masked or underflowing score.
+  V xc = x >= lo ? x : V{};
+  xc = xc < hi ? xc : hi;
+  const V y = exp_in_range<T>(xc);
   // x != x keeps NaN; below kMin the true result is subnormal or 0: flush.
   return x < lo ? V{} : (x != x ? x : y);
 }

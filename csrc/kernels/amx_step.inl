@@ -174,7 +174,8 @@ inline void scale_scores(const cpuattn::TileStep<float>& a, int64_t r0, int64_t 
   const __m512 scale = _mm512_set1_ps(a.dot_scale);
   for (int64_t r = r0; r < r0 + n; ++r) {
     for (int64_t c = 0; c < W; c += 16) {
-      _mm512_storeu_ps(a.s + r * W + c, _mm512_mul_ps(_mm512_loadu_ps(a.s + r * W + c), scale));
+      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a.s + r * W + c), scale);
+      _mm512_storeu_ps(a.s + r * W + c, soft_cap(s, a.softcap));
     }
   }
 }
@@ -199,7 +200,7 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
       score_block_amx<false>(a, r0);
     }
     scale_scores(a, r0, n);
-    if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + n);
+    if (a.slopes) add_alibi(a, r0, r0 + n);
     mask_rows(a, r0, r0 + n);
     if (softmax_rows(a, r0, r0 + n)) {
       if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);

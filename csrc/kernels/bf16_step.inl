@@ -44,7 +44,8 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   const __m512 scale = _mm512_set1_ps(a.dot_scale);
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) {
-      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, _mm512_mul_ps(acc[r][c], scale));
+      const __m512 s = _mm512_mul_ps(acc[r][c], scale);
+      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, soft_cap(s, a.softcap));
     }
   }
 }
@@ -226,7 +227,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
     for (int r = 0; r < RB; ++r) {
       const __m512 sums = in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
                                        std::make_integer_sequence<int, L>{});
-      _mm512_storeu_ps(a.s + (r0 + r) * W + jb, _mm512_mul_ps(sums, scale));
+      _mm512_storeu_ps(a.s + (r0 + r) * W + jb, soft_cap(_mm512_mul_ps(sums, scale), a.softcap));
     }
   }
 }
@@ -330,7 +331,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
   } else {
     score_rows_bf16<RB, false>(a, r0);
   }
-  if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
+  if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (a.v_rows) {
     if (softmax_rows(a, r0, r0 + RB)) {

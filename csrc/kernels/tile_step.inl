@@ -24,6 +24,43 @@ struct Simd {
   static V splat(T x) { return x - V{}; }
 };
 
+// 1 / x for finite x >= 1: AVX-512 float has a fast estimate refined to full precision;
+// elsewhere divide.
+template <typename V>
+inline V inverse(V x) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(x[0]) == 4) return reciprocal(x);
+#endif
+  return 1 / x;
+}
+
+// 1 / (exp(t) + 1), the costly part of tanh(x) = 1 - 2 / (exp(2x) + 1): t clamped to
+// [-80, 80] (tanh is +-1 in float and double well inside) so exp needs no range handling,
+// NaN passed through (both comparisons are false for it).
+template <typename V>
+inline V inverse_exp_plus_one(V t) {
+  using T = decltype(+t[0]);
+  const V lo = V{} - T(80), hi = V{} + T(80);
+  t = lo > t ? lo : t;
+  t = t > hi ? hi : t;
+  return inverse(exp_in_range<T>(t) + T(1));
+}
+
+template <typename V>
+inline V fast_tanh(V x) {
+  using T = decltype(+x[0]);
+  return T(1) - T(2) * inverse_exp_plus_one(x * T(2));
+}
+
+// Softcap, applied as scores leave the registers (before ALiBi and the mask):
+// cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1), right at both infinities.
+// `cap` <= 0: no softcap.
+template <typename V, typename T>
+inline V soft_cap(V s, T cap) {
+  if (!(cap > 0)) return s;
+  return cap - (2 * cap) * inverse_exp_plus_one(s * (2 / cap));
+}
+
 // Register blocking: kRowBlock rows x kColBlock vectors of accumulators, plus kColBlock operand
 // vectors and one broadcast. 6 x 4 + 4 + 1 = 29 of 32 AVX-512 registers; with 16 registers
 // (AVX2, SSE) 6 x 2 + 2 + 1 = 15. Leftover rows go 4, then 1 at a time.
@@ -52,7 +89,9 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
       }
     }
     for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
+      for (int c = 0; c < kColBlock; ++c) {
+        S::store(a.s + (r0 + r) * W + c0 + c * L, soft_cap(acc[r][c], a.softcap));
+      }
     }
   }
 }
@@ -156,29 +195,9 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           sums[i] += tail;
         }
       }
-      S::store(a.s + (r0 + r) * W + jb, sums);
+      S::store(a.s + (r0 + r) * W + jb, soft_cap(sums, a.softcap));
     }
   }
-}
-
-// 1 / x for finite x >= 1: AVX-512 float has a fast estimate refined to full precision;
-// elsewhere divide.
-template <typename V>
-inline V inverse(V x) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64 && sizeof(x[0]) == 4) return reciprocal(x);
-#endif
-  return 1 / x;
-}
-
-// tanh(x) = 1 - 2 / (exp(2x) + 1): right at both ends (2x capped at 80, where tanh is 1 in
-// float, keeps exp finite for inverse); NaN passes through (x > top is false for NaN).
-template <typename V>
-inline V fast_tanh(V x) {
-  using T = decltype(+x[0]);
-  const V top = V{} + T(40);
-  const V e = fast_exp_vec<T>((x > top ? top : x) * T(2));
-  return T(1) - T(2) * inverse(e + T(1));
 }
 
 // Bahdanau scores: s[r0 + r, :] = sum_e w[e] tanh(q[r0 + r, e] + K^T[e, :]), for RB rows; the
@@ -201,15 +220,16 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
       }
     }
     for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
+      for (int c = 0; c < kColBlock; ++c) {
+        S::store(a.s + (r0 + r) * W + c0 + c * L, soft_cap(acc[r][c], a.softcap));
+      }
     }
   }
 }
 
-// Score modifiers on rows [r0, r1), before the mask: softcap (tanh = 1 - 2 / (exp(2x) + 1),
-// right at both infinities), then ALiBi's linear distance penalty, computed per key.
+// ALiBi's linear distance penalty on rows [r0, r1), computed per key, before the mask.
 template <typename T>
-inline void modify_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
@@ -217,17 +237,11 @@ inline void modify_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1)
   for (int i = 0; i < L; ++i) lane[i] = T(i);
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
-    if (a.softcap > 0) {
-      const V cap = S::splat(a.softcap), inv_cap = S::splat(T(1) / a.softcap);
-      for (int64_t c = 0; c < W; c += L) S::store(sr + c, cap * fast_tanh(S::load(sr + c) * inv_cap));
-    }
-    if (a.slopes) {
-      const V slope = S::splat(a.slopes[r]);
-      const V from_diag = S::splat(T(a.diag[r] - a.j0));
-      for (int64_t c = 0; c < W; c += L) {
-        const V dist = from_diag - (lane + T(c));
-        S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
-      }
+    const V slope = S::splat(a.slopes[r]);
+    const V from_diag = S::splat(T(a.diag[r] - a.j0));
+    for (int64_t c = 0; c < W; c += L) {
+      const V dist = from_diag - (lane + T(c));
+      S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
     }
   }
 }
@@ -470,7 +484,7 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   } else {
     score_rows<T, RB>(a, r0);
   }
-  if (a.softcap > 0 || a.slopes) modify_scores(a, r0, r0 + RB);
+  if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (softmax_rows(a, r0, r0 + RB)) {
     if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite(a);  // checked once a tile
