@@ -36,7 +36,8 @@ FULL = [
     Case("decode GQA", 1, 32, 8, 1, 16384, 128),
     Case("decode Lq=4 causal", 1, 32, 8, 4, 16384, 128, causal=True),
     Case("decode MQA", 1, 32, 1, 1, 16384, 128),
-    # Variants: softcap and ALiBi (issue 7 target: <= 1.15x the plain L=4096 row's time).
+    # Variants: softcap and ALiBi, each timed against the same call without it, interleaved
+    # (issue 7 target: <= 1.15x).
     Case("softcap 30 L=4096", 1, 8, 8, 4096, 4096, 64, options={"softcap": 30.0}),
     Case("ALiBi L=4096", 1, 8, 8, 4096, 4096, 64,
          options={"alibi_slopes": tuple(2.0 ** -np.arange(1, 9))}),
@@ -53,6 +54,7 @@ HALF_VS_FLOAT32 = {"bf16 L=2048": "L=2048", "f16 L=2048": "L=2048",
                    "bf16 decode GQA": "decode GQA", "f32 q, bf16 cache decode GQA": "decode GQA"}
 QUICK = [FULL[1], FULL[7], FULL[9], FULL[12]]
 MAX_NAIVE_SCORES = 2**28  # skip the O(L^2) baseline past 1 GiB of float32 scores
+SCORE_VARIANTS = ("softcap", "alibi_slopes")  # rows timed against the same call without them
 
 
 def run_case(case: Case, repeats: int, peak: float) -> dict:
@@ -60,21 +62,26 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
     kw = case.kwargs()
     err = _bench.max_error_vs_float64(case, attention(q, k, v, **kw))
     row = {"case": case.name, "q": list(q.shape), "kv": list(k.shape), "causal": case.causal,
-           "window": case.window, "gflop": case.flops() / 1e9, "max_rel_err": err, "ms": {}}
-    row["ms"]["cpuattn"] = 1e3 * _bench.median_seconds(lambda: attention(q, k, v, **kw), repeats)
+           "window": case.window, "gflop": case.flops() / 1e9, "max_rel_err": err}
+    runners = {"cpuattn": lambda: attention(q, k, v, **kw)}
     if case.options:  # options the baselines lack (kv_lengths, softcap, ALiBi): cpuattn only
-        return finish_row(row, case, peak)
-    half = case.kv_dtype != "float32"  # NumPy and this onnxruntime graph: float32 only
-    if not half and case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
-        row["ms"]["numpy naive"] = 1e3 * _bench.median_seconds(
-            lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), repeats)
-    torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
-    if torch_run is not None:
-        row["ms"]["torch sdpa"] = 1e3 * _bench.median_seconds(torch_run, repeats)
-    if not half and case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES:
-        ort_run = _bench.onnxruntime_runner(q, k, v, case.causal, case.window)
+        if set(case.options) & set(SCORE_VARIANTS):  # and the same call without them
+            runners["cpuattn plain"] = lambda: attention(q, k, v, causal=case.causal,
+                                                         window=case.window)
+    else:
+        half = case.kv_dtype != "float32"  # NumPy and this onnxruntime graph: float32 only
+        small = case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES
+        if not half and small:
+            runners["numpy naive"] = lambda: _bench.naive_numpy(q, k, v, case.causal, case.window)
+        torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
+        if torch_run is not None:
+            runners["torch sdpa"] = torch_run
+        ort_run = _bench.onnxruntime_runner(q, k, v, case.causal, case.window) \
+            if not half and small else None
         if ort_run is not None:
-            row["ms"]["onnxruntime"] = 1e3 * _bench.median_seconds(ort_run, repeats)
+            runners["onnxruntime"] = ort_run
+    row["ms"] = {name: 1e3 * t for name, t in
+                 _bench.interleaved_medians(runners, repeats).items()}
     return finish_row(row, case, peak)
 
 
@@ -82,7 +89,8 @@ def finish_row(row: dict, case: Case, peak: float) -> dict:
     ours = row["ms"]["cpuattn"]
     row["gflops"] = case.flops() / ours / 1e6
     row["pct_sgemm"] = 100 * row["gflops"] / peak
-    row["speedup"] = {name: ms / ours for name, ms in row["ms"].items() if name != "cpuattn"}
+    row["speedup"] = {name: ms / ours for name, ms in row["ms"].items()
+                      if not name.startswith("cpuattn")}
     return row
 
 
@@ -143,14 +151,18 @@ def extras(repeats: int, quick: bool) -> dict:
     """Thread scaling, decode bandwidth, peak memory: the numbers the table cannot show."""
     out = {}
     q, k, v = SCALING_CASE.inputs()
-    one = _bench.median_seconds(lambda: attention(q, k, v, num_threads=1), repeats)
     threads = info()["max_threads"]
-    many = _bench.median_seconds(lambda: attention(q, k, v, num_threads=threads), repeats)
+    t = _bench.interleaved_medians({1: lambda: attention(q, k, v, num_threads=1),
+                                    threads: lambda: attention(q, k, v, num_threads=threads)},
+                                   repeats)
+    one, many = t[1], t[threads]
     out["scaling"] = {"case": SCALING_CASE.name, "threads": threads, "ms_1": 1e3 * one,
                       "ms_n": 1e3 * many, "speedup": one / many}
     q, k, v = DECODE_CASE.inputs()
-    decode = _bench.median_seconds(lambda: attention(q, k, v), repeats)
-    bandwidth = _bench.read_bandwidth_gbs()
+    big = _bench.bandwidth_array()
+    t = _bench.interleaved_medians({"decode": lambda: attention(q, k, v), "sum": big.sum},
+                                   repeats)
+    decode, bandwidth = t["decode"], big.nbytes / t["sum"] / 1e9
     out["decode"] = {"case": DECODE_CASE.name, "ms": 1e3 * decode,
                      "kv_gbs": DECODE_CASE.kv_bytes() / decode / 1e9, "read_gbs": bandwidth}
     if not quick:
@@ -172,9 +184,9 @@ def additive_vs_numpy(repeats: int) -> dict:
         p = np.exp(s - s.max(-1, keepdims=True))
         return (p / p.sum(-1, keepdims=True)) @ v
 
-    ours = _bench.median_seconds(lambda: cpuattn.additive_attention(q, k, v, w), repeats)
-    theirs = _bench.median_seconds(numpy_broadcast, repeats)
-    return {"ms": 1e3 * ours, "ms_numpy": 1e3 * theirs}
+    t = _bench.interleaved_medians({"ours": lambda: cpuattn.additive_attention(q, k, v, w),
+                                    "numpy": numpy_broadcast}, repeats)
+    return {"ms": 1e3 * t["ours"], "ms_numpy": 1e3 * t["numpy"]}
 
 
 def varlen_vs_padded(repeats: int) -> dict:
@@ -184,13 +196,14 @@ def varlen_vs_padded(repeats: int) -> dict:
     total, longest = int(lengths.sum()), int(lengths.max())
     q, k, v = (rng.standard_normal((total, 8, 64), dtype=np.float32) for _ in range(3))
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    packed = _bench.median_seconds(
-        lambda: cpuattn.attention_varlen(q, k, v, cu, cu, causal=True), repeats)
     padded_q = np.zeros((16, 8, longest, 64), np.float32)
     for b, (start, n) in enumerate(zip(cu, lengths)):
         padded_q[b, :, :n] = q[start:start + n].swapaxes(0, 1)
-    padded = _bench.median_seconds(lambda: attention(
-        padded_q, padded_q, padded_q, causal="top_left", kv_lengths=lengths), repeats)
+    t = _bench.interleaved_medians({
+        "packed": lambda: cpuattn.attention_varlen(q, k, v, cu, cu, causal=True),
+        "padded": lambda: attention(padded_q, padded_q, padded_q, causal="top_left",
+                                    kv_lengths=lengths)}, repeats)
+    packed, padded = t["packed"], t["padded"]
     return {"lengths": lengths.tolist(), "ms_packed": 1e3 * packed, "ms_padded": 1e3 * padded,
             "work_ratio": 16 * longest**2 / float((lengths.astype(float) ** 2).sum())}
 
@@ -209,6 +222,14 @@ def half_markdown(rows) -> str:
         if "torch sdpa" in r["ms"]:
             line += f", {r['ms']['torch sdpa'] / ours:.2f}x torch SDPA in the same dtype"
         lines.append(line)
+    return "\n".join(["", *lines]) if lines else ""
+
+
+def variants_markdown(rows) -> str:
+    """Score variants against the same call without them, timed interleaved in one case."""
+    lines = [f"- {r['case']}: {r['ms']['cpuattn']:.2f} ms, "
+             f"{r['ms']['cpuattn'] / r['ms']['cpuattn plain']:.2f}x the plain call "
+             f"({r['ms']['cpuattn plain']:.2f} ms)" for r in rows if "cpuattn plain" in r["ms"]]
     return "\n".join(["", *lines]) if lines else ""
 
 
@@ -259,6 +280,7 @@ def main(argv=None) -> int:
     print("[extras] threads, decode bandwidth, memory ...", file=sys.stderr, flush=True)
     more = extras(args.repeats, args.quick)
     print(markdown(rows, peak))
+    print(variants_markdown(rows))
     print(half_markdown(rows))
     print(extras_markdown(more))
     if args.json:

@@ -40,6 +40,7 @@ struct ExpConsts<float> {
   // log(FLT_MIN) rounded to float, as the NumPy backend has it: smaller inputs flush to 0.
   static constexpr float kMin = -87.3365478515625f;
   static constexpr float kMax = 88.8f;  // past log(FLT_MAX) = 88.72: the result is inf
+  static constexpr float kMinNormalResult = -86.0f;  // n >= -124: 2^n * p stays normal
   static constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding rounds to an integer
   static constexpr float kLn2Hi = 0.693145751953125f;
   static constexpr float kLn2Lo = 1.428606765330187e-06f;
@@ -52,6 +53,7 @@ struct ExpConsts<double> {
   using Bits = int64_t;
   static constexpr double kMin = -708.3964185322641;  // log(DBL_MIN)
   static constexpr double kMax = 709.9;  // past log(DBL_MAX) = 709.78: inf
+  static constexpr double kMinNormalResult = -708.0;  // n >= -1021: 2^n * p stays normal
   static constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr double kLn2Hi = 0.6931471803691238;
   static constexpr double kLn2Lo = 1.9082149292705877e-10;
@@ -129,6 +131,18 @@ inline V fast_exp_vec(V x) {
   const V y = exp_in_range<T>(xc);
   // x != x keeps NaN; below kMin the true result is subnormal or 0: flush.
   return x < lo ? V{} : (x != x ? x : y);
+}
+
+// exp(x) for the softmax's x = s - max: x <= 0, -inf or NaN, so no overflow side; results
+// under exp(kMinNormalResult) (~4e-38 in float, ~3e-308 in double, just above the smallest
+// normal) flush to 0 rather than be clamped there, which kept every 2^n * p normal (a
+// subnormal costs a microcode assist on x86). 3 range operations instead of fast_exp_vec's 7.
+template <typename T, typename V>
+inline V fast_exp_nonpositive(V x) {
+  const V lo = V{} + ExpConsts<T>::kMinNormalResult;
+  const V xc = lo > x ? lo : x;  // NaN stays NaN
+  const V y = exp_in_range<T>(xc);
+  return x < lo ? V{} : y;
 }
 
 template <typename T>

@@ -293,17 +293,20 @@ struct Lanes {
   static constexpr int kHalf = Bytes / sizeof(T) / 2;
   static auto lo(V v) { return take_lanes<0>(v, std::make_integer_sequence<int, kHalf>{}); }
   static auto hi(V v) { return take_lanes<kHalf>(v, std::make_integer_sequence<int, kHalf>{}); }
-  static T max(V v) {  // plain max: NaN lanes may be ignored
+  static T max(V v) {  // plain max and min: NaN lanes may be ignored
     const auto a = lo(v), b = hi(v);
     return Lanes<T, Bytes / 2>::max(a > b ? a : b);
   }
-  static bool any_zero(V v) { return Lanes<T, Bytes / 2>::any_zero(lo(v) * hi(v)); }  // 0s, 1s
+  static T min(V v) {
+    const auto a = lo(v), b = hi(v);
+    return Lanes<T, Bytes / 2>::min(a < b ? a : b);
+  }
 };
 template <typename T>
 struct Lanes<T, sizeof(T)> {
   typedef T V __attribute__((vector_size(sizeof(T))));
   static T max(V v) { return v[0]; }
-  static bool any_zero(V v) { return v[0] == T(0); }
+  static T min(V v) { return v[0]; }
 };
 
 // Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) of rows
@@ -343,7 +346,7 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
     S::store(alpha + i, fast_exp_vec<T>(S::load(m_old + i) - S::load(m_new + i)));
   }
   // Pass 3: p = exp(s - m_new), row sums, lazy rescale of the output rows.
-  V zero_product = S::splat(1);  // becomes 0 once some p is 0
+  V min_p = S::splat(1);  // a lane reaches 0 once some p is 0
   bool empty_row = false;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = r0 + i;
@@ -366,10 +369,10 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
     // Unrolled so the vectors' exp chains overlap (each is ~20 dependent operations).
 #pragma GCC unroll 16
     for (int64_t c = 0; c < W; c += L) {
-      const V p = fast_exp_vec<T>(S::load(sr + c) - shift);
+      const V p = fast_exp_nonpositive<T>(S::load(sr + c) - shift);
       S::store(sr + c, p);
       vsum += p;
-      zero_product = p == V{} ? V{} : zero_product;
+      min_p = p < min_p ? p : min_p;
     }
     T* l = a.l + r * cpuattn::kSumSlots;
     S::store(l, S::load(l) * alpha[i] + vsum);
@@ -384,7 +387,7 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
       }
     }
   }
-  return empty_row || R::any_zero(zero_product);
+  return empty_row || R::min(min_p) == T(0);
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.

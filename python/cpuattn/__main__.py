@@ -39,11 +39,13 @@ def main(argv=None) -> None:
         q, k, v = case.inputs()
         kw = case.kwargs()
         out = attention(q, k, v, **kw)
-        ours = _bench.median_seconds(lambda: attention(q, k, v, **kw), args.repeats)
-        naive = _bench.median_seconds(
-            lambda: _bench.naive_numpy(q, k, v, case.causal, case.window), args.repeats)
+        runners = {"ours": lambda: attention(q, k, v, **kw),
+                   "naive": lambda: _bench.naive_numpy(q, k, v, case.causal, case.window)}
         torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
-        torch_t = _bench.median_seconds(torch_run, args.repeats) if torch_run else None
+        if torch_run:
+            runners["torch"] = torch_run
+        t = _bench.interleaved_medians(runners, args.repeats)
+        ours, naive, torch_t = t["ours"], t["naive"], t.get("torch")
         err = _bench.max_error_vs_float64(case, out)
         shapes = f"{tuple(q.shape)} / {tuple(k.shape)}"
         torch_ms = f"{torch_t * 1e3:.2f}" if torch_t else "–"

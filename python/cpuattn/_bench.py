@@ -1,6 +1,9 @@
 """Timing helpers and baselines shared by ``python -m cpuattn`` and ``benchmarks/run.py``.
 
 Everything is timed in one process on the same inputs: median of repeats after a warm-up.
+Implementations compared with each other run interleaved (a block of calls of each per round),
+so a burst of load from elsewhere on a shared machine slows all of them alike and the ratios
+hold.
 """
 
 from __future__ import annotations
@@ -83,14 +86,34 @@ def _dtype(name: str) -> np.dtype:
 
 def median_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
     """Median wall time of fn() after one warm-up; repeats more for very short calls."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return interleaved_medians({"fn": fn}, repeats, min_time)["fn"]
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
+                        min_time: float = 0.2, rounds: int = 3,
+                        settle: float = 0.15) -> Dict[str, float]:
+    """Median wall time of each fn, timed in `rounds` rounds that each give every fn a block of
+    consecutive calls: at least `repeats` timed calls in all, more (up to 200) while a block
+    takes under min_time / rounds. A block starts with untimed calls for `settle` seconds:
+    after a switch, the previous library's thread pool still spins (OpenBLAS's for ~0.1 s)
+    and would be billed to the next one."""
+    per_block = -(-repeats // rounds)
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            while time.perf_counter() - start < settle:
+                fn()
+            start = time.perf_counter()
+            block = 0
+            while block < per_block or (time.perf_counter() - start < min_time / rounds
+                                        and block < 200 // rounds):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+                block += 1
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def sgemm_gflops(n: int = 2048) -> float:
@@ -101,10 +124,9 @@ def sgemm_gflops(n: int = 2048) -> float:
     return 2.0 * n**3 / median_seconds(lambda: a @ b, repeats=5) / 1e9
 
 
-def read_bandwidth_gbs(nbytes: int = 256 * 2**20) -> float:
-    """Memory read bandwidth: NumPy summing a float32 array far larger than the caches."""
-    x = np.ones(nbytes // 4, dtype=np.float32)
-    return nbytes / median_seconds(lambda: x.sum(), repeats=5) / 1e9
+def bandwidth_array(nbytes: int = 256 * 2**20) -> np.ndarray:
+    """A float32 array far larger than the caches: NumPy summing it measures read bandwidth."""
+    return np.ones(nbytes // 4, dtype=np.float32)
 
 
 def naive_numpy(q, k, v, causal=False, window=None):
