@@ -313,6 +313,7 @@ class Driver {
     const int64_t r0 = tile * kTileRows;
     const int64_t rows = std::min(kTileRows, rows_per_head_group_ - r0);
     const int64_t stride = partial_elems(), dv = p_.dv;
+    const OutBase base = out_base(b);
     std::vector<T> acc(dv);
     for (int64_t r = 0; r < rows; ++r) {
       T m = -std::numeric_limits<T>::infinity();
@@ -331,7 +332,7 @@ class Driver {
         for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
       }
       const int64_t i = (r0 + r) / group_, h = hk * group_ + (r0 + r) % group_;
-      finish_row(b, i, h, acc.data(), m, l);
+      finish_row(base, i, h, acc.data(), m, l);
     }
   }
 
@@ -404,15 +405,20 @@ class Driver {
     }
   }
 
+  // A row's kSumSlots partial sums, added pairwise (a short dependency chain, vectorizable).
   static T row_sum(const Scratch<T>& sc, int64_t r) {
-    T l = 0;
-    for (int64_t slot = 0; slot < kSumSlots; ++slot) l += sc.l[r * kSumSlots + slot];
-    return l;
+    T part[kSumSlots];
+    std::copy(sc.l.data() + r * kSumSlots, sc.l.data() + (r + 1) * kSumSlots, part);
+    for (int64_t width = kSumSlots / 2; width > 0; width /= 2) {
+      for (int64_t slot = 0; slot < width; ++slot) part[slot] += part[slot + width];
+    }
+    return part[0];
   }
 
   void write_rows(int64_t b, int64_t rows, const Scratch<T>& sc) const {
+    const OutBase base = out_base(b);
     for (int64_t r = 0; r < rows; ++r) {
-      finish_row(b, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.m[r],
+      finish_row(base, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.m[r],
                  row_sum(sc, r));
     }
   }
@@ -426,13 +432,22 @@ class Driver {
     }
   }
 
+  // Element offsets of batch entry b in out and lse (lse: -1 when not requested), computed
+  // once per work item rather than per row.
+  struct OutBase {
+    int64_t out, lse;
+  };
+  OutBase out_base(int64_t b) const {
+    return {batch_offset(p_.batch_shape, p_.out, b),
+            p_.lse.data ? batch_offset(p_.batch_shape, p_.lse, b) : -1};
+  }
+
   // out = o / l and lse = m + log(l) for query i of head h; a row that kept no key gets 0 and
   // -inf.
-  void finish_row(int64_t b, int64_t i, int64_t h, const T* o, T m, T l) const {
+  void finish_row(const OutBase& b, int64_t i, int64_t h, const T* o, T m, T l) const {
     const size_t nb = p_.batch_shape.size();
     void* out = const_cast<void*>(p_.out.data);
-    const int64_t base = batch_offset(p_.batch_shape, p_.out, b) + h * p_.out.strides[nb] +
-                         i * p_.out.strides[nb + 1];
+    const int64_t base = b.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.dtype) {
       T* dst = static_cast<T*>(out) + base;
@@ -444,8 +459,7 @@ class Driver {
       for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
     }
     if (p_.lse.data) {
-      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) +
-               batch_offset(p_.batch_shape, p_.lse, b);
+      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + b.lse;
       lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
           l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
     }
@@ -507,11 +521,17 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   const int64_t chunk_keys =
       ((p.lk + chunks - 1) / chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
   if (chunks > 1) chunks = (p.lk + chunk_keys - 1) / chunk_keys;
-  const int64_t tasks = items * chunks;
 
   const CallInFlight call;
-  const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(threads_for_call(p.num_threads, call.count()), tasks)));
+  const int64_t wanted = threads_for_call(p.num_threads, call.count());
+  // Many (batch, kv head) pairs per thread: a task runs all query tiles of one pair, so its
+  // K^T tiles are packed once, not once per thread that gets one of its tiles. The results
+  // are the same bits either way (every item is computed alike), so this may use `wanted`.
+  const int64_t heads = items / driver.query_tiles_per_head();
+  const int64_t items_per_task =
+      chunks == 1 && heads >= kWholeHeadTasksPerThread * wanted ? driver.query_tiles_per_head() : 1;
+  const int64_t tasks = chunks > 1 ? items * chunks : items / items_per_task;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min(wanted, tasks)));
 
   // Allocate before the parallel region: an allocation failure must surface as an exception
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
@@ -525,7 +545,9 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
 
   auto run_task = [&](int64_t task, Scratch<T>& sc) {
     if (chunks == 1) {
-      driver.run_item(task, sc);
+      for (int64_t item = task * items_per_task; item < (task + 1) * items_per_task; ++item) {
+        driver.run_item(item, sc);
+      }
       return;
     }
     const int64_t chunk = task % chunks;

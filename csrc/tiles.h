@@ -28,6 +28,10 @@ constexpr int64_t kInPlaceMaxRows = 32;
 // multiples of this many pairs along D.
 constexpr int64_t kAmxPairs = 16;
 
+// At least this many (batch, kv head) pairs per thread: each task takes a whole pair (all its
+// query tiles) instead of one query tile.
+constexpr int64_t kWholeHeadTasksPerThread = 8;
+
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
 // query tiles) cuts each item's keys into chunks of at least kSplitMinChunkKeys, at most
 // kSplitMaxItems (item, chunk) tasks in all, merged in chunk order afterwards.

@@ -59,3 +59,13 @@ def test_default_threads_are_shared_among_calls_in_flight():
     assert core.threads_for_call(0, 10 * cores) == 1
     assert core.threads_for_call(3, 8) == (3 if core.openmp() else 1)  # explicit: honoured
     assert core.threads_for_call(10**6, 1) <= 4 * max(os.cpu_count(), 1) or not core.openmp()
+
+
+def test_many_heads_bitwise_identical_for_any_thread_count(rng):
+    """32 (batch, kv head) pairs of 3 query tiles: with few threads a task takes a whole pair
+    (its packed K reused), with more each query tile is a task; the bits are the same."""
+    q, k, v = random_qkv(rng, (4,), 16, 8, 150, 170, 40)
+    kw = {"causal": True, "return_lse": True}
+    expected = cpuattn.attention(q, k, v, num_threads=1, **kw)
+    for threads in (2, 3, 5, 16):
+        assert_bitwise(cpuattn.attention(q, k, v, num_threads=threads, **kw), expected)
