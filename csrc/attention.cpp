@@ -148,25 +148,51 @@ class Driver {
     group_ = p.hq / p.hkv;
     rows_per_head_group_ = p.lq * group_;
     tiles_ = (rows_per_head_group_ + kTileRows - 1) / kTileRows;
+    items_ = batch_ * p.hkv * tiles_;
+    if (p.cu_seqlens_q) plan_sequences();
     // AMX can take K rows as they are when each K/V tile is used once (a single query tile
     // per head: no packed tile to reuse), D fills whole 32-element chunks and rows go forward.
     const size_t nb = p.batch_shape.size();
-    keys_in_place_ = on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
+    const bool uniform = seqs_.empty();
+    keys_in_place_ = uniform && on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
                      p.k.strides[nb + 1] > 0;
     // Float K rows are read in place (scores as dot products) for a few query rows per head
     // with no later query tile to reuse a packed K^T.
-    const bool few_rows = tiles_ == 1 && rows_per_head_group_ <= kInPlaceMaxRows;
+    const bool few_rows = uniform && tiles_ == 1 && rows_per_head_group_ <= kInPlaceMaxRows;
     float_keys_in_place_ = how != Operands::Bf16Pairs && few_rows && !p.additive_w;
     // The bfloat16 dot-product step reads K and V rows in place for as few rows.
     bf16_rows_in_place_ = how == Operands::Bf16Pairs && !on_tiles && few_rows;
   }
 
-  int64_t work_items() const { return batch_ * p_.hkv * tiles_; }
-  int64_t query_tiles_per_head() const { return tiles_; }
-  // Items run head by head (so a thread's packed keys stay valid), and within a head from the
-  // last query tile down: causal costs grow with the tile, and the dynamic schedule balances
-  // best when the big items go first and the small ones fill in at the end.
-  int64_t tile_of(int64_t item) const { return tiles_ - 1 - item % tiles_; }
+  int64_t work_items() const { return items_; }
+  // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
+  int64_t query_tiles_per_head() const { return seqs_.empty() ? tiles_ : 0; }
+  // Keys of the longest sequence: what a thread's packed-K cache must hold.
+  int64_t max_keys() const { return max_keys_; }
+
+  // Where a work item is. Items run head by head (so a thread's packed keys stay valid), and
+  // within a head from the last query tile down: causal costs grow with the tile, and the
+  // dynamic schedule balances best when the big items go first and the small ones fill in
+  // at the end. Packed sequences go longest first for the same reason.
+  struct ItemPos {
+    int64_t b, hk, tile;
+    int64_t lq, lk;          // this batch entry's query and key counts (before kv_lengths)
+    int64_t q_row, k_row;    // its first row in q / out / lse and in k / v (varlen), else 0
+    int64_t rows_per_head_group;
+  };
+  ItemPos locate(int64_t item) const {
+    if (seqs_.empty()) {
+      return {item / (tiles_ * p_.hkv), (item / tiles_) % p_.hkv, tiles_ - 1 - item % tiles_,
+              p_.lq, p_.lk, 0, 0, rows_per_head_group_};
+    }
+    const auto next = std::upper_bound(
+        seqs_.begin(), seqs_.end(), item,
+        [](int64_t i, const Sequence& s) { return i < s.first_item; });
+    const Sequence& s = *(next - 1);
+    const int64_t local = item - s.first_item;
+    return {s.b, local / s.tiles, s.tiles - 1 - local % s.tiles, s.lq, s.lk,
+            p_.cu_seqlens_q[s.b], p_.cu_seqlens_k[s.b], s.lq * group_};
+  }
 
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const { return std::min(kTileRows, rows_per_head_group_); }
@@ -179,26 +205,27 @@ class Driver {
   // state goes there for merge_item, else the finished rows go to out / lse.
   void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
                 T* partial = nullptr) const {
-    const int64_t tile = tile_of(item);
-    const int64_t hk = (item / tiles_) % p_.hkv;
-    const int64_t b = item / (tiles_ * p_.hkv);
+    const ItemPos pos = locate(item);
+    const int64_t b = pos.b, hk = pos.hk;
 
     const int64_t n_keys = p_.kv_lengths.data
         ? static_cast<const int64_t*>(p_.kv_lengths.data)[batch_offset(p_.batch_shape, p_.kv_lengths, b)]
-        : p_.lk;
-    const RowBounds rb{n_keys, p_.align == Align::BottomRight ? n_keys - p_.lq : 0, p_.causal,
+        : pos.lk;
+    const RowBounds rb{n_keys, p_.align == Align::BottomRight ? n_keys - pos.lq : 0, p_.causal,
                        p_.window_left, p_.window_right};
 
-    const int64_t r0 = tile * kTileRows;
-    const int64_t rows = std::min(kTileRows, rows_per_head_group_ - r0);
-    pack_rows(b, hk, r0, rows, rb, sc);
+    const int64_t r0 = pos.tile * kTileRows;
+    const int64_t rows = std::min(kTileRows, pos.rows_per_head_group - r0);
+    pack_rows(pos, r0, rows, rb, sc);
 
     const int64_t i_first = sc.row_pos[0], i_last = sc.row_pos[rows - 1];
     const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
     const size_t nb = p_.batch_shape.size();
     // Element offsets of this (batch, kv head) in K and V, whatever their storage type.
-    const int64_t k_base = batch_offset(p_.batch_shape, p_.k, b) + hk * p_.k.strides[nb];
-    const int64_t v_base = batch_offset(p_.batch_shape, p_.v, b) + hk * p_.v.strides[nb];
+    const int64_t k_base = batch_offset(p_.batch_shape, p_.k, b) + hk * p_.k.strides[nb] +
+                           pos.k_row * p_.k.strides[nb + 1];
+    const int64_t v_base = batch_offset(p_.batch_shape, p_.v, b) + hk * p_.v.strides[nb] +
+                           pos.k_row * p_.v.strides[nb + 1];
     const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
     const bool half_kv = how_ == Operands::Converted;
 
@@ -299,7 +326,7 @@ class Driver {
     if (partial) {
       write_partial(rows, sc, partial);
     } else {
-      write_rows(b, rows, sc);
+      write_rows(pos, rows, sc);
     }
   }
 
@@ -307,13 +334,12 @@ class Driver {
   // lse: the arithmetic of cpuattn.merge. A chunk with no kept key, or whose weight rounds to
   // exactly 0, contributes nothing.
   void merge_item(int64_t item, const T* partials, int64_t chunks) const {
-    const int64_t tile = tile_of(item);
-    const int64_t hk = (item / tiles_) % p_.hkv;
-    const int64_t b = item / (tiles_ * p_.hkv);
-    const int64_t r0 = tile * kTileRows;
-    const int64_t rows = std::min(kTileRows, rows_per_head_group_ - r0);
+    const ItemPos pos = locate(item);
+    const int64_t hk = pos.hk;
+    const int64_t r0 = pos.tile * kTileRows;
+    const int64_t rows = std::min(kTileRows, pos.rows_per_head_group - r0);
     const int64_t stride = partial_elems(), dv = p_.dv;
-    const OutBase base = out_base(b);
+    const OutBase base = out_base(pos);
     std::vector<T> acc(dv);
     for (int64_t r = 0; r < rows; ++r) {
       T m = -std::numeric_limits<T>::infinity();
@@ -338,10 +364,11 @@ class Driver {
 
  private:
   // Copies the tile's query rows, times the scale, and records each row's keys and mask row.
-  void pack_rows(int64_t b, int64_t hk, int64_t r0, int64_t rows, const RowBounds& rb,
+  void pack_rows(const ItemPos& pos, int64_t r0, int64_t rows, const RowBounds& rb,
                  Scratch<T>& sc) const {
+    const int64_t b = pos.b, hk = pos.hk;
     const size_t nb = p_.batch_shape.size();
-    const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b);
+    const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
     const int64_t mask_base = p_.mask.data ? batch_offset(p_.batch_shape, p_.mask, b) : 0;
     const T scale = static_cast<T>(p_.scale);
     for (int64_t r = 0; r < rows; ++r) {
@@ -415,8 +442,8 @@ class Driver {
     return part[0];
   }
 
-  void write_rows(int64_t b, int64_t rows, const Scratch<T>& sc) const {
-    const OutBase base = out_base(b);
+  void write_rows(const ItemPos& pos, int64_t rows, const Scratch<T>& sc) const {
+    const OutBase base = out_base(pos);
     for (int64_t r = 0; r < rows; ++r) {
       finish_row(base, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.m[r],
                  row_sum(sc, r));
@@ -437,9 +464,35 @@ class Driver {
   struct OutBase {
     int64_t out, lse;
   };
-  OutBase out_base(int64_t b) const {
-    return {batch_offset(p_.batch_shape, p_.out, b),
-            p_.lse.data ? batch_offset(p_.batch_shape, p_.lse, b) : -1};
+  OutBase out_base(const ItemPos& pos) const {
+    const size_t nb = p_.batch_shape.size();
+    return {batch_offset(p_.batch_shape, p_.out, pos.b) + pos.q_row * p_.out.strides[nb + 1],
+            p_.lse.data ? batch_offset(p_.batch_shape, p_.lse, pos.b) +
+                              pos.q_row * p_.lse.strides[nb + 1]
+                        : -1};
+  }
+
+  // Packed sequences: one entry per non-empty sequence, longest (most work) first, with the
+  // index of its first work item.
+  struct Sequence {
+    int64_t b, lq, lk, tiles, first_item;
+  };
+  void plan_sequences() {
+    max_keys_ = 0;
+    for (int64_t b = 0; b < batch_; ++b) {
+      const int64_t lq = p_.cu_seqlens_q[b + 1] - p_.cu_seqlens_q[b];
+      const int64_t lk = p_.cu_seqlens_k[b + 1] - p_.cu_seqlens_k[b];
+      max_keys_ = std::max(max_keys_, lk);
+      if (lq > 0) seqs_.push_back({b, lq, lk, (lq * group_ + kTileRows - 1) / kTileRows, 0});
+    }
+    std::stable_sort(seqs_.begin(), seqs_.end(), [](const Sequence& x, const Sequence& y) {
+      return x.lq * std::max<int64_t>(x.lk, 1) > y.lq * std::max<int64_t>(y.lk, 1);
+    });
+    items_ = 0;
+    for (Sequence& s : seqs_) {
+      s.first_item = items_;
+      items_ += s.tiles * p_.hkv;
+    }
   }
 
   // out = o / l and lse = m + log(l) for query i of head h; a row that kept no key gets 0 and
@@ -475,7 +528,9 @@ class Driver {
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   Convert convert_;
-  int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0;
+  int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0, items_ = 0;
+  int64_t max_keys_ = p_.lk;
+  std::vector<Sequence> seqs_;  // packed varlen sequences only
 };
 
 // Split-KV: how many key chunks each work item is cut into, from the shape alone (never the
@@ -517,7 +572,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
 
   // Few items (decode: B * Hkv of them) would leave cores idle: cut each item's keys into
   // `chunks` ranges of tile-aligned length, computed independently and merged in order.
-  int64_t chunks = key_chunks(items, p.lk);
+  int64_t chunks = p.cu_seqlens_q ? 1 : key_chunks(items, p.lk);
   const int64_t chunk_keys =
       ((p.lk + chunks - 1) / chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
   if (chunks > 1) chunks = (p.lk + chunk_keys - 1) / chunk_keys;
@@ -527,9 +582,11 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   // Many (batch, kv head) pairs per thread: a task runs all query tiles of one pair, so its
   // K^T tiles are packed once, not once per thread that gets one of its tiles. The results
   // are the same bits either way (every item is computed alike), so this may use `wanted`.
-  const int64_t heads = items / driver.query_tiles_per_head();
+  const int64_t tiles_per_head = driver.query_tiles_per_head();  // 0: varlen, they differ
   const int64_t items_per_task =
-      chunks == 1 && heads >= kWholeHeadTasksPerThread * wanted ? driver.query_tiles_per_head() : 1;
+      chunks == 1 && tiles_per_head > 0 && items / tiles_per_head >= kWholeHeadTasksPerThread * wanted
+          ? tiles_per_head
+          : 1;
   const int64_t tasks = chunks > 1 ? items * chunks : items / items_per_task;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min(wanted, tasks)));
 
@@ -537,9 +594,9 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
   std::vector<Scratch<T>> scratch;
   scratch.reserve(threads);
-  const bool cache_keys = driver.query_tiles_per_head() > 1;
+  const bool cache_keys = driver.query_tiles_per_head() != 1;
   for (int t = 0; t < threads; ++t) {
-    scratch.emplace_back(p.d, p.dv, p.lk, cache_keys, how, pairs);
+    scratch.emplace_back(p.d, p.dv, driver.max_keys(), cache_keys, how, pairs);
   }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 

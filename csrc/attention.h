@@ -40,6 +40,14 @@ struct Params {
   double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)
   View alibi;             // (*batch, Hq) slopes in the compute type, or data == nullptr
   const void* additive_w = nullptr;  // (D,) compute type: scores sum_d w tanh(q + k), or dot
+
+  // Packed variable-length sequences (flash-attn's varlen), or nullptr: batch_shape is {B},
+  // q, k, v, out and lse have batch stride 0 and lq / lk are the packed totals; sequence b is
+  // rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q, out and lse and rows
+  // [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v (B + 1 offsets each, from 0,
+  // non-decreasing, ending at the totals). No mask, kv_lengths or additive_w with these.
+  const int64_t* cu_seqlens_q = nullptr;
+  const int64_t* cu_seqlens_k = nullptr;
 };
 
 // Computes the attention described by `p` into p.out (and p.lse). Thread-safe, no GIL needed.

@@ -60,3 +60,64 @@ def test_bad_shapes(rng):
         cpuattn.attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=np.ones(3))
     with pytest.raises(ValueError, match="must divide"):
         cpuattn.attention_varlen(q[:, :3], k, v, cu_q, cu_k)
+
+
+UNEVEN_Q = [1, 0, 300, 7, 64, 65, 0, 129, 2, 40]
+UNEVEN_K = [1, 5, 300, 0, 64, 200, 0, 129, 333, 40]
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"causal": "top_left"},
+                                {"window": (20, 3), "causal": True}], ids=str)
+def test_native_one_call_matches_each_sequence(native, rng, kw):
+    """The native backend's single work list over (sequence, kv head, query tile), on every
+    ISA: uneven lengths, empty queries, sequences with no keys, GQA, D not a vector multiple."""
+    q, k, v, cu_q, cu_k = packed(rng, UNEVEN_Q, UNEVEN_K, hq=8, hkv=2, d=40, dv=24)
+    out, lse = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend="native",
+                                        **kw)
+    for b in range(len(UNEVEN_Q)):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        ref_out, ref_lse = dense_attention(q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1),
+                                           v[ks].swapaxes(0, 1), **kw)
+        assert_matches(out[qs].swapaxes(0, 1), ref_out, F32)
+        assert_matches(lse[:, qs], ref_lse, F32, "lse")
+
+
+def test_native_bitwise_identical_for_any_thread_count(rng):
+    q, k, v, cu_q, cu_k = packed(rng, UNEVEN_Q, UNEVEN_K, hq=8, hkv=2, d=40, dv=24)
+    kw = {"causal": True, "return_lse": True, "backend": "native"}
+    one = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, num_threads=1, **kw)
+    for threads in (2, 3, 7):
+        many = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, num_threads=threads, **kw)
+        assert all(np.array_equal(a, b) for a, b in zip(one, many))
+
+
+def test_native_matches_numpy_backend_in_bfloat16(rng):
+    from cpuattn._request import BF16
+
+    q, k, v, cu_q, cu_k = packed(rng, UNEVEN_Q, UNEVEN_K, hq=4, hkv=4, d=64, dv=64)
+    q, k, v = q.astype(BF16), k.astype(BF16), v.astype(BF16)
+    ours = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, backend="native")
+    theirs = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, backend="numpy")
+    assert ours.dtype == BF16
+    scale = float(np.abs(v.astype(np.float64)).max())
+    assert np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize(("cu_q", "cu_k", "exc"), [
+    ([0, 4, 2, 5], [0, 3, 6, 9], ValueError),  # decreasing
+    ([0, 3, 6], [0, 3, 6, 9], ValueError),      # lengths differ
+    ([0, 3, 4], [0, 3, 9], ValueError),         # does not end at total_q
+    ([0, 3, 5], [1, 3, 9], ValueError),         # does not start at 0
+])
+def test_core_rejects_bad_offsets(rng, cu_q, cu_k, exc):
+    """The binding re-checks what memory safety depends on, whatever the Python layer did."""
+    core = pytest.importorskip("cpuattn._core")
+    q, k, v, _, _ = packed(rng, [5], [9])
+    q, k, v = (np.ascontiguousarray(x.swapaxes(0, 1)) for x in (q, k, v))
+    out = np.empty((4, 5, 12), F32)
+    with pytest.raises(exc):
+        core.attention(q, k, v, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None,
+                       np.array(cu_q, np.int64), np.array(cu_k, np.int64))
+    with pytest.raises(TypeError):
+        core.attention(q, k, v, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None,
+                       np.array([0, 5], np.int32), np.array([0, 9], np.int64))

@@ -61,13 +61,34 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
   throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
 }
 
+// Packed-sequence offsets: int64, contiguous, B + 1 of them, 0 first, non-decreasing, `total`
+// last (so every sequence lies inside its array). Returns B.
+int64_t offsets_of(const char* name, const py::array& a, int64_t total, const int64_t** data) {
+  if (!a.dtype().is(py::dtype::of<int64_t>())) {
+    throw py::type_error(std::string("_core.attention: ") + name + " must be int64");
+  }
+  if (a.ndim() != 1 || a.size() < 1 || !(a.flags() & py::array::c_style)) {
+    fail(std::string(name) + " must be a contiguous 1-D array of B + 1 offsets");
+  }
+  const auto* cu = static_cast<const int64_t*>(a.data());
+  const int64_t n = a.size();
+  if (cu[0] != 0 || cu[n - 1] != total) fail(std::string(name) + " must run from 0 to the total length");
+  for (int64_t b = 1; b < n; ++b) {
+    if (cu[b] < cu[b - 1]) fail(std::string(name) + " must be non-decreasing");
+  }
+  *data = cu;
+  return n - 1;
+}
+
 bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn::DType::BF16; }
 
 void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                const std::optional<py::array>& lse, const std::optional<py::array>& mask,
                const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
                int64_t window_left, int64_t window_right, int num_threads, double softcap,
-               const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w) {
+               const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
+               const std::optional<py::array>& cu_seqlens_q,
+               const std::optional<py::array>& cu_seqlens_k) {
   cpuattn::Params p;
   // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
   p.q_dtype = dtype_of("q", q);
@@ -143,6 +164,21 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
   if (num_threads < 0) fail("num_threads must be >= 0");
 
+  if (cu_seqlens_q || cu_seqlens_k) {
+    if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
+    if (nb != 0) fail("packed sequences take q, k, v as (H, total, D)");
+    if (mask || kv_lengths || additive_w) fail("packed sequences take no mask, kv_lengths or additive_w");
+    const int64_t batch = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, &p.cu_seqlens_q);
+    if (offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, &p.cu_seqlens_k) != batch) {
+      fail("cu_seqlens_q and cu_seqlens_k differ in length");
+    }
+    // Sequences are the batch: stride 0, each found by its row offsets.
+    p.batch_shape = {batch};
+    for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse}) {
+      if (view->data) view->strides.insert(view->strides.begin(), 0);
+    }
+  }
+
   if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
   p.softcap = softcap;
   if (alibi) {
@@ -178,6 +214,7 @@ void register_attention(py::module_& m) {
         py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"),
         py::arg("causal"), py::arg("align"), py::arg("window_left"), py::arg("window_right"),
         py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
+        py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
 }

@@ -48,6 +48,25 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return out, lse
 
 
+def attention_packed(req: Request, cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray,
+                     alibi: Optional[np.ndarray], out: np.ndarray) -> Optional[np.ndarray]:
+    """Packed varlen sequences in one call: ``req`` holds q, k, v as ``(H, total, D)`` (no
+    mask, kv_lengths or additive w), the offsets are validated int64 ``(B + 1,)``, ``alibi``
+    ``(B, Hq)`` in the compute dtype or None, ``out`` ``(total_q, Hq, Dv)`` C-ordered.
+    Returns lse ``(Hq, total_q)`` when ``req.return_lse``."""
+    if _core is None:
+        raise RuntimeError(f"backend='native': the cpuattn extension failed to import "
+                           f"({IMPORT_ERROR})")
+    q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
+    lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
+    left, right = req.window
+    _core.attention(q, k, v, out.swapaxes(0, 1), lse, None, None, req.scale, req.causal,
+                    0 if req.align == "bottom_right" else 1, left, right,
+                    min(req.num_threads or 0, 2**31 - 1), req.softcap, alibi, None,
+                    cu_seqlens_q, cu_seqlens_k)
+    return lse
+
+
 def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
     item = x.itemsize
     if x.size == 0:

@@ -6,8 +6,9 @@ from typing import Optional
 
 import numpy as np
 
-from ._api import attention
-from ._request import build_request
+from . import _native
+from ._api import BACKENDS, _pick_backend, attention
+from ._request import _alibi, build_request
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None,
@@ -32,9 +33,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     out ``(total_q, Hq, Dv)``, or ``(out, lse)`` with lse ``(Hq, total_q)`` (flash-attn's
     layout) with ``return_lse=True``.
 
-    Each sequence runs as one native call (threads over its heads and query tiles); sequences
-    themselves run one after another, so very many very short sequences pay per-call overhead.
+    The native backend runs all sequences in one call: its threads share one list of
+    (sequence, kv head, query tile) items, longest sequences first, so very uneven lengths
+    and very many short sequences keep every thread busy. The NumPy backend runs the
+    sequences one after another.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
@@ -46,19 +51,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
                          f"(B + 1), got {len(cu_k)}")
     batch = len(cu_q) - 1
     hq = q.shape[1]
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = np.asarray(alibi_slopes)
-        if slopes.shape not in ((hq,), (batch, hq)):
-            raise ValueError(f"alibi_slopes: expected shape (Hq,) = ({hq},) or (B, Hq) = "
-                             f"({batch}, {hq}), got {slopes.shape}")
-        slopes = np.broadcast_to(slopes, (batch, hq))
 
     # Validates dtypes, heads and head dims once, on the packed arrays seen as one sequence.
     req = build_request(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), scale=scale,
                         causal=causal, window=window, softcap=softcap,
-                        num_threads=num_threads)
+                        num_threads=num_threads, return_lse=return_lse)
+    slopes = _alibi(alibi_slopes, (batch,), hq, req.dtype, squeeze_head=False)  # (B, Hq)
     out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
+    if _pick_backend(backend) is _native.attention:
+        lse = _native.attention_packed(req, np.asarray(cu_q, np.int64), np.asarray(cu_k, np.int64),
+                                       slopes, out)
+        return (out, lse) if return_lse else out
+
     lse = np.empty((hq, q.shape[0]), req.dtype) if return_lse else None
     for b in range(batch):
         qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
