@@ -277,7 +277,6 @@ class Driver {
         if (bf16_rows_in_place_) {
           step.k_rows = k16;
           step.v_rows = v16;
-          step.v_ld = v_ld;
           step.prefetch_next = j1 < j_end;
           step_(step);
           continue;
@@ -459,8 +458,8 @@ class Driver {
     }
   }
 
-  // Element offsets of batch entry b in out and lse (lse: -1 when not requested), computed
-  // once per work item rather than per row.
+  // Element offsets of an item's batch entry (and first row, for packed sequences) in out
+  // and lse (lse: -1 when not requested), computed once per work item rather than per row.
   struct OutBase {
     int64_t out, lse;
   };
@@ -497,10 +496,10 @@ class Driver {
 
   // out = o / l and lse = m + log(l) for query i of head h; a row that kept no key gets 0 and
   // -inf.
-  void finish_row(const OutBase& b, int64_t i, int64_t h, const T* o, T m, T l) const {
+  void finish_row(const OutBase& at, int64_t i, int64_t h, const T* o, T m, T l) const {
     const size_t nb = p_.batch_shape.size();
     void* out = const_cast<void*>(p_.out.data);
-    const int64_t base = b.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
+    const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.dtype) {
       T* dst = static_cast<T*>(out) + base;
@@ -512,7 +511,7 @@ class Driver {
       for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
     }
     if (p_.lse.data) {
-      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + b.lse;
+      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + at.lse;
       lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
           l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
     }
