@@ -12,8 +12,9 @@ int main() {
   std::mt19937 gen(1);
   std::normal_distribution<float> nd;
   int fails = 0;
-  for (int causal = 0; causal < 2; ++causal) {
-    const int64_t hq = 4, hkv = 2, lq = 37, lk = 150, d = 13, dv = 40;
+  // lq = 3: 6 rows per kv head, the decode path (scores from K rows in place).
+  for (int64_t lq : {37, 3}) for (int causal = 0; causal < 2; ++causal) {
+    const int64_t hq = 4, hkv = 2, lk = 150, d = 13, dv = 40;
     std::vector<float> q(hq * lq * d), k(hkv * lk * d), v(hkv * lk * dv), out(hq * lq * dv);
     for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = nd(gen);
     cpuattn::Params p;
@@ -46,7 +47,8 @@ int main() {
         }
       }
     }
-    std::printf("isa=%s causal=%d max_err=%.2e\n", cpuattn::active_kernels().name, causal, max_err);
+    std::printf("isa=%s lq=%d causal=%d max_err=%.2e\n", cpuattn::active_kernels().name,
+                static_cast<int>(lq), causal, max_err);
     fails += max_err > 1e-5;
   }
   return fails;
