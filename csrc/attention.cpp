@@ -295,11 +295,16 @@ class Driver {
         step_(step);
         continue;
       }
-      if (float_keys_in_place_ && half_kv) {
-        convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, step.cols, p_.d, sc.stage.data());
-        step.k = sc.stage.data();
-        step.k_ld = p_.d;
-      } else if (float_keys_in_place_) {
+      if (float_keys_in_place_ && half_kv) {  // decode on a half cache: widened as read
+        step.k_rows = static_cast<const uint16_t*>(p_.k.data) + k_base + j0 * k_ld;
+        step.v_rows = static_cast<const uint16_t*>(p_.v.data) + v_base + j0 * v_ld;
+        step.v_ld = v_ld;
+        step.half_f16 = p_.kv_dtype == DType::F16;
+        step.prefetch_next = j1 < j_end;
+        step_(step);
+        continue;
+      }
+      if (float_keys_in_place_) {
         step.k = static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld;
         step.prefetch_next = j1 < j_end;
       } else {

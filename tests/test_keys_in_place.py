@@ -1,9 +1,10 @@
 """Few query rows per kv head (decode): the native step reads K rows in place and takes each
 score as a dot product along D (a fold tree reduces the per-lane partial sums), instead of
-packing K^T. Up to 16 rows (query positions x heads in a GQA group) take this path; 17 take
-the packed one. Shapes here exercise its edges: D not a multiple of the vector width (the
+packing K^T. Up to 32 rows (query positions x heads in a GQA group, csrc/tiles.h) take this
+path; 33 take the packed one. Shapes here exercise its edges: D not a multiple of the vector width (the
 scalar tail), partial key tiles, rows at the limit, views with any row stride, float64, and
-inf / NaN in K rows a query never keeps."""
+inf / NaN in K rows a query never keeps. Half caches (float16, bfloat16) are read in place as
+well: bfloat16 pairs on avx512_bf16, widened to float32 as loaded on every other ISA."""
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from cpuattn._request import BF16
 CASES = [  # lq, group, lk, d
     (1, 1, 1, 1), (1, 4, 7, 13), (1, 8, 129, 40), (2, 8, 700, 80), (4, 4, 65, 256),
     (16, 1, 200, 17), (1, 16, 1000, 64), (17, 1, 300, 64), (3, 5, 513, 33),
+    (8, 4, 100, 40), (33, 1, 300, 64),  # 32 rows: the last in place; 33: packed
 ]
 
 
@@ -70,26 +72,34 @@ def test_huge_scores(native, rng):
     assert_matches(native(q, k, v), dense_attention(q, k, v)[0], np.float32)
 
 
+HALF_BOUND = {"bf16": 1e-2, "f16": 2e-3}  # x max|v|, for an output in the half type
+HALF_TYPE = {"bf16": BF16, "f16": np.float16}
+
+
 @pytest.mark.parametrize(("lq", "group", "lk", "d"), CASES, ids=str)
-@pytest.mark.parametrize("q_type", ["bf16", "f32"])
-def test_bfloat16_cache(native, rng, lq, group, lk, d, q_type):
-    """bfloat16 K/V (on avx512_bf16: dot products on K rows, V widened in place), with a
-    bfloat16 or float32 q; float32 output keeps float32 accuracy, a bfloat16 one its bound."""
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+@pytest.mark.parametrize("q_type", ["half", "f32"])
+def test_half_cache(native, rng, lq, group, lk, d, half, q_type):
+    """Half K/V, read in place (bfloat16 on avx512_bf16: dot products on K rows; otherwise
+    widened to float32 as loaded), with a half or float32 q: a float32 output keeps float32
+    accuracy, a half one its bound."""
     q, k, v = inputs(rng, lq, group, lk, d, np.float32)
-    k, v = k.astype(BF16), v.astype(BF16)
-    if q_type == "bf16":
-        q = q.astype(BF16)
+    k, v = k.astype(HALF_TYPE[half]), v.astype(HALF_TYPE[half])
+    if q_type == "half":
+        q = q.astype(HALF_TYPE[half])
     lengths = np.array([lk, max(1, lk // 3)])
     ref = dense_attention(q, k, v, causal=True, kv_lengths=lengths)[0]
     out = native(q, k, v, causal=True, kv_lengths=lengths, out_dtype=np.float32)
     assert_matches(out, ref, np.float32)
     out = native(q, k, v, causal=True, kv_lengths=lengths)
-    assert np.abs(out.astype(np.float64) - ref).max() <= 1e-2 * np.abs(v.astype(np.float64)).max()
+    bound = HALF_BOUND[half] if q_type == "half" else 2e-5
+    assert np.abs(out.astype(np.float64) - ref).max() <= bound * np.abs(v.astype(np.float64)).max()
 
 
-def test_bfloat16_nonfinite_value_reaches_only_its_rows(native, rng):
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_half_nonfinite_value_reaches_only_its_rows(native, rng, half):
     q, k, v = inputs(rng, 1, 4, 300, 64, np.float32)
-    k, v = k.astype(BF16), v.astype(BF16)
+    k, v = k.astype(HALF_TYPE[half]), v.astype(HALF_TYPE[half])
     v[0, 0, 100, 3] = np.inf
     mask = np.ones((2, 8, 1, 300), bool)
     mask[0, 1:, :, 100] = False  # only head 0 keeps key 100

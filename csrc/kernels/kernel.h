@@ -48,11 +48,15 @@ struct TileStep {
   int64_t d_pairs, v2_ld;
   // Or nullptr: K rows in place (bfloat16, k_ld elements apart), used instead of kt2. For
   // step_bf16_tiles all kTileKeys rows, d_pairs pairs each, lie inside the array; step_bf16
-  // reads only rows [0, cols), d elements each.
+  // reads only rows [0, cols), d elements each. step_f32 with k_rows set reads rows [0, cols)
+  // of half K and V (v_rows) in place, float16 if half_f16 else bfloat16: decode on a half
+  // cache where the ISA has no bfloat16 products.
   const uint16_t* k_rows;
   int64_t k_ld;  // for k and k_rows
-  // step_bf16 only, or nullptr: V rows in place (bfloat16, v_ld elements apart), instead of v2.
+  // step_bf16 and step_f32, or nullptr: V rows in place (bfloat16, v_ld elements apart), instead
+  // of v2 / v.
   const uint16_t* v_rows;
+  bool half_f16;
   T dot_scale;
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 };

@@ -24,6 +24,86 @@ struct Simd {
   static V splat(T x) { return x - V{}; }
 };
 
+// How K and V elements are stored where the step reads them in place: the compute type, or
+// (float compute, decode on a half cache) float16 / bfloat16 rows widened as they are loaded.
+constexpr int kNative = 0, kF16 = 1, kBf16 = 2;
+
+// One float16 as float, exact (subnormals, inf, NaN kept) by bit arithmetic.
+inline float f16_bits_to_float(uint16_t h) {
+  const uint32_t magnitude = (h & 0x7fffu) << 13;
+  // Finite: the half's bits in float position, rebiased by 2^112 (exact, subnormals too);
+  // inf / NaN: the float exponent all ones.
+  float f;
+  if (magnitude >= (0x7c00u << 13)) {
+    f = __builtin_bit_cast(float, magnitude | 0x7f800000u);
+  } else {
+    f = __builtin_bit_cast(float, magnitude) * 0x1p112f;
+  }
+  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, f) | ((h & 0x8000u) << 16));
+}
+
+template <int H, typename T, typename E>
+inline T element(const E* p, int64_t i) {
+  if constexpr (H == kNative) {
+    return p[i];
+  } else if constexpr (H == kBf16) {
+    return __builtin_bit_cast(float, uint32_t(p[i]) << 16);
+  } else {
+    return f16_bits_to_float(p[i]);
+  }
+}
+
+template <int L>
+struct HalfLanes {
+  typedef uint16_t Half __attribute__((vector_size(2 * L)));
+  typedef uint32_t Wide __attribute__((vector_size(4 * L)));
+};
+
+// One vector of elements from p; float16 through F16C's vcvtph2ps where the ISA has it.
+template <int H, typename T, typename E>
+inline typename Simd<T>::V load_elements(const E* p) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  if constexpr (H == kNative) {
+    return S::load(p);
+  } else if constexpr (H == kBf16) {
+    typename HalfLanes<L>::Half h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return __builtin_bit_cast(V, __builtin_convertvector(h, typename HalfLanes<L>::Wide) << 16);
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (L == 16) {  // maskz: the unmasked intrinsic trips GCC 12's warnings
+      return (V)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+#endif
+#if defined(__F16C__)
+    if constexpr (L == 8) return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+    V v;
+    for (int i = 0; i < L; ++i) v[i] = f16_bits_to_float(p[i]);
+    return v;
+  }
+}
+
+// The K and V rows a step reads in place: a.k / a.v, or the half rows a.k_rows / a.v_rows.
+template <int H, typename T>
+inline auto key_rows(const cpuattn::TileStep<T>& a) {
+  if constexpr (H == kNative) {
+    return a.k;
+  } else {
+    return a.k_rows;
+  }
+}
+template <int H, typename T>
+inline auto value_rows(const cpuattn::TileStep<T>& a) {
+  if constexpr (H == kNative) {
+    return a.v;
+  } else {
+    return a.v_rows;
+  }
+}
+
 // 1 / x for finite x >= 1: AVX-512 float has a fast estimate refined to full precision;
 // elsewhere divide.
 template <typename V>
@@ -155,7 +235,7 @@ inline V in_key_order(V v, std::integer_sequence<int, I...>) {
 // trailing elements are added per score afterwards. With prefetch_next, each K line read
 // asks for the same line of the next tile (into L2): the hardware prefetchers alone left
 // decode at ~60% of the memory bandwidth.
-template <typename T, int RB>
+template <typename T, int RB, int H>
 inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
   using V = typename S::V;
@@ -164,21 +244,22 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int kGroups = L / KB;
   static_assert(W % L == 0 && (L & (L - 1)) == 0, "whole vectors of keys, lanes a power of 2");
   const T* q = a.q + r0 * a.d;
+  const auto* rows = key_rows<H>(a);
   const int64_t d_main = a.d / L * L;
   for (int64_t jb = 0; jb < a.cols; jb += L) {
     V folded[RB][kGroups];
     for (int g = 0; g < kGroups; ++g) {
-      const T* k[KB];
+      decltype(rows) k[KB];
       for (int n = 0; n < KB; ++n) {
         const int64_t j = jb + g * KB + n;
-        k[n] = a.k + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any valid row, masked later
+        k[n] = rows + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any valid row, masked later
       }
       V acc[RB][KB] = {};
 #pragma GCC unroll 2
       for (int64_t e = 0; e < d_main; e += L) {
         V kv[KB];
         for (int n = 0; n < KB; ++n) {
-          kv[n] = S::load(k[n] + e);
+          kv[n] = load_elements<H, T>(k[n] + e);
           if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.k_ld, 0, 1);
         }
         for (int r = 0; r < RB; ++r) {
@@ -193,9 +274,9 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
                             std::make_integer_sequence<int, L>{});
       if (d_main < a.d) {
         for (int i = 0; i < L; ++i) {
-          const T* kr = a.k + (jb + i < a.cols ? jb + i : 0) * a.k_ld;
+          const auto* kr = rows + (jb + i < a.cols ? jb + i : 0) * a.k_ld;
           T tail = 0;
-          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * kr[e];
+          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * element<H, T>(kr, e);
           sums[i] += tail;
         }
       }
@@ -395,11 +476,12 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
-template <typename T, int RB, int CB>
+template <typename T, int RB, int CB, int H>
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  const auto* rows = value_rows<H>(a);
   V acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = S::load(a.o + (r0 + r) * a.dv + e0 + c * L);
@@ -408,8 +490,8 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
     for (int c = 0; c < CB; ++c) {
-      vv[c] = S::load(a.v + j * a.v_ld + e0 + c * L);
-      if (a.prefetch_next) __builtin_prefetch(a.v + (j + W) * a.v_ld + e0 + c * L, 0, 1);
+      vv[c] = load_elements<H, T>(rows + j * a.v_ld + e0 + c * L);
+      if (a.prefetch_next) __builtin_prefetch(rows + (j + W) * a.v_ld + e0 + c * L, 0, 1);
     }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(a.s[(r0 + r) * W + j]);
@@ -421,43 +503,47 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   }
 }
 
-template <typename T, int RB>
+template <typename T, int RB, int H>
 inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
   int64_t e0 = 0;
-  for (; e0 + kColBlock * L <= a.dv; e0 += kColBlock * L) pv_block<T, RB, kColBlock>(a, r0, e0);
-  if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
-    for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block<T, RB, 2>(a, r0, e0);
+  for (; e0 + kColBlock * L <= a.dv; e0 += kColBlock * L) {
+    pv_block<T, RB, kColBlock, H>(a, r0, e0);
   }
-  for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1>(a, r0, e0);
+  if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
+    for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block<T, RB, 2, H>(a, r0, e0);
+  }
+  for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1, H>(a, r0, e0);
   if (e0 == a.dv) return;
+  const auto* rows = value_rows<H>(a);
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
     T* o = a.o + (r0 + r) * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = a.s[(r0 + r) * W + j];
-      const T* vr = a.v + j * a.v_ld;
-      for (int64_t e = e0; e < a.dv; ++e) o[e] += p * vr[e];
+      const auto* vr = rows + j * a.v_ld;
+      for (int64_t e = e0; e < a.dv; ++e) o[e] += p * element<H, T>(vr, e);
     }
   }
 }
 
 // Whether V rows [0, cols) hold an inf or NaN (x - x is NaN exactly for those). Vector
 // accumulators: a scalar chain of adds here cost as much as the tile's whole P.V.
-template <typename T>
+template <typename T, int H>
 inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t L = S::kLanes;
+  const auto* rows = value_rows<H>(a);
   V acc = V{};
   T tail = 0;
   for (int64_t j = 0; j < a.cols; ++j) {
-    const T* vr = a.v + j * a.v_ld;
+    const auto* vr = rows + j * a.v_ld;
     int64_t e = 0;
     for (; e + L <= a.dv; e += L) {
-      const V x = S::load(vr + e);
+      const V x = load_elements<H, T>(vr + e);
       acc += x - x;
     }
-    for (; e < a.dv; ++e) tail += vr[e] - vr[e];
+    for (; e < a.dv; ++e) tail += element<H, T>(vr, e) - element<H, T>(vr, e);
   }
   bool nonfinite = tail != tail;
   for (int64_t i = 0; i < L; ++i) nonfinite |= acc[i] != acc[i];
@@ -466,50 +552,68 @@ inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
 
 // P.V for rows [r0, r1) that skips weights of exactly 0, so an inf or NaN in V reaches only
 // the rows that give its key a weight (0 * inf would be NaN). Rare: only for such tiles.
-template <typename T>
+template <typename T, int H>
 inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr int64_t W = cpuattn::kTileKeys;
+  const auto* rows = value_rows<H>(a);
   for (int64_t r = r0; r < r1; ++r) {
     T* o = a.o + r * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = a.s[r * W + j];
       if (p == T(0)) continue;
-      const T* vr = a.v + j * a.v_ld;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * vr[e];
+      const auto* vr = rows + j * a.v_ld;
+      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * element<H, T>(vr, e);
     }
   }
 }
 
 // Rows [r0, r0 + RB) against the tile, start to finish: scores, mask, softmax, P.V. Working a
 // few rows at a time keeps their scores, the packed K tile and the V tile in L1.
-template <typename T, int RB>
+// H: how K and V are read (kNative: packed K^T or K rows in a.k, V rows in a.v; kF16 /
+// kBf16: half K and V rows in place, a.k_rows and a.v_rows).
+template <typename T, int RB, int H>
 inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
-  if (a.additive_w) {
+  if (H != kNative || a.k) {
+    score_rows_in_place<T, RB, H>(a, r0);
+  } else if (a.additive_w) {
     additive_score_rows<T, RB>(a, r0);
-  } else if (a.k) {
-    score_rows_in_place<T, RB>(a, r0);
   } else {
     score_rows<T, RB>(a, r0);
   }
   if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (softmax_rows(a, r0, r0 + RB)) {
-    if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite(a);  // checked once a tile
+    if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, H>(a);  // once a tile
     if (v_nonfinite) {
-      pv_rows_skip_zero_weights(a, r0, r0 + RB);
+      pv_rows_skip_zero_weights<T, H>(a, r0, r0 + RB);
       return;
     }
   }
-  pv_rows<T, RB>(a, r0);
+  pv_rows<T, RB, H>(a, r0);
+}
+
+template <typename T, int H>
+void tile_step_rows(const cpuattn::TileStep<T>& a) {
+  int v_nonfinite = -1;  // unknown until some weight is 0
+  int64_t r = 0;
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows<T, kRowBlock, H>(a, r, v_nonfinite);
+  for (; r + 4 <= a.rows; r += 4) step_rows<T, 4, H>(a, r, v_nonfinite);
+  for (; r < a.rows; ++r) step_rows<T, 1, H>(a, r, v_nonfinite);
 }
 
 template <typename T>
 void tile_step(const cpuattn::TileStep<T>& a) {
-  int v_nonfinite = -1;  // unknown until some weight is 0
-  int64_t r = 0;
-  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows<T, kRowBlock>(a, r, v_nonfinite);
-  for (; r + 4 <= a.rows; r += 4) step_rows<T, 4>(a, r, v_nonfinite);
-  for (; r < a.rows; ++r) step_rows<T, 1>(a, r, v_nonfinite);
+  if constexpr (sizeof(T) == 4) {
+    if (a.k_rows) {  // decode on a half cache: its rows in place
+      if (a.half_f16) {
+        tile_step_rows<T, kF16>(a);
+      } else {
+        tile_step_rows<T, kBf16>(a);
+      }
+      return;
+    }
+  }
+  tile_step_rows<T, kNative>(a);
 }
 
 // K rows [0, cols), ld elements apart, -> kt: d x kTileKeys (K transposed, so score columns
@@ -585,18 +689,7 @@ inline void convert_f16_rows(const uint16_t* src, int64_t ld, int64_t rows, int6
       _mm256_storeu_ps(d + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + e))));
     }
 #endif
-    for (; e < width; ++e) {
-      const uint32_t h = s[e], magnitude = (h & 0x7fffu) << 13;
-      // Finite: the half's bits in float position, rebiased by 2^112 (exact, subnormals too);
-      // inf / NaN: the float exponent all ones.
-      float f;
-      if (magnitude >= (0x7c00u << 13)) {
-        f = __builtin_bit_cast(float, magnitude | 0x7f800000u);
-      } else {
-        f = __builtin_bit_cast(float, magnitude) * 0x1p112f;
-      }
-      d[e] = __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, f) | ((h & 0x8000u) << 16));
-    }
+    for (; e < width; ++e) d[e] = f16_bits_to_float(s[e]);
   }
 }
 
