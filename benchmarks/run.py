@@ -50,9 +50,11 @@ FULL = [
     Case("f16 L=2048", 1, 8, 8, 2048, 2048, 64, q_dtype="float16", kv_dtype="float16"),
     Case("bf16 decode GQA", 1, 32, 8, 1, 16384, 128, q_dtype="bfloat16", kv_dtype="bfloat16"),
     Case("f32 q, bf16 cache decode GQA", 1, 32, 8, 1, 16384, 128, kv_dtype="bfloat16"),
+    Case("f16 decode GQA", 1, 32, 8, 1, 16384, 128, q_dtype="float16", kv_dtype="float16"),
 ]
 HALF_VS_FLOAT32 = {"bf16 L=2048": "L=2048", "f16 L=2048": "L=2048",
-                   "bf16 decode GQA": "decode GQA", "f32 q, bf16 cache decode GQA": "decode GQA"}
+                   "bf16 decode GQA": "decode GQA", "f32 q, bf16 cache decode GQA": "decode GQA",
+                   "f16 decode GQA": "decode GQA"}
 QUICK = [FULL[1], FULL[7], FULL[9], FULL[12]]
 MAX_NAIVE_SCORES = 2**28  # skip the O(L^2) baseline past 1 GiB of float32 scores
 SCORE_VARIANTS = ("softcap", "alibi_slopes")  # rows timed against the same call without them
