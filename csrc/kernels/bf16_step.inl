@@ -232,90 +232,6 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
   }
 }
 
-// 16 bfloat16 (mask: which to read, the rest 0) widened to float32 exactly.
-inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 mask) {
-  typedef uint32_t U __attribute__((vector_size(64)));
-  const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_maskz_loadu_epi16(mask, p));
-  return reinterpret_cast<__m512>(reinterpret_cast<U>(wide) << 16);
-}
-
-// o[r0 + r, e0 : e0 + CB * 16] += p . V for RB rows, V rows in place (a.v_rows, v_ld apart)
-// widened to float32 as read: exact products with p unrounded, no V packing. `tail` masks
-// the last vector's columns.
-template <int RB, int CB>
-inline void pv_block_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t r0, int64_t e0,
-                                   __mmask16 tail) {
-  constexpr int64_t W = cpuattn::kTileKeys, L = 16;
-  // Locals, not a.*: stores through pointers could alias a's fields, and GCC then kept the
-  // accumulators in memory.
-  const uint16_t* row = a.v_rows + e0;
-  const float* p_col = a.s + r0 * W;
-  const int64_t cols = a.cols, ld = a.v_ld, ahead = a.prefetch_next ? W * a.v_ld : 0;
-  __mmask16 mask[CB];
-  for (int c = 0; c < CB; ++c) mask[c] = c + 1 < CB ? __mmask16(0xffff) : tail;
-  __m512 acc[RB][CB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_maskz_loadu_ps(mask[c], a.o + (r0 + r) * a.dv + e0 + c * L);
-  }
-  for (int64_t j = 0; j < cols; ++j, row += ld) {
-    __m512 vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = load_bf16_as_f32(row + c * L, mask[c]);
-    // A 64-byte line per two vectors of 16 bfloat16; without prefetch_next, this row again
-    // (a no-op), so the loop has no branch: with one GCC kept the accumulators in memory.
-    for (int c = 0; c < CB; c += 2) __builtin_prefetch(row + ahead + c * L, 0, 1);
-    for (int r = 0; r < RB; ++r) {
-      const __m512 p = _mm512_set1_ps(p_col[r * W + j]);
-      for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c) _mm512_mask_storeu_ps(a.o + (r0 + r) * a.dv + e0 + c * L, mask[c], acc[r][c]);
-  }
-}
-
-// 64 columns (128 bytes of a V row) at a time.
-template <int RB>
-inline void pv_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t r0) {
-  constexpr int64_t L = 16;
-  const __mmask16 all = 0xffff;
-  int64_t e0 = 0;
-  for (; e0 + 4 * L <= a.dv; e0 += 4 * L) pv_block_bf16_in_place<RB, 4>(a, r0, e0, all);
-  for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block_bf16_in_place<RB, 2>(a, r0, e0, all);
-  for (; e0 < a.dv; e0 += L) {
-    const int64_t left = a.dv - e0;
-    pv_block_bf16_in_place<RB, 1>(a, r0, e0, left >= L ? all : static_cast<__mmask16>((1u << left) - 1));
-  }
-}
-
-// Whether V rows [0, cols) in place hold an inf or NaN (exponent bits all ones).
-inline bool tile_v_rows_have_nonfinite(const cpuattn::TileStep<float>& a) {
-  uint32_t found = 0;
-  for (int64_t j = 0; j < a.cols; ++j) {
-    const uint16_t* row = a.v_rows + j * a.v_ld;
-    for (int64_t e = 0; e < a.dv; ++e) found |= (row[e] & 0x7f80u) == 0x7f80u;
-  }
-  return found != 0;
-}
-
-// P.V from V rows in place, skipping weights of exactly 0 (see pv_rows_skip_zero_weights).
-inline void pv_rows_in_place_skip_zero_weights(const cpuattn::TileStep<float>& a, int64_t r0,
-                                               int64_t r1) {
-  constexpr int64_t W = cpuattn::kTileKeys;
-  for (int64_t r = r0; r < r1; ++r) {
-    float* o = a.o + r * a.dv;
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const float p = a.s[r * W + j];
-      if (p == 0.0f) continue;
-      const uint16_t* row = a.v_rows + j * a.v_ld;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * cpuattn::bf16_to_f32(row[e]);
-    }
-  }
-}
-
 // Rows [r0, r0 + RB) against the tile: from packed pairs, or (decode) from K and V rows in
 // place.
 template <int RB>
@@ -335,13 +251,13 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
   mask_rows(a, r0, r0 + RB);
   if (a.v_rows) {
     if (softmax_rows(a, r0, r0 + RB)) {
-      if (v_nonfinite < 0) v_nonfinite = tile_v_rows_have_nonfinite(a);
+      if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<float, kBf16>(a);
       if (v_nonfinite) {
-        pv_rows_in_place_skip_zero_weights(a, r0, r0 + RB);
+        pv_rows_skip_zero_weights<float, kBf16>(a, r0, r0 + RB);
         return;
       }
     }
-    pv_rows_bf16_in_place<RB>(a, r0);
+    pv_rows<float, RB, kBf16>(a, r0);
     return;
   }
   if (softmax_rows(a, r0, r0 + RB)) {
