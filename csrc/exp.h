@@ -74,53 +74,50 @@ inline V times_two_to(V p, V n) {
   }
 }
 
+// c[0] + r * (c[1] + r * (... + r * c[N-1])): one multiply-add per coefficient.
+template <typename T, typename V, int N>
+inline V horner(V r, const T (&c)[N]) {
+  V p = V{} + c[N - 1];
+  for (int i = N - 1; i-- > 0;) p = p * r + c[i];
+  return p;
+}
+
+// n = round(x / ln 2), by adding and subtracting 1.5 * 2^mantissa bits.
+template <typename T, typename V>
+inline V nearest_power_of_two(V x) {
+  const V shifter = V{} + ExpConsts<T>::kShifter;
+  return (x * T(1.4426950408889634) + shifter) - shifter;
+}
+
 // exp(xc) for xc in [kMin, kMax], or NaN (-> NaN): the arithmetic of fast_exp_vec without
 // its range handling, for callers that bound the argument themselves (tanh).
 template <typename T, typename V>
 inline V exp_in_range(V xc) {
   using C = ExpConsts<T>;
-  const V shifter = V{} + C::kShifter;
-  V n = (xc * T(1.4426950408889634) + shifter) - shifter;
-  constexpr bool kScalef = kHaveScalef && sizeof(V) == 64;
-  if constexpr (!kScalef) {
+  V n = nearest_power_of_two<T>(xc);
+  if constexpr (!(kHaveScalef && sizeof(V) == 64)) {
     // 2^n through the exponent bits holds n <= kBias only: near overflow, r grows up to ln 2
     // instead (still accurate), and a true overflow overflows in the final product.
     const V top = V{} + T(C::kBias);
     n = n < top ? n : top;
   }
   const V r = (xc - n * C::kLn2Hi) - n * C::kLn2Lo;
-  V p;
   if constexpr (sizeof(T) == 4) {
     // Minimax for relative error on [-ln2/2, ln2] (r reaches ln 2 near overflow without
     // AVX-512), fitted here: 3.2e-8, under float rounding (max error: tests/test_exp.py).
-    p = V{} + T(0.0016380349406972528);
-    p = p * r + T(0.008317459374666214);
-    p = p * r + T(0.041615236550569534);
-    p = p * r + T(0.16667303442955017);
-    p = p * r + T(0.5000030398368835);
-    p = p * r + T(0.9999998211860657);
-    p = p * r + T(1);
+    static constexpr T kPoly[] = {1, 0.9999998211860657, 0.5000030398368835,
+                                  0.16667303442955017, 0.041615236550569534,
+                                  0.008317459374666214, 0.0016380349406972528};
+    return times_two_to<T>(horner(r, kPoly), n);
   } else {
-    p = V{} + T(1.0 / 355687428096000.0);  // Taylor, degree 16: < 1e-17 up to r = ln 2
-    p = p * r + T(1.0 / 20922789888000.0);
-    p = p * r + T(1.0 / 1307674368000.0);
-    p = p * r + T(1.0 / 87178291200.0);
-    p = p * r + T(1.0 / 6227020800.0);
-    p = p * r + T(1.0 / 479001600.0);
-    p = p * r + T(1.0 / 39916800.0);
-    p = p * r + T(1.0 / 3628800.0);
-    p = p * r + T(1.0 / 362880.0);
-    p = p * r + T(1.0 / 40320.0);
-    p = p * r + T(1.0 / 5040.0);
-    p = p * r + T(1.0 / 720.0);
-    p = p * r + T(1.0 / 120.0);
-    p = p * r + T(1.0 / 24.0);
-    p = p * r + T(1.0 / 6.0);
-    p = p * r + T(0.5);
-    p = p * r + T(1);
-    p = p * r + T(1);
+    // Taylor, degree 17: < 1e-17 up to r = ln 2.
+    static constexpr T kPoly[] = {1, 1, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+                                  1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800,
+                                  1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0,
+                                  1.0 / 87178291200.0, 1.0 / 1307674368000.0,
+                                  1.0 / 20922789888000.0, 1.0 / 355687428096000.0};
+    return times_two_to<T>(horner(r, kPoly), n);
   }
-  return times_two_to<T>(p, n);
 }
 
 // Lane-wise on a GCC/Clang vector V of T (a 1-lane vector for a scalar).
@@ -138,41 +135,34 @@ inline V fast_exp_vec(V x) {
   return x < lo ? V{} : (x != x ? x : y);
 }
 
-// exp(xc) in float for xc in [-88, 88] or NaN, lean: one-constant ln 2 reduction (error
+// exp(xc) for xc in [-88, 88] or NaN, lean in float: one-constant ln 2 reduction (error
 // |n| * 1.9e-9 in r, so 2.4e-7 relative at the ends of the range, less near 0) and a degree-5
 // minimax for e^r on [-ln2/2, ln2/2] (2.2e-7 relative, fitted here). 4 operations fewer than
 // exp_in_range and ~3 ulp: for the softmax weights and tanh, not for the exp test hook.
-template <typename V>
+// double: exp_in_range.
+template <typename T, typename V>
 inline V exp_lean(V xc) {
-  using T = float;
-  const V shifter = V{} + ExpConsts<T>::kShifter;
-  const V n = (xc * T(1.4426950408889634) + shifter) - shifter;
-  const V r = xc - n * T(0.693147180559945);
-  V p = V{} + T(0.008290315046906471);
-  p = p * r + T(0.04189793020486832);
-  p = p * r + T(0.1666763573884964);
-  p = p * r + T(0.4999915063381195);
-  p = p * r + T(0.9999997019767761);
-  p = p * r + T(1);
-  return times_two_to<T>(p, n);
+  if constexpr (sizeof(T) == 4) {
+    const V n = nearest_power_of_two<T>(xc);
+    const V r = xc - n * T(0.693147180559945);
+    static constexpr T kPoly[] = {1, 0.9999997019767761, 0.4999915063381195,
+                                  0.1666763573884964, 0.04189793020486832,
+                                  0.008290315046906471};
+    return times_two_to<T>(horner(r, kPoly), n);
+  } else {
+    return exp_in_range<T>(xc);
+  }
 }
 
 // exp(x) for the softmax's x = s - max: x <= 0, -inf or NaN, so no overflow side; results
 // under exp(kMinNormalResult) (~4e-38 in float, ~3e-308 in double, just above the smallest
 // normal) flush to 0 rather than be clamped there, which kept every 2^n * p normal (a
-// subnormal costs a microcode assist on x86). 3 range operations instead of fast_exp_vec's 7,
-// and exp_lean in float.
+// subnormal costs a microcode assist on x86). 3 range operations instead of fast_exp_vec's 7.
 template <typename T, typename V>
 inline V fast_exp_nonpositive(V x) {
   const V lo = V{} + ExpConsts<T>::kMinNormalResult;
   const V xc = lo > x ? lo : x;  // NaN stays NaN
-  V y;
-  if constexpr (sizeof(T) == 4) {
-    y = exp_lean(xc);
-  } else {
-    y = exp_in_range<T>(xc);
-  }
-  return x < lo ? V{} : y;
+  return x < lo ? V{} : exp_lean<T>(xc);
 }
 
 template <typename T>

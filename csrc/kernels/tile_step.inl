@@ -123,11 +123,7 @@ inline V inverse_exp_plus_one(V t) {
   const V lo = V{} - T(80), hi = V{} + T(80);
   t = lo > t ? lo : t;
   t = t > hi ? hi : t;
-  if constexpr (sizeof(T) == 4) {  // tanh's error: half e's relative error, so ~1.3e-7
-    return inverse(exp_lean(t) + T(1));
-  } else {
-    return inverse(exp_in_range<T>(t) + T(1));
-  }
+  return inverse(exp_lean<T>(t) + T(1));  // tanh's error: half e's relative error
 }
 
 template <typename V>
