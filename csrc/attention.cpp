@@ -34,6 +34,16 @@ int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_
   return off;
 }
 
+// Bytes per element of a storage type.
+int64_t dtype_bytes(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
+
+// Where a task's q, K and V lie, as up to three byte ranges (bytes 0: not contiguous, or
+// not asked for), for TileStep::prefetch.
+struct InputRanges {
+  const char* at[3] = {};
+  int64_t bytes[3] = {};
+};
+
 // Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
 // head: packed K^T, or V converted from half. Without caching (one query tile, as in decode,
 // or past the element cap) a tile is prepared into the caller's spare buffer every time.
@@ -143,6 +153,11 @@ class Driver {
          void (*step)(const TileStep<T>&), Pack pack, Convert convert)
       : p_(p), kernels_(kernels), how_(how), pairs_(pairs), step_(step), pack_(pack),
         convert_(convert) {
+    if constexpr (std::is_same_v<T, float>) {
+      scale_ = kernels.scale_f32;
+    } else {
+      scale_ = kernels.scale_f64;
+    }
     batch_ = 1;
     for (int64_t n : p.batch_shape) batch_ *= n;
     group_ = p.hq / p.hkv;
@@ -194,6 +209,30 @@ class Driver {
             p_.cu_seqlens_q[s.b], p_.cu_seqlens_k[s.b], s.lq * group_};
   }
 
+  // The q, K and V of the whole-head task starting at `item`, for the previous task to
+  // prefetch: short heads (MiniLM: 16 KiB per operand) are read in bursts too short for the
+  // hardware prefetchers, and a cold head's loads stalled ~10% of the time. Only contiguous
+  // operands, and only heads of at most kPrefetchHeadBytes; longer streams are left to the
+  // hardware.
+  InputRanges head_inputs(int64_t item) const {
+    InputRanges in;
+    const ItemPos pos = locate(item);
+    const size_t nb = p_.batch_shape.size();
+    const auto range = [&](const View& view, DType type, int64_t first_head, int64_t heads,
+                           int64_t rows, int64_t width, int slot) {
+      const int64_t head_stride = view.strides[nb], row_stride = view.strides[nb + 1];
+      if (row_stride != width || (heads > 1 && head_stride != rows * width)) return;
+      const int64_t first = batch_offset(p_.batch_shape, view, pos.b) + first_head * head_stride;
+      in.at[slot] = static_cast<const char*>(view.data) + first * dtype_bytes(type);
+      in.bytes[slot] = heads * rows * width * dtype_bytes(type);
+    };
+    range(p_.q, p_.q_dtype, pos.hk * group_, group_, pos.lq, p_.d, 0);
+    range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
+    range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
+    if (in.bytes[0] + in.bytes[1] + in.bytes[2] > kPrefetchHeadBytes) return {};
+    return in;
+  }
+
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const { return std::min(kTileRows, rows_per_head_group_); }
   // Elements of one partial result: per row m, l, then o (Dv).
@@ -202,9 +241,12 @@ class Driver {
   // Rows are ordered (query position, head in group): one tile covers a few positions of all
   // heads that share the kv head, so each K/V tile is loaded once for the whole group.
   // Only keys in [chunk.begin, chunk.end) are visited; with `partial` set the unnormalized
-  // state goes there for merge_item, else the finished rows go to out / lse.
+  // state goes there for merge_item, else the finished rows go to out / lse. `next`: the
+  // next task's inputs, of which this item, part `part` of `parts` of its task, prefetches
+  // that share over its key tiles.
   void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
-                T* partial = nullptr) const {
+                T* partial = nullptr, const InputRanges* next = nullptr, int64_t part = 0,
+                int64_t parts = 1) const {
     const ItemPos pos = locate(item);
     const int64_t b = pos.b, hk = pos.hk;
 
@@ -261,11 +303,19 @@ class Driver {
     // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
     const int64_t owner = b * p_.hkv + hk;
     const int64_t j_end = std::min(keys_hi, chunk.end);
-    for (int64_t j0 = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin); j0 < j_end;
-         j0 += kTileKeys) {
+    const int64_t j_first = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin);
+    const int64_t key_tiles = (j_end - j_first + kTileKeys - 1) / kTileKeys;
+    for (int64_t j0 = j_first; j0 < j_end; j0 += kTileKeys) {
       const int64_t j1 = std::min(j0 + kTileKeys, j_end);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
+      const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys, shares = parts * key_tiles;
+      for (int i = 0; next && i < 3; ++i) {  // the share-th of shares slices, in whole lines
+        const int64_t lines = (next->bytes[i] + 63) / 64;
+        const int64_t lo = share * lines / shares, hi = (share + 1) * lines / shares;
+        step.prefetch[i] = next->at[i] + 64 * lo;
+        step.prefetch_bytes[i] = 64 * (hi - lo);
+      }
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
       const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);
       step.cols = j1 - j0;
@@ -375,9 +425,10 @@ class Driver {
     const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
     const int64_t mask_base = p_.mask.data ? batch_offset(p_.batch_shape, p_.mask, b) : 0;
     const T scale = static_cast<T>(p_.scale);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = (r0 + r) / group_;
-      const int64_t h = hk * group_ + (r0 + r) % group_;
+    // Row r0 + r is query i of head hk * group + g, stepped without a division per row.
+    int64_t i = r0 / group_, g = r0 % group_;
+    for (int64_t r = 0; r < rows; ++r, g = g + 1 == group_ ? 0 : g + 1, i += g == 0) {
+      const int64_t h = hk * group_ + g;
       sc.row_pos[r] = i;
       sc.row_head[r] = h;
       sc.bounds[r] = rb.of_row(i);
@@ -391,7 +442,11 @@ class Driver {
         pack_query_pairs(src, r, sc);
       } else {
         T* dst = sc.q.data() + r * p_.d;
-        for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+        if (p_.q_dtype == p_.dtype) {
+          scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, dst);
+        } else {
+          for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+        }
       }
       if (p_.mask.data) {
         const int64_t off = mask_base + h * p_.mask.strides[nb] + i * p_.mask.strides[nb + 1];
@@ -508,8 +563,7 @@ class Driver {
     const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.dtype) {
-      T* dst = static_cast<T*>(out) + base;
-      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = o[e] * inv;
+      scale_(o, inv, p_.dv, static_cast<T*>(out) + base);
     } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
       uint16_t* dst = static_cast<uint16_t*>(out) + base;
       for (int64_t e = 0; e < p_.dv; ++e) dst[e] = f32_to_bf16(float(o[e] * inv));
@@ -532,6 +586,7 @@ class Driver {
   bool bf16_rows_in_place_ = false;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
+  void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a: q rows in, out rows out
   Convert convert_;
   int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0, items_ = 0;
   int64_t max_keys_ = p_.lk;
@@ -605,10 +660,18 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 
+  // Whole-head tasks go out in runs of kWholeHeadRun consecutive ones: a task that is not the
+  // last of its run knows the next one is this thread's, and prefetches its inputs.
+  const int64_t run_length = items_per_task > 1 ? kWholeHeadRun : 1;
   auto run_task = [&](int64_t task, Scratch<T>& sc) {
     if (chunks == 1) {
-      for (int64_t item = task * items_per_task; item < (task + 1) * items_per_task; ++item) {
-        driver.run_item(item, sc);
+      InputRanges next;
+      if (run_length > 1 && (task + 1) % run_length != 0 && task + 1 < tasks) {
+        next = driver.head_inputs((task + 1) * items_per_task);
+      }
+      for (int64_t part = 0; part < items_per_task; ++part) {
+        driver.run_item(task * items_per_task + part, sc, {0, INT64_MAX}, nullptr, &next, part,
+                        items_per_task);
       }
       return;
     }
@@ -626,7 +689,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
     Scratch<T>& sc = scratch[omp_get_thread_num()];
     if (tiles_begin) tiles_begin();
     // Dynamic: causal and windowed items differ in cost. Any schedule gives the same bits.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, run_length)
     for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
     if (tiles_end) tiles_end();
     if (chunks > 1) {

@@ -31,6 +31,11 @@ constexpr int64_t kAmxPairs = 16;
 // At least this many (batch, kv head) pairs per thread: each task takes a whole pair (all its
 // query tiles) instead of one query tile.
 constexpr int64_t kWholeHeadTasksPerThread = 8;
+// Whole-head tasks are handed out this many consecutive ones at a time, so that a thread knows
+// its next head and prefetches it (if at most kPrefetchHeadBytes of q, K and V) during the
+// current one; few, so the dynamic schedule still balances the end of the call.
+constexpr int64_t kWholeHeadRun = 4;
+constexpr int64_t kPrefetchHeadBytes = int64_t(256) << 10;
 
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
 // query tiles) cuts each item's keys into chunks of at least kSplitMinChunkKeys, at most

@@ -59,6 +59,12 @@ struct TileStep {
   bool half_f16;
   T dot_scale;
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
+
+  // Byte ranges of this thread's next task (its q, K and V) to ask the caches for during this
+  // step, a few lines per row block so the requests overlap the arithmetic (all of them at
+  // the task's start bought nothing, measured). bytes 0: none.
+  const char* prefetch[3];
+  int64_t prefetch_bytes[3];
 };
 
 struct KernelSet {
@@ -71,6 +77,10 @@ struct KernelSet {
   // float16 / bfloat16 rows (ld elements apart) -> rows x width floats, contiguous.
   void (*convert_f16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
   void (*convert_bf16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
+  // y[i] = x[i] * a, i < n: the driver's per-row copies (q times the softmax scale into the
+  // tile, o / l into out) at this ISA's vector width.
+  void (*scale_f32)(const float* x, float a, int64_t n, float* y);
+  void (*scale_f64)(const double* x, double a, int64_t n, double* y);
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);

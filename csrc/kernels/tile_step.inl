@@ -588,13 +588,34 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   pv_rows<T, RB, H>(a, r0);
 }
 
+// Before rows [r0, r1): their share (by row count) of the lines in a.prefetch.
+template <typename T>
+inline void prefetch_share(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+  for (int i = 0; i < 3; ++i) {
+    const int64_t lines = (a.prefetch_bytes[i] + 63) / 64;
+    for (int64_t n = r0 * lines / a.rows; n < r1 * lines / a.rows; ++n) {
+      __builtin_prefetch(a.prefetch[i] + 64 * n, 0, 2);
+      __asm__ __volatile__("");  // a loop of prefetches alone counts as empty: GCC deletes it
+    }
+  }
+}
+
 template <typename T, int H>
 void tile_step_rows(const cpuattn::TileStep<T>& a) {
   int v_nonfinite = -1;  // unknown until some weight is 0
   int64_t r = 0;
-  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows<T, kRowBlock, H>(a, r, v_nonfinite);
-  for (; r + 4 <= a.rows; r += 4) step_rows<T, 4, H>(a, r, v_nonfinite);
-  for (; r < a.rows; ++r) step_rows<T, 1, H>(a, r, v_nonfinite);
+  for (; r + kRowBlock <= a.rows; r += kRowBlock) {
+    prefetch_share(a, r, r + kRowBlock);
+    step_rows<T, kRowBlock, H>(a, r, v_nonfinite);
+  }
+  for (; r + 4 <= a.rows; r += 4) {
+    prefetch_share(a, r, r + 4);
+    step_rows<T, 4, H>(a, r, v_nonfinite);
+  }
+  for (; r < a.rows; ++r) {
+    prefetch_share(a, r, r + 1);
+    step_rows<T, 1, H>(a, r, v_nonfinite);
+  }
 }
 
 template <typename T>
@@ -689,6 +710,15 @@ inline void convert_f16_rows(const uint16_t* src, int64_t ld, int64_t rows, int6
   }
 }
 
+// y = x * a over n elements: whole vectors, then the n % L tail one element at a time.
+template <typename T>
+void scale_array(const T* x, T a, int64_t n, T* y) {
+  using S = Simd<T>;
+  int64_t i = 0;
+  for (; i + S::kLanes <= n; i += S::kLanes) S::store(y + i, S::load(x + i) * a);
+  for (; i < n; ++i) y[i] = x[i] * a;
+}
+
 // The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {
@@ -709,6 +739,8 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.pack_f64 = &pack_keys<double>;
   k.convert_f16 = &convert_f16_rows;
   k.convert_bf16 = &convert_bf16_rows;
+  k.scale_f32 = &scale_array<float>;
+  k.scale_f64 = &scale_array<double>;
   k.exp_f32 = &exp_array<float>;
   k.exp_f64 = &exp_array<double>;
   return k;
