@@ -37,11 +37,11 @@ int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_
 // Bytes per element of a storage type.
 int64_t dtype_bytes(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
 
-// Where a task's q, K and V lie, as up to three byte ranges (bytes 0: not contiguous, or
-// not asked for), for TileStep::prefetch.
-struct InputRanges {
-  const char* at[3] = {};
-  int64_t bytes[3] = {};
+// Where a task's q, K, V and out lie, as byte ranges (bytes 0: not contiguous, or not asked
+// for), for TileStep::prefetch.
+struct TaskRanges {
+  const char* at[kPrefetchRanges] = {};
+  int64_t bytes[kPrefetchRanges] = {};
 };
 
 // Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
@@ -94,7 +94,8 @@ int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
 // O(Lq x Lk).
 template <typename T>
 struct Scratch {
-  std::vector<T> q, kt, vt, stage, s, o, m, l;
+  std::vector<T> q, kt, vt, stage, s, o, m, l, sums;
+  std::vector<T*> out_rows;  // per row: where its output goes, when out has the compute type
   std::vector<KeyRange> bounds;
   std::vector<const void*> mask_rows;
   std::vector<int64_t> row_pos, row_head, diag;
@@ -109,7 +110,7 @@ struct Scratch {
   // pairs: D's bfloat16 pairs, padded as the kernel needs (Operands::Bf16Pairs only).
   Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, Operands how, int64_t pairs)
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
-        m(kTileRows), l(kTileRows * kSumSlots), bounds(kTileRows), mask_rows(kTileRows),
+        m(kTileRows), l(kTileRows * kSumSlots), sums(kTileRows), out_rows(kTileRows), bounds(kTileRows), mask_rows(kTileRows),
         row_pos(kTileRows), row_head(kTileRows), diag(kTileRows), slopes(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     if (how == Operands::Bf16Pairs) {
@@ -155,8 +156,10 @@ class Driver {
         convert_(convert) {
     if constexpr (std::is_same_v<T, float>) {
       scale_ = kernels.scale_f32;
+      finish_ = kernels.finish_f32;
     } else {
       scale_ = kernels.scale_f64;
+      finish_ = kernels.finish_f64;
     }
     batch_ = 1;
     for (int64_t n : p.batch_shape) batch_ *= n;
@@ -209,13 +212,14 @@ class Driver {
             p_.cu_seqlens_q[s.b], p_.cu_seqlens_k[s.b], s.lq * group_};
   }
 
-  // The q, K and V of the whole-head task starting at `item`, for the previous task to
+  // The q, K, V and out of the whole-head task starting at `item`, for the previous task to
   // prefetch: short heads (MiniLM: 16 KiB per operand) are read in bursts too short for the
-  // hardware prefetchers, and a cold head's loads stalled ~10% of the time. Only contiguous
-  // operands, and only heads of at most kPrefetchHeadBytes; longer streams are left to the
-  // hardware.
-  InputRanges head_inputs(int64_t item) const {
-    InputRanges in;
+  // hardware prefetchers, and a cold head's loads and stores stalled ~10% of the time. Only
+  // contiguous operands, and only heads of at most kPrefetchHeadBytes; longer streams are
+  // left to the hardware. (A read prefetch of out suffices: a line no other core holds
+  // arrives exclusive, and the store needs no second request.)
+  TaskRanges head_ranges(int64_t item) const {
+    TaskRanges in;
     const ItemPos pos = locate(item);
     const size_t nb = p_.batch_shape.size();
     const auto range = [&](const View& view, DType type, int64_t first_head, int64_t heads,
@@ -229,7 +233,8 @@ class Driver {
     range(p_.q, p_.q_dtype, pos.hk * group_, group_, pos.lq, p_.d, 0);
     range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
     range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
-    if (in.bytes[0] + in.bytes[1] + in.bytes[2] > kPrefetchHeadBytes) return {};
+    range(p_.out, p_.out_dtype, pos.hk * group_, group_, pos.lq, p_.dv, 3);
+    if (in.bytes[0] + in.bytes[1] + in.bytes[2] + in.bytes[3] > kPrefetchHeadBytes) return {};
     return in;
   }
 
@@ -242,10 +247,10 @@ class Driver {
   // heads that share the kv head, so each K/V tile is loaded once for the whole group.
   // Only keys in [chunk.begin, chunk.end) are visited; with `partial` set the unnormalized
   // state goes there for merge_item, else the finished rows go to out / lse. `next`: the
-  // next task's inputs, of which this item, part `part` of `parts` of its task, prefetches
+  // next task's ranges, of which this item, part `part` of `parts` of its task, prefetches
   // that share over its key tiles.
   void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
-                T* partial = nullptr, const InputRanges* next = nullptr, int64_t part = 0,
+                T* partial = nullptr, const TaskRanges* next = nullptr, int64_t part = 0,
                 int64_t parts = 1) const {
     const ItemPos pos = locate(item);
     const int64_t b = pos.b, hk = pos.hk;
@@ -310,7 +315,7 @@ class Driver {
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
       const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys, shares = parts * key_tiles;
-      for (int i = 0; next && i < 3; ++i) {  // the share-th of shares slices, in whole lines
+      for (int i = 0; next && i < kPrefetchRanges; ++i) {  // share-th of shares, whole lines
         const int64_t lines = (next->bytes[i] + 63) / 64;
         const int64_t lo = share * lines / shares, hi = (share + 1) * lines / shares;
         step.prefetch[i] = next->at[i] + 64 * lo;
@@ -412,7 +417,8 @@ class Driver {
         for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
       }
       const int64_t i = (r0 + r) / group_, h = hk * group_ + (r0 + r) % group_;
-      finish_row(base, i, h, acc.data(), m, l);
+      write_out_row(base, i, h, acc.data(), l);
+      write_lse(base, i, h, m, l);
     }
   }
 
@@ -491,30 +497,31 @@ class Driver {
     }
   }
 
-  // A row's kSumSlots partial sums, added pairwise: a short dependency chain, and no copy
-  // (a generic loop over a local copy cost a memmove per row).
-  static T row_sum(const Scratch<T>& sc, int64_t r) {
-    static_assert(kSumSlots == 16, "the pairwise sum below is written out for 16 slots");
-    const T* l = sc.l.data() + r * kSumSlots;
-    T half[8];
-    for (int i = 0; i < 8; ++i) half[i] = l[i] + l[i + 8];
-    for (int i = 0; i < 4; ++i) half[i] += half[i + 4];
-    return (half[0] + half[2]) + (half[1] + half[3]);
-  }
-
-  void write_rows(const ItemPos& pos, int64_t rows, const Scratch<T>& sc) const {
+  // The tile's rows to out (and lse): an out in the compute type is written by the kernel's
+  // finish along with the row sums, another type here from those sums.
+  void write_rows(const ItemPos& pos, int64_t rows, Scratch<T>& sc) const {
     const OutBase base = out_base(pos);
+    const bool direct = p_.out_dtype == p_.dtype;
+    for (int64_t r = 0; r < rows && direct; ++r) {
+      sc.out_rows[r] = static_cast<T*>(const_cast<void*>(p_.out.data)) +
+                       out_offset(base, sc.row_pos[r], sc.row_head[r]);
+    }
+    finish_(sc.o.data(), sc.l.data(), rows, p_.dv, direct ? sc.out_rows.data() : nullptr,
+            sc.sums.data());
     for (int64_t r = 0; r < rows; ++r) {
-      finish_row(base, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.m[r],
-                 row_sum(sc, r));
+      if (!direct) {
+        write_out_row(base, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.sums[r]);
+      }
+      write_lse(base, sc.row_pos[r], sc.row_head[r], sc.m[r], sc.sums[r]);
     }
   }
 
-  void write_partial(int64_t rows, const Scratch<T>& sc, T* partial) const {
+  void write_partial(int64_t rows, Scratch<T>& sc, T* partial) const {
+    finish_(sc.o.data(), sc.l.data(), rows, p_.dv, nullptr, sc.sums.data());
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = partial + r * (p_.dv + 2);
       dst[0] = sc.m[r];
-      dst[1] = row_sum(sc, r);
+      dst[1] = sc.sums[r];
       std::copy(sc.o.data() + r * p_.dv, sc.o.data() + (r + 1) * p_.dv, dst + 2);
     }
   }
@@ -555,26 +562,34 @@ class Driver {
     }
   }
 
-  // out = o / l and lse = m + log(l) for query i of head h; a row that kept no key gets 0 and
-  // -inf.
-  void finish_row(const OutBase& at, int64_t i, int64_t h, const T* o, T m, T l) const {
+  // Element offset of query i of head h in out.
+  int64_t out_offset(const OutBase& at, int64_t i, int64_t h) const {
     const size_t nb = p_.batch_shape.size();
+    return at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
+  }
+
+  // out = o / l for query i of head h, in out's type; a row that kept no key (l = 0) gets 0.
+  void write_out_row(const OutBase& at, int64_t i, int64_t h, const T* o, T l) const {
     void* out = const_cast<void*>(p_.out.data);
-    const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
+    const int64_t base = out_offset(at, i, h);
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.dtype) {
-      scale_(o, inv, p_.dv, static_cast<T*>(out) + base);
+      for (int64_t e = 0; e < p_.dv; ++e) static_cast<T*>(out)[base + e] = o[e] * inv;
     } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
       uint16_t* dst = static_cast<uint16_t*>(out) + base;
       for (int64_t e = 0; e < p_.dv; ++e) dst[e] = f32_to_bf16(float(o[e] * inv));
     } else {
       for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
     }
-    if (p_.lse.data) {
-      T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + at.lse;
-      lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
-          l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
-    }
+  }
+
+  // lse = m + log(l), when asked for; -inf for a row that kept no key.
+  void write_lse(const OutBase& at, int64_t i, int64_t h, T m, T l) const {
+    if (!p_.lse.data) return;
+    const size_t nb = p_.batch_shape.size();
+    T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + at.lse;
+    lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
+        l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
   }
 
   const Params& p_;
@@ -586,7 +601,8 @@ class Driver {
   bool bf16_rows_in_place_ = false;
   void (*step_)(const TileStep<T>&);
   Pack pack_;
-  void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a: q rows in, out rows out
+  void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a, for q rows
+  void (*finish_)(const T*, const T*, int64_t, int64_t, T* const*, T*);  // the ISA's finish
   Convert convert_;
   int64_t batch_ = 0, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0, items_ = 0;
   int64_t max_keys_ = p_.lk;
@@ -665,9 +681,9 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   const int64_t run_length = items_per_task > 1 ? kWholeHeadRun : 1;
   auto run_task = [&](int64_t task, Scratch<T>& sc) {
     if (chunks == 1) {
-      InputRanges next;
+      TaskRanges next;
       if (run_length > 1 && (task + 1) % run_length != 0 && task + 1 < tasks) {
-        next = driver.head_inputs((task + 1) * items_per_task);
+        next = driver.head_ranges((task + 1) * items_per_task);
       }
       for (int64_t part = 0; part < items_per_task; ++part) {
         driver.run_item(task * items_per_task + part, sc, {0, INT64_MAX}, nullptr, &next, part,

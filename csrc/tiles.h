@@ -36,6 +36,7 @@ constexpr int64_t kWholeHeadTasksPerThread = 8;
 // current one; few, so the dynamic schedule still balances the end of the call.
 constexpr int64_t kWholeHeadRun = 4;
 constexpr int64_t kPrefetchHeadBytes = int64_t(256) << 10;
+constexpr int kPrefetchRanges = 4;  // q, K, V, out
 
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
 // query tiles) cuts each item's keys into chunks of at least kSplitMinChunkKeys, at most

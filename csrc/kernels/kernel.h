@@ -60,11 +60,11 @@ struct TileStep {
   T dot_scale;
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 
-  // Byte ranges of this thread's next task (its q, K and V) to ask the caches for during this
-  // step, a few lines per row block so the requests overlap the arithmetic (all of them at
-  // the task's start bought nothing, measured). bytes 0: none.
-  const char* prefetch[3];
-  int64_t prefetch_bytes[3];
+  // Byte ranges of this thread's next task (its q, K, V and out) to ask the caches for during
+  // this step, a few lines per row block so the requests overlap the arithmetic (all of them
+  // at the task's start bought nothing, measured). bytes 0: none.
+  const char* prefetch[kPrefetchRanges];
+  int64_t prefetch_bytes[kPrefetchRanges];
 };
 
 struct KernelSet {
@@ -77,10 +77,16 @@ struct KernelSet {
   // float16 / bfloat16 rows (ld elements apart) -> rows x width floats, contiguous.
   void (*convert_f16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
   void (*convert_bf16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
-  // y[i] = x[i] * a, i < n: the driver's per-row copies (q times the softmax scale into the
-  // tile, o / l into out) at this ISA's vector width.
+  // y[i] = x[i] * a, i < n: q rows times the softmax scale into the tile.
   void (*scale_f32)(const float* x, float a, int64_t n, float* y);
   void (*scale_f64)(const double* x, double a, int64_t n, double* y);
+  // A finished tile's rows [0, rows): sums[r] = row r's kSumSlots partial sums (slots, as the
+  // step leaves them) added pairwise, and, when out is set, out[r][e] = o[r * dv + e] / sums[r]
+  // (0 where the sum is 0).
+  void (*finish_f32)(const float* o, const float* slots, int64_t rows, int64_t dv,
+                     float* const* out, float* sums);
+  void (*finish_f64)(const double* o, const double* slots, int64_t rows, int64_t dv,
+                     double* const* out, double* sums);
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);

@@ -382,12 +382,14 @@ struct Lanes {
     const auto a = lo(v), b = hi(v);
     return Lanes<T, Bytes / 2>::min(a < b ? a : b);
   }
+  static T sum(V v) { return Lanes<T, Bytes / 2>::sum(lo(v) + hi(v)); }
 };
 template <typename T>
 struct Lanes<T, sizeof(T)> {
   typedef T V __attribute__((vector_size(sizeof(T))));
   static T max(V v) { return v[0]; }
   static T min(V v) { return v[0]; }
+  static T sum(V v) { return v[0]; }
 };
 
 // Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) of rows
@@ -591,7 +593,7 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
 // Before rows [r0, r1): their share (by row count) of the lines in a.prefetch.
 template <typename T>
 inline void prefetch_share(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
     const int64_t lines = (a.prefetch_bytes[i] + 63) / 64;
     for (int64_t n = r0 * lines / a.rows; n < r1 * lines / a.rows; ++n) {
       __builtin_prefetch(a.prefetch[i] + 64 * n, 0, 2);
@@ -719,6 +721,25 @@ void scale_array(const T* x, T a, int64_t n, T* y) {
   for (; i < n; ++i) y[i] = x[i] * a;
 }
 
+// Row sums by halving the kSumSlots slots: slot i + half onto slot i, in vectors while a half
+// fills whole vectors, then lanes (the same pairwise order at every ISA width); then each
+// row's output scaled by 1 / sum.
+template <typename T>
+void finish_rows(const T* o, const T* slots, int64_t rows, int64_t dv, T* const* out, T* sums) {
+  using S = Simd<T>;
+  constexpr int kVectors = cpuattn::kSumSlots / S::kLanes;
+  static_assert(kVectors * S::kLanes == cpuattn::kSumSlots, "whole vectors of partial sums");
+  for (int64_t r = 0; r < rows; ++r) {
+    typename S::V v[kVectors];
+    for (int i = 0; i < kVectors; ++i) v[i] = S::load(slots + r * cpuattn::kSumSlots + i * S::kLanes);
+    for (int n = kVectors / 2; n > 0; n /= 2) {
+      for (int i = 0; i < n; ++i) v[i] += v[i + n];
+    }
+    sums[r] = Lanes<T, CPUATTN_VEC_BYTES>::sum(v[0]);
+    if (out) scale_array(o + r * dv, sums[r] == T(0) ? T(0) : T(1) / sums[r], dv, out[r]);
+  }
+}
+
 // The kernel's exp over an array (a test hook): full vectors, then 1-lane tail.
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {
@@ -741,6 +762,8 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.convert_bf16 = &convert_bf16_rows;
   k.scale_f32 = &scale_array<float>;
   k.scale_f64 = &scale_array<double>;
+  k.finish_f32 = &finish_rows<float>;
+  k.finish_f64 = &finish_rows<double>;
   k.exp_f32 = &exp_array<float>;
   k.exp_f64 = &exp_array<double>;
   return k;
