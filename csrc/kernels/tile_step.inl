@@ -590,32 +590,51 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   pv_rows<T, RB, H>(a, r0);
 }
 
-// Before rows [r0, r1): their share (by row count) of the lines in a.prefetch.
-template <typename T>
-inline void prefetch_share(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
-  for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
-    const int64_t lines = (a.prefetch_bytes[i] + 63) / 64;
-    for (int64_t n = r0 * lines / a.rows; n < r1 * lines / a.rows; ++n) {
-      __builtin_prefetch(a.prefetch[i] + 64 * n, 0, 2);
-      __asm__ __volatile__("");  // a loop of prefetches alone counts as empty: GCC deletes it
+// Walks a.prefetch over a step's row blocks: each block asks for its even share of every
+// range's lines (one division per range and step, none per block).
+class Prefetcher {
+ public:
+  template <typename T>
+  Prefetcher(const cpuattn::TileStep<T>& a, int64_t blocks) {
+    for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
+      next_[i] = a.prefetch[i];
+      left_[i] = (a.prefetch_bytes[i] + 63) / 64;
+      per_block_[i] = (left_[i] + blocks - 1) / blocks;
     }
   }
-}
+  void block() {
+    for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
+      const int64_t n = per_block_[i] < left_[i] ? per_block_[i] : left_[i];
+      for (int64_t k = 0; k < n; ++k) {
+        __builtin_prefetch(next_[i] + 64 * k, 0, 2);
+        __asm__ __volatile__("");  // a loop of prefetches alone counts as empty: GCC deletes it
+      }
+      next_[i] += 64 * n;
+      left_[i] -= n;
+    }
+  }
+
+ private:
+  const char* next_[cpuattn::kPrefetchRanges];
+  int64_t left_[cpuattn::kPrefetchRanges], per_block_[cpuattn::kPrefetchRanges];
+};
 
 template <typename T, int H>
 void tile_step_rows(const cpuattn::TileStep<T>& a) {
   int v_nonfinite = -1;  // unknown until some weight is 0
+  const int64_t tail = a.rows % kRowBlock;
+  Prefetcher prefetch(a, a.rows / kRowBlock + tail / 4 + tail % 4);
   int64_t r = 0;
   for (; r + kRowBlock <= a.rows; r += kRowBlock) {
-    prefetch_share(a, r, r + kRowBlock);
+    prefetch.block();
     step_rows<T, kRowBlock, H>(a, r, v_nonfinite);
   }
   for (; r + 4 <= a.rows; r += 4) {
-    prefetch_share(a, r, r + 4);
+    prefetch.block();
     step_rows<T, 4, H>(a, r, v_nonfinite);
   }
   for (; r < a.rows; ++r) {
-    prefetch_share(a, r, r + 1);
+    prefetch.block();
     step_rows<T, 1, H>(a, r, v_nonfinite);
   }
 }
