@@ -676,15 +676,13 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 
-  // Whole-head tasks go out in runs of kWholeHeadRun consecutive ones: a task that is not the
-  // last of its run knows the next one is this thread's, and prefetches its inputs.
-  const int64_t run_length = items_per_task > 1 ? kWholeHeadRun : 1;
+  // Whole-head tasks are handed out in runs of consecutive ones (below), so a task's successor
+  // is mostly the same thread's next task: it prefetches that one's data.
+  const bool whole_heads = items_per_task > 1;
   auto run_task = [&](int64_t task, Scratch<T>& sc) {
     if (chunks == 1) {
       TaskRanges next;
-      if (run_length > 1 && (task + 1) % run_length != 0 && task + 1 < tasks) {
-        next = driver.head_ranges((task + 1) * items_per_task);
-      }
+      if (whole_heads && task + 1 < tasks) next = driver.head_ranges((task + 1) * items_per_task);
       for (int64_t part = 0; part < items_per_task; ++part) {
         driver.run_item(task * items_per_task + part, sc, {0, INT64_MAX}, nullptr, &next, part,
                         items_per_task);
@@ -704,9 +702,16 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   {
     Scratch<T>& sc = scratch[omp_get_thread_num()];
     if (tiles_begin) tiles_begin();
-    // Dynamic: causal and windowed items differ in cost. Any schedule gives the same bits.
-#pragma omp for schedule(dynamic, run_length)
-    for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+    // Any schedule gives the same bits. Whole heads cost the same: guided runs of consecutive
+    // tasks, long at first and kWholeHeadRun at the end, for few cold starts and a balanced
+    // finish. Otherwise dynamic: causal and windowed items differ in cost.
+    if (whole_heads) {
+#pragma omp for schedule(guided, kWholeHeadRun)
+      for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+    }
     if (tiles_end) tiles_end();
     if (chunks > 1) {
 #pragma omp for schedule(static)

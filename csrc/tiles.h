@@ -31,9 +31,9 @@ constexpr int64_t kAmxPairs = 16;
 // At least this many (batch, kv head) pairs per thread: each task takes a whole pair (all its
 // query tiles) instead of one query tile.
 constexpr int64_t kWholeHeadTasksPerThread = 8;
-// Whole-head tasks are handed out this many consecutive ones at a time, so that a thread knows
-// its next head and prefetches it (if at most kPrefetchHeadBytes of q, K and V) during the
-// current one; few, so the dynamic schedule still balances the end of the call.
+// Whole-head tasks are handed out in runs of consecutive ones, at least this many, so that a
+// thread's next head is mostly the one after its current one, prefetched (if at most
+// kPrefetchHeadBytes of q, K, V and out) during it; the last runs short, for balance.
 constexpr int64_t kWholeHeadRun = 4;
 constexpr int64_t kPrefetchHeadBytes = int64_t(256) << 10;
 constexpr int kPrefetchRanges = 4;  // q, K, V, out
