@@ -96,6 +96,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> q, kt, vt, stage, s, o, m, l, sums;
   std::vector<T*> out_rows;  // per row: where its output goes, when out has the compute type
+  int64_t q_first = 0;       // element offset of the tile's first q row
   std::vector<KeyRange> bounds;
   std::vector<const void*> mask_rows;
   std::vector<int64_t> row_pos, row_head, diag;
@@ -180,6 +181,17 @@ class Driver {
     float_keys_in_place_ = how != Operands::Bf16Pairs && few_rows && !p.additive_w;
     // The bfloat16 dot-product step reads K and V rows in place for as few rows.
     bf16_rows_in_place_ = how == Operands::Bf16Pairs && !on_tiles && few_rows;
+    // score_rows reads q rows in place (and scales the scores) when a tile's rows are a
+    // constant stride apart in the compute type: no copy-and-scale per row.
+    const int64_t head_stride = p.q.strides[nb], pos_stride = p.q.strides[nb + 1];
+    if (how == Operands::Native || how == Operands::Converted) {
+      if (group_ == 1) {
+        q_ld_ = pos_stride;
+      } else if (rows_per_head_group_ <= group_ || pos_stride == group_ * head_stride) {
+        q_ld_ = head_stride;
+      }
+    }
+    q_in_place_ = q_ld_ != 0 && p.q_dtype == p.dtype && !float_keys_in_place_ && !p.additive_w;
   }
 
   int64_t work_items() const { return items_; }
@@ -277,7 +289,10 @@ class Driver {
     const bool half_kv = how_ == Operands::Converted;
 
     TileStep<T> step{};
-    step.q = sc.q.data();
+    step.q = q_in_place_ ? static_cast<const T*>(p_.q.data) + sc.q_first : sc.q.data();
+    step.q_ld = q_in_place_ ? q_ld_ : p_.d;
+    step.q_in_place = q_in_place_;
+    step.dot_scale = static_cast<T>(p_.scale);
     step.v_ld = half_kv ? p_.dv : v_ld;
     step.k_ld = k_ld;
     step.rows = rows;
@@ -300,7 +315,6 @@ class Driver {
       step.q_lo = p_.q_dtype == DType::BF16 ? nullptr : sc.q_lo.data();
       step.d_pairs = pairs_;
       step.v2_ld = bf16_values_width(p_.dv);
-      step.dot_scale = static_cast<T>(p_.scale);
       step.split_p = p_.out_dtype != DType::BF16;  // full float32 accuracy for a float32 out
     }
 
@@ -444,9 +458,10 @@ class Driver {
                                                             h * p_.alibi.strides[nb]];
       }
       const int64_t src = q_base + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
+      if (r == 0) sc.q_first = src;
       if (how_ == Operands::Bf16Pairs) {
         pack_query_pairs(src, r, sc);
-      } else {
+      } else if (!q_in_place_) {
         T* dst = sc.q.data() + r * p_.d;
         if (p_.q_dtype == p_.dtype) {
           scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, dst);
@@ -599,6 +614,8 @@ class Driver {
   bool keys_in_place_ = false;
   bool float_keys_in_place_ = false;
   bool bf16_rows_in_place_ = false;
+  bool q_in_place_ = false;
+  int64_t q_ld_ = 0;  // with q_in_place_: elements between a tile's q rows (0 = not constant)
   void (*step_)(const TileStep<T>&);
   Pack pack_;
   void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a, for q rows

@@ -15,7 +15,10 @@ namespace cpuattn {
 
 template <typename T>
 struct TileStep {
-  const T* q;       // rows x d, packed row-major, already multiplied by the scale
+  const T* q;       // rows x d, rows q_ld apart: a packed copy times the scale, or (q_in_place)
+                    // the caller's rows as they are, for score_rows only
+  int64_t q_ld;
+  bool q_in_place;  // q not scaled: score_rows multiplies the scores by dot_scale
   const T* kt;      // d x kTileKeys, packed K transposed; columns >= cols are zero
   const T* k;       // or nullptr: K row of the tile's first key, rows k_ld apart, used in
                     // place of kt (few query rows; never with additive_w)
@@ -57,7 +60,7 @@ struct TileStep {
   // of v2 / v.
   const uint16_t* v_rows;
   bool half_f16;
-  T dot_scale;
+  T dot_scale;           // scores times this, where q is unscaled (step_bf16, q_in_place)
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 
   // Byte ranges of this thread's next task (its q, K, V and out) to ask the caches for during

@@ -156,7 +156,7 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   static_assert(W % (L * kColBlock) == 0, "tile width must be a whole number of column blocks");
-  const T* q = a.q + r0 * a.d;
+  const T* q = a.q + r0 * a.q_ld;
   for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
     V acc[RB][kColBlock] = {};
 #pragma GCC unroll 4
@@ -164,8 +164,13 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
       V kv[kColBlock];
       for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
       for (int r = 0; r < RB; ++r) {
-        const V qe = S::splat(q[r * a.d + e]);
+        const V qe = S::splat(q[r * a.q_ld + e]);
         for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
+      }
+    }
+    if (a.q_in_place) {
+      for (int r = 0; r < RB; ++r) {
+        for (int c = 0; c < kColBlock; ++c) acc[r][c] *= a.dot_scale;
       }
     }
     for (int r = 0; r < RB; ++r) {
@@ -239,7 +244,7 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int KB = kColBlock < L ? kColBlock : L;  // keys per register block
   constexpr int kGroups = L / KB;
   static_assert(W % L == 0 && (L & (L - 1)) == 0, "whole vectors of keys, lanes a power of 2");
-  const T* q = a.q + r0 * a.d;
+  const T* q = a.q + r0 * a.d;  // packed: q_ld == d
   const auto* rows = key_rows<H>(a);
   const int64_t d_main = a.d / L * L;
   for (int64_t jb = 0; jb < a.cols; jb += L) {
@@ -288,7 +293,7 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
-  const T* q = a.q + r0 * a.d;
+  const T* q = a.q + r0 * a.d;  // packed: q_ld == d
   for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
     V acc[RB][kColBlock] = {};
     for (int64_t e = 0; e < a.d; ++e) {
