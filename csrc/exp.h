@@ -135,6 +135,15 @@ inline V fast_exp_vec(V x) {
   return x < lo ? V{} : (x != x ? x : y);
 }
 
+// e^r for r = xc - n ln 2 (n = nearest_power_of_two(xc)): exp_lean's polynomial part.
+template <typename T, typename V>
+inline V exp_lean_fraction(V xc, V n) {
+  const V r = xc - n * T(0.693147180559945);
+  static constexpr T kPoly[] = {1, 0.9999997019767761, 0.4999915063381195, 0.1666763573884964,
+                                0.04189793020486832, 0.008290315046906471};
+  return horner(r, kPoly);
+}
+
 // exp(xc) for xc in [-88, 88] or NaN, lean in float: one-constant ln 2 reduction (error
 // |n| * 1.9e-9 in r, so 2.4e-7 relative at the ends of the range, less near 0) and a degree-5
 // minimax for e^r on [-ln2/2, ln2/2] (2.2e-7 relative, fitted here). 4 operations fewer than
@@ -144,11 +153,7 @@ template <typename T, typename V>
 inline V exp_lean(V xc) {
   if constexpr (sizeof(T) == 4) {
     const V n = nearest_power_of_two<T>(xc);
-    const V r = xc - n * T(0.693147180559945);
-    static constexpr T kPoly[] = {1, 0.9999997019767761, 0.4999915063381195,
-                                  0.1666763573884964, 0.04189793020486832,
-                                  0.008290315046906471};
-    return times_two_to<T>(horner(r, kPoly), n);
+    return times_two_to<T>(exp_lean_fraction<T>(xc, n), n);
   } else {
     return exp_in_range<T>(xc);
   }
@@ -161,6 +166,16 @@ inline V exp_lean(V xc) {
 template <typename T, typename V>
 inline V fast_exp_nonpositive(V x) {
   const V lo = V{} + ExpConsts<T>::kMinNormalResult;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4 && sizeof(V) == 64) {
+    // One compare and a zero-masked vscalefps instead of a clamp and a select: lanes below lo
+    // (-inf included) compute garbage that is never written; "not less than" holds for NaN,
+    // which stays NaN. Kept lanes get the same bits as below.
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)lo, _CMP_NLT_UQ);
+    const V n = nearest_power_of_two<T>(x);
+    return (V)_mm512_maskz_scalef_ps(keep, (__m512)exp_lean_fraction<T>(x, n), (__m512)n);
+  }
+#endif
   const V xc = lo > x ? lo : x;  // NaN stays NaN
   return x < lo ? V{} : exp_lean<T>(xc);
 }
