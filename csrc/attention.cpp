@@ -693,13 +693,12 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   }
   std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 
-  // Whole-head tasks are handed out in runs of consecutive ones (below), so a task's successor
-  // is mostly the same thread's next task: it prefetches that one's data.
+  // successor: the task this thread runs next, or -1: a whole-head task prefetches its data.
   const bool whole_heads = items_per_task > 1;
-  auto run_task = [&](int64_t task, Scratch<T>& sc) {
+  auto run_task = [&](int64_t task, Scratch<T>& sc, int64_t successor = -1) {
     if (chunks == 1) {
       TaskRanges next;
-      if (whole_heads && task + 1 < tasks) next = driver.head_ranges((task + 1) * items_per_task);
+      if (whole_heads && successor >= 0) next = driver.head_ranges(successor * items_per_task);
       for (int64_t part = 0; part < items_per_task; ++part) {
         driver.run_item(task * items_per_task + part, sc, {0, INT64_MAX}, nullptr, &next, part,
                         items_per_task);
@@ -713,18 +712,31 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   auto merge = [&](int64_t item) {
     driver.merge_item(item, partials.data() + item * chunks * driver.partial_elems(), chunks);
   };
+  // Whole heads cost the same: runs of consecutive tasks (TaskRuns), the next run taken as the
+  // last task of the current one starts, so that every task knows its successor.
+  TaskRuns runs(tasks, threads);
+  auto run_whole_heads = [&](Scratch<T>& sc) {
+    int64_t begin, end, next_begin = 0, next_end = 0;
+    bool more = runs.next(begin, end);
+    while (more) {
+      for (int64_t task = begin; task < end; ++task) {
+        if (task + 1 == end) more = runs.next(next_begin, next_end);
+        run_task(task, sc, task + 1 < end ? task + 1 : more ? next_begin : -1);
+      }
+      begin = next_begin;
+      end = next_end;
+    }
+  };
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
     Scratch<T>& sc = scratch[omp_get_thread_num()];
     if (tiles_begin) tiles_begin();
-    // Any schedule gives the same bits. Whole heads cost the same: guided runs of consecutive
-    // tasks, long at first and kWholeHeadRun at the end, for few cold starts and a balanced
-    // finish. Otherwise dynamic: causal and windowed items differ in cost.
+    // Any schedule gives the same bits. Other than whole heads, dynamic: causal and windowed
+    // items differ in cost.
     if (whole_heads) {
-#pragma omp for schedule(guided, kWholeHeadRun)
-      for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+      run_whole_heads(sc);
     } else {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
@@ -737,7 +749,11 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   }
 #else
   if (tiles_begin) tiles_begin();
-  for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
+  if (whole_heads) {
+    run_whole_heads(scratch[0]);
+  } else {
+    for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
+  }
   if (tiles_end) tiles_end();
   for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item);
 #endif

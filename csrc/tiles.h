@@ -31,10 +31,8 @@ constexpr int64_t kAmxPairs = 16;
 // At least this many (batch, kv head) pairs per thread: each task takes a whole pair (all its
 // query tiles) instead of one query tile.
 constexpr int64_t kWholeHeadTasksPerThread = 8;
-// Whole-head tasks are handed out in runs of consecutive ones, at least this many, so that a
-// thread's next head is mostly the one after its current one, prefetched (if at most
-// kPrefetchHeadBytes of q, K, V and out) during it; the last runs short, for balance.
-constexpr int64_t kWholeHeadRun = 4;
+// A whole-head task prefetches its successor's q, K, V and out (TaskRuns in threads.h) when
+// they are at most this many bytes.
 constexpr int64_t kPrefetchHeadBytes = int64_t(256) << 10;
 constexpr int kPrefetchRanges = 4;  // q, K, V, out
 
