@@ -445,36 +445,46 @@ class Driver {
     const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
     const int64_t mask_base = p_.mask.data ? batch_offset(p_.batch_shape, p_.mask, b) : 0;
     const T scale = static_cast<T>(p_.scale);
-    // Row r0 + r is query i of head hk * group + g, stepped without a division per row.
+    // Per row: its query position and head, keys and diagonal, and no running max yet. Row
+    // r0 + r is query i of head hk * group + g, stepped without a division per row. Locals
+    // throughout: the compiler cannot keep p_'s fields in registers across the stores.
+    int64_t* row_pos = sc.row_pos.data();
+    int64_t* row_head = sc.row_head.data();
     int64_t i = r0 / group_, g = r0 % group_;
-    for (int64_t r = 0; r < rows; ++r, g = g + 1 == group_ ? 0 : g + 1, i += g == 0) {
-      const int64_t h = hk * group_ + g;
-      sc.row_pos[r] = i;
-      sc.row_head[r] = h;
+    const int64_t group = group_;
+    for (int64_t r = 0; r < rows; ++r, g = g + 1 == group ? 0 : g + 1, i += g == 0) {
+      row_pos[r] = i;
+      row_head[r] = hk * group + g;
       sc.bounds[r] = rb.of_row(i);
       sc.diag[r] = i + rb.offset;
-      if (p_.alibi.data) {
-        sc.slopes[r] = static_cast<const T*>(p_.alibi.data)[batch_offset(p_.batch_shape, p_.alibi, b) +
-                                                            h * p_.alibi.strides[nb]];
-      }
-      const int64_t src = q_base + h * p_.q.strides[nb] + i * p_.q.strides[nb + 1];
-      if (r == 0) sc.q_first = src;
-      if (how_ == Operands::Bf16Pairs) {
-        pack_query_pairs(src, r, sc);
-      } else if (!q_in_place_) {
-        T* dst = sc.q.data() + r * p_.d;
-        if (p_.q_dtype == p_.dtype) {
-          scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, dst);
+      sc.m[r] = -std::numeric_limits<T>::infinity();
+    }
+    const int64_t q_head_stride = p_.q.strides[nb], q_pos_stride = p_.q.strides[nb + 1];
+    sc.q_first = q_base + row_head[0] * q_head_stride + row_pos[0] * q_pos_stride;
+    if (how_ == Operands::Bf16Pairs || !q_in_place_) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t src = q_base + row_head[r] * q_head_stride + row_pos[r] * q_pos_stride;
+        if (how_ == Operands::Bf16Pairs) {
+          pack_query_pairs(src, r, sc);
+        } else if (p_.q_dtype == p_.dtype) {
+          scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, sc.q.data() + r * p_.d);
         } else {
+          T* dst = sc.q.data() + r * p_.d;
           for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
         }
       }
-      if (p_.mask.data) {
-        const int64_t off = mask_base + h * p_.mask.strides[nb] + i * p_.mask.strides[nb + 1];
-        const size_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
-        sc.mask_rows[r] = static_cast<const char*>(p_.mask.data) + off * static_cast<int64_t>(item);
+    }
+    if (p_.alibi.data) {
+      const T* slopes = static_cast<const T*>(p_.alibi.data) + batch_offset(p_.batch_shape, p_.alibi, b);
+      for (int64_t r = 0; r < rows; ++r) sc.slopes[r] = slopes[row_head[r] * p_.alibi.strides[nb]];
+    }
+    if (p_.mask.data) {
+      const int64_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
+      const char* mask = static_cast<const char*>(p_.mask.data) + mask_base * item;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t off = row_head[r] * p_.mask.strides[nb] + row_pos[r] * p_.mask.strides[nb + 1];
+        sc.mask_rows[r] = mask + off * item;
       }
-      sc.m[r] = -std::numeric_limits<T>::infinity();
     }
     std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
     std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
@@ -517,12 +527,17 @@ class Driver {
   void write_rows(const ItemPos& pos, int64_t rows, Scratch<T>& sc) const {
     const OutBase base = out_base(pos);
     const bool direct = p_.out_dtype == p_.dtype;
-    for (int64_t r = 0; r < rows && direct; ++r) {
-      sc.out_rows[r] = static_cast<T*>(const_cast<void*>(p_.out.data)) +
-                       out_offset(base, sc.row_pos[r], sc.row_head[r]);
+    if (direct) {
+      T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + base.out;
+      const size_t nb = p_.batch_shape.size();
+      const int64_t head_stride = p_.out.strides[nb], pos_stride = p_.out.strides[nb + 1];
+      for (int64_t r = 0; r < rows; ++r) {
+        sc.out_rows[r] = out + sc.row_head[r] * head_stride + sc.row_pos[r] * pos_stride;
+      }
     }
     finish_(sc.o.data(), sc.l.data(), rows, p_.dv, direct ? sc.out_rows.data() : nullptr,
             sc.sums.data());
+    if (direct && !p_.lse.data) return;
     for (int64_t r = 0; r < rows; ++r) {
       if (!direct) {
         write_out_row(base, sc.row_pos[r], sc.row_head[r], sc.o.data() + r * p_.dv, sc.sums[r]);
