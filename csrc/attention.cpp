@@ -111,7 +111,8 @@ struct Scratch {
   // pairs: D's bfloat16 pairs, padded as the kernel needs (Operands::Bf16Pairs only).
   Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, Operands how, int64_t pairs)
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
-        m(kTileRows), l(kTileRows * kSumSlots), sums(kTileRows), out_rows(kTileRows), bounds(kTileRows), mask_rows(kTileRows),
+        m(kTileRows), l(kTileRows * kSumSlots), sums(kTileRows), out_rows(kTileRows),
+        bounds(kTileRows), mask_rows(kTileRows),
         row_pos(kTileRows), row_head(kTileRows), diag(kTileRows), slopes(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     if (how == Operands::Bf16Pairs) {
@@ -328,7 +329,8 @@ class Driver {
       const int64_t j1 = std::min(j0 + kTileKeys, j_end);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
-      const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys, shares = parts * key_tiles;
+      const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys;
+      const int64_t shares = parts * key_tiles;
       for (int i = 0; next && i < kPrefetchRanges; ++i) {  // share-th of shares, whole lines
         const int64_t lines = (next->bytes[i] + 63) / 64;
         const int64_t lo = share * lines / shares, hi = (share + 1) * lines / shares;
@@ -470,20 +472,23 @@ class Driver {
           scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, sc.q.data() + r * p_.d);
         } else {
           T* dst = sc.q.data() + r * p_.d;
-          for (int64_t e = 0; e < p_.d; ++e) dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+          for (int64_t e = 0; e < p_.d; ++e) {
+            dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+          }
         }
       }
     }
     if (p_.alibi.data) {
-      const T* slopes = static_cast<const T*>(p_.alibi.data) + batch_offset(p_.batch_shape, p_.alibi, b);
+      const T* slopes =
+          static_cast<const T*>(p_.alibi.data) + batch_offset(p_.batch_shape, p_.alibi, b);
       for (int64_t r = 0; r < rows; ++r) sc.slopes[r] = slopes[row_head[r] * p_.alibi.strides[nb]];
     }
     if (p_.mask.data) {
       const int64_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
       const char* mask = static_cast<const char*>(p_.mask.data) + mask_base * item;
+      const int64_t head_stride = p_.mask.strides[nb], pos_stride = p_.mask.strides[nb + 1];
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t off = row_head[r] * p_.mask.strides[nb] + row_pos[r] * p_.mask.strides[nb + 1];
-        sc.mask_rows[r] = mask + off * item;
+        sc.mask_rows[r] = mask + (row_head[r] * head_stride + row_pos[r] * pos_stride) * item;
       }
     }
     std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
@@ -592,16 +597,11 @@ class Driver {
     }
   }
 
-  // Element offset of query i of head h in out.
-  int64_t out_offset(const OutBase& at, int64_t i, int64_t h) const {
-    const size_t nb = p_.batch_shape.size();
-    return at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
-  }
-
   // out = o / l for query i of head h, in out's type; a row that kept no key (l = 0) gets 0.
   void write_out_row(const OutBase& at, int64_t i, int64_t h, const T* o, T l) const {
     void* out = const_cast<void*>(p_.out.data);
-    const int64_t base = out_offset(at, i, h);
+    const size_t nb = p_.batch_shape.size();
+    const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.dtype) {
       for (int64_t e = 0; e < p_.dv; ++e) static_cast<T*>(out)[base + e] = o[e] * inv;

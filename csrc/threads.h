@@ -2,8 +2,8 @@
 // is released), and each OpenMP call site gets its own thread team: without a budget, 8 Python
 // threads x all cores would oversubscribe the machine.
 #pragma once
-#include <atomic>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace cpuattn {

@@ -65,7 +65,8 @@ struct TileStep {
 
   // Byte ranges of this thread's next task (its q, K, V and out) to ask the caches for during
   // this step, a few lines per row block so the requests overlap the arithmetic (all of them
-  // at the task's start bought nothing, measured). bytes 0: none.
+  // at the task's start bought nothing, measured). bytes 0: none. The bfloat16 steps ignore
+  // them.
   const char* prefetch[kPrefetchRanges];
   int64_t prefetch_bytes[kPrefetchRanges];
 };

@@ -754,8 +754,9 @@ void finish_rows(const T* o, const T* slots, int64_t rows, int64_t dv, T* const*
   constexpr int kVectors = cpuattn::kSumSlots / S::kLanes;
   static_assert(kVectors * S::kLanes == cpuattn::kSumSlots, "whole vectors of partial sums");
   for (int64_t r = 0; r < rows; ++r) {
+    const T* row = slots + r * cpuattn::kSumSlots;
     typename S::V v[kVectors];
-    for (int i = 0; i < kVectors; ++i) v[i] = S::load(slots + r * cpuattn::kSumSlots + i * S::kLanes);
+    for (int i = 0; i < kVectors; ++i) v[i] = S::load(row + i * S::kLanes);
     for (int n = kVectors / 2; n > 0; n /= 2) {
       for (int i = 0; i < n; ++i) v[i] += v[i + n];
     }
