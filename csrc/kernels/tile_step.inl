@@ -121,6 +121,16 @@ template <typename V>
 inline V inverse_exp_plus_one(V t) {
   using T = decltype(+t[0]);
   const V lo = V{} - T(80), hi = V{} + T(80);
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && sizeof(T) == 4) {
+    // vmaxps / vminps return their second operand when either is NaN: the same clamp in one
+    // instruction each, where the conditionals below take a compare and a blend each. (mask
+    // forms: the unmasked ones trip GCC 12's -Wmaybe-uninitialized)
+    const __m512 low = _mm512_mask_max_ps((__m512)t, 0xffff, (__m512)lo, (__m512)t);
+    t = (V)_mm512_mask_min_ps(low, 0xffff, (__m512)hi, low);
+    return inverse(exp_lean<T>(t) + T(1));
+  }
+#endif
   t = lo > t ? lo : t;
   t = t > hi ? hi : t;
   return inverse(exp_lean<T>(t) + T(1));  // tanh's error: half e's relative error
