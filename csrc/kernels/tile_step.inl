@@ -454,17 +454,18 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
   // Pass 1: every row's new running max. A plain max, which may skip NaN scores: they still
   // reach the row through p = exp(NaN - m) = NaN below (so no NaN test per element here).
   T m_old[kSlots] = {}, m_new[kSlots] = {}, alpha[kSlots];
+  static_assert(kRowBlock <= 8, "a row block's maxes fold into 8 vectors");
   V vmax[8];
   for (int64_t i = 0; i < n; ++i) {
     const T* sr = a.s + (r0 + i) * W;
-    vmax[i % 8] = S::load(sr);
+    vmax[i] = S::load(sr);
     for (int64_t c = L; c < W; c += L) {
       const V x = S::load(sr + c);
-      vmax[i % 8] = x > vmax[i % 8] ? x : vmax[i % 8];
+      vmax[i] = x > vmax[i] ? x : vmax[i];
     }
     m_old[i] = a.m[r0 + i];
-    if (L < 8 || n != kRowBlock) {
-      const T tile_max = R::max(vmax[i % 8]);
+    if (L < 8 || n != kRowBlock) {  // one row at a time
+      const T tile_max = R::max(vmax[i]);
       m_new[i] = tile_max > m_old[i] ? tile_max : m_old[i];
     }
   }
