@@ -250,7 +250,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
   if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   if (a.v_rows) {
-    if (softmax_rows(a, r0, r0 + RB)) {
+    if (softmax_block<float, RB>(a, r0)) {
       if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<float, kBf16>(a);
       if (v_nonfinite) {
         pv_rows_skip_zero_weights<float, kBf16>(a, r0, r0 + RB);
@@ -260,7 +260,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
     pv_rows<float, RB, kBf16>(a, r0);
     return;
   }
-  if (softmax_rows(a, r0, r0 + RB)) {
+  if (softmax_block<float, RB>(a, r0)) {
     if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
     if (v_nonfinite) {
       pv_rows_bf16_skip_zero_weights(a, r0, r0 + RB);

@@ -178,14 +178,24 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
         for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
       }
     }
+    // No soft_cap here: a second pass over the stored block does it. With it (or a test per
+    // vector) inside this loop GCC kept acc in a stack array, zeroed by rep stos and every
+    // vector stored and reloaded: 2% of a small-head call.
+    T* s = a.s + r0 * W + c0;
     if (a.q_in_place) {
       for (int r = 0; r < RB; ++r) {
-        for (int c = 0; c < kColBlock; ++c) acc[r][c] *= a.dot_scale;
+        for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c] * a.dot_scale);
+      }
+    } else {
+      for (int r = 0; r < RB; ++r) {
+        for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c]);
       }
     }
-    for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < kColBlock; ++c) {
-        S::store(a.s + (r0 + r) * W + c0 + c * L, soft_cap(acc[r][c], a.softcap));
+    if (a.softcap > 0) {
+      for (int r = 0; r < RB; ++r) {
+        for (int c = 0; c < kColBlock; ++c) {
+          S::store(s + r * W + c * L, soft_cap(S::load(s + r * W + c * L), a.softcap));
+        }
       }
     }
   }
@@ -433,30 +443,45 @@ struct Lanes<T, sizeof(T)> {
   static T sum(V v) { return v[0]; }
 };
 
-// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) of rows
-// [r0, r1), at most kRowBlock of them: per row, new max -> rescale factor exp(m_old - m_new)
-// -> scale the accumulators -> p = exp(s - m_new). Leaves p in a.s for the P.V product. The
-// row sums stay per lane (a.l holds kSumSlots partial sums a row; the driver adds them once
-// at the end), so no tile needs a horizontal sum. Fixed order throughout: deterministic.
-// Returns whether some p is exactly 0 (a dropped key, or one whose weight underflowed).
+// o[0, n) *= alpha, for a row's running output when its max grew. A factor of exactly 0
+// drops the old state outright (0 * inf must not become NaN), by vector stores: as a loop of
+// zeros the compiler makes it a memset call, ~1% of a small-head call.
 template <typename T>
-inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+inline void rescale_row(T* o, int64_t n, T alpha) {
+  using S = Simd<T>;
+  int64_t e = 0;
+  if (alpha == T(0)) {
+    for (; e + S::kLanes <= n; e += S::kLanes) S::store(o + e, typename S::V{});
+    for (; e < n; ++e) o[e] = 0;
+  } else {
+    for (; e + S::kLanes <= n; e += S::kLanes) S::store(o + e, S::load(o + e) * alpha);
+    for (; e < n; ++e) o[e] *= alpha;
+  }
+}
+
+// Online softmax (Milakov & Gimelshein 2018; FlashAttention-2, arXiv 2307.08691) of rows
+// [r0, r0 + N): per row, new max -> rescale factor exp(m_old - m_new) -> scale the
+// accumulators -> p = exp(s - m_new). Leaves p in a.s for the P.V product. The row sums stay
+// per lane (a.l holds kSumSlots partial sums a row; the driver adds them once at the end), so
+// no tile needs a horizontal sum. Fixed order throughout: deterministic. Returns whether some
+// p is exactly 0 (a dropped key, or one whose weight underflowed).
+template <typename T, int N>
+inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
   using V = typename S::V;
   using R = Lanes<T, CPUATTN_VEC_BYTES>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
-  constexpr int kSlots = 16;  // >= kRowBlock, a whole number of vectors
-  static_assert(L <= cpuattn::kSumSlots && kSlots % L == 0 && kRowBlock <= kSlots,
+  constexpr int kSlots = 16;  // >= N, a whole number of vectors
+  static_assert(L <= cpuattn::kSumSlots && kSlots % L == 0 && N <= 8,
                 "row sums and per-block row state must fit their slots");
-  const int64_t n = r1 - r0;
 
   // Pass 1: every row's new running max. A plain max, which may skip NaN scores: they still
   // reach the row through p = exp(NaN - m) = NaN below (so no NaN test per element here).
-  T m_old[kSlots] = {}, m_new[kSlots] = {}, alpha[kSlots];
-  static_assert(kRowBlock <= 8, "a row block's maxes fold into 8 vectors");
-  V vmax[8];
-  for (int64_t i = 0; i < n; ++i) {
+  alignas(64) T m_old[kSlots] = {}, m_new[kSlots] = {}, alpha[kSlots], shift[kSlots];
+  constexpr bool kFoldRows = L >= 8 && N > 1;
+  V vmax[kFoldRows ? 8 : N];
+  for (int i = 0; i < N; ++i) {
     const T* sr = a.s + (r0 + i) * W;
     vmax[i] = S::load(sr);
     for (int64_t c = L; c < W; c += L) {
@@ -464,48 +489,41 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
       vmax[i] = x > vmax[i] ? x : vmax[i];
     }
     m_old[i] = a.m[r0 + i];
-    if (L < 8 || n != kRowBlock) {  // one row at a time
+    if constexpr (!kFoldRows) {
       const T tile_max = R::max(vmax[i]);
       m_new[i] = tile_max > m_old[i] ? tile_max : m_old[i];
     }
   }
-  if constexpr (L >= 8) {
-    if (n == kRowBlock) {  // a whole block: the rows' maxes folded together, one lane each
-      for (int i = kRowBlock; i < 8; ++i) vmax[i] = vmax[kRowBlock - 1];
-      const V tile_max = row_maxes8(vmax, std::make_integer_sequence<int, L>{});
-      const V old = S::load(m_old);
-      S::store(m_new, tile_max > old ? tile_max : old);
-    }
+  if constexpr (kFoldRows) {  // the rows' maxes folded together, one lane each
+    for (int i = N; i < 8; ++i) vmax[i] = vmax[N - 1];
+    const V tile_max = row_maxes8(vmax, std::make_integer_sequence<int, L>{});
+    const V old = S::load(m_old);
+    S::store(m_new, tile_max > old ? tile_max : old);
   }
-  // Pass 2: rescale factors exp(m_old - m_new), L rows at a time; 0 on a row's first key.
-  for (int64_t i = 0; i < n; i += L) {
-    S::store(alpha + i, fast_exp_vec<T>(S::load(m_old + i) - S::load(m_new + i)));
-  }
-  // Pass 3: p = exp(s - m_new), row sums, lazy rescale of the output rows.
-  V min_p = S::splat(1);  // a lane reaches 0 once some p is 0
+  // Pass 2, L rows at a time: rescale factors exp(m_old - m_new) (0 on a row's first key) and
+  // the shift of pass 3. A row with no finite score so far takes shift 0 and factor 1, so
+  // its p = exp(s) is 0 for -inf (never exp(-inf - -inf)) and NaN for NaN, and its state
+  // stays as it is.
   bool empty_row = false;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int i = 0; i < N; i += L) {
+    const V mn = S::load(m_new + i);
+    const auto empty = mn == S::splat(kNegInf);  // lanes of all ones where true
+    const V factor = fast_exp_vec<T>(S::load(m_old + i) - mn);
+    S::store(alpha + i, empty ? S::splat(1) : factor);
+    S::store(shift + i, empty ? V{} : mn);
+    for (int k = 0; k < L && i + k < N; ++k) empty_row |= empty[k] != 0;
+  }
+  // Pass 3: p = exp(s - shift) and the row sums for every row of the block in one run, so the
+  // exp chains (~10 dependent operations each) of all rows overlap; then each row's lazy
+  // rescale.
+  V min_p = S::splat(1);  // a lane reaches 0 once some p is 0
+  for (int i = 0; i < N; ++i) {
     const int64_t r = r0 + i;
     T* sr = a.s + r * W;
-    if (m_new[i] == kNegInf) {  // no finite score so far: p = 0 (never -inf - -inf), but a
-      V vsum = V{};             // NaN score stays NaN and makes the row sum NaN
-      for (int64_t c = 0; c < W; c += L) {
-        const V x = S::load(sr + c);
-        const V p = x == S::splat(kNegInf) ? V{} : x;
-        S::store(sr + c, p);
-        vsum += p;
-      }
-      T* l = a.l + r * cpuattn::kSumSlots;
-      S::store(l, S::load(l) + vsum);
-      empty_row = true;
-      continue;
-    }
-    const V shift = S::splat(m_new[i]);
     V vsum = V{};
-    // Unrolled so the vectors' exp chains overlap (each is ~20 dependent operations).
 #pragma GCC unroll 16
     for (int64_t c = 0; c < W; c += L) {
-      const V p = fast_exp_nonpositive<T>(S::load(sr + c) - shift);
+      const V p = fast_exp_nonpositive<T>(S::load(sr + c) - S::splat(shift[i]));
       S::store(sr + c, p);
       vsum += p;
       min_p = p < min_p ? p : min_p;
@@ -513,17 +531,23 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
     T* l = a.l + r * cpuattn::kSumSlots;
     S::store(l, S::load(l) * alpha[i] + vsum);
     a.m[r] = m_new[i];
-    if (alpha[i] != T(1)) {  // lazy rescale: only when the running max grew
-      T* o = a.o + r * a.dv;
-      // A weight of exactly 0 drops the old state outright: 0 * inf must not become NaN.
-      if (alpha[i] == T(0)) {
-        for (int64_t e = 0; e < a.dv; ++e) o[e] = 0;
-      } else {
-        for (int64_t e = 0; e < a.dv; ++e) o[e] *= alpha[i];
-      }
-    }
+  }
+  for (int i = 0; i < N; ++i) {
+    if (alpha[i] != T(1)) rescale_row(a.o + (r0 + i) * a.dv, a.dv, alpha[i]);
   }
   return empty_row || R::min(min_p) == T(0);
+}
+
+// softmax_block over any rows [r0, r1): rows are independent, so blocks of kRowBlock, then 4,
+// then 1.
+template <typename T>
+inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+  bool some_zero = false;
+  int64_t r = r0;
+  for (; r + kRowBlock <= r1; r += kRowBlock) some_zero |= softmax_block<T, kRowBlock>(a, r);
+  for (; r + 4 <= r1; r += 4) some_zero |= softmax_block<T, 4>(a, r);
+  for (; r < r1; ++r) some_zero |= softmax_block<T, 1>(a, r);
+  return some_zero;
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
@@ -633,7 +657,7 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   }
   if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
-  if (softmax_rows(a, r0, r0 + RB)) {
+  if (softmax_block<T, RB>(a, r0)) {
     if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, H>(a);  // once a tile
     if (v_nonfinite) {
       pv_rows_skip_zero_weights<T, H>(a, r0, r0 + RB);
