@@ -257,7 +257,11 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
         return;
       }
     }
-    pv_rows<float, RB, kBf16>(a, r0);
+    if (a.prefetch_next) {
+      pv_rows<float, RB, kBf16, true>(a, r0);
+    } else {
+      pv_rows<float, RB, kBf16, false>(a, r0);
+    }
     return;
   }
   if (softmax_block<float, RB>(a, r0)) {

@@ -551,12 +551,14 @@ inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) 
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
-template <typename T, int RB, int CB, int H>
+// kPrefetch: a.prefetch_next, decided once per block rather than tested per key.
+template <typename T, int RB, int CB, int H, bool kPrefetch>
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   const auto* rows = value_rows<H>(a);
+  if (a.cols <= 0) return;  // never, but without it GCC keeps acc in a stack array
   V acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = S::load(a.o + (r0 + r) * a.dv + e0 + c * L);
@@ -566,7 +568,7 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
     V vv[CB];
     for (int c = 0; c < CB; ++c) {
       vv[c] = load_elements<H, T>(rows + j * a.v_ld + e0 + c * L);
-      if (a.prefetch_next) __builtin_prefetch(rows + (j + W) * a.v_ld + e0 + c * L, 0, 1);
+      if (kPrefetch) __builtin_prefetch(rows + (j + W) * a.v_ld + e0 + c * L, 0, 1);
     }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(a.s[(r0 + r) * W + j]);
@@ -578,17 +580,17 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   }
 }
 
-template <typename T, int RB, int H>
+template <typename T, int RB, int H, bool kPrefetch>
 inline void pv_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
   int64_t e0 = 0;
   for (; e0 + kColBlock * L <= a.dv; e0 += kColBlock * L) {
-    pv_block<T, RB, kColBlock, H>(a, r0, e0);
+    pv_block<T, RB, kColBlock, H, kPrefetch>(a, r0, e0);
   }
   if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
-    for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block<T, RB, 2, H>(a, r0, e0);
+    for (; e0 + 2 * L <= a.dv; e0 += 2 * L) pv_block<T, RB, 2, H, kPrefetch>(a, r0, e0);
   }
-  for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1, H>(a, r0, e0);
+  for (; e0 + L <= a.dv; e0 += L) pv_block<T, RB, 1, H, kPrefetch>(a, r0, e0);
   if (e0 == a.dv) return;
   const auto* rows = value_rows<H>(a);
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
@@ -664,7 +666,11 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
       return;
     }
   }
-  pv_rows<T, RB, H>(a, r0);
+  if (a.prefetch_next) {
+    pv_rows<T, RB, H, true>(a, r0);
+  } else {
+    pv_rows<T, RB, H, false>(a, r0);
+  }
 }
 
 // Walks a.prefetch over a step's row blocks: each block asks for its even share of every
