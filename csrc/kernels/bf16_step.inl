@@ -24,6 +24,7 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   const int64_t pairs = a.d_pairs;
   const uint32_t* qh = a.q_hi + r0 * pairs;
   const uint32_t* ql = kSplitQ ? a.q_lo + r0 * pairs : nullptr;
+  if (pairs <= 0) return;  // never (d >= 1), but without it GCC keeps acc in a stack array
   __m512 acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -90,6 +91,7 @@ inline void pv_block_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int64_t
                           const uint32_t (*p_lo)[cpuattn::kTileKeys / 2], __mmask16 tail) {
   constexpr int64_t L = 16;
   const int64_t key_pairs = (a.cols + 1) / 2;
+  if (key_pairs <= 0) return;  // never, but without it GCC keeps acc in a stack array
   __m512 acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
     float* o = a.o + (r0 + r) * a.dv + e0;
