@@ -513,9 +513,8 @@ inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
     S::store(shift + i, empty ? V{} : mn);
     for (int k = 0; k < L && i + k < N; ++k) empty_row |= empty[k] != 0;
   }
-  // Pass 3: p = exp(s - shift) and the row sums for every row of the block in one run, so the
-  // exp chains (~10 dependent operations each) of all rows overlap; then each row's lazy
-  // rescale.
+  // Pass 3: p = exp(s - shift) and the row sums, one loop for every row (no test per row);
+  // then each row's lazy rescale.
   V min_p = S::splat(1);  // a lane reaches 0 once some p is 0
   for (int i = 0; i < N; ++i) {
     const int64_t r = r0 + i;

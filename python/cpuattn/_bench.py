@@ -116,12 +116,20 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def sgemm_gflops(n: int = 2048) -> float:
-    """The practical float32 peak: NumPy's BLAS matmul of two n x n matrices."""
+def sgemm_gflops(n: int = 2048, calls: int = 10) -> float:
+    """The practical float32 peak: NumPy's BLAS matmul of two n x n matrices, its fastest of
+    `calls` timed calls. A peak is a best case: on a shared machine the median of a few calls
+    read from 106 to 192 GF/s on the same machine, and % of peak with it."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    return 2.0 * n**3 / median_seconds(lambda: a @ b, repeats=5) / 1e9
+    a @ b
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
 
 
 def bandwidth_array(nbytes: int = 256 * 2**20) -> np.ndarray:
