@@ -84,11 +84,6 @@ def _dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
-    """Median wall time of fn() after one warm-up; repeats more for very short calls."""
-    return interleaved_medians({"fn": fn}, repeats, min_time)["fn"]
-
-
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
                         min_time: float = 0.2, rounds: int = 3,
                         settle: float = 0.15) -> Dict[str, float]:
@@ -118,8 +113,8 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
 
 def sgemm_gflops(n: int = 2048, calls: int = 10) -> float:
     """The practical float32 peak: NumPy's BLAS matmul of two n x n matrices, its fastest of
-    `calls` timed calls. A peak is a best case: on a shared machine the median of a few calls
-    read from 106 to 192 GF/s on the same machine, and % of peak with it."""
+    `calls` timed calls. A peak is a best case: the median of a few calls read anywhere from
+    106 to 192 GF/s on one shared machine, and every % of peak moved with it."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
