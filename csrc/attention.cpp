@@ -37,11 +37,12 @@ int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_
 // Bytes per element of a storage type.
 int64_t dtype_bytes(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
 
-// Where a task's q, K, V and out lie, as byte ranges (bytes 0: not contiguous, or not asked
-// for), for TileStep::prefetch.
+// Where a task's q, K, V and out lie, as rows of whole cache lines (rows 0: not asked for),
+// for TileStep::prefetch.
 struct TaskRanges {
   const char* at[kPrefetchRanges] = {};
-  int64_t bytes[kPrefetchRanges] = {};
+  int64_t row_lines[kPrefetchRanges] = {}, stride[kPrefetchRanges] = {};
+  int64_t rows[kPrefetchRanges] = {};
 };
 
 // Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
@@ -227,27 +228,49 @@ class Driver {
 
   // The q, K, V and out of the whole-head task starting at `item`, for the previous task to
   // prefetch: short heads (MiniLM: 16 KiB per operand) are read in bursts too short for the
-  // hardware prefetchers, and a cold head's loads and stores stalled ~10% of the time. Only
-  // contiguous operands, and only heads of at most kPrefetchHeadBytes; longer streams are
-  // left to the hardware. (A read prefetch of out suffices: a line no other core holds
-  // arrives exclusive, and the store needs no second request.)
+  // hardware prefetchers, and a cold head's loads and stores stalled ~10% of the time. An
+  // operand is a block of `heads` x `rows` rows of `width` elements; it is prefetched when
+  // one of those two levels is contiguous (a (B, H, L, D) array, or a (B, L, H, D) view:
+  // a MiniLM batch of such views takes 0.85x the time with it), and only heads of at most
+  // kPrefetchHeadBytes in all; longer streams are left to the hardware. (A read prefetch of
+  // out suffices: a line no other core holds arrives exclusive, and the store needs no second
+  // request.)
   TaskRanges head_ranges(int64_t item) const {
     TaskRanges in;
     const ItemPos pos = locate(item);
     const size_t nb = p_.batch_shape.size();
+    int64_t bytes = 0;
     const auto range = [&](const View& view, DType type, int64_t first_head, int64_t heads,
                            int64_t rows, int64_t width, int slot) {
+      const int64_t item_bytes = dtype_bytes(type);
       const int64_t head_stride = view.strides[nb], row_stride = view.strides[nb + 1];
-      if (row_stride != width || (heads > 1 && head_stride != rows * width)) return;
+      int64_t runs, run, stride;  // elements: runs of `run` contiguous, `stride` apart
+      if (row_stride == width && (heads == 1 || head_stride == rows * width)) {
+        runs = 1, run = heads * rows * width, stride = 0;
+      } else if (row_stride == width) {
+        runs = heads, run = rows * width, stride = head_stride;
+      } else if (heads == 1 || head_stride == width) {
+        runs = rows, run = heads * width, stride = row_stride;
+      } else {
+        return;
+      }
       const int64_t first = batch_offset(p_.batch_shape, view, pos.b) + first_head * head_stride;
-      in.at[slot] = static_cast<const char*>(view.data) + first * dtype_bytes(type);
-      in.bytes[slot] = heads * rows * width * dtype_bytes(type);
+      const auto start = reinterpret_cast<uintptr_t>(view.data) + first * item_bytes;
+      const uintptr_t line = start & ~uintptr_t(63);
+      in.at[slot] = reinterpret_cast<const char*>(line);
+      // Lines a run touches: from its first element's line, plus one when runs start at
+      // other offsets within a line (stride not a whole number of lines).
+      const bool shifts = runs > 1 && (stride * item_bytes) % 64 != 0;
+      in.row_lines[slot] = (start - line + run * item_bytes + 63) / 64 + (shifts ? 1 : 0);
+      in.stride[slot] = stride * item_bytes;
+      in.rows[slot] = runs;
+      bytes += runs * run * item_bytes;
     };
     range(p_.q, p_.q_dtype, pos.hk * group_, group_, pos.lq, p_.d, 0);
     range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
     range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
     range(p_.out, p_.out_dtype, pos.hk * group_, group_, pos.lq, p_.dv, 3);
-    if (in.bytes[0] + in.bytes[1] + in.bytes[2] + in.bytes[3] > kPrefetchHeadBytes) return {};
+    if (bytes > kPrefetchHeadBytes) return {};
     return in;
   }
 
@@ -332,10 +355,9 @@ class Driver {
       const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys;
       const int64_t shares = parts * key_tiles;
       for (int i = 0; next && i < kPrefetchRanges; ++i) {  // share-th of shares, whole lines
-        const int64_t lines = (next->bytes[i] + 63) / 64;
+        const int64_t lines = next->rows[i] * next->row_lines[i];
         const int64_t lo = share * lines / shares, hi = (share + 1) * lines / shares;
-        step.prefetch[i] = next->at[i] + 64 * lo;
-        step.prefetch_bytes[i] = 64 * (hi - lo);
+        step.prefetch[i] = {next->at[i], next->row_lines[i], next->stride[i], lo, hi - lo};
       }
       // Pack the whole valid tile (up to n_keys) so every query tile can reuse it.
       const int64_t packed_cols = std::min(kTileKeys, n_keys - j0);

@@ -13,6 +13,13 @@
 
 namespace cpuattn {
 
+// Cache lines to prefetch: `lines` lines from line `first` on, of `row_lines` lines a row, rows
+// `stride` bytes apart from `at` (line-aligned). A contiguous range is one row.
+struct PrefetchRange {
+  const char* at;
+  int64_t row_lines, stride, first, lines;
+};
+
 template <typename T>
 struct TileStep {
   const T* q;       // rows x d, rows q_ld apart: a packed copy times the scale, or (q_in_place)
@@ -63,12 +70,10 @@ struct TileStep {
   T dot_scale;           // scores times this, where q is unscaled (step_bf16, q_in_place)
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 
-  // Byte ranges of this thread's next task (its q, K, V and out) to ask the caches for during
-  // this step, a few lines per row block so the requests overlap the arithmetic (all of them
-  // at the task's start bought nothing, measured). bytes 0: none. The bfloat16 steps ignore
-  // them.
-  const char* prefetch[kPrefetchRanges];
-  int64_t prefetch_bytes[kPrefetchRanges];
+  // This thread's next task (its q, K, V and out), to ask the caches for during this step, a
+  // few lines per row block so the requests overlap the arithmetic (all of them at the task's
+  // start bought nothing, measured). lines 0: none. The bfloat16 steps ignore them.
+  PrefetchRange prefetch[kPrefetchRanges];
 };
 
 struct KernelSet {

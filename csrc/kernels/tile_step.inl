@@ -673,31 +673,41 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
 }
 
 // Walks a.prefetch over a step's row blocks: each block asks for its even share of every
-// range's lines (one division per range and step, none per block).
+// range's lines (divisions once per range and step, none per block or line).
 class Prefetcher {
  public:
   template <typename T>
   Prefetcher(const cpuattn::TileStep<T>& a, int64_t blocks) {
     for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
-      next_[i] = a.prefetch[i];
-      left_[i] = (a.prefetch_bytes[i] + 63) / 64;
-      per_block_[i] = (left_[i] + blocks - 1) / blocks;
+      const cpuattn::PrefetchRange& p = a.prefetch[i];
+      left_[i] = p.lines;
+      per_block_[i] = (p.lines + blocks - 1) / blocks;
+      if (p.lines == 0) continue;
+      row_lines_[i] = p.row_lines;
+      stride_[i] = p.stride;
+      row_[i] = p.at + p.first / p.row_lines * p.stride;
+      col_[i] = p.first % p.row_lines;
     }
   }
   void block() {
     for (int i = 0; i < cpuattn::kPrefetchRanges; ++i) {
       const int64_t n = per_block_[i] < left_[i] ? per_block_[i] : left_[i];
       for (int64_t k = 0; k < n; ++k) {
-        __builtin_prefetch(next_[i] + 64 * k, 0, 2);
-        __asm__ __volatile__("");  // a loop of prefetches alone counts as empty: GCC deletes it
+        __builtin_prefetch(row_[i] + 64 * col_[i], 0, 2);
+        __asm__ __volatile__("");  // GCC drops prefetches it can prove change nothing else
+        if (++col_[i] == row_lines_[i]) {
+          col_[i] = 0;
+          row_[i] += stride_[i];
+        }
       }
-      next_[i] += 64 * n;
       left_[i] -= n;
     }
   }
 
  private:
-  const char* next_[cpuattn::kPrefetchRanges];
+  const char* row_[cpuattn::kPrefetchRanges] = {};
+  int64_t col_[cpuattn::kPrefetchRanges] = {}, row_lines_[cpuattn::kPrefetchRanges] = {};
+  int64_t stride_[cpuattn::kPrefetchRanges] = {};
   int64_t left_[cpuattn::kPrefetchRanges], per_block_[cpuattn::kPrefetchRanges];
 };
 
