@@ -32,8 +32,10 @@ constexpr int64_t kAmxPairs = 16;
 // query tiles) instead of one query tile.
 constexpr int64_t kWholeHeadTasksPerThread = 8;
 // A whole-head task prefetches its successor's q, K, V and out (TaskRuns in threads.h) when
-// they are at most this many bytes.
-constexpr int64_t kPrefetchHeadBytes = int64_t(256) << 10;
+// they are at most this many bytes: half a 1 MiB L2, the current head and the next in it
+// together. (256 KiB before: heads of 384 and 512 KiB, e.g. (8, 12, 384, 64) and
+// (4, 8, 512, 64), took 0.94-0.97x the time at 512; at 768 the 512 KiB heads gained less.)
+constexpr int64_t kPrefetchHeadBytes = int64_t(512) << 10;
 constexpr int kPrefetchRanges = 4;  // q, K, V, out
 
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x
