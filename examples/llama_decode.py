@@ -20,8 +20,15 @@ import cpuattn
 class Llama:
     """Weights as NumPy float32 arrays, keyed like LlamaForCausalLM's state_dict."""
 
-    def __init__(self, weights: dict, *, num_heads: int, num_kv_heads: int,
-                 rms_norm_eps: float = 1e-6, rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        weights: dict,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+    ):
         self.w = weights
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.hidden = weights["model.embed_tokens.weight"].shape[1]
@@ -29,25 +36,31 @@ class Llama:
         self.eps = np.float32(rms_norm_eps)
         self.layers = sum(1 for name in weights if name.endswith(".self_attn.q_proj.weight"))
         half = np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim
-        self.inv_freq = (1.0 / rope_theta ** half).astype(np.float32)
+        self.inv_freq = (1.0 / rope_theta**half).astype(np.float32)
 
     @classmethod
     def from_transformers(cls, model) -> "Llama":
         config = model.config
-        weights = {name: t.detach().cpu().float().numpy() for name, t in
-                   model.state_dict().items()}
+        weights = {name: t.detach().cpu().float().numpy() for name, t in model.state_dict().items()}
         if "lm_head.weight" not in weights:  # tied embeddings
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         theta = getattr(config, "rope_theta", None) or (
-            getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        return cls(weights, num_heads=config.num_attention_heads,
-                   num_kv_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
-                   rope_theta=theta)
+            getattr(config, "rope_parameters", None) or {}
+        ).get("rope_theta", 10000.0)
+        return cls(
+            weights,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            rope_theta=theta,
+        )
 
     def new_cache(self, batch: int, max_len: int) -> list:
         """One KVCache per layer."""
-        return [cpuattn.KVCache(batch, self.num_kv_heads, max_len, self.head_dim)
-                for _ in range(self.layers)]
+        return [
+            cpuattn.KVCache(batch, self.num_kv_heads, max_len, self.head_dim)
+            for _ in range(self.layers)
+        ]
 
     def forward(self, ids: np.ndarray, caches) -> np.ndarray:
         """Logits (B, T, vocab) for T new tokens per sequence, appended after the caches."""
@@ -75,8 +88,9 @@ class Llama:
         k = rotate(heads("k_proj.weight", self.num_kv_heads), cos, sin)
         cache.append(k, heads("v_proj.weight", self.num_kv_heads))
         out = np.empty((b, t, self.num_heads, dh), np.float32)
-        cpuattn.attention(q, cache.k, cache.v, kv_lengths=cache.lengths, causal=True,
-                          out=out.swapaxes(1, 2))
+        cpuattn.attention(
+            q, cache.k, cache.v, kv_lengths=cache.lengths, causal=True, out=out.swapaxes(1, 2)
+        )
         return linear(out.reshape(b, t, self.hidden), w[prefix + "o_proj.weight"])
 
     def mlp(self, x, prefix):
@@ -122,10 +136,17 @@ def small_random_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=512, rms_norm_eps=1e-6,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -140,8 +161,11 @@ if __name__ == "__main__":
     ours_s = time.perf_counter() - start
     with torch.inference_mode():
         start = time.perf_counter()
-        theirs = model.generate(torch.from_numpy(prompt), max_new_tokens=64, do_sample=False,
-                                min_new_tokens=64).numpy()
+        theirs = model.generate(
+            torch.from_numpy(prompt), max_new_tokens=64, do_sample=False, min_new_tokens=64
+        ).numpy()
         theirs_s = time.perf_counter() - start
-    print(f"identical tokens: {np.array_equal(ours, theirs)}; "
-          f"cpuattn {64 / ours_s:.0f} tokens/s, transformers {64 / theirs_s:.0f} tokens/s")
+    print(
+        f"identical tokens: {np.array_equal(ours, theirs)}; "
+        f"cpuattn {64 / ours_s:.0f} tokens/s, transformers {64 / theirs_s:.0f} tokens/s"
+    )

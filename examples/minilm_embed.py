@@ -43,11 +43,16 @@ class MiniLM:
         while f"encoder.layer.{n}.attention.self.query.weight" in self.w:
             p = f"encoder.layer.{n}.attention."
             attn = cpuattn.MultiHeadAttention.from_arrays(
-                *(self.w[p + name + ".weight"] for name in ("self.query", "self.key",
-                                                            "self.value", "output.dense")),
-                *(self.w[p + name + ".bias"] for name in ("self.query", "self.key",
-                                                          "self.value", "output.dense")),
-                num_heads=12)
+                *(
+                    self.w[p + name + ".weight"]
+                    for name in ("self.query", "self.key", "self.value", "output.dense")
+                ),
+                *(
+                    self.w[p + name + ".bias"]
+                    for name in ("self.query", "self.key", "self.value", "output.dense")
+                ),
+                num_heads=12,
+            )
             self.layers.append((f"encoder.layer.{n}.", attn))
             n += 1
 
@@ -59,15 +64,23 @@ class MiniLM:
         x = self.embed(ids)
         for prefix, attn in self.layers:
             w = self.w
-            x = layer_norm(x + attn(x, kv_lengths=lengths),
-                           w[prefix + "attention.output.LayerNorm.weight"],
-                           w[prefix + "attention.output.LayerNorm.bias"])
-            h = gelu(dense(x, w[prefix + "intermediate.dense.weight"],
-                           w[prefix + "intermediate.dense.bias"]))
-            x = layer_norm(x + dense(h, w[prefix + "output.dense.weight"],
-                                     w[prefix + "output.dense.bias"]),
-                           w[prefix + "output.LayerNorm.weight"],
-                           w[prefix + "output.LayerNorm.bias"])
+            x = layer_norm(
+                x + attn(x, kv_lengths=lengths),
+                w[prefix + "attention.output.LayerNorm.weight"],
+                w[prefix + "attention.output.LayerNorm.bias"],
+            )
+            h = gelu(
+                dense(
+                    x,
+                    w[prefix + "intermediate.dense.weight"],
+                    w[prefix + "intermediate.dense.bias"],
+                )
+            )
+            x = layer_norm(
+                x + dense(h, w[prefix + "output.dense.weight"], w[prefix + "output.dense.bias"]),
+                w[prefix + "output.LayerNorm.weight"],
+                w[prefix + "output.LayerNorm.bias"],
+            )
         valid = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
         pooled = (x * valid[..., None]).sum(1) / np.maximum(lengths, 1)[:, None]
         return pooled / np.linalg.norm(pooled, axis=1, keepdims=True).clip(1e-12)
@@ -85,9 +98,11 @@ class MiniLM:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         w = self.w
-        x = (w["embeddings.word_embeddings.weight"][ids]
-             + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
-             + w["embeddings.token_type_embeddings.weight"][0])
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][: ids.shape[1]]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
         return layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
 
 
@@ -110,7 +125,7 @@ def gelu(x):
     out = np.empty_like(x)
     flat, res = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
     for i in range(0, flat.shape[0], 64):
-        v, z = flat[i:i + 64], np.abs(flat[i:i + 64]) * np.float32(2 ** -0.5)
+        v, z = flat[i : i + 64], np.abs(flat[i : i + 64]) * np.float32(2**-0.5)
         t = 1 / (1 + np.float32(0.3275911) * z)
         poly = t * 1.061405429
         for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
@@ -124,7 +139,7 @@ def gelu(x):
         poly += 1
         poly *= v
         poly *= 0.5
-        res[i:i + 64] = poly
+        res[i : i + 64] = poly
     return out
 
 
@@ -136,8 +151,9 @@ def save_heatmap(model: MiniLM, sentence: str, path: str) -> None:
     from cpuattn.plot import attention_heatmap
 
     tokens, weights = model.first_layer_weights(sentence)
-    ax = attention_heatmap(weights, tokens, tokens, head=3,
-                           title="all-MiniLM-L6-v2, layer 0, head 3")
+    ax = attention_heatmap(
+        weights, tokens, tokens, head=3, title="all-MiniLM-L6-v2, layer 0, head 3"
+    )
     ax.figure.tight_layout()
     ax.figure.savefig(path, dpi=110)
 

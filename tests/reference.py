@@ -7,8 +7,19 @@ every keep-condition spelled out as a full (*batch, Hq, Lq, Lk) boolean array.
 import numpy as np
 
 
-def dense_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
-                    kv_lengths=None, softcap=None, alibi_slopes=None):
+def dense_attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    kv_lengths=None,
+    softcap=None,
+    alibi_slopes=None,
+):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     squeeze = q.ndim == 2
     if squeeze:
@@ -85,7 +96,8 @@ def assert_matches(actual, expected, dtype, what="out"):
     scale = max(float(np.abs(expected[finite]).max()), floor)
     err = float(np.abs(actual[finite] - expected[finite]).max())
     assert err <= tolerance(dtype) * scale, (
-        f"{what}: max abs error {err:.3g} > {tolerance(dtype):.0e} x max|expected| {scale:.3g}")
+        f"{what}: max abs error {err:.3g} > {tolerance(dtype):.0e} x max|expected| {scale:.3g}"
+    )
 
 
 def random_qkv(rng, batch, hq, hkv, lq, lk, d, dv=None, dtype=np.float32):

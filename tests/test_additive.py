@@ -24,8 +24,17 @@ def dense_additive(q, k, v, w, **kw):
     return dense_attention(zeros_q, zeros_k, v, mask=scores, **kw)
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (9, 0), "causal": "top_left"},
-                                {"kv_lengths": np.array([130, 17])}, {"mask": "bool"}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"causal": True},
+        {"window": (9, 0), "causal": "top_left"},
+        {"kv_lengths": np.array([130, 17])},
+        {"mask": "bool"},
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_matches_reference(attention, rng, kw, dtype):
     backend = attention.keywords["backend"]

@@ -12,9 +12,16 @@ import cpuattn
 from cpuattn._request import BF16
 
 SHAPES = [  # lq, lk, d, dv
-    (1, 1, 13, 16), (7, 129, 40, 48), (17, 70, 80, 80), (64, 200, 64, 64),
-    (129, 129, 256, 256), (5, 300, 33, 32), (33, 64, 96, 16), (3, 65, 64, 40),
-    (2, 300, 64, 64), (1, 129, 128, 32),  # decode: AMX reads K rows in place
+    (1, 1, 13, 16),
+    (7, 129, 40, 48),
+    (17, 70, 80, 80),
+    (64, 200, 64, 64),
+    (129, 129, 256, 256),
+    (5, 300, 33, 32),
+    (33, 64, 96, 16),
+    (3, 65, 64, 40),
+    (2, 300, 64, 64),
+    (1, 129, 128, 32),  # decode: AMX reads K rows in place
 ]
 
 
@@ -42,20 +49,21 @@ def test_bf16_shapes(native, rng, lq, lk, d, dv, causal):
     # A float32 output, or a float32 q, keeps float32 accuracy (p and q split in two).
     assert_matches(native(q, k, v, causal=causal, out_dtype=np.float32), ref, np.float32)
     q32 = rng.standard_normal(q.shape).astype(np.float32)
-    assert_matches(native(q32, k, v, causal=causal), dense_attention(q32, k, v, causal=causal)[0],
-                   np.float32)
+    assert_matches(
+        native(q32, k, v, causal=causal), dense_attention(q32, k, v, causal=causal)[0], np.float32
+    )
 
 
 def test_bf16_views(native, rng):
     """Misaligned rows (odd element offsets and strides), negative and zero strides."""
     base = rng.standard_normal((2, 2, 301, 67)).astype(BF16)
-    k = base[:, :, ::3, 1:65]                  # odd offset, odd row stride
-    v = base[:, :, ::-3, 2:66]                 # negative row stride
+    k = base[:, :, ::3, 1:65]  # odd offset, odd row stride
+    v = base[:, :, ::-3, 2:66]  # negative row stride
     q = rng.standard_normal((2, 4, 9, 64)).astype(BF16)
     ref = dense_attention(q, k, v)[0]
     within_bf16_bound(native(q, k, v), ref, v)
     assert_matches(native(q, k, v, out_dtype=np.float32), ref, np.float32)
-    kb = np.broadcast_to(k[:, :1], k.shape)    # zero head stride
+    kb = np.broadcast_to(k[:, :1], k.shape)  # zero head stride
     assert_matches(native(q, kb, v, out_dtype=np.float32), dense_attention(q, kb, v)[0], np.float32)
 
 
@@ -105,4 +113,6 @@ def test_bitwise_equal_for_any_thread_count(native, rng):
     for qq in (q, q32):
         one = native(qq, k, v, num_threads=1)
         for n in (2, 3):
-            assert np.array_equal(native(qq, k, v, num_threads=n).view(np.uint8), one.view(np.uint8))
+            assert np.array_equal(
+                native(qq, k, v, num_threads=n).view(np.uint8), one.view(np.uint8)
+            )

@@ -21,9 +21,9 @@ def banded_reference(q, k, v, rows):
     out = []
     for i in rows:
         lo = max(0, i - WINDOW)
-        s = (k[0, lo:i + 1].astype(np.float64) @ q[0, i].astype(np.float64)) / np.sqrt(D)
+        s = (k[0, lo : i + 1].astype(np.float64) @ q[0, i].astype(np.float64)) / np.sqrt(D)
         p = np.exp(s - s.max())
-        out.append(p @ v[0, lo:i + 1] / p.sum())
+        out.append(p @ v[0, lo : i + 1] / p.sum())
     return np.array(out)
 
 
@@ -37,8 +37,10 @@ def test_window_over_50k_by_50k_scores(backend):
     np.testing.assert_allclose(out[0, rows], banded_reference(q, k, v, rows), atol=2e-5)
 
 
-@pytest.mark.skipif(not cpuattn.info()["native"] or not os.path.exists("/proc/self/clear_refs"),
-                    reason="native backend and Linux /proc needed")
+@pytest.mark.skipif(
+    not cpuattn.info()["native"] or not os.path.exists("/proc/self/clear_refs"),
+    reason="native backend and Linux /proc needed",
+)
 def test_native_peak_memory_is_independent_of_length():
     """In a fresh process: the call's peak RSS beyond its inputs and output is O(tile)."""
     case = _bench.Case("big", 1, 1, 1, L, L, D, causal=True, window=(WINDOW, 0))

@@ -60,16 +60,19 @@ def test_padding_past_kv_lengths_is_never_read_on_the_split_path(native, rng):
     kd, vd = k.copy(), v.copy()
     kd[0, :, 3000:] = np.nan
     vd[0, :, 3000:] = np.nan
-    assert np.array_equal(native(q, kd, vd, kv_lengths=lengths),
-                          native(q, k, v, kv_lengths=lengths))
+    assert np.array_equal(
+        native(q, kd, vd, kv_lengths=lengths), native(q, k, v, kv_lengths=lengths)
+    )
 
 
 def test_merge_of_chunks_equals_the_whole(rng):
     q, k, v = decode_inputs(rng, 1, 8, 2, 4, 6000)
     whole = cpuattn.attention(q, k, v, return_lse=True)
     cuts = [0, 1000, 1001, 4096, 6000]
-    parts = [cpuattn.attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
-             for a, b in zip(cuts, cuts[1:])]
+    parts = [
+        cpuattn.attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
+        for a, b in zip(cuts, cuts[1:])
+    ]
     out, lse = cpuattn.merge(*zip(*parts))
     assert_matches(out, whole[0].astype(np.float64), F32)
     assert_matches(lse, whole[1].astype(np.float64), F32, "lse")

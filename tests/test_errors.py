@@ -10,9 +10,11 @@ F32 = np.float32
 
 def qkv(batch=(2,), hq=4, hkv=2, lq=5, lk=7, d=8, dv=8, dtype=F32):
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((*batch, hq, lq, d)).astype(dtype),
-            rng.standard_normal((*batch, hkv, lk, d)).astype(dtype),
-            rng.standard_normal((*batch, hkv, lk, dv)).astype(dtype))
+    return (
+        rng.standard_normal((*batch, hq, lq, d)).astype(dtype),
+        rng.standard_normal((*batch, hkv, lk, d)).astype(dtype),
+        rng.standard_normal((*batch, hkv, lk, dv)).astype(dtype),
+    )
 
 
 @pytest.fixture(params=["native", "numpy"])
@@ -37,8 +39,14 @@ def test_wrong_ndim(backend):
 
 def test_head_dim_mismatch(backend):
     q, k, v = qkv()
-    raises(backend, ValueError, r"k: expected \(\.\.\., Hkv, Lk, 8\) to match q's head dim 8",
-           q, k[..., :4], v)
+    raises(
+        backend,
+        ValueError,
+        r"k: expected \(\.\.\., Hkv, Lk, 8\) to match q's head dim 8",
+        q,
+        k[..., :4],
+        v,
+    )
 
 
 def test_lk_mismatch_between_k_and_v(backend):
@@ -54,16 +62,31 @@ def test_heads_not_divisible(backend):
 
 def test_batch_dims_differ(backend):
     q, k, v = qkv(batch=(2, 3))
-    raises(backend, ValueError, r"k: batch dims \(2, 2\) differ from q's \(2, 3\)",
-           q, k[:, :2], v[:, :2])
+    raises(
+        backend,
+        ValueError,
+        r"k: batch dims \(2, 2\) differ from q's \(2, 3\)",
+        q,
+        k[:, :2],
+        v[:, :2],
+    )
 
 
-@pytest.mark.parametrize("shape", [(3, 7), (2, 4, 6, 7), (6, 7), (5, 8), (1, 1, 2, 4, 5, 7)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape", [(3, 7), (2, 4, 6, 7), (6, 7), (5, 8), (1, 1, 2, 4, 5, 7)], ids=str
+)
 def test_mask_does_not_broadcast(backend, shape):
     q, k, v = qkv()
-    raises(backend, ValueError, r"mask: shape .* does not broadcast to \(\*batch, Hq, Lq, Lk\)"
-           r" = \(2, 4, 5, 7\)", q, k, v, mask=np.ones(shape, bool))
+    raises(
+        backend,
+        ValueError,
+        r"mask: shape .* does not broadcast to \(\*batch, Hq, Lq, Lk\)"
+        r" = \(2, 4, 5, 7\)",
+        q,
+        k,
+        v,
+        mask=np.ones(shape, bool),
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.complex64, object])
@@ -72,21 +95,25 @@ def test_mask_bad_dtype(backend, dtype):
     raises(backend, TypeError, r"mask: expected bool", q, k, v, mask=np.ones((5, 7), dtype))
 
 
-@pytest.mark.parametrize(("lengths", "exc", "match"), [
-    ([7, 8], ValueError, r"kv_lengths: values must lie in \[0, Lk\] = \[0, 7\]"),
-    ([-1, 3], ValueError, r"kv_lengths: values must lie in"),
-    ([1, 2, 3], ValueError, r"kv_lengths: expected shape \*batch = \(2,\)"),
-    ([[1, 2]], ValueError, r"kv_lengths: expected shape"),
-    ([1.0, 2.0], TypeError, r"kv_lengths: expected integers"),
-    ([True, False], TypeError, r"kv_lengths: expected integers"),
-])
+@pytest.mark.parametrize(
+    ("lengths", "exc", "match"),
+    [
+        ([7, 8], ValueError, r"kv_lengths: values must lie in \[0, Lk\] = \[0, 7\]"),
+        ([-1, 3], ValueError, r"kv_lengths: values must lie in"),
+        ([1, 2, 3], ValueError, r"kv_lengths: expected shape \*batch = \(2,\)"),
+        ([[1, 2]], ValueError, r"kv_lengths: expected shape"),
+        ([1.0, 2.0], TypeError, r"kv_lengths: expected integers"),
+        ([True, False], TypeError, r"kv_lengths: expected integers"),
+    ],
+)
 def test_kv_lengths_invalid(backend, lengths, exc, match):
     q, k, v = qkv()
     raises(backend, exc, match, q, k, v, kv_lengths=lengths)
 
 
-@pytest.mark.parametrize("window", [(-2, 0), (0, -5), (1,), (1, 2, 3), 5, (1.5, 2),
-                                    (True, 1), "ab"], ids=str)
+@pytest.mark.parametrize(
+    "window", [(-2, 0), (0, -5), (1,), (1, 2, 3), 5, (1.5, 2), (True, 1), "ab"], ids=str
+)
 def test_window_invalid(backend, window):
     q, k, v = qkv()
     raises(backend, ValueError, r"window: ", q, k, v, window=window)
@@ -95,62 +122,143 @@ def test_window_invalid(backend, window):
 @pytest.mark.parametrize("causal", ["causal", "top-left", 1, None, 0.5], ids=str)
 def test_causal_invalid(backend, causal):
     q, k, v = qkv()
-    raises(backend, ValueError, r"causal: expected False, True, 'bottom_right' or 'top_left'",
-           q, k, v, causal=causal)
+    raises(
+        backend,
+        ValueError,
+        r"causal: expected False, True, 'bottom_right' or 'top_left'",
+        q,
+        k,
+        v,
+        causal=causal,
+    )
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex64, np.complex128, np.bool_,
-                                   object, np.float128 if hasattr(np, "float128") else object])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        np.int32,
+        np.int64,
+        np.complex64,
+        np.complex128,
+        np.bool_,
+        object,
+        np.float128 if hasattr(np, "float128") else object,
+    ],
+)
 def test_unsupported_dtypes(backend, dtype):
     q, k, v = qkv()
-    raises(backend, TypeError, r"q: expected a float32, float64, float16 or bfloat16 array, "
-           r"got dtype", q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    raises(
+        backend,
+        TypeError,
+        r"q: expected a float32, float64, float16 or bfloat16 array, "
+        r"got dtype",
+        q.astype(dtype),
+        k.astype(dtype),
+        v.astype(dtype),
+    )
 
 
 def test_mixed_dtypes(backend):
     q, k, v = qkv()
-    raises(backend, TypeError, r"k: dtype float64 does not go with q's float32", q,
-           k.astype(np.float64), v.astype(np.float64))
-    raises(backend, TypeError, r"v: dtype float64 differs from k's float32", q, k,
-           v.astype(np.float64))
-    raises(backend, TypeError, r"k: dtype float32 does not go with q's float16",
-           q.astype(np.float16), k, v)
-    raises(backend, TypeError, r"k: dtype float16 does not go with q's float64",
-           q.astype(np.float64), k.astype(np.float16), v.astype(np.float16))
+    raises(
+        backend,
+        TypeError,
+        r"k: dtype float64 does not go with q's float32",
+        q,
+        k.astype(np.float64),
+        v.astype(np.float64),
+    )
+    raises(
+        backend, TypeError, r"v: dtype float64 differs from k's float32", q, k, v.astype(np.float64)
+    )
+    raises(
+        backend,
+        TypeError,
+        r"k: dtype float32 does not go with q's float16",
+        q.astype(np.float16),
+        k,
+        v,
+    )
+    raises(
+        backend,
+        TypeError,
+        r"k: dtype float16 does not go with q's float64",
+        q.astype(np.float64),
+        k.astype(np.float16),
+        v.astype(np.float16),
+    )
 
 
 def test_out_dtype_invalid(backend):
     q, k, v = qkv()
-    raises(backend, TypeError, r"out_dtype: expected None, float16 or float32",
-           q.astype(np.float16), k.astype(np.float16), v.astype(np.float16),
-           out_dtype=np.float64)
-    raises(backend, TypeError, r"out: expected dtype float32 \(q's dtype, or out_dtype\)",
-           q.astype(np.float16), k.astype(np.float16), v.astype(np.float16),
-           out_dtype=np.float32, out=np.empty(q.shape[:-1] + (8,), np.float16))
+    raises(
+        backend,
+        TypeError,
+        r"out_dtype: expected None, float16 or float32",
+        q.astype(np.float16),
+        k.astype(np.float16),
+        v.astype(np.float16),
+        out_dtype=np.float64,
+    )
+    raises(
+        backend,
+        TypeError,
+        r"out: expected dtype float32 \(q's dtype, or out_dtype\)",
+        q.astype(np.float16),
+        k.astype(np.float16),
+        v.astype(np.float16),
+        out_dtype=np.float32,
+        out=np.empty(q.shape[:-1] + (8,), np.float16),
+    )
 
 
 def test_out_invalid(backend):
     q, k, v = qkv()
-    raises(backend, ValueError, r"out: expected shape \(\*batch, Hq, Lq, Dv\) = \(2, 4, 5, 8\)",
-           q, k, v, out=np.empty((2, 4, 5, 7), F32))
-    raises(backend, TypeError, r"out: expected dtype float32", q, k, v,
-           out=np.empty((2, 4, 5, 8), np.float64))
+    raises(
+        backend,
+        ValueError,
+        r"out: expected shape \(\*batch, Hq, Lq, Dv\) = \(2, 4, 5, 8\)",
+        q,
+        k,
+        v,
+        out=np.empty((2, 4, 5, 7), F32),
+    )
+    raises(
+        backend,
+        TypeError,
+        r"out: expected dtype float32",
+        q,
+        k,
+        v,
+        out=np.empty((2, 4, 5, 8), np.float64),
+    )
     read_only = np.empty((2, 4, 5, 8), F32)
     read_only.flags.writeable = False
     raises(backend, ValueError, r"out: array is read-only", q, k, v, out=read_only)
     raises(backend, TypeError, r"out: expected a numpy.ndarray", q, k, v, out=[1, 2])
 
 
-@pytest.mark.parametrize(("scale", "exc"), [("1", TypeError), (float("nan"), ValueError),
-                                            (float("inf"), ValueError), (True, TypeError),
-                                            (1j, TypeError)], ids=str)
+@pytest.mark.parametrize(
+    ("scale", "exc"),
+    [
+        ("1", TypeError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        (1j, TypeError),
+    ],
+    ids=str,
+)
 def test_scale_invalid(backend, scale, exc):
     q, k, v = qkv()
     raises(backend, exc, r"scale: expected", q, k, v, scale=scale)
 
 
-@pytest.mark.parametrize(("threads", "exc"), [(0, ValueError), (-1, ValueError),
-                                              (1.5, TypeError), (True, TypeError)], ids=str)
+@pytest.mark.parametrize(
+    ("threads", "exc"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)],
+    ids=str,
+)
 def test_num_threads_invalid(backend, threads, exc):
     q, k, v = qkv()
     raises(backend, exc, r"num_threads: expected a positive int", q, k, v, num_threads=threads)
@@ -158,8 +266,11 @@ def test_num_threads_invalid(backend, threads, exc):
 
 def test_unknown_backend():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'native', "
-                                         r"'numpy'\), got 'cuda'"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend: expected one of \('auto', 'native', "
+        r"'numpy'\), got 'cuda'",
+    ):
         cpuattn.attention(q, k, v, backend="cuda")
 
 

@@ -18,13 +18,15 @@ MAX_ULP = {np.float32: 1.5, np.float64: 1.0}
 def inputs(dtype):
     fi = np.finfo(dtype)
     lo, hi = float(np.log(fi.tiny)), float(np.log(fi.max))
-    return np.concatenate([
-        np.linspace(2 * lo, 2 * hi, 1_000_003),  # the whole range, past both ends
-        np.linspace(-1, 1, 200_001),  # around 0, where exp is near 1
-        np.linspace(lo - 1, lo + 1, 100_001),  # the flush threshold
-        np.linspace(hi - 1, hi + 1, 100_001),  # overflow
-        [0.0, -0.0, lo, hi, -np.inf, np.inf, np.nan, -1e30, 1e30, fi.tiny, -fi.tiny],
-    ]).astype(dtype)
+    return np.concatenate(
+        [
+            np.linspace(2 * lo, 2 * hi, 1_000_003),  # the whole range, past both ends
+            np.linspace(-1, 1, 200_001),  # around 0, where exp is near 1
+            np.linspace(lo - 1, lo + 1, 100_001),  # the flush threshold
+            np.linspace(hi - 1, hi + 1, 100_001),  # overflow
+            [0.0, -0.0, lo, hi, -np.inf, np.inf, np.nan, -1e30, 1e30, fi.tiny, -fi.tiny],
+        ]
+    ).astype(dtype)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -26,12 +26,14 @@ def test_causal_true_is_bottom_right(attention, rng):
 
 def test_top_left_matches_bottom_right_when_square(attention, rng):
     q, k, v = random_qkv(rng, (), 2, 2, 64, 64, 8)
-    assert_matches(attention(q, k, v, causal="top_left"),
-                   attention(q, k, v, causal="bottom_right"), F32)
+    assert_matches(
+        attention(q, k, v, causal="top_left"), attention(q, k, v, causal="bottom_right"), F32
+    )
 
 
-@pytest.mark.parametrize("window", [(0, 0), (3, 0), (0, 3), (17, 5), (-1, 4), (6, -1),
-                                    (-1, -1), (200, 200)], ids=str)
+@pytest.mark.parametrize(
+    "window", [(0, 0), (3, 0), (0, 3), (17, 5), (-1, 4), (6, -1), (-1, -1), (200, 200)], ids=str
+)
 @pytest.mark.parametrize("causal", [False, True, "top_left"], ids=str)
 @pytest.mark.parametrize(("lq", "lk"), [(100, 100), (40, 150), (150, 40)])
 def test_window(attention, rng, window, causal, lq, lk):
@@ -47,10 +49,21 @@ def test_rows_before_the_diagonal_are_empty(attention, rng):
     assert np.all(np.isfinite(lse[:, 30:]))
 
 
-@pytest.mark.parametrize("mask_shape", [(70,), (1, 70), (25, 70), (4, 1, 1), (4, 25, 70),
-                                        (1, 4, 1, 70), (2, 1, 25, 70), (2, 4, 25, 70),
-                                        (2, 4, 25, 1)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "mask_shape",
+    [
+        (70,),
+        (1, 70),
+        (25, 70),
+        (4, 1, 1),
+        (4, 25, 70),
+        (1, 4, 1, 70),
+        (2, 1, 25, 70),
+        (2, 4, 25, 70),
+        (2, 4, 25, 1),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 @pytest.mark.parametrize("kind", ["bool", "float", "float64_for_f32"])
 def test_masks_broadcast(attention, rng, mask_shape, kind):
     q, k, v = random_qkv(rng, (2,), 4, 2, 25, 70, 16)
@@ -163,8 +176,12 @@ def test_out_aliasing_an_input(attention, rng):
 
 
 def test_zero_sizes(attention, rng):
-    for shape_q, shape_k, dv in [((2, 0, 5, 8), (2, 0, 7, 8), 8), ((2, 4, 0, 8), (2, 2, 7, 8), 3),
-                                 ((0, 4, 5, 8), (0, 2, 7, 8), 8), ((2, 4, 5, 8), (2, 2, 7, 8), 0)]:
+    for shape_q, shape_k, dv in [
+        ((2, 0, 5, 8), (2, 0, 7, 8), 8),
+        ((2, 4, 0, 8), (2, 2, 7, 8), 3),
+        ((0, 4, 5, 8), (0, 2, 7, 8), 8),
+        ((2, 4, 5, 8), (2, 2, 7, 8), 0),
+    ]:
         q = rng.standard_normal(shape_q).astype(F32)
         k = rng.standard_normal(shape_k).astype(F32)
         v = rng.standard_normal((*shape_k[:-1], dv)).astype(F32)
@@ -176,8 +193,9 @@ def test_zero_sizes(attention, rng):
     assert np.all(out == 0) and np.all(lse == -np.inf)
     # D = 0: all scores are 0, so attention is the mean of the values.
     q, k, v = random_qkv(rng, (1,), 2, 2, 4, 6, 0, dv=3)
-    assert_matches(attention(q, k, v), np.broadcast_to(v.mean(axis=-2, keepdims=True),
-                                                       (1, 2, 4, 3)), F32)
+    assert_matches(
+        attention(q, k, v), np.broadcast_to(v.mean(axis=-2, keepdims=True), (1, 2, 4, 3)), F32
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -190,8 +208,7 @@ def test_merge_of_kv_chunks_equals_whole(attention, rng, dtype):
         # Each chunk: keys [a, b) with the causal bound of the whole (expressed as a mask).
         i = np.arange(30)[:, None]
         j = np.arange(a, b)[None, :]
-        o, lse = attention(q, k[..., a:b, :], v[..., a:b, :], mask=j <= i + 170,
-                           return_lse=True)
+        o, lse = attention(q, k[..., a:b, :], v[..., a:b, :], mask=j <= i + 170, return_lse=True)
         outs.append(o)
         lses.append(lse)
     out, lse = cpuattn.merge(outs, lses)
@@ -211,8 +228,13 @@ def test_merge_empty_parts(rng):
 
 def test_threads_bitwise_identical(native, rng):
     q, k, v = random_qkv(rng, (2,), 8, 2, 300, 500, 32)
-    kw = dict(causal=True, window=(200, -1), kv_lengths=[500, 321], return_lse=True,
-              mask=rng.random((8, 300, 1)) > 0.1)
+    kw = dict(
+        causal=True,
+        window=(200, -1),
+        kv_lengths=[500, 321],
+        return_lse=True,
+        mask=rng.random((8, 300, 1)) > 0.1,
+    )
     one = native(q, k, v, num_threads=1, **kw)
     for threads in (2, 3, 7):
         many = native(q, k, v, num_threads=threads, **kw)
@@ -222,8 +244,15 @@ def test_threads_bitwise_identical(native, rng):
 def test_info():
     info = cpuattn.info()
     assert info["version"] == cpuattn.__version__
-    assert set(info) >= {"native", "native_error", "isa", "supported_isas", "openmp",
-                         "max_threads", "backends"}
+    assert set(info) >= {
+        "native",
+        "native_error",
+        "isa",
+        "supported_isas",
+        "openmp",
+        "max_threads",
+        "backends",
+    }
     if info["native"]:
         assert info["isa"] in info["supported_isas"] and info["max_threads"] >= 1
 

@@ -59,9 +59,15 @@ def dim(draw, hi):
 
 @st.composite
 def recipes(draw):
-    corrupt = set(draw(st.lists(st.sampled_from(
-        sorted(INVALID) + ["dtype", "shape", "heads", "2d"]), max_size=2))
-        if draw(st.integers(0, 2)) == 0 else [])
+    corrupt = set(
+        draw(
+            st.lists(
+                st.sampled_from(sorted(INVALID) + ["dtype", "shape", "heads", "2d"]), max_size=2
+            )
+        )
+        if draw(st.integers(0, 2)) == 0
+        else []
+    )
     float_dtype = draw(st.sampled_from(FLOATS))
     batch = tuple(dim(draw, 3) for _ in range(draw(st.integers(0, 3))))
     hkv = dim(draw, 3)
@@ -75,18 +81,23 @@ def recipes(draw):
         shapes = {"q": (lq, d), "k": (lk, d), "v": (lk, dv)}
     if "shape" in corrupt:  # one operand of any shape, 0-6 dims
         shapes[draw(st.sampled_from(OPERANDS))] = draw(any_shape())
-    ops = {n: {"dtype": float_dtype, "layout": draw(st.sampled_from(LAYOUTS)),
-               "special": draw(st.sampled_from(SPECIALS))} for n in OPERANDS}
+    ops = {
+        n: {
+            "dtype": float_dtype,
+            "layout": draw(st.sampled_from(LAYOUTS)),
+            "special": draw(st.sampled_from(SPECIALS)),
+        }
+        for n in OPERANDS
+    }
     if "dtype" in corrupt:
-        ops[draw(st.sampled_from(OPERANDS))]["dtype"] = draw(st.sampled_from(
-            OTHER_DTYPES + FLOATS))
+        ops[draw(st.sampled_from(OPERANDS))]["dtype"] = draw(st.sampled_from(OTHER_DTYPES + FLOATS))
 
     def option(name):
         return draw(st.sampled_from(INVALID[name] if name in corrupt else VALID[name]))
 
     full_mask = (*shapes["q"][:-1], shapes["k"][-2] if len(shapes["k"]) >= 2 else 1)
     mask_shape = tuple(n if draw(st.booleans()) else 1 for n in full_mask)
-    mask_shape = mask_shape[draw(st.integers(0, len(mask_shape))):]
+    mask_shape = mask_shape[draw(st.integers(0, len(mask_shape))) :]
     if "mask" in corrupt:
         mask_shape = draw(any_shape())
 
@@ -98,11 +109,18 @@ def recipes(draw):
     return {
         "seed": draw(st.integers(0, 2**32 - 1)),
         "isa": draw(st.sampled_from(ISAS)) if ISAS else None,
-        "shapes": shapes, **ops,
-        "mask": option("mask"), "mask_shape": mask_shape, "mask_dtype": float_dtype,
-        "causal": option("causal"), "window": window, "scale": option("scale"),
-        "kv_lengths": option("kv_lengths"), "return_lse": draw(st.booleans()),
-        "out": option("out"), "num_threads": option("num_threads"),
+        "shapes": shapes,
+        **ops,
+        "mask": option("mask"),
+        "mask_shape": mask_shape,
+        "mask_dtype": float_dtype,
+        "causal": option("causal"),
+        "window": window,
+        "scale": option("scale"),
+        "kv_lengths": option("kv_lengths"),
+        "return_lse": draw(st.booleans()),
+        "out": option("out"),
+        "num_threads": option("num_threads"),
     }
 
 
@@ -112,8 +130,11 @@ def make_array(rng, shape, spec):
     if spec["special"] == "huge":
         base = base * 1e4
     arr = np.asarray(base).astype(dtype)
-    if (dtype.kind in "fc" or dtype == BF16) and arr.size and spec["special"] in ("nan", "inf",
-                                                                               "-inf"):
+    if (
+        (dtype.kind in "fc" or dtype == BF16)
+        and arr.size
+        and spec["special"] in ("nan", "inf", "-inf")
+    ):
         arr.flat[rng.integers(arr.size)] = float(spec["special"])
     return lay_out(rng, arr, spec["layout"])
 
@@ -145,37 +166,47 @@ def lay_out(rng, arr, layout):
 def materialize(r):
     rng = np.random.default_rng(r["seed"])
     q, k, v = (make_array(rng, r["shapes"][n], r[n]) for n in ("q", "k", "v"))
-    kw = {"causal": r["causal"], "window": r["window"], "scale": r["scale"],
-          "return_lse": r["return_lse"], "num_threads": r["num_threads"]}
+    kw = {
+        "causal": r["causal"],
+        "window": r["window"],
+        "scale": r["scale"],
+        "return_lse": r["return_lse"],
+        "num_threads": r["num_threads"],
+    }
 
     if r["mask"] in ("bool", "bad_shape"):
         kw["mask"] = rng.random(r["mask_shape"]) > 0.3
     elif r["mask"] == "float":
-        kw["mask"] = np.where(rng.random(r["mask_shape"]) > 0.2,
-                              rng.standard_normal(r["mask_shape"]), -np.inf
-                              ).astype(BF16 if r["mask_dtype"] == "bfloat16" else r["mask_dtype"])
+        kw["mask"] = np.where(
+            rng.random(r["mask_shape"]) > 0.2, rng.standard_normal(r["mask_shape"]), -np.inf
+        ).astype(BF16 if r["mask_dtype"] == "bfloat16" else r["mask_dtype"])
     elif r["mask"] == "bad_dtype":
         kw["mask"] = rng.integers(0, 2, r["mask_shape"])
 
     batch = q.shape[:-3]
     lk = k.shape[-2] if k.ndim >= 2 else 0
-    lengths = {"valid": lambda: rng.integers(0, lk + 1, batch),
-               "too_long": lambda: np.full(batch, lk + 1),
-               "negative": lambda: np.full(batch, -1),
-               "float": lambda: np.zeros(batch, np.float32),
-               "bad_shape": lambda: np.zeros((*batch, 2), np.int64)}
+    lengths = {
+        "valid": lambda: rng.integers(0, lk + 1, batch),
+        "too_long": lambda: np.full(batch, lk + 1),
+        "negative": lambda: np.full(batch, -1),
+        "float": lambda: np.zeros(batch, np.float32),
+        "bad_shape": lambda: np.zeros((*batch, 2), np.int64),
+    }
     if r["kv_lengths"]:
         kw["kv_lengths"] = lengths[r["kv_lengths"]]()
 
     out_shape = (*q.shape[:-1], v.shape[-1] if v.ndim else 0)
     out_dtype = q.dtype if q.dtype.kind == "f" or q.dtype == BF16 else np.float32
-    outs = {"fresh": lambda: np.empty(out_shape, out_dtype),
-            "strided": lambda: np.empty((*out_shape, 2), out_dtype)[..., 0],
-            "alias_q": lambda: q, "alias_v": lambda: v,
-            "readonly": lambda: _read_only(np.empty(out_shape, out_dtype)),
-            "wrong_dtype": lambda: np.empty(out_shape, np.float16),
-            "wrong_shape": lambda: np.empty((*out_shape, 1), out_dtype),
-            "list": lambda: [0.0]}
+    outs = {
+        "fresh": lambda: np.empty(out_shape, out_dtype),
+        "strided": lambda: np.empty((*out_shape, 2), out_dtype)[..., 0],
+        "alias_q": lambda: q,
+        "alias_v": lambda: v,
+        "readonly": lambda: _read_only(np.empty(out_shape, out_dtype)),
+        "wrong_dtype": lambda: np.empty(out_shape, np.float16),
+        "wrong_shape": lambda: np.empty((*out_shape, 1), out_dtype),
+        "list": lambda: [0.0],
+    }
     if r["out"]:
         kw["out"] = outs[r["out"]]()
     return (q, k, v), kw
@@ -198,8 +229,10 @@ def call(r, backend):
 def assert_same(native, ref, huge):
     """Equal NaN and inf positions; finite values within float32 reordering error (looser
     when 1e4-sized inputs make the softmax itself ill-conditioned)."""
-    for a, b in zip(native if isinstance(native, tuple) else (native,),
-                    ref if isinstance(ref, tuple) else (ref,)):
+    for a, b in zip(
+        native if isinstance(native, tuple) else (native,),
+        ref if isinstance(ref, tuple) else (ref,),
+    ):
         assert a.shape == b.shape
         assert a.dtype == b.dtype
         dtype = a.dtype
@@ -209,14 +242,18 @@ def assert_same(native, ref, huge):
         finite = np.isfinite(b)
         scale = max(1.0, float(np.abs(b[finite]).max())) if finite.any() else 1.0
         # Half outputs: both backends round float32 results, which may differ by one ulp.
-        rounding = 2.0 ** -7 if dtype == BF16 else 2.0 ** -10 if dtype == np.float16 else 0
+        rounding = 2.0**-7 if dtype == BF16 else 2.0**-10 if dtype == np.float16 else 0
         tol = max(5e-3 if huge else 1e-4, 2 * rounding) * scale
         np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=tol)
 
 
 @pytest.mark.skipif(not ISAS, reason="native backend not built")
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(recipes())
 def test_native_returns_what_numpy_returns_or_both_refuse(recipe):
     core = _native._core

@@ -39,7 +39,7 @@ def problems(draw):
     if mask_kind:
         full = (*batch, hq, lq, lk)
         shape = tuple(n if draw(st.booleans()) else 1 for n in full)
-        shape = shape[draw(st.integers(0, len(shape) - 1)):]
+        shape = shape[draw(st.integers(0, len(shape) - 1)) :]
         if mask_kind == "bool":
             kw["mask"] = rng.random(shape) > 0.3
         else:

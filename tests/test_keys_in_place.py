@@ -13,9 +13,17 @@ from reference import assert_matches, dense_attention
 from cpuattn._request import BF16
 
 CASES = [  # lq, group, lk, d
-    (1, 1, 1, 1), (1, 4, 7, 13), (1, 8, 129, 40), (2, 8, 700, 80), (4, 4, 65, 256),
-    (16, 1, 200, 17), (1, 16, 1000, 64), (17, 1, 300, 64), (3, 5, 513, 33),
-    (8, 4, 100, 40), (33, 1, 300, 64),  # 32 rows: the last in place; 33: packed
+    (1, 1, 1, 1),
+    (1, 4, 7, 13),
+    (1, 8, 129, 40),
+    (2, 8, 700, 80),
+    (4, 4, 65, 256),
+    (16, 1, 200, 17),
+    (1, 16, 1000, 64),
+    (17, 1, 300, 64),
+    (3, 5, 513, 33),
+    (8, 4, 100, 40),
+    (33, 1, 300, 64),  # 32 rows: the last in place; 33: packed
 ]
 
 
@@ -45,8 +53,8 @@ def test_key_row_strides(native, rng, d):
     q = rng.standard_normal((2, 8, 1, d)).astype(np.float32)
     v = rng.standard_normal((2, 2, 300, 24)).astype(np.float32)
     views = {
-        "odd stride": base[:, :, ::3, 2:2 + d],
-        "negative stride": base[:, :, ::-3, 1:1 + d],
+        "odd stride": base[:, :, ::3, 2 : 2 + d],
+        "negative stride": base[:, :, ::-3, 1 : 1 + d],
         "zero stride": np.broadcast_to(base[:, :, :1, :d], (2, 2, 300, d)),
         "transposed": np.swapaxes(rng.standard_normal((2, 2, d, 300)).astype(np.float32), -1, -2),
     }

@@ -10,6 +10,7 @@ F32 = np.float32
 
 def reference_mha(layer, query, key, value, keep=None):
     """The layer's math spelled out: projections, repeated kv heads, dense softmax."""
+
     def proj(x, w, b):
         return x @ w.T + (0 if b is None else b)
 
@@ -33,8 +34,9 @@ def test_self_attention_with_gqa_matches_reference(rng, heads, kv_heads):
     layer.b_q[:] = rng.standard_normal(64)
     x = rng.standard_normal((3, 17, 64)).astype(F32)
     causal = np.tril(np.ones((17, 17), bool))
-    np.testing.assert_allclose(layer(x, causal=True), reference_mha(layer, x, x, x, causal),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        layer(x, causal=True), reference_mha(layer, x, x, x, causal), atol=2e-5
+    )
 
 
 def test_cross_attention_with_kdim_vdim_and_key_mask(rng):
@@ -45,8 +47,9 @@ def test_cross_attention_with_kdim_vdim_and_key_mask(rng):
     keep = rng.random((2, 9)) > 0.3
     keep[:, 0] = True
     got = layer(q, k, v, mask=keep[:, None, None, :])
-    np.testing.assert_allclose(got, reference_mha(layer, q, k, v, keep[:, None, None, :]),
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        got, reference_mha(layer, q, k, v, keep[:, None, None, :]), atol=2e-5
+    )
 
 
 def test_kv_cache_decode_equals_full_causal_pass(rng):
@@ -55,7 +58,7 @@ def test_kv_cache_decode_equals_full_causal_pass(rng):
     full = layer(x, causal=True)
     cache = cpuattn.KVCache(2, 2, 32, 8)
     steps = [layer(x[:, :5], causal=True, cache=cache)]  # prefill 5 tokens, then one by one
-    steps += [layer(x[:, t:t + 1], causal=True, cache=cache) for t in range(5, 12)]
+    steps += [layer(x[:, t : t + 1], causal=True, cache=cache) for t in range(5, 12)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
     assert cache.lengths.tolist() == [12, 12]
 
@@ -100,7 +103,12 @@ def test_from_torch_matches_torch(rng, same_dims):
     padding = np.zeros((2, 11), bool)
     padding[1, 6:] = True  # torch polarity: True = blocked
     with torch.inference_mode():
-        expected, _ = module(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-                             key_padding_mask=torch.from_numpy(padding), need_weights=False)
+        expected, _ = module(
+            torch.from_numpy(q),
+            torch.from_numpy(k),
+            torch.from_numpy(v),
+            key_padding_mask=torch.from_numpy(padding),
+            need_weights=False,
+        )
     got = layer(q, k, v, mask=~padding[:, None, None, :])
     np.testing.assert_allclose(got, expected.numpy(), atol=2e-5)

@@ -9,13 +9,22 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 SENTENCES = [
-    "The cat sits on the mat.", "Hi", "CPUs can be fast too.", "Why?",
+    "The cat sits on the mat.",
+    "Hi",
+    "CPUs can be fast too.",
+    "Why?",
     "A quick brown fox jumps over the lazy dog near the river bank today.",
     "Attention is all you need, they said, and the world listened carefully.",
-    "Numbers 12345 and symbols #@! in one line.", "The quick brown fox " * 20,
-    "Mixed 中文 and English text here.", "我爱北京天安门。", "深度学习", "一个",
-    "机器学习正在改变世界，每天都有新的进展。", "今天天气很好，我们去公园散步吧。",
-    "Final sentence of the batch, moderately long to vary the lengths.", "short",
+    "Numbers 12345 and symbols #@! in one line.",
+    "The quick brown fox " * 20,
+    "Mixed 中文 and English text here.",
+    "我爱北京天安门。",
+    "深度学习",
+    "一个",
+    "机器学习正在改变世界，每天都有新的进展。",
+    "今天天气很好，我们去公园散步吧。",
+    "Final sentence of the batch, moderately long to vary the lengths.",
+    "short",
 ]
 
 
@@ -36,7 +45,8 @@ def test_minilm_matches_sentence_transformers(examples_on_path, monkeypatch):
 
     ours = MiniLM().encode(SENTENCES)
     reference = st.SentenceTransformer(str(model_dir()), device="cpu").encode(
-        SENTENCES, normalize_embeddings=True)
+        SENTENCES, normalize_embeddings=True
+    )
     cosine = (ours * reference).sum(axis=1)
     assert ours.shape == (len(SENTENCES), 384)
     assert cosine.min() >= 0.99999, f"cosines {np.round(cosine, 7)}"
@@ -56,6 +66,7 @@ def test_llama_prefill_and_greedy_decode_match_transformers(examples_on_path):
     assert np.abs(logits - expected).max() <= 1e-4
 
     with torch.inference_mode():
-        reference = model.generate(torch.from_numpy(prompt[:1]), max_new_tokens=64,
-                                   min_new_tokens=64, do_sample=False).numpy()
+        reference = model.generate(
+            torch.from_numpy(prompt[:1]), max_new_tokens=64, min_new_tokens=64, do_sample=False
+        ).numpy()
     assert np.array_equal(llama.generate(prompt[:1], 64), reference)

@@ -34,8 +34,7 @@ def test_dropped_keys_holding_nan_do_not_matter(attention, rng, mask_kind):
     kd[:, dropped] = np.nan
     vd[:, dropped] = np.inf
     mask = ~dropped if mask_kind == "bool" else np.where(dropped, -np.inf, 0.5).astype(F32)
-    out, _ = clean_rows_match(attention, (q, kd, vd), (q, k, v), np.ones((4, 70), bool),
-                              mask=mask)
+    out, _ = clean_rows_match(attention, (q, kd, vd), (q, k, v), np.ones((4, 70), bool), mask=mask)
     assert np.isfinite(out).all()
 
 
@@ -46,8 +45,9 @@ def test_padding_past_kv_lengths_is_never_read(attention, rng):
     for b, n in enumerate(lengths):
         kd[b, :, n:] = np.nan
         vd[b, :, n:] = np.nan
-    out, lse = clean_rows_match(attention, (q, kd, vd), (q, k, v), np.ones((3, 4, 1), bool),
-                                kv_lengths=lengths, causal=True)
+    out, lse = clean_rows_match(
+        attention, (q, kd, vd), (q, k, v), np.ones((3, 4, 1), bool), kv_lengths=lengths, causal=True
+    )
     assert np.isfinite(out).all()
     assert np.all(lse[0] == -np.inf)
 
@@ -70,8 +70,7 @@ def test_nan_key_poisons_exactly_the_rows_that_keep_it(attention, rng):
     kd[0, 70] = np.nan
     rows = np.zeros((2, 40), bool)
     rows[:, :20] = True  # window (9, 0) bottom-right: row i keeps keys [i + 41, i + 50]
-    out, lse = clean_rows_match(attention, (q, kd, v), (q, k, v), rows, causal=True,
-                                window=(9, 0))
+    out, lse = clean_rows_match(attention, (q, kd, v), (q, k, v), rows, causal=True, window=(9, 0))
     assert np.isnan(out[:, 20:30]).all()
     assert np.isnan(lse[:, 20:30]).all()
     assert not np.isnan(out[:, 30:]).any()
@@ -93,8 +92,9 @@ def test_inf_value_reaches_only_its_column_of_the_rows_that_keep_it(attention, r
     vd[0, 40, 2] = np.inf
     rows = np.zeros((1, 20), bool)
     rows[:, 11:] = True  # bottom-right, window (14, 0): row i keeps keys [i + 30, i + 44]
-    out, _ = clean_rows_match(attention, (q, k, vd), (q, k, v), rows, causal="bottom_right",
-                              window=(14, 0))
+    out, _ = clean_rows_match(
+        attention, (q, k, vd), (q, k, v), rows, causal="bottom_right", window=(14, 0)
+    )
     kept = out[0, :11]
     assert np.all(kept[:, 2] == np.inf)
     assert np.isfinite(np.delete(kept, 2, axis=1)).all()
@@ -115,13 +115,18 @@ def test_huge_score_after_an_inf_value_drops_it(attention, rng):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_backends_agree_on_non_finite_outputs(attention, rng, value):
     q, k, v = random_qkv(rng, (2,), 2, 1, 50, 140, 12)
-    for arr, idx in ((q, (0, 1, 7, 3)), (k, (1, 0, 99, 0)), (v, (0, 0, 12, 5)),
-                     (v, (1, 0, 130, 11))):
+    for arr, idx in (
+        (q, (0, 1, 7, 3)),
+        (k, (1, 0, 99, 0)),
+        (v, (0, 0, 12, 5)),
+        (v, (1, 0, 130, 11)),
+    ):
         arr[idx] = value
     mask = rng.random((50, 140)) > 0.2
     out, lse = attention(q, k, v, mask=mask, return_lse=True, window=(60, 3))
-    ref_out, ref_lse = cpuattn.attention(q, k, v, mask=mask, return_lse=True, window=(60, 3),
-                                         backend="numpy")
+    ref_out, ref_lse = cpuattn.attention(
+        q, k, v, mask=mask, return_lse=True, window=(60, 3), backend="numpy"
+    )
     assert np.array_equal(np.isnan(out), np.isnan(ref_out))
     assert np.array_equal(np.isinf(out), np.isinf(ref_out))
     finite = np.isfinite(ref_out)

@@ -21,8 +21,11 @@ def test_odd_sizes(attention, rng, dtype, lq, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (4, 2), (6, 2), (8, 1), (16, 2)],
-                         ids=["mha", "gqa2", "gqa3", "mqa8", "gqa8"])
+@pytest.mark.parametrize(
+    ("hq", "hkv"),
+    [(4, 4), (4, 2), (6, 2), (8, 1), (16, 2)],
+    ids=["mha", "gqa2", "gqa3", "mqa8", "gqa8"],
+)
 @pytest.mark.parametrize("causal", [False, True, "top_left"], ids=str)
 def test_gqa(attention, rng, dtype, hq, hkv, causal):
     q, k, v = random_qkv(rng, (2,), hq, hkv, 37, 70, 16, dv=24, dtype=dtype)
@@ -45,8 +48,10 @@ def _layouts(rng, dtype):
     # Every other row and head.
     tall = [rng.standard_normal((b, 2 * h, 2 * l, d)).astype(dtype) for _ in range(3)]
     yield "step2_rows", *(x[:, ::2, ::2] for x in tall)
-    yield "fortran", *(np.asfortranarray(rng.standard_normal((b, h, l, d)).astype(dtype))
-                       for _ in range(3))
+    yield (
+        "fortran",
+        *(np.asfortranarray(rng.standard_normal((b, h, l, d)).astype(dtype)) for _ in range(3)),
+    )
     rev = [rng.standard_normal((b, h, l, d)).astype(dtype) for _ in range(3)]
     yield "reversed", *(x[::-1, :, ::-1] for x in rev)
     # A packed (B, L, 3, H, D) qkv buffer, split without copies.
@@ -55,8 +60,9 @@ def _layouts(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("layout", ["swapaxes", "step2_last", "step2_rows", "fortran",
-                                    "reversed", "packed_qkv"])
+@pytest.mark.parametrize(
+    "layout", ["swapaxes", "step2_last", "step2_rows", "fortran", "reversed", "packed_qkv"]
+)
 def test_strided_layouts(attention, rng, dtype, layout):
     name, q, k, v = next(x for x in _layouts(rng, dtype) if x[0] == layout)
     out = attention(q, k, v, causal=True)
@@ -82,8 +88,7 @@ def test_native_matches_numpy_backend(native, rng, dtype):
 
     q, k, v = random_qkv(rng, (3,), 8, 2, 150, 300, 40, dtype=dtype)
     mask = rng.random((8, 1, 300)) > 0.2
-    kw = dict(mask=mask, causal=True, window=(100, 5), kv_lengths=[300, 123, 0],
-              return_lse=True)
+    kw = dict(mask=mask, causal=True, window=(100, 5), kv_lengths=[300, 123, 0], return_lse=True)
     out, lse = native(q, k, v, **kw)
     np_out, np_lse = cpuattn.attention(q, k, v, backend="numpy", **kw)
     assert_matches(out, np_out, dtype)

@@ -19,15 +19,23 @@ BOUND = {np.dtype(np.float16): 2e-3, BF16: 1e-2}
 
 
 def rounded_inputs(rng, dtype, batch, hq, hkv, lq, lk, d):
-    return tuple(rng.standard_normal(shape).astype(dtype) for shape in
-                 ((*batch, hq, lq, d), (*batch, hkv, lk, d), (*batch, hkv, lk, d)))
+    return tuple(
+        rng.standard_normal(shape).astype(dtype)
+        for shape in ((*batch, hq, lq, d), (*batch, hkv, lk, d), (*batch, hkv, lk, d))
+    )
 
 
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
-@pytest.mark.parametrize(("lq", "lk", "kw"), [(1, 7, {}), (129, 129, {"causal": True}),
-                                              (40, 300, {"window": (50, 0), "causal": True}),
-                                              (3, 2000, {"kv_lengths": np.array([2000, 999])})],
-                         ids=["tiny", "causal", "window", "decode"])
+@pytest.mark.parametrize(
+    ("lq", "lk", "kw"),
+    [
+        (1, 7, {}),
+        (129, 129, {"causal": True}),
+        (40, 300, {"window": (50, 0), "causal": True}),
+        (3, 2000, {"kv_lengths": np.array([2000, 999])}),
+    ],
+    ids=["tiny", "causal", "window", "decode"],
+)
 def test_half_matches_float64_within_bound(attention, rng, dtype, lq, lk, kw):
     q, k, v = rounded_inputs(rng, dtype, (2,), 4, 2, lq, lk, 40)
     ref_out, ref_lse = dense_attention(q, k, v, **kw)
@@ -63,8 +71,7 @@ def test_half_masks(attention, rng, dtype):
 @functools.lru_cache(maxsize=1)
 def long_float16_case():
     q, k, v = rounded_inputs(np.random.default_rng(5), np.float16, (), 2, 2, 4096, 4096, 64)
-    return q, k, v, cpuattn.attention(*(x.astype(np.float64) for x in (q, k, v)),
-                                      backend="numpy")
+    return q, k, v, cpuattn.attention(*(x.astype(np.float64) for x in (q, k, v)), backend="numpy")
 
 
 def test_long_float16_sequence_error_bound(native):

@@ -12,8 +12,13 @@ from cpuattn import _native
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="native backend not built")
 
-CALL_OPTIONS = [{}, {"causal": True}, {"window": (20, 0), "causal": True},
-                {"kv_lengths": np.array([100, 37])}, {"return_lse": True}]
+CALL_OPTIONS = [
+    {},
+    {"causal": True},
+    {"window": (20, 0), "causal": True},
+    {"kv_lengths": np.array([100, 37])},
+    {"return_lse": True},
+]
 
 
 def problems(rng, n):
@@ -46,8 +51,11 @@ def test_threads_writing_disjoint_slices_of_one_out(rng):
     expected = cpuattn.attention(q, k, v, causal=True)
     out = np.empty_like(expected)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda b: cpuattn.attention(q[b], k[b], v[b], causal=True, out=out[b]),
-                      range(8)))
+        list(
+            pool.map(
+                lambda b: cpuattn.attention(q[b], k[b], v[b], causal=True, out=out[b]), range(8)
+            )
+        )
     assert np.array_equal(out, expected)
 
 

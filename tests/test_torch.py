@@ -14,14 +14,14 @@ def sdpa(q, k, v, **kw):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize(("lq", "lk", "d"), [(1, 1, 8), (7, 129, 13), (129, 7, 80),
-                                             (200, 200, 64), (33, 70, 256)])
+@pytest.mark.parametrize(
+    ("lq", "lk", "d"), [(1, 1, 8), (7, 129, 13), (129, 7, 80), (200, 200, 64), (33, 70, 256)]
+)
 def test_plain_and_top_left_causal(attention, rng, dtype, lq, lk, d):
     q, k, v = random_qkv(rng, (2,), 4, 4, lq, lk, d, dtype=dtype)
     assert_matches(attention(q, k, v), sdpa(q, k, v), dtype)
     if lq <= lk:  # torch gives NaN for rows that see no key; cpuattn gives 0
-        assert_matches(attention(q, k, v, causal="top_left"), sdpa(q, k, v, is_causal=True),
-                       dtype)
+        assert_matches(attention(q, k, v, causal="top_left"), sdpa(q, k, v, is_causal=True), dtype)
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

@@ -6,8 +6,15 @@ from reference import assert_matches, check, random_qkv
 
 F32 = np.float32
 
-OPTIONS = [{}, {"causal": True}, {"causal": "top_left"}, {"window": (20, 3), "causal": True},
-           {"kv_lengths": np.array([150, 61])}, {"mask": "bool"}, {"mask": "float"}]
+OPTIONS = [
+    {},
+    {"causal": True},
+    {"causal": "top_left"},
+    {"window": (20, 3), "causal": True},
+    {"kv_lengths": np.array([150, 61])},
+    {"mask": "bool"},
+    {"mask": "float"},
+]
 
 
 def materialize(rng, options, lq, lk):
@@ -49,16 +56,23 @@ def test_softcap_is_tanh_at_the_extremes(attention):
     assert_matches(out, expected / expected.sum(1, keepdims=True), F32)
 
 
-@pytest.mark.parametrize(("kw", "exc", "match"), [
-    ({"softcap": 0.0}, ValueError, "softcap: expected a positive finite"),
-    ({"softcap": -1.0}, ValueError, "softcap: expected a positive finite"),
-    ({"softcap": float("inf")}, ValueError, "softcap: expected a positive finite"),
-    ({"softcap": "3"}, TypeError, "softcap: expected a positive number"),
-    ({"alibi_slopes": np.ones(3)}, ValueError, r"alibi_slopes: expected shape \(Hq,\) or"),
-    ({"alibi_slopes": np.ones((3, 4))}, ValueError, r"alibi_slopes: expected shape"),
-    ({"alibi_slopes": np.array([1, np.nan, 1, 1])}, ValueError, "alibi_slopes: expected finite"),
-    ({"alibi_slopes": np.array(["a"] * 4)}, TypeError, "alibi_slopes: expected real numbers"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"softcap": 0.0}, ValueError, "softcap: expected a positive finite"),
+        ({"softcap": -1.0}, ValueError, "softcap: expected a positive finite"),
+        ({"softcap": float("inf")}, ValueError, "softcap: expected a positive finite"),
+        ({"softcap": "3"}, TypeError, "softcap: expected a positive number"),
+        ({"alibi_slopes": np.ones(3)}, ValueError, r"alibi_slopes: expected shape \(Hq,\) or"),
+        ({"alibi_slopes": np.ones((3, 4))}, ValueError, r"alibi_slopes: expected shape"),
+        (
+            {"alibi_slopes": np.array([1, np.nan, 1, 1])},
+            ValueError,
+            "alibi_slopes: expected finite",
+        ),
+        ({"alibi_slopes": np.array(["a"] * 4)}, TypeError, "alibi_slopes: expected real numbers"),
+    ],
+)
 def test_invalid(attention, rng, kw, exc, match):
     q, k, v = random_qkv(rng, (2,), 4, 2, 5, 7, 8)
     with pytest.raises(exc, match=match):

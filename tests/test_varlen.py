@@ -16,9 +16,18 @@ def packed(rng, lengths_q, lengths_k, hq=4, hkv=2, d=16, dv=12):
     return q, k, v, np.cumsum([0, *lengths_q]), np.cumsum([0, *lengths_k])
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"causal": "top_left"},
-                                {"window": (7, 0), "causal": True}, {"softcap": 3.0},
-                                {"alibi_slopes": "per-sequence"}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"causal": True},
+        {"causal": "top_left"},
+        {"window": (7, 0), "causal": True},
+        {"softcap": 3.0},
+        {"alibi_slopes": "per-sequence"},
+    ],
+    ids=str,
+)
 def test_each_sequence_as_if_alone(attention, rng, kw):
     backend = attention.keywords["backend"]
     lengths_q, lengths_k = [5, 0, 33, 1, 70], [9, 4, 33, 120, 64]
@@ -26,26 +35,39 @@ def test_each_sequence_as_if_alone(attention, rng, kw):
     kw = dict(kw)
     if kw.get("alibi_slopes") == "per-sequence":
         kw["alibi_slopes"] = rng.random((5, 4))
-    out, lse = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend=backend,
-                                        **kw)
+    out, lse = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend=backend, **kw)
     assert out.shape == (q.shape[0], 4, 12)
     assert lse.shape == (4, q.shape[0])
     for b in range(5):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         one = {**kw, "alibi_slopes": kw["alibi_slopes"][b]} if "alibi_slopes" in kw else kw
-        ref_out, ref_lse = dense_attention(q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1),
-                                           v[ks].swapaxes(0, 1), **one)
+        ref_out, ref_lse = dense_attention(
+            q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1), v[ks].swapaxes(0, 1), **one
+        )
         assert_matches(out[qs].swapaxes(0, 1), ref_out, F32)
         assert_matches(lse[:, qs], ref_lse, F32, "lse")
 
 
-@pytest.mark.parametrize(("cu_q", "cu_k", "exc", "match"), [
-    ([0, 3, 5], [0, 9], ValueError, r"cu_seqlens_k: expected 3 entries"),
-    ([1, 5], [0, 9], ValueError, r"cu_seqlens_q: expected offsets starting at 0 and ending at 5"),
-    ([0, 5], [0, 8], ValueError, r"cu_seqlens_k: expected offsets starting at 0 and ending at 9"),
-    ([0, 4, 2, 5], [0, 3, 6, 9], ValueError, "cu_seqlens_q: offsets must be non-decreasing"),
-    ([0.0, 5.0], [0, 9], TypeError, "cu_seqlens_q: expected a 1-D integer array"),
-])
+@pytest.mark.parametrize(
+    ("cu_q", "cu_k", "exc", "match"),
+    [
+        ([0, 3, 5], [0, 9], ValueError, r"cu_seqlens_k: expected 3 entries"),
+        (
+            [1, 5],
+            [0, 9],
+            ValueError,
+            r"cu_seqlens_q: expected offsets starting at 0 and ending at 5",
+        ),
+        (
+            [0, 5],
+            [0, 8],
+            ValueError,
+            r"cu_seqlens_k: expected offsets starting at 0 and ending at 9",
+        ),
+        ([0, 4, 2, 5], [0, 3, 6, 9], ValueError, "cu_seqlens_q: offsets must be non-decreasing"),
+        ([0.0, 5.0], [0, 9], TypeError, "cu_seqlens_q: expected a 1-D integer array"),
+    ],
+)
 def test_bad_offsets(rng, cu_q, cu_k, exc, match):
     q, k, v, _, _ = packed(rng, [5], [9])
     with pytest.raises(exc, match=match):
@@ -66,18 +88,23 @@ UNEVEN_Q = [1, 0, 300, 7, 64, 65, 0, 129, 2, 40]
 UNEVEN_K = [1, 5, 300, 0, 64, 200, 0, 129, 333, 40]
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"causal": "top_left"},
-                                {"window": (20, 3), "causal": True}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"causal": True}, {"causal": "top_left"}, {"window": (20, 3), "causal": True}],
+    ids=str,
+)
 def test_native_one_call_matches_each_sequence(native, rng, kw):
     """The native backend's single work list over (sequence, kv head, query tile), on every
     ISA: uneven lengths, empty queries, sequences with no keys, GQA, D not a vector multiple."""
     q, k, v, cu_q, cu_k = packed(rng, UNEVEN_Q, UNEVEN_K, hq=8, hkv=2, d=40, dv=24)
-    out, lse = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend="native",
-                                        **kw)
+    out, lse = cpuattn.attention_varlen(
+        q, k, v, cu_q, cu_k, return_lse=True, backend="native", **kw
+    )
     for b in range(len(UNEVEN_Q)):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        ref_out, ref_lse = dense_attention(q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1),
-                                           v[ks].swapaxes(0, 1), **kw)
+        ref_out, ref_lse = dense_attention(
+            q[qs].swapaxes(0, 1), k[ks].swapaxes(0, 1), v[ks].swapaxes(0, 1), **kw
+        )
         assert_matches(out[qs].swapaxes(0, 1), ref_out, F32)
         assert_matches(lse[:, qs], ref_lse, F32, "lse")
 
@@ -103,12 +130,15 @@ def test_native_matches_numpy_backend_in_bfloat16(rng):
     assert np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max() <= 1e-2 * scale
 
 
-@pytest.mark.parametrize(("cu_q", "cu_k", "exc"), [
-    ([0, 4, 2, 5], [0, 3, 6, 9], ValueError),  # decreasing
-    ([0, 3, 6], [0, 3, 6, 9], ValueError),      # lengths differ
-    ([0, 3, 4], [0, 3, 9], ValueError),         # does not end at total_q
-    ([0, 3, 5], [1, 3, 9], ValueError),         # does not start at 0
-])
+@pytest.mark.parametrize(
+    ("cu_q", "cu_k", "exc"),
+    [
+        ([0, 4, 2, 5], [0, 3, 6, 9], ValueError),  # decreasing
+        ([0, 3, 6], [0, 3, 6, 9], ValueError),  # lengths differ
+        ([0, 3, 4], [0, 3, 9], ValueError),  # does not end at total_q
+        ([0, 3, 5], [1, 3, 9], ValueError),  # does not start at 0
+    ],
+)
 def test_core_rejects_bad_offsets(rng, cu_q, cu_k, exc):
     """The binding re-checks what memory safety depends on, whatever the Python layer did."""
     core = pytest.importorskip("cpuattn._core")
@@ -116,8 +146,44 @@ def test_core_rejects_bad_offsets(rng, cu_q, cu_k, exc):
     q, k, v = (np.ascontiguousarray(x.swapaxes(0, 1)) for x in (q, k, v))
     out = np.empty((4, 5, 12), F32)
     with pytest.raises(exc):
-        core.attention(q, k, v, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None,
-                       np.array(cu_q, np.int64), np.array(cu_k, np.int64))
+        core.attention(
+            q,
+            k,
+            v,
+            out,
+            None,
+            None,
+            None,
+            1.0,
+            False,
+            0,
+            -1,
+            -1,
+            0,
+            0.0,
+            None,
+            None,
+            np.array(cu_q, np.int64),
+            np.array(cu_k, np.int64),
+        )
     with pytest.raises(TypeError):
-        core.attention(q, k, v, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None,
-                       np.array([0, 5], np.int32), np.array([0, 9], np.int64))
+        core.attention(
+            q,
+            k,
+            v,
+            out,
+            None,
+            None,
+            None,
+            1.0,
+            False,
+            0,
+            -1,
+            -1,
+            0,
+            0.0,
+            None,
+            None,
+            np.array([0, 5], np.int32),
+            np.array([0, 9], np.int64),
+        )

@@ -14,9 +14,18 @@ def reference_weights(q, k, v, **kw):
     return dense_attention(q, k, eye, **kw)[0]
 
 
-@pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (9, 2)}, {"mask": "bool"},
-                                {"kv_lengths": np.array([40, 0])}, {"softcap": 3.0},
-                                {"alibi_slopes": np.ones(4) * 0.1}], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"causal": True, "window": (9, 2)},
+        {"mask": "bool"},
+        {"kv_lengths": np.array([40, 0])},
+        {"softcap": 3.0},
+        {"alibi_slopes": np.ones(4) * 0.1},
+    ],
+    ids=str,
+)
 def test_weights_match_reference(attention, rng, kw):
     q, k, v = random_qkv(rng, (2,), 4, 2, 30, 40, 8)
     kw = dict(kw)

@@ -21,8 +21,10 @@ def _make(rng, layout, hq, hkv, dtype, b=B):
     if layout == "contiguous":
         return fresh(hq, LQ), fresh(hkv, LK), fresh(hkv, LK)
     if layout == "blhd":  # projection outputs (B, L, H, D) viewed as (B, H, L, D)
-        return tuple(rng.standard_normal((b, l, h, D)).astype(dtype).swapaxes(1, 2)
-                     for h, l in ((hq, LQ), (hkv, LK), (hkv, LK)))
+        return tuple(
+            rng.standard_normal((b, l, h, D)).astype(dtype).swapaxes(1, 2)
+            for h, l in ((hq, LQ), (hkv, LK), (hkv, LK))
+        )
     if layout == "reversed":  # negative strides on batch and positions
         return tuple(fresh(h, l)[::-1, :, ::-1] for h, l in ((hq, LQ), (hkv, LK), (hkv, LK)))
     if layout == "broadcast_q":  # one q for every batch entry: batch stride 0

@@ -11,5 +11,13 @@ from ._mha import MultiHeadAttention
 from ._varlen import attention_varlen
 from ._version import __version__
 
-__all__ = ["KVCache", "MultiHeadAttention", "__version__", "additive_attention", "attention",
-           "attention_varlen", "info", "merge"]
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "__version__",
+    "additive_attention",
+    "attention",
+    "attention_varlen",
+    "info",
+    "merge",
+]

@@ -25,22 +25,28 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     facts = info()
-    print(f"cpuattn {facts['version']}: native={facts['native']} isa={facts['isa']} "
-          f"openmp={facts['openmp']} threads={facts['max_threads']}")
+    print(
+        f"cpuattn {facts['version']}: native={facts['native']} isa={facts['isa']} "
+        f"openmp={facts['openmp']} threads={facts['max_threads']}"
+    )
     if not facts["native"]:
         print(f"  native backend unavailable ({facts['native_error']}); timing the NumPy one")
     print(f"numpy float32 matmul 2048^2: {_bench.sgemm_gflops():.0f} GF/s\n")
 
-    header = ("| case | q / kv shape | cpuattn ms | GF/s | numpy naive ms | torch ms "
-              "| x numpy | x torch | max err vs f64 |")
+    header = (
+        "| case | q / kv shape | cpuattn ms | GF/s | numpy naive ms | torch ms "
+        "| x numpy | x torch | max err vs f64 |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for case in DEMO_CASES:
         q, k, v = case.inputs()
         kw = case.kwargs()
         out = attention(q, k, v, **kw)
-        runners = {"ours": lambda: attention(q, k, v, **kw),
-                   "naive": lambda: _bench.naive_numpy(q, k, v, case.causal, case.window)}
+        runners = {
+            "ours": lambda: attention(q, k, v, **kw),
+            "naive": lambda: _bench.naive_numpy(q, k, v, case.causal, case.window),
+        }
         torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
         if torch_run:
             runners["torch"] = torch_run
@@ -50,8 +56,10 @@ def main(argv=None) -> None:
         shapes = f"{tuple(q.shape)} / {tuple(k.shape)}"
         torch_ms = f"{torch_t * 1e3:.2f}" if torch_t else "–"
         torch_x = f"{torch_t / ours:.2f}" if torch_t else "–"
-        print(f"| {case.name} | {shapes} | {ours * 1e3:.2f} | {case.flops() / ours / 1e9:.1f} "
-              f"| {naive * 1e3:.2f} | {torch_ms} | {naive / ours:.2f} | {torch_x} | {err:.1e} |")
+        print(
+            f"| {case.name} | {shapes} | {ours * 1e3:.2f} | {case.flops() / ours / 1e9:.1f} "
+            f"| {naive * 1e3:.2f} | {torch_ms} | {naive / ours:.2f} | {torch_x} | {err:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,21 @@ from ._api import BACKENDS, run_request
 from ._request import build_request
 
 
-def additive_attention(q, k, v, w, *, mask=None, causal=False, window=None, kv_lengths=None,
-                       return_lse=False, out=None, num_threads=None, backend="auto"):
+def additive_attention(
+    q,
+    k,
+    v,
+    w,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    kv_lengths=None,
+    return_lse=False,
+    out=None,
+    num_threads=None,
+    backend="auto",
+):
     """Bahdanau attention: ``s[i, j] = sum_d w[d] * tanh(q[i, d] + k[j, d])``, then the same
     masked, numerically stable softmax over the kept keys and ``@ v`` as :func:`attention`.
 
@@ -25,7 +38,18 @@ def additive_attention(q, k, v, w, *, mask=None, causal=False, window=None, kv_l
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if w is None:
         raise TypeError("w: expected an array of shape (D,), got None")
-    req = build_request(q, k, v, mask=mask, causal=causal, window=window, scale=1.0,
-                        kv_lengths=kv_lengths, return_lse=return_lse, out=out,
-                        num_threads=num_threads, additive_w=w)
+    req = build_request(
+        q,
+        k,
+        v,
+        mask=mask,
+        causal=causal,
+        window=window,
+        scale=1.0,
+        kv_lengths=kv_lengths,
+        return_lse=return_lse,
+        out=out,
+        num_threads=num_threads,
+        additive_w=w,
+    )
     return run_request(req, backend)

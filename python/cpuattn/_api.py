@@ -15,10 +15,25 @@ from ._weights import attention_weights
 BACKENDS = ("auto", "native", "numpy")
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_lengths=None,
-              return_lse=False, out=None, num_threads=None, backend="auto", out_dtype=None,
-              softcap=None, alibi_slopes=None, return_weights=False
-              ) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+def attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    kv_lengths=None,
+    return_lse=False,
+    out=None,
+    num_threads=None,
+    backend="auto",
+    out_dtype=None,
+    softcap=None,
+    alibi_slopes=None,
+    return_weights=False,
+) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
     ``out[..., h, i, :] = sum_j softmax_j(s[..., h, i, j]) * v[..., h // (Hq // Hkv), j, :]``
@@ -118,10 +133,22 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, kv_l
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    req = build_request(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                        kv_lengths=kv_lengths, return_lse=return_lse, out=out,
-                        num_threads=num_threads, out_dtype=out_dtype, softcap=softcap,
-                        alibi_slopes=alibi_slopes)
+    req = build_request(
+        q,
+        k,
+        v,
+        mask=mask,
+        causal=causal,
+        window=window,
+        scale=scale,
+        kv_lengths=kv_lengths,
+        return_lse=return_lse,
+        out=out,
+        num_threads=num_threads,
+        out_dtype=out_dtype,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
     if return_weights:
         result = run_request(dataclasses.replace(req, return_lse=True), backend)
         lse = result[1][None] if req.squeeze_head else result[1]
@@ -187,19 +214,27 @@ def merge(outs: Sequence, lses: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     outs = [np.asarray(o) for o in outs]
     lses = [np.asarray(x) for x in lses]
     if not outs or len(outs) != len(lses):
-        raise ValueError(f"merge: expected equally many outs and lses (at least one), got "
-                         f"{len(outs)} and {len(lses)}")
+        raise ValueError(
+            f"merge: expected equally many outs and lses (at least one), got "
+            f"{len(outs)} and {len(lses)}"
+        )
     shape, dtype = outs[0].shape, outs[0].dtype
     if dtype.kind != "f" or len(shape) < 1:
-        raise TypeError(f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
-                        f"got dtype {dtype}, shape {shape}")
+        raise TypeError(
+            f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
+            f"got dtype {dtype}, shape {shape}"
+        )
     for p, (o, x) in enumerate(zip(outs, lses)):
         if o.shape != shape or o.dtype != dtype:
-            raise ValueError(f"outs[{p}]: expected shape {shape} and dtype {dtype} like outs[0], "
-                             f"got {o.shape}, {o.dtype}")
+            raise ValueError(
+                f"outs[{p}]: expected shape {shape} and dtype {dtype} like outs[0], "
+                f"got {o.shape}, {o.dtype}"
+            )
         if x.shape != shape[:-1] or x.dtype.kind != "f":
-            raise ValueError(f"lses[{p}]: expected a floating array of shape {shape[:-1]} "
-                             f"(outs' shape without Dv), got {x.shape}, {x.dtype}")
+            raise ValueError(
+                f"lses[{p}]: expected a floating array of shape {shape[:-1]} "
+                f"(outs' shape without Dv), got {x.shape}, {x.dtype}"
+            )
     lse_parts = np.stack(lses).astype(dtype, copy=False)
     lse = np.logaddexp.reduce(lse_parts, axis=0)
     # Where every part is empty the weights would be exp(-inf - -inf): use 0 instead.

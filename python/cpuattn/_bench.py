@@ -42,8 +42,11 @@ class Case:
         q = rng.standard_normal((self.b, self.hq, self.lq, self.d), dtype=np.float32)
         k = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
         v = rng.standard_normal((self.b, self.hkv, self.lk, self.d), dtype=np.float32)
-        return (q.astype(_dtype(self.q_dtype)), k.astype(_dtype(self.kv_dtype)),
-                v.astype(_dtype(self.kv_dtype)))
+        return (
+            q.astype(_dtype(self.q_dtype)),
+            k.astype(_dtype(self.kv_dtype)),
+            v.astype(_dtype(self.kv_dtype)),
+        )
 
     def kwargs(self):
         return {"causal": self.causal, "window": self.window, **self.options}
@@ -84,9 +87,13 @@ def _dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
-                        min_time: float = 0.2, rounds: int = 3,
-                        settle: float = 0.15) -> Dict[str, float]:
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]],
+    repeats: int = 5,
+    min_time: float = 0.2,
+    rounds: int = 3,
+    settle: float = 0.15,
+) -> Dict[str, float]:
     """Median wall time of each fn, timed in `rounds` rounds that each give every fn a block of
     consecutive calls: at least `repeats` timed calls in all, more (up to 200) while a block
     takes under min_time / rounds. A block starts with untimed calls for `settle` seconds:
@@ -102,8 +109,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 5,
                 fn()
             start = time.perf_counter()
             block = 0
-            while block < per_block or (time.perf_counter() - start < min_time / rounds
-                                        and block < 200 // rounds):
+            while block < per_block or (
+                time.perf_counter() - start < min_time / rounds and block < 200 // rounds
+            ):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -168,6 +176,7 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
         import torch.nn.functional as F
     except ImportError:
         return None
+
     def tensor(x):  # bfloat16 (ml_dtypes) has no torch.from_numpy: go through float32
         if x.dtype.name == "bfloat16":
             return torch.from_numpy(x.astype(np.float32)).to(torch.bfloat16)
@@ -215,9 +224,11 @@ def onnxruntime_runner(q, k, v, causal=False, window=None):
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     lq, lk = q.shape[-2], k.shape[-2]
     scale = np.array(1.0 / np.sqrt(q.shape[-1]), np.float32)
-    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-             helper.make_node("MatMul", ["q", "kt"], ["s0"]),
-             helper.make_node("Mul", ["s0", "scale"], ["s1"])]
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s0"]),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+    ]
     inits = [numpy_helper.from_array(scale, "scale")]
     scores = "s1"
     if causal or window is not None:
@@ -229,23 +240,26 @@ def onnxruntime_runner(q, k, v, causal=False, window=None):
                 keep &= j >= i - window[0]
             if window[1] >= 0:
                 keep &= j <= i + window[1]
-        inits.append(numpy_helper.from_array(np.where(keep, 0, -np.inf).astype(np.float32),
-                                             "bias"))
+        inits.append(numpy_helper.from_array(np.where(keep, 0, -np.inf).astype(np.float32), "bias"))
         nodes.append(helper.make_node("Add", ["s1", "bias"], ["s2"]))
         scores = "s2"
-    nodes += [helper.make_node("Softmax", [scores], ["p"], axis=-1),
-              helper.make_node("MatMul", ["p", "v"], ["out"])]
+    nodes += [
+        helper.make_node("Softmax", [scores], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["out"]),
+    ]
 
     def tensor(name, x):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(x.shape))
 
-    graph = helper.make_graph(nodes, "attention", [tensor("q", q), tensor("k", k),
-                                                   tensor("v", v)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-                              inits)
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [tensor("q", q), tensor("k", k), tensor("v", v)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"q": q, "k": k, "v": v}
     return lambda: session.run(None, feeds)
 

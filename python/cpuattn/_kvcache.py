@@ -26,17 +26,30 @@ class KVCache:
         out = cpuattn.attention(q_new, cache.k, cache.v, kv_lengths=cache.lengths, causal=True)
     """
 
-    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, *,
-                 value_dim: Optional[int] = None, dtype=np.float32):
-        for name, n in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
-                        ("head_dim", head_dim)):
+    def __init__(
+        self,
+        batch: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        value_dim: Optional[int] = None,
+        dtype=np.float32,
+    ):
+        for name, n in (
+            ("batch", batch),
+            ("num_kv_heads", num_kv_heads),
+            ("max_len", max_len),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
                 raise ValueError(f"KVCache: {name} must be a non-negative int, got {n!r}")
         value_dim = head_dim if value_dim is None else value_dim
         dtype = np.dtype(dtype)
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"KVCache: dtype must be float32, float64, float16 or bfloat16, "
-                            f"got {dtype}")
+            raise TypeError(
+                f"KVCache: dtype must be float32, float64, float16 or bfloat16, got {dtype}"
+            )
         self.k = np.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
         self.v = np.zeros((batch, num_kv_heads, max_len, value_dim), dtype)
         self.lengths = np.zeros(batch, np.int64)
@@ -57,18 +70,20 @@ class KVCache:
         b, h, _, d = self.k.shape
         dv = self.v.shape[-1]
         if k.ndim != 4 or k.shape[:2] != (b, h) or k.shape[3] != d:
-            raise ValueError(f"KVCache.append: k must have shape ({b}, {h}, T, {d}), "
-                             f"got {k.shape}")
+            raise ValueError(f"KVCache.append: k must have shape ({b}, {h}, T, {d}), got {k.shape}")
         t = k.shape[2]
         if v.shape != (b, h, t, dv):
-            raise ValueError(f"KVCache.append: v must have shape ({b}, {h}, {t}, {dv}) like k, "
-                             f"got {v.shape}")
+            raise ValueError(
+                f"KVCache.append: v must have shape ({b}, {h}, {t}, {dv}) like k, got {v.shape}"
+            )
         if b and int(self.lengths.max()) + t > self.max_len:
-            raise ValueError(f"KVCache.append: {t} new positions after "
-                             f"{int(self.lengths.max())} would pass max_len = {self.max_len}")
+            raise ValueError(
+                f"KVCache.append: {t} new positions after "
+                f"{int(self.lengths.max())} would pass max_len = {self.max_len}"
+            )
         for i, n in enumerate(self.lengths):
-            self.k[i, :, n:n + t] = k[i]
-            self.v[i, :, n:n + t] = v[i]
+            self.k[i, :, n : n + t] = k[i]
+            self.v[i, :, n : n + t] = v[i]
         self.lengths += t
 
     def reset(self) -> None:

@@ -24,9 +24,18 @@ class MultiHeadAttention:
     weights, zero biases), :meth:`from_arrays` or :meth:`from_torch`.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
-                 bias: bool = True, kdim: Optional[int] = None, vdim: Optional[int] = None,
-                 dtype=np.float32, seed: Optional[int] = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        bias: bool = True,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        dtype=np.float32,
+        seed: Optional[int] = None,
+    ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(embed_dim, num_heads, num_kv_heads)
         kdim = embed_dim if kdim is None else kdim
@@ -41,13 +50,34 @@ class MultiHeadAttention:
         def zeros(n):
             return np.zeros(n, dtype) if bias else None
 
-        self._set(xavier(embed_dim, embed_dim), xavier(kv_dim, kdim), xavier(kv_dim, vdim),
-                  xavier(embed_dim, embed_dim), zeros(embed_dim), zeros(kv_dim), zeros(kv_dim),
-                  zeros(embed_dim), num_heads, num_kv_heads)
+        self._set(
+            xavier(embed_dim, embed_dim),
+            xavier(kv_dim, kdim),
+            xavier(kv_dim, vdim),
+            xavier(embed_dim, embed_dim),
+            zeros(embed_dim),
+            zeros(kv_dim),
+            zeros(kv_dim),
+            zeros(embed_dim),
+            num_heads,
+            num_kv_heads,
+        )
 
     @classmethod
-    def from_arrays(cls, w_q, w_k, w_v, w_o, b_q=None, b_k=None, b_v=None, b_o=None, *,
-                    num_heads: int, num_kv_heads: Optional[int] = None) -> "MultiHeadAttention":
+    def from_arrays(
+        cls,
+        w_q,
+        w_k,
+        w_v,
+        w_o,
+        b_q=None,
+        b_k=None,
+        b_v=None,
+        b_o=None,
+        *,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+    ) -> "MultiHeadAttention":
         """A layer with the given weights ((out, in), as torch.nn.Linear) and biases."""
         layer = cls.__new__(cls)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -73,13 +103,25 @@ class MultiHeadAttention:
         if module._qkv_same_embed_dim:
             w_q, w_k, w_v = np.split(arr(module.in_proj_weight), 3)
         else:
-            w_q, w_k, w_v = (arr(module.q_proj_weight), arr(module.k_proj_weight),
-                             arr(module.v_proj_weight))
+            w_q, w_k, w_v = (
+                arr(module.q_proj_weight),
+                arr(module.k_proj_weight),
+                arr(module.v_proj_weight),
+            )
         b_q = b_k = b_v = None
         if module.in_proj_bias is not None:
             b_q, b_k, b_v = np.split(arr(module.in_proj_bias), [e, 2 * e])
-        return cls.from_arrays(w_q, w_k, w_v, arr(module.out_proj.weight), b_q, b_k, b_v,
-                               arr(module.out_proj.bias), num_heads=module.num_heads)
+        return cls.from_arrays(
+            w_q,
+            w_k,
+            w_v,
+            arr(module.out_proj.weight),
+            b_q,
+            b_k,
+            b_v,
+            arr(module.out_proj.bias),
+            num_heads=module.num_heads,
+        )
 
     def _set(self, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads):
         w_q, w_k, w_v, w_o = (np.asarray(w) for w in (w_q, w_k, w_v, w_o))
@@ -87,24 +129,44 @@ class MultiHeadAttention:
         _check_heads(embed_dim, num_heads, num_kv_heads)
         head_dim = embed_dim // num_heads
         kv_dim = num_kv_heads * head_dim
-        expected = {"w_q": (w_q, (embed_dim, embed_dim)), "w_k": (w_k, (kv_dim, w_k.shape[-1])),
-                    "w_v": (w_v, (kv_dim, w_v.shape[-1])), "w_o": (w_o, (embed_dim, embed_dim))}
+        expected = {
+            "w_q": (w_q, (embed_dim, embed_dim)),
+            "w_k": (w_k, (kv_dim, w_k.shape[-1])),
+            "w_v": (w_v, (kv_dim, w_v.shape[-1])),
+            "w_o": (w_o, (embed_dim, embed_dim)),
+        }
         for name, (w, shape) in expected.items():
             if w.ndim != 2 or w.shape != shape:
-                raise ValueError(f"MultiHeadAttention: {name} must have shape {shape} "
-                                 f"(out, in), got {w.shape}")
-        for name, b, n in (("b_q", b_q, embed_dim), ("b_k", b_k, kv_dim), ("b_v", b_v, kv_dim),
-                           ("b_o", b_o, embed_dim)):
+                raise ValueError(
+                    f"MultiHeadAttention: {name} must have shape {shape} (out, in), got {w.shape}"
+                )
+        for name, b, n in (
+            ("b_q", b_q, embed_dim),
+            ("b_k", b_k, kv_dim),
+            ("b_v", b_v, kv_dim),
+            ("b_o", b_o, embed_dim),
+        ):
             if b is not None and np.shape(b) != (n,):
-                raise ValueError(f"MultiHeadAttention: {name} must have shape ({n},), "
-                                 f"got {np.shape(b)}")
+                raise ValueError(
+                    f"MultiHeadAttention: {name} must have shape ({n},), got {np.shape(b)}"
+                )
         self.w_q, self.w_k, self.w_v, self.w_o = w_q, w_k, w_v, w_o
         self.b_q, self.b_k, self.b_v, self.b_o = b_q, b_k, b_v, b_o
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = head_dim
 
-    def __call__(self, query, key=None, value=None, *, mask=None, causal=False, window=None,
-                 kv_lengths=None, cache: Optional[KVCache] = None) -> np.ndarray:
+    def __call__(
+        self,
+        query,
+        key=None,
+        value=None,
+        *,
+        mask=None,
+        causal=False,
+        window=None,
+        kv_lengths=None,
+        cache: Optional[KVCache] = None,
+    ) -> np.ndarray:
         """Self-attention (``key`` and ``value`` default to ``query``) or cross-attention.
 
         query: ``(B, Lq, embed_dim)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
@@ -121,8 +183,9 @@ class MultiHeadAttention:
             raise ValueError(f"query: expected (B, Lq, {self.embed_dim}), got {query.shape}")
         for name, x, w in (("key", key, self.w_k), ("value", value, self.w_v)):
             if x.ndim != 3 or x.shape[0] != query.shape[0] or x.shape[-1] != w.shape[1]:
-                raise ValueError(f"{name}: expected ({query.shape[0]}, Lk, {w.shape[1]}), "
-                                 f"got {x.shape}")
+                raise ValueError(
+                    f"{name}: expected ({query.shape[0]}, Lk, {w.shape[1]}), got {x.shape}"
+                )
         b, lq, _ = query.shape
         q = self._heads(_linear(query, self.w_q, self.b_q), self.num_heads)
         k = self._heads(_linear(key, self.w_k, self.b_k), self.num_kv_heads)
@@ -133,8 +196,16 @@ class MultiHeadAttention:
             cache.append(k, v)
             k, v, kv_lengths = cache.k, cache.v, cache.lengths
         heads = np.empty((b, lq, self.num_heads, self.head_dim), q.dtype)
-        attention(q, k, v, mask=mask, causal=causal, window=window, kv_lengths=kv_lengths,
-                  out=heads.swapaxes(1, 2))
+        attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            causal=causal,
+            window=window,
+            kv_lengths=kv_lengths,
+            out=heads.swapaxes(1, 2),
+        )
         return _linear(heads.reshape(b, lq, self.embed_dim), self.w_o, self.b_o)
 
     def _heads(self, x: np.ndarray, n_heads: int) -> np.ndarray:
@@ -152,8 +223,11 @@ def _linear(x, w, b):
 
 def _check_heads(embed_dim, num_heads, num_kv_heads):
     if num_heads < 1 or embed_dim % num_heads:
-        raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} must be a positive "
-                         f"multiple of num_heads {num_heads}")
+        raise ValueError(
+            f"MultiHeadAttention: embed_dim {embed_dim} must be a positive "
+            f"multiple of num_heads {num_heads}"
+        )
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"MultiHeadAttention: num_kv_heads {num_kv_heads} must divide "
-                         f"num_heads {num_heads}")
+        raise ValueError(
+            f"MultiHeadAttention: num_kv_heads {num_kv_heads} must divide num_heads {num_heads}"
+        )

@@ -28,8 +28,9 @@ def available() -> bool:
 
 def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     if _core is None:
-        raise RuntimeError(f"backend='native': the cpuattn extension failed to import "
-                           f"({IMPORT_ERROR})")
+        raise RuntimeError(
+            f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"
+        )
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
 
@@ -38,32 +39,68 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         out = np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     left, right = req.window
-    _core.attention(q, k, v, out, lse, mask, req.kv_lengths, req.scale, req.causal,
-                    0 if req.align == "bottom_right" else 1, left, right,
-                    min(req.num_threads or 0, 2**31 - 1), req.softcap, req.alibi,
-                    req.additive_w)
+    _core.attention(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        req.kv_lengths,
+        req.scale,
+        req.causal,
+        0 if req.align == "bottom_right" else 1,
+        left,
+        right,
+        min(req.num_threads or 0, 2**31 - 1),
+        req.softcap,
+        req.alibi,
+        req.additive_w,
+    )
     if req.out is not None and out is not req.out:
         req.out[...] = out
         out = req.out
     return out, lse
 
 
-def attention_packed(req: Request, cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray,
-                     alibi: Optional[np.ndarray], out: np.ndarray) -> Optional[np.ndarray]:
+def attention_packed(
+    req: Request,
+    cu_seqlens_q: np.ndarray,
+    cu_seqlens_k: np.ndarray,
+    alibi: Optional[np.ndarray],
+    out: np.ndarray,
+) -> Optional[np.ndarray]:
     """Packed varlen sequences in one call: ``req`` holds q, k, v as ``(H, total, D)`` (no
     mask, kv_lengths or additive w), the offsets are validated int64 ``(B + 1,)``, ``alibi``
     ``(B, Hq)`` in the compute dtype or None, ``out`` ``(total_q, Hq, Dv)`` C-ordered.
     Returns lse ``(Hq, total_q)`` when ``req.return_lse``."""
     if _core is None:
-        raise RuntimeError(f"backend='native': the cpuattn extension failed to import "
-                           f"({IMPORT_ERROR})")
+        raise RuntimeError(
+            f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"
+        )
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     left, right = req.window
-    _core.attention(q, k, v, out.swapaxes(0, 1), lse, None, None, req.scale, req.causal,
-                    0 if req.align == "bottom_right" else 1, left, right,
-                    min(req.num_threads or 0, 2**31 - 1), req.softcap, alibi, None,
-                    cu_seqlens_q, cu_seqlens_k)
+    _core.attention(
+        q,
+        k,
+        v,
+        out.swapaxes(0, 1),
+        lse,
+        None,
+        None,
+        req.scale,
+        req.causal,
+        0 if req.align == "bottom_right" else 1,
+        left,
+        right,
+        min(req.num_threads or 0, 2**31 - 1),
+        req.softcap,
+        alibi,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+    )
     return lse
 
 

@@ -80,10 +80,24 @@ class Request:
         return (out, lse) if self.return_lse else out
 
 
-def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
-                  kv_lengths=None, return_lse=False, out=None, num_threads=None,
-                  out_dtype=None, softcap=None, alibi_slopes=None,
-                  additive_w=None) -> Request:
+def build_request(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    causal=False,
+    window=None,
+    scale=None,
+    kv_lengths=None,
+    return_lse=False,
+    out=None,
+    num_threads=None,
+    out_dtype=None,
+    softcap=None,
+    alibi_slopes=None,
+    additive_w=None,
+) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
     v = _as_float_array("v", v)
@@ -94,8 +108,9 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
     for name, arr in (("k", k), ("v", v)):
         if arr.ndim != q.ndim:
             layout = "(Lk, D)" if q.ndim == 2 else "(*batch, Hkv, Lk, D)"
-            raise ValueError(f"{name}: expected {q.ndim} dims {layout} like q, "
-                             f"got shape {arr.shape}")
+            raise ValueError(
+                f"{name}: expected {q.ndim} dims {layout} like q, got shape {arr.shape}"
+            )
     squeeze_head = q.ndim == 2
     if squeeze_head:
         q, k, v = q[None], k[None], v[None]
@@ -104,27 +119,45 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
     hq, lq, d = q.shape[-3:]
     for name, arr in (("k", k), ("v", v)):
         if arr.shape[:-3] != batch_shape:
-            raise ValueError(f"{name}: batch dims {arr.shape[:-3]} differ from q's {batch_shape}; "
-                             "q, k and v must have equal batch dims")
+            raise ValueError(
+                f"{name}: batch dims {arr.shape[:-3]} differ from q's {batch_shape}; "
+                "q, k and v must have equal batch dims"
+            )
     hkv, lk, dk = k.shape[-3:]
     if dk != d:
-        raise ValueError(f"k: expected (..., Hkv, Lk, {d}) to match q's head dim {d}, "
-                         f"got {k.shape}")
+        raise ValueError(
+            f"k: expected (..., Hkv, Lk, {d}) to match q's head dim {d}, got {k.shape}"
+        )
     if v.shape[-3:-1] != (hkv, lk):
-        raise ValueError(f"v: expected (..., {hkv}, {lk}, Dv) to match k's (Hkv, Lk) = "
-                         f"({hkv}, {lk}), got {v.shape}")
+        raise ValueError(
+            f"v: expected (..., {hkv}, {lk}, Dv) to match k's (Hkv, Lk) = "
+            f"({hkv}, {lk}), got {v.shape}"
+        )
     dv = v.shape[-1]
     if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
-        raise ValueError(f"k: its {hkv} kv heads must divide q's {hq} heads "
-                         f"(GQA/MQA: Hq % Hkv == 0), got q {q.shape}, k {k.shape}")
+        raise ValueError(
+            f"k: its {hkv} kv heads must divide q's {hq} heads "
+            f"(GQA/MQA: Hq % Hkv == 0), got q {q.shape}, k {k.shape}"
+        )
 
     full_mask_shape = (*batch_shape, hq, lq, lk)
     causal_flag, align = _causal_mode(causal)
     return Request(
-        q=q, k=k, v=v, batch_shape=batch_shape, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dv=dv,
-        dtype=dtype, out_dtype=out_dtype,
+        q=q,
+        k=k,
+        v=v,
+        batch_shape=batch_shape,
+        hq=hq,
+        hkv=hkv,
+        lq=lq,
+        lk=lk,
+        d=d,
+        dv=dv,
+        dtype=dtype,
+        out_dtype=out_dtype,
         mask=_mask(mask, full_mask_shape, dtype, squeeze_head),
-        causal=causal_flag, align=align,
+        causal=causal_flag,
+        align=align,
         window=_window(window),
         kv_lengths=_kv_lengths(kv_lengths, batch_shape, lk),
         scale=_scale(scale, d),
@@ -142,8 +175,9 @@ def build_request(q, k, v, *, mask=None, causal=False, window=None, scale=None,
 def _as_float_array(name: str, x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: expected a float32, float64, float16 or bfloat16 array, "
-                        f"got dtype {arr.dtype}")
+        raise TypeError(
+            f"{name}: expected a float32, float64, float16 or bfloat16 array, got dtype {arr.dtype}"
+        )
     return arr
 
 
@@ -153,15 +187,18 @@ def _dtypes(q, k, v, out_dtype) -> Tuple[np.dtype, np.dtype]:
     if v != k:
         raise TypeError(f"v: dtype {v} differs from k's {k}; k and v must share one dtype")
     if q != k and not (q == F32 and k in HALF_DTYPES):
-        raise TypeError(f"k: dtype {k} does not go with q's {q}: q, k and v share one dtype, "
-                        "except float32 q with float16/bfloat16 k and v")
+        raise TypeError(
+            f"k: dtype {k} does not go with q's {q}: q, k and v share one dtype, "
+            "except float32 q with float16/bfloat16 k and v"
+        )
     compute = F64 if q == F64 else F32
     if out_dtype is None:
         return compute, q
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (q, compute):
-        raise TypeError(f"out_dtype: expected None, {q} or {compute} for {q} inputs, "
-                        f"got {out_dtype}")
+        raise TypeError(
+            f"out_dtype: expected None, {q} or {compute} for {q} inputs, got {out_dtype}"
+        )
     return compute, out_dtype
 
 
@@ -208,15 +245,18 @@ def _mask(mask, full_shape, dtype, squeeze_head) -> Optional[np.ndarray]:
     elif mask.dtype.kind == "f" or mask.dtype == BF16:
         mask = mask.astype(dtype, copy=False)  # copies only the mask as given, before broadcast
     else:
-        raise TypeError(f"mask: expected bool (True = attend) or a floating additive mask, "
-                        f"got dtype {mask.dtype}")
+        raise TypeError(
+            f"mask: expected bool (True = attend) or a floating additive mask, "
+            f"got dtype {mask.dtype}"
+        )
     user_shape = full_shape[1:] if squeeze_head else full_shape
     expected = "(Lq, Lk)" if squeeze_head else "(*batch, Hq, Lq, Lk)"
     try:
         return np.broadcast_to(mask, full_shape)
     except ValueError:
-        raise ValueError(f"mask: shape {mask.shape} does not broadcast to {expected} = "
-                         f"{user_shape}") from None
+        raise ValueError(
+            f"mask: shape {mask.shape} does not broadcast to {expected} = {user_shape}"
+        ) from None
 
 
 def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
@@ -228,11 +268,14 @@ def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
     try:
         lengths = np.broadcast_to(lengths, batch_shape)
     except ValueError:
-        raise ValueError(f"kv_lengths: expected shape *batch = {batch_shape}, "
-                         f"got {lengths.shape}") from None
+        raise ValueError(
+            f"kv_lengths: expected shape *batch = {batch_shape}, got {lengths.shape}"
+        ) from None
     if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
-        raise ValueError(f"kv_lengths: values must lie in [0, Lk] = [0, {lk}], got "
-                         f"min {lengths.min()}, max {lengths.max()}")
+        raise ValueError(
+            f"kv_lengths: values must lie in [0, Lk] = [0, {lk}], got "
+            f"min {lengths.min()}, max {lengths.max()}"
+        )
     return np.array(lengths, dtype=np.int64, order="C")  # small; keeps 0-d as 0-d
 
 
@@ -243,11 +286,11 @@ def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:
         raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
     user_shape = shape[1:] if squeeze_head else shape
     if out.dtype != dtype:
-        raise TypeError(f"out: expected dtype {dtype} (q's dtype, or out_dtype), "
-                        f"got {out.dtype}")
+        raise TypeError(f"out: expected dtype {dtype} (q's dtype, or out_dtype), got {out.dtype}")
     if out.shape != user_shape:
-        raise ValueError(f"out: expected shape (*batch, Hq, Lq, Dv) = {user_shape}, "
-                         f"got {out.shape}")
+        raise ValueError(
+            f"out: expected shape (*batch, Hq, Lq, Dv) = {user_shape}, got {out.shape}"
+        )
     if not out.flags.writeable:
         raise ValueError("out: array is read-only")
     return out[None] if squeeze_head else out

@@ -11,9 +11,22 @@ from ._api import BACKENDS, _pick_backend, attention
 from ._request import _alibi, build_request
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, window=None,
-                     scale=None, softcap=None, alibi_slopes=None, return_lse=False,
-                     num_threads: Optional[int] = None, backend="auto"):
+def attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    causal=False,
+    window=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    return_lse=False,
+    num_threads: Optional[int] = None,
+    backend="auto",
+):
     """Attention over B sequences packed end to end, with no padding anywhere.
 
     Sequence ``b`` is ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` against
@@ -47,31 +60,49 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
     cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q "
-                         f"(B + 1), got {len(cu_k)}")
+        raise ValueError(
+            f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q (B + 1), got {len(cu_k)}"
+        )
     batch = len(cu_q) - 1
     hq = q.shape[1]
 
     # Validates dtypes, heads and head dims once, on the packed arrays seen as one sequence.
-    req = build_request(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), scale=scale,
-                        causal=causal, window=window, softcap=softcap,
-                        num_threads=num_threads, return_lse=return_lse)
+    req = build_request(
+        q.swapaxes(0, 1),
+        k.swapaxes(0, 1),
+        v.swapaxes(0, 1),
+        scale=scale,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        num_threads=num_threads,
+        return_lse=return_lse,
+    )
     slopes = _alibi(alibi_slopes, (batch,), hq, req.dtype, squeeze_head=False)  # (B, Hq)
     out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
     if _pick_backend(backend) is _native.attention:
-        lse = _native.attention_packed(req, np.asarray(cu_q, np.int64), np.asarray(cu_k, np.int64),
-                                       slopes, out)
+        lse = _native.attention_packed(
+            req, np.asarray(cu_q, np.int64), np.asarray(cu_k, np.int64), slopes, out
+        )
         return (out, lse) if return_lse else out
 
     lse = np.empty((hq, q.shape[0]), req.dtype) if return_lse else None
     for b in range(batch):
         qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
-        result = attention(q[qs:qe].swapaxes(0, 1), k[ks:ke].swapaxes(0, 1),
-                           v[ks:ke].swapaxes(0, 1), causal=causal, window=window, scale=scale,
-                           softcap=softcap,
-                           alibi_slopes=None if slopes is None else slopes[b],
-                           return_lse=return_lse, out=out[qs:qe].swapaxes(0, 1),
-                           num_threads=num_threads, backend=backend)
+        result = attention(
+            q[qs:qe].swapaxes(0, 1),
+            k[ks:ke].swapaxes(0, 1),
+            v[ks:ke].swapaxes(0, 1),
+            causal=causal,
+            window=window,
+            scale=scale,
+            softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[b],
+            return_lse=return_lse,
+            out=out[qs:qe].swapaxes(0, 1),
+            num_threads=num_threads,
+            backend=backend,
+        )
         if return_lse:
             lse[:, qs:qe] = result[1]
     return (out, lse) if return_lse else out
@@ -80,11 +111,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, windo
 def _cu_seqlens(name: str, cu, total: int) -> np.ndarray:
     cu = np.asarray(cu)
     if cu.dtype.kind not in "iu" or cu.ndim != 1:
-        raise TypeError(f"{name}: expected a 1-D integer array (B + 1 offsets), "
-                        f"got dtype {cu.dtype}, shape {cu.shape}")
+        raise TypeError(
+            f"{name}: expected a 1-D integer array (B + 1 offsets), "
+            f"got dtype {cu.dtype}, shape {cu.shape}"
+        )
     if cu.size < 1 or cu[0] != 0 or cu[-1] != total:
-        raise ValueError(f"{name}: expected offsets starting at 0 and ending at {total} "
-                         f"(the packed length), got {cu.tolist()[:8]}")
+        raise ValueError(
+            f"{name}: expected offsets starting at 0 and ending at {total} "
+            f"(the packed length), got {cu.tolist()[:8]}"
+        )
     if np.any(np.diff(cu) < 0):
         raise ValueError(f"{name}: offsets must be non-decreasing")
     return [int(x) for x in cu]

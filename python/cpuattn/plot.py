@@ -7,9 +7,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def attention_heatmap(weights, query_labels: Optional[Sequence[str]] = None,
-                      key_labels: Optional[Sequence[str]] = None, ax=None,
-                      head: Optional[int] = None, title: Optional[str] = None):
+def attention_heatmap(
+    weights,
+    query_labels: Optional[Sequence[str]] = None,
+    key_labels: Optional[Sequence[str]] = None,
+    ax=None,
+    head: Optional[int] = None,
+    title: Optional[str] = None,
+):
     """Draws ``weights`` (from ``attention(..., return_weights=True)``) as a heatmap.
 
     weights : ``(Lq, Lk)`` for one head, or ``(H, Lq, Lk)``: then ``head`` picks one, and
@@ -23,10 +28,13 @@ def attention_heatmap(weights, query_labels: Optional[Sequence[str]] = None,
     if w.ndim == 3:
         w = w.mean(axis=0) if head is None else w[head]
     if w.ndim != 2:
-        raise ValueError(f"weights: expected (Lq, Lk) or (H, Lq, Lk), got shape "
-                         f"{np.shape(weights)}")
-    for name, labels, n in (("query_labels", query_labels, w.shape[0]),
-                            ("key_labels", key_labels, w.shape[1])):
+        raise ValueError(
+            f"weights: expected (Lq, Lk) or (H, Lq, Lk), got shape {np.shape(weights)}"
+        )
+    for name, labels, n in (
+        ("query_labels", query_labels, w.shape[0]),
+        ("key_labels", key_labels, w.shape[1]),
+    ):
         if labels is not None and len(labels) != n:
             raise ValueError(f"{name}: expected {n} labels, got {len(labels)}")
     if ax is None:
@@ -39,6 +47,14 @@ def attention_heatmap(weights, query_labels: Optional[Sequence[str]] = None,
         ax.set_yticks(range(len(query_labels)), labels=list(query_labels))
     if key_labels is not None:
         ax.set_xticks(range(len(key_labels)), labels=list(key_labels), rotation=90)
-    ax.set_title(title or ("mean over heads" if np.ndim(weights) == 3 and head is None
-                           else f"head {head}" if head is not None else "attention weights"))
+    ax.set_title(
+        title
+        or (
+            "mean over heads"
+            if np.ndim(weights) == 3 and head is None
+            else f"head {head}"
+            if head is not None
+            else "attention weights"
+        )
+    )
     return ax
