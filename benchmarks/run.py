@@ -137,8 +137,10 @@ def markdown(rows, peak: float) -> str:
     lines = [
         f"sgemm peak (numpy float32 2048^2): {peak:.0f} GF/s",
         "",
-        "| case | q | kv | cpuattn ms | GF/s | % sgemm | numpy naive ms | torch ms "
-        "| onnxruntime ms | x numpy | x torch | x onnxruntime | max err |",
+        (
+            "| case | q | kv | cpuattn ms | GF/s | % sgemm | numpy naive ms | torch ms "
+            "| onnxruntime ms | x numpy | x torch | x onnxruntime | max rel err |"
+        ),
         "|---" * 13 + "|",
     ]
 
@@ -153,6 +155,25 @@ def markdown(rows, peak: float) -> str:
             f"| {cell(ms, 'torch sdpa', '.2f')} | {cell(ms, 'onnxruntime', '.2f')} "
             f"| {cell(x, 'numpy naive', '.2f')} | {cell(x, 'torch sdpa', '.2f')} "
             f"| {cell(x, 'onnxruntime', '.2f')} | {r['max_rel_err']:.1e} |"
+        )
+    lines += ["", _bench.MAX_REL_ERR]
+    missing = _bench.not_installed("torch", "onnx", "onnxruntime")
+    installed = {"numpy naive"} | {
+        name
+        for name, modules in (("torch sdpa", ["torch"]), ("onnxruntime", ["onnx", "onnxruntime"]))
+        if not set(modules) & set(missing)
+    }
+    if any(installed - set(r["ms"]) for r in rows):
+        lines.append(
+            "–: not timed (the baseline lacks the row's option or dtype, or its Lq x Lk "
+            "scores would pass 1 GiB)"
+        )
+    if "torch" in missing:
+        lines.append("torch not installed: its columns show –; pip install torch to compare")
+    if {"onnx", "onnxruntime"} & set(missing):
+        lines.append(
+            "onnx/onnxruntime not installed: their columns show –; "
+            'pip install "cpuattn[bench]" to compare'
         )
     return "\n".join(lines)
 
@@ -170,10 +191,12 @@ def plot(rows, path: str, peak: float) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for impl in ("cpuattn", "numpy naive", "torch sdpa", "onnxruntime"):
         points = [
-            (n, r["gflop"] / r["ms"][impl] * 1e3) for n, r in zip(lengths, seq) if impl in r["ms"]
+            (n, r["gflop"] / r["ms"][impl] * 1e3)
+            for n, r in zip(lengths, seq, strict=True)
+            if impl in r["ms"]
         ]
         if points:
-            ax.plot(*zip(*points), marker="o", label=impl)
+            ax.plot(*zip(*points, strict=True), marker="o", label=impl)
     ax.axhline(
         peak,
         color="gray",
@@ -261,7 +284,7 @@ def varlen_vs_padded(repeats: int) -> dict:
     q, k, v = (rng.standard_normal((total, 8, 64), dtype=np.float32) for _ in range(3))
     cu = np.concatenate([[0], np.cumsum(lengths)])
     padded_q = np.zeros((16, 8, longest, 64), np.float32)
-    for b, (start, n) in enumerate(zip(cu, lengths)):
+    for b, (start, n) in enumerate(zip(cu[:-1], lengths, strict=True)):
         padded_q[b, :, :n] = q[start : start + n].swapaxes(0, 1)
     longest_q = padded_q[int(np.argmax(lengths))][None]
     t = _bench.interleaved_medians(
@@ -321,11 +344,15 @@ def extras_markdown(x: dict) -> str:
     s, d = x["scaling"], x["decode"]
     lines = [
         "",
-        f"- threads: {s['case']} (1, 8, 4096, 64) takes {s['ms_1']:.1f} ms on 1 thread, "
-        f"{s['ms_n']:.1f} ms on {s['threads']}: {s['speedup']:.2f}x",
-        f"- decode {d['case']}: {d['ms']:.2f} ms = {d['kv_gbs']:.1f} GB/s of K/V read, "
-        f"{100 * d['kv_gbs'] / d['read_gbs']:.0f}% of the measured read bandwidth "
-        f"({d['read_gbs']:.1f} GB/s, numpy sum over 256 MiB)",
+        (
+            f"- threads: {s['case']} (1, 8, 4096, 64) takes {s['ms_1']:.1f} ms on 1 thread, "
+            f"{s['ms_n']:.1f} ms on {s['threads']}: {s['speedup']:.2f}x"
+        ),
+        (
+            f"- {d['case']}: {d['ms']:.2f} ms = {d['kv_gbs']:.1f} GB/s of K/V read, "
+            f"{100 * d['kv_gbs'] / d['read_gbs']:.0f}% of the measured read bandwidth "
+            f"({d['read_gbs']:.1f} GB/s, numpy sum over 256 MiB)"
+        ),
     ]
     if "memory" in x:
         mem = ", ".join(
@@ -361,8 +388,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a GF/s vs L plot (matplotlib)")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help='write a GF/s vs L plot (needs matplotlib: pip install "cpuattn[plot]")',
+    )
     args = parser.parse_args(argv)
+    if args.plot and _bench.not_installed("matplotlib"):  # fail now, not after the run
+        parser.error('--plot needs matplotlib: pip install "cpuattn[plot]"')
 
     facts = info()
     peak = _bench.sgemm_gflops()
@@ -375,17 +408,16 @@ def main(argv=None) -> int:
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)}] {case.name} ...", file=sys.stderr, flush=True)
         rows.append(run_case(case, args.repeats, peak))
-    print("[extras] threads, decode bandwidth, memory ...", file=sys.stderr, flush=True)
+    what = "threads, decode bandwidth" + ("" if args.quick else ", memory, varlen, additive")
+    print(f"[extras] {what} ...", file=sys.stderr, flush=True)
     more = extras(args.repeats, args.quick)
     # The peak again after the cases, the higher of the two kept: a disturbed first reading
     # would inflate every % of peak.
     peak = max(peak, _bench.sgemm_gflops())
-    for row, case in zip(rows, cases):
+    for row, case in zip(rows, cases, strict=True):
         finish_row(row, case, peak)
-    print(markdown(rows, peak))
-    print(variants_markdown(rows))
-    print(half_markdown(rows))
-    print(extras_markdown(more))
+    sections = [markdown(rows, peak), variants_markdown(rows), half_markdown(rows)]
+    print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows, **more}, f, indent=1)

@@ -39,7 +39,7 @@ class Llama:
         self.inv_freq = (1.0 / rope_theta**half).astype(np.float32)
 
     @classmethod
-    def from_transformers(cls, model) -> "Llama":
+    def from_transformers(cls, model) -> Llama:
         config = model.config
         weights = {name: t.detach().cpu().float().numpy() for name, t in model.state_dict().items()}
         if "lm_head.weight" not in weights:  # tied embeddings
@@ -64,7 +64,7 @@ class Llama:
 
     def forward(self, ids: np.ndarray, caches) -> np.ndarray:
         """Logits (B, T, vocab) for T new tokens per sequence, appended after the caches."""
-        b, t = ids.shape
+        _, t = ids.shape
         start = int(caches[0].lengths[0])
         cos, sin = self.rope(np.arange(start, start + t))
         x = self.w["model.embed_tokens.weight"][ids]

@@ -4,6 +4,8 @@ Fewer than 64 work items (batch x kv heads x query tiles) and more than 512 keys
 driver cut the keys into chunks and merge them (csrc/tiles.h): every case here takes that path.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from reference import assert_matches, dense_attention
@@ -71,9 +73,9 @@ def test_merge_of_chunks_equals_the_whole(rng):
     cuts = [0, 1000, 1001, 4096, 6000]
     parts = [
         cpuattn.attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
-        for a, b in zip(cuts, cuts[1:])
+        for a, b in itertools.pairwise(cuts)
     ]
-    out, lse = cpuattn.merge(*zip(*parts))
+    out, lse = cpuattn.merge(*zip(*parts, strict=True))
     assert_matches(out, whole[0].astype(np.float64), F32)
     assert_matches(lse, whole[1].astype(np.float64), F32, "lse")
 

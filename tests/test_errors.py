@@ -300,8 +300,8 @@ def test_core_rejects_unvalidated_arguments():
         _core.attention(q, k, v, out, None, None, np.array([9, 1]), *args[3:])
     with pytest.raises(ValueError, match="unit-stride"):
         _core.attention(q[..., ::2], k[..., ::2], v, np.empty((2, 4, 5, 8), F32), *args)
+    out.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
-        out.flags.writeable = False
         _core.attention(q, k, v, out, *args)
     with pytest.raises(ValueError, match="wrong shape"):
         _core.attention(q, k, v[:, :, :3], np.empty((2, 4, 5, 8), F32), *args)
@@ -315,6 +315,6 @@ def test_core_rejects_unvalidated_arguments():
         _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-2], np.ones(3, F32), None)
     with pytest.raises(ValueError, match="additive_w has the wrong shape"):
         _core.attention(q, k, v, np.empty((2, 4, 5, 8), F32), *args[:-1], np.ones(3, F32))
+    q3, k3, v3 = qkv(hq=3, hkv=2)
     with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
-        q3, k3, v3 = qkv(hq=3, hkv=2)
         _core.attention(q3, k3, v3, np.empty((2, 3, 5, 8), F32), *args)

@@ -1,5 +1,7 @@
 """The contract feature by feature (DESIGN §1), on every backend, against the reference."""
 
+import itertools
+
 import numpy as np
 import pytest
 from reference import assert_matches, check, dense_attention, random_qkv
@@ -45,7 +47,8 @@ def test_rows_before_the_diagonal_are_empty(attention, rng):
     """Lq > Lk with bottom-right causal: the first Lq - Lk queries keep no key."""
     q, k, v = random_qkv(rng, (), 3, 3, 40, 10, 8)
     out, lse = check(attention, q, k, v, causal=True)
-    assert np.all(out[:, :30] == 0) and np.all(lse[:, :30] == -np.inf)
+    assert np.all(out[:, :30] == 0)
+    assert np.all(lse[:, :30] == -np.inf)
     assert np.all(np.isfinite(lse[:, 30:]))
 
 
@@ -92,15 +95,17 @@ def test_fully_masked_rows_give_zero_and_neg_inf(attention, rng, kind):
     keep[1, :, :] = False
     mask = keep if kind == "bool" else np.where(keep, 0.0, -np.inf).astype(F32)
     out, lse = check(attention, q, k, v, mask=mask)
-    assert np.all(out[0, 1, 3] == 0) and lse[0, 1, 3] == -np.inf
-    assert np.all(out[1] == 0) and np.all(lse[1] == -np.inf)
+    assert np.all(out[0, 1, 3] == 0)
+    assert lse[0, 1, 3] == -np.inf
+    assert np.all(out[1] == 0)
+    assert np.all(lse[1] == -np.inf)
 
 
 @pytest.mark.parametrize("lengths", [[70, 33, 1, 0], [0, 0, 0, 0], 50], ids=str)
 @pytest.mark.parametrize("causal", [False, True, "top_left"], ids=str)
 def test_kv_lengths(attention, rng, lengths, causal):
     q, k, v = random_qkv(rng, (4,), 4, 2, 12, 70, 16)
-    out, lse = check(attention, q, k, v, kv_lengths=lengths, causal=causal)
+    out, _lse = check(attention, q, k, v, kv_lengths=lengths, causal=causal)
     lengths = np.broadcast_to(lengths, (4,))
     # Padding is never read: garbage (NaN) beyond each length changes nothing.
     k2, v2 = k.copy(), v.copy()
@@ -128,7 +133,8 @@ def test_two_dim_inputs(attention, rng):
     k = rng.standard_normal((13, 8)).astype(F32)
     v = rng.standard_normal((13, 3)).astype(F32)
     out, lse = check(attention, q, k, v, causal=True, mask=rng.random((9, 13)) > 0.2)
-    assert out.shape == (9, 3) and lse.shape == (9,)
+    assert out.shape == (9, 3)
+    assert lse.shape == (9,)
     buf = np.zeros((9, 3), F32)
     assert attention(q, k, v, out=buf) is buf
 
@@ -159,7 +165,7 @@ def test_out_argument(attention, rng, layout):
         out = np.zeros((2, 15, 4, 12), F32).swapaxes(1, 2)[..., ::2]
     else:
         out = np.zeros((6, 15, 4, 2), F32).T
-    result, lse = attention(q, k, v, out=out, causal=True, return_lse=True)
+    result, _lse = attention(q, k, v, out=out, causal=True, return_lse=True)
     assert result is out
     assert_matches(out, dense_attention(q, k, v, causal=True)[0], F32)
 
@@ -186,11 +192,13 @@ def test_zero_sizes(attention, rng):
         k = rng.standard_normal(shape_k).astype(F32)
         v = rng.standard_normal((*shape_k[:-1], dv)).astype(F32)
         out, lse = attention(q, k, v, return_lse=True)
-        assert out.shape == (*shape_q[:-1], dv) and lse.shape == shape_q[:-1]
+        assert out.shape == (*shape_q[:-1], dv)
+        assert lse.shape == shape_q[:-1]
     # Lk = 0: every row is empty.
     q, k, v = random_qkv(rng, (1,), 2, 2, 4, 0, 8)
     out, lse = attention(q, k, v, return_lse=True)
-    assert np.all(out == 0) and np.all(lse == -np.inf)
+    assert np.all(out == 0)
+    assert np.all(lse == -np.inf)
     # D = 0: all scores are 0, so attention is the mean of the values.
     q, k, v = random_qkv(rng, (1,), 2, 2, 4, 6, 0, dv=3)
     assert_matches(
@@ -204,7 +212,7 @@ def test_merge_of_kv_chunks_equals_whole(attention, rng, dtype):
     whole, whole_lse = attention(q, k, v, return_lse=True, causal=True)
     cuts = [0, 1, 64, 150, 200]
     outs, lses = [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         # Each chunk: keys [a, b) with the causal bound of the whole (expressed as a mask).
         i = np.arange(30)[:, None]
         j = np.arange(a, b)[None, :]
@@ -222,23 +230,24 @@ def test_merge_empty_parts(rng):
     empty = np.zeros_like(out), np.full(3, -np.inf, F32)
     merged, merged_lse = cpuattn.merge([out, empty[0]], [lse, empty[1]])
     assert np.array_equal(merged_lse, lse)
-    assert np.array_equal(merged[[0, 2]], out[[0, 2]]) and np.all(merged[1] == 0)
+    assert np.array_equal(merged[[0, 2]], out[[0, 2]])
+    assert np.all(merged[1] == 0)
     assert merged.dtype == F32
 
 
 def test_threads_bitwise_identical(native, rng):
     q, k, v = random_qkv(rng, (2,), 8, 2, 300, 500, 32)
-    kw = dict(
-        causal=True,
-        window=(200, -1),
-        kv_lengths=[500, 321],
-        return_lse=True,
-        mask=rng.random((8, 300, 1)) > 0.1,
-    )
+    kw = {
+        "causal": True,
+        "window": (200, -1),
+        "kv_lengths": [500, 321],
+        "return_lse": True,
+        "mask": rng.random((8, 300, 1)) > 0.1,
+    }
     one = native(q, k, v, num_threads=1, **kw)
     for threads in (2, 3, 7):
         many = native(q, k, v, num_threads=threads, **kw)
-        assert all(np.array_equal(a, b) for a, b in zip(one, many))
+        assert all(np.array_equal(a, b) for a, b in zip(one, many, strict=True))
 
 
 def test_info():
@@ -254,7 +263,8 @@ def test_info():
         "backends",
     }
     if info["native"]:
-        assert info["isa"] in info["supported_isas"] and info["max_threads"] >= 1
+        assert info["isa"] in info["supported_isas"]
+        assert info["max_threads"] >= 1
 
 
 def test_native_extension_is_built():
@@ -270,4 +280,5 @@ def test_docstring_examples():
     from cpuattn import _api
 
     failures, tried = doctest.testmod(_api, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert tried >= 2 and failures == 0
+    assert tried >= 2
+    assert failures == 0

@@ -232,6 +232,7 @@ def assert_same(native, ref, huge):
     for a, b in zip(
         native if isinstance(native, tuple) else (native,),
         ref if isinstance(ref, tuple) else (ref,),
+        strict=True,
     ):
         assert a.shape == b.shape
         assert a.dtype == b.dtype

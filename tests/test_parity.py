@@ -15,7 +15,8 @@ def test_odd_sizes(attention, rng, dtype, lq, d):
     q, k, v = random_qkv(rng, (1,), 2, 1, lq, lk, d, dtype=dtype)
     out, lse = attention(q, k, v, return_lse=True)
     ref_out, ref_lse = dense_attention(q, k, v)
-    assert out.dtype == dtype and lse.dtype == dtype
+    assert out.dtype == dtype
+    assert lse.dtype == dtype
     assert_matches(out, ref_out, dtype)
     assert_matches(lse, ref_lse, dtype, "lse")
 
@@ -64,7 +65,7 @@ def _layouts(rng, dtype):
     "layout", ["swapaxes", "step2_last", "step2_rows", "fortran", "reversed", "packed_qkv"]
 )
 def test_strided_layouts(attention, rng, dtype, layout):
-    name, q, k, v = next(x for x in _layouts(rng, dtype) if x[0] == layout)
+    _name, q, k, v = next(x for x in _layouts(rng, dtype) if x[0] == layout)
     out = attention(q, k, v, causal=True)
     assert_matches(out, dense_attention(q, k, v, causal=True)[0], dtype)
     assert out.flags.c_contiguous
@@ -77,7 +78,8 @@ def test_huge_logits_do_not_overflow(attention, rng, dtype):
     k = k / np.abs(k).max(axis=-1, keepdims=True)
     out, lse = attention(q, k, v, scale=1.0, return_lse=True)
     ref_out, ref_lse = dense_attention(q, k, v, scale=1.0)
-    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    assert np.isfinite(out).all()
+    assert np.isfinite(lse).all()
     assert_matches(out, ref_out, dtype)
     assert_matches(lse, ref_lse, dtype, "lse")
 
@@ -88,7 +90,13 @@ def test_native_matches_numpy_backend(native, rng, dtype):
 
     q, k, v = random_qkv(rng, (3,), 8, 2, 150, 300, 40, dtype=dtype)
     mask = rng.random((8, 1, 300)) > 0.2
-    kw = dict(mask=mask, causal=True, window=(100, 5), kv_lengths=[300, 123, 0], return_lse=True)
+    kw = {
+        "mask": mask,
+        "causal": True,
+        "window": (100, 5),
+        "kv_lengths": [300, 123, 0],
+        "return_lse": True,
+    }
     out, lse = native(q, k, v, **kw)
     np_out, np_lse = cpuattn.attention(q, k, v, backend="numpy", **kw)
     assert_matches(out, np_out, dtype)

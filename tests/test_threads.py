@@ -30,7 +30,9 @@ def run(problem, options):
 
 
 def assert_bitwise(a, b):
-    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+    for x, y in zip(
+        a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True
+    ):
         assert np.array_equal(x, y)
 
 
@@ -42,7 +44,7 @@ def test_eight_threads_match_sequential_calls(rng, shared):
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(3):
             got = list(pool.map(lambda job: run(*job), jobs))
-            for a, b in zip(got, expected):
+            for a, b in zip(got, expected, strict=True):
                 assert_bitwise(a, b)
 
 

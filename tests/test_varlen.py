@@ -115,7 +115,7 @@ def test_native_bitwise_identical_for_any_thread_count(rng):
     one = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, num_threads=1, **kw)
     for threads in (2, 3, 7):
         many = cpuattn.attention_varlen(q, k, v, cu_q, cu_k, num_threads=threads, **kw)
-        assert all(np.array_equal(a, b) for a, b in zip(one, many))
+        assert all(np.array_equal(a, b) for a, b in zip(one, many, strict=True))
 
 
 def test_native_matches_numpy_backend_in_bfloat16(rng):

@@ -49,7 +49,7 @@ def test_weights_2d_and_heatmap(attention, rng):
     from cpuattn.plot import attention_heatmap
 
     q, k, v = random_qkv(rng, (), 1, 1, 5, 7, 4)
-    out, w = attention(q[0], k[0], v[0], return_weights=True, causal=True)
+    _out, w = attention(q[0], k[0], v[0], return_weights=True, causal=True)
     assert w.shape == (5, 7)
     ax = attention_heatmap(w, query_labels=list("abcde"), key_labels=list("ABCDEFG"))
     assert ax.get_xlabel() == "key"

@@ -68,7 +68,7 @@ def test_bitwise_identical_for_any_thread_count(rng, layout):
     expected = cpuattn.attention(q, k, v, num_threads=1, **kw)
     for threads in (2, 3):
         got = cpuattn.attention(q, k, v, num_threads=threads, **kw)
-        assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_softcap_and_alibi_with_queries_in_place(native, rng):

@@ -6,6 +6,10 @@ For the full benchmark suite (more shapes, JSON, plot) run ``python benchmarks/r
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import cast
+
+import numpy as np
 
 from . import _bench
 from ._api import attention, info
@@ -19,8 +23,21 @@ DEMO_CASES = [
 ]
 
 
+# Plain text for --help (the module docstring is reStructuredText).
+DESCRIPTION = (
+    "Show what this cpuattn installation runs (version, native kernel, ISA, OpenMP, threads), "
+    "then time a few attention shapes against naive NumPy and, if installed, torch SDPA."
+)
+EPILOG = (
+    "For the full benchmark suite (more shapes, onnxruntime, JSON, plot), run "
+    "python benchmarks/run.py from a source checkout."
+)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cpuattn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m cpuattn", description=DESCRIPTION, epilog=EPILOG
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     args = parser.parse_args(argv)
 
@@ -35,17 +52,17 @@ def main(argv=None) -> None:
 
     header = (
         "| case | q / kv shape | cpuattn ms | GF/s | numpy naive ms | torch ms "
-        "| x numpy | x torch | max err vs f64 |"
+        "| x numpy | x torch | max rel err |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for case in DEMO_CASES:
         q, k, v = case.inputs()
         kw = case.kwargs()
-        out = attention(q, k, v, **kw)
+        out = cast(np.ndarray, attention(q, k, v, **kw))  # no return_lse / return_weights
         runners = {
-            "ours": lambda: attention(q, k, v, **kw),
-            "naive": lambda: _bench.naive_numpy(q, k, v, case.causal, case.window),
+            "ours": functools.partial(attention, q, k, v, **kw),
+            "naive": functools.partial(_bench.naive_numpy, q, k, v, case.causal, case.window),
         }
         torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
         if torch_run:
@@ -60,6 +77,9 @@ def main(argv=None) -> None:
             f"| {case.name} | {shapes} | {ours * 1e3:.2f} | {case.flops() / ours / 1e9:.1f} "
             f"| {naive * 1e3:.2f} | {torch_ms} | {naive / ours:.2f} | {torch_x} | {err:.1e} |"
         )
+    print(f"\n{_bench.MAX_REL_ERR}")
+    if _bench.not_installed("torch"):
+        print("torch not installed: its columns show –; pip install torch to compare")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def attention(
     softcap=None,
     alibi_slopes=None,
     return_weights=False,
-) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
     ``out[..., h, i, :] = sum_j softmax_j(s[..., h, i, j]) * v[..., h // (Hq // Hkv), j, :]``
@@ -105,6 +105,15 @@ def attention(
         plots (:func:`cpuattn.plot.attention_heatmap`): this costs O(Lq x Lk) memory and
         recomputes the scores.
 
+    Returns
+    -------
+    out : ndarray, or a tuple
+        ``out``; ``(out, lse)`` with ``return_lse=True``; ``(out, weights)`` or
+        ``(out, lse, weights)`` with ``return_weights=True``. ``out`` has shape
+        ``(*batch, Hq, Lq, Dv)`` (``(Lq, Dv)`` for 2-D inputs) and q's dtype (or ``out_dtype``).
+
+    Notes
+    -----
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
     ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the input
@@ -114,12 +123,6 @@ def attention(
     the keys it keeps. A key it does not keep (bool mask False, float mask ``-inf``, causal,
     window, past ``kv_lengths``) never affects it, whatever its K and V hold. A NaN in what the
     row uses makes it NaN (a NaN in V: that column); other rows and heads are never touched.
-
-    Returns
-    -------
-    out; ``(out, lse)`` with ``return_lse=True``; ``(out, weights)`` or
-    ``(out, lse, weights)`` with ``return_weights=True``. ``out`` has shape ``(*batch, Hq, Lq, Dv)``
-    (``(Lq, Dv)`` for 2-D inputs) and q's dtype (or ``out_dtype``).
 
     Examples
     --------
@@ -176,11 +179,11 @@ def _pick_backend(backend: str):
     return _native.attention
 
 
-def _overlaps(out: np.ndarray, *inputs: Optional[np.ndarray]) -> bool:
+def _overlaps(out: np.ndarray, *inputs: np.ndarray | None) -> bool:
     return any(x is not None and np.may_share_memory(out, x) for x in inputs)
 
 
-def merge(outs: Sequence, lses: Sequence) -> Tuple[np.ndarray, np.ndarray]:
+def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Combine attention results computed over disjoint sets of keys into the whole.
 
     For parts ``p`` with ``(out_p, lse_p)`` from ``attention(..., return_lse=True)`` over
@@ -224,7 +227,7 @@ def merge(outs: Sequence, lses: Sequence) -> Tuple[np.ndarray, np.ndarray]:
             f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
             f"got dtype {dtype}, shape {shape}"
         )
-    for p, (o, x) in enumerate(zip(outs, lses)):
+    for p, (o, x) in enumerate(zip(outs, lses, strict=True)):
         if o.shape != shape or o.dtype != dtype:
             raise ValueError(
                 f"outs[{p}]: expected shape {shape} and dtype {dtype} like outs[0], "
@@ -242,7 +245,7 @@ def merge(outs: Sequence, lses: Sequence) -> Tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore"):
         weights = np.where(finite, np.exp(lse_parts - np.where(finite, lse, 0)), 0)
     out = np.zeros(shape, dtype)
-    for w, o in zip(weights, outs):
+    for w, o in zip(weights, outs, strict=True):
         out += w[..., None] * o
     return out, lse
 

@@ -8,9 +8,10 @@ hold.
 
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -32,8 +33,8 @@ class Case:
     lk: int
     d: int
     causal: bool = False
-    window: Optional[Tuple[int, int]] = None
-    options: Dict = field(default_factory=dict)
+    window: tuple[int, int] | None = None
+    options: dict = field(default_factory=dict)
     q_dtype: str = "float32"
     kv_dtype: str = "float32"
 
@@ -88,19 +89,19 @@ def _dtype(name: str) -> np.dtype:
 
 
 def interleaved_medians(
-    fns: Dict[str, Callable[[], object]],
+    fns: Mapping[str, Callable[[], object]],
     repeats: int = 5,
     min_time: float = 0.2,
     rounds: int = 3,
     settle: float = 0.15,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Median wall time of each fn, timed in `rounds` rounds that each give every fn a block of
     consecutive calls: at least `repeats` timed calls in all, more (up to 200) while a block
     takes under min_time / rounds. A block starts with untimed calls for `settle` seconds:
     after a switch, the previous library's thread pool still spins (OpenBLAS's for ~0.1 s)
     and would be billed to the next one."""
     per_block = -(-repeats // rounds)
-    times: Dict[str, list] = {name: [] for name in fns}
+    times: dict[str, list] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -290,7 +291,7 @@ print(json.dumps((status("VmHWM") - base) / 1024))
 """
 
 
-def peak_extra_mib(case: Case, impl: str = "cpuattn") -> Optional[float]:
+def peak_extra_mib(case: Case, impl: str = "cpuattn") -> float | None:
     """Peak resident memory a call adds beyond its inputs and output, in a fresh process (MiB):
     what an O(Lq x Lk) score matrix would show and an O(tile) kernel must not. Linux only
     (/proc/self/clear_refs resets the peak); None elsewhere or when the impl is missing."""
@@ -300,10 +301,28 @@ def peak_extra_mib(case: Case, impl: str = "cpuattn") -> Optional[float]:
 
     dims = (case.b, case.hq, case.hkv, case.lq, case.lk, case.d, case.causal, case.window)
     script = PEAK_SCRIPT.format(dims=dims, impl=impl)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def not_installed(*modules: str) -> list[str]:
+    """The modules among these that fail to import (optional baselines: torch, onnxruntime)."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+MAX_REL_ERR = (
+    "max rel err = max|out - exact| / max|exact|, exact: the NumPy backend on float64 inputs"
+)
 
 
 def max_error_vs_float64(case: Case, out: np.ndarray) -> float:

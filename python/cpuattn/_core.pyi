@@ -1,7 +1,7 @@
 # Stubs for the compiled extension. Private: call cpuattn.attention, which validates.
-from typing import List, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 __version__: str
 
@@ -10,9 +10,9 @@ def attention(
     k: np.ndarray,
     v: np.ndarray,
     out: np.ndarray,
-    lse: Optional[np.ndarray],
-    mask: Optional[np.ndarray],
-    kv_lengths: Optional[np.ndarray],
+    lse: np.ndarray | None,
+    mask: np.ndarray | None,
+    kv_lengths: np.ndarray | None,
     scale: float,
     causal: bool,
     align: int,
@@ -20,15 +20,18 @@ def attention(
     window_right: int,
     num_threads: int,
     softcap: float,
-    alibi: Optional[np.ndarray],
-    additive_w: Optional[np.ndarray],
-    cu_seqlens_q: Optional[np.ndarray] = None,
-    cu_seqlens_k: Optional[np.ndarray] = None,
+    alibi: np.ndarray | None,
+    additive_w: np.ndarray | None,
+    cu_seqlens_q: np.ndarray | None = None,
+    cu_seqlens_k: np.ndarray | None = None,
 ) -> None: ...
 def isa() -> str: ...
-def supported_isas() -> List[str]: ...
+def supported_isas() -> list[str]: ...
 def select_isa(name: str) -> None: ...
 def openmp() -> bool: ...
 def max_threads() -> int: ...
 def threads_for_call(requested: int, calls_in_flight: int) -> int: ...
-def kernel_exp(x: np.ndarray, isa: str) -> np.ndarray: ...
+
+# Two pybind11 overloads: a C-contiguous float64 array gives float64, anything else is
+# converted to float32 (forcecast) and gives float32.
+def kernel_exp(x: npt.ArrayLike, isa: str) -> np.ndarray: ...

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ._request import SUPPORTED_DTYPES
@@ -33,7 +31,7 @@ class KVCache:
         max_len: int,
         head_dim: int,
         *,
-        value_dim: Optional[int] = None,
+        value_dim: int | None = None,
         dtype=np.float32,
     ):
         for name, n in (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ._api import attention
@@ -28,13 +26,13 @@ class MultiHeadAttention:
         self,
         embed_dim: int,
         num_heads: int,
-        num_kv_heads: Optional[int] = None,
+        num_kv_heads: int | None = None,
         *,
         bias: bool = True,
-        kdim: Optional[int] = None,
-        vdim: Optional[int] = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
         dtype=np.float32,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(embed_dim, num_heads, num_kv_heads)
@@ -76,8 +74,8 @@ class MultiHeadAttention:
         b_o=None,
         *,
         num_heads: int,
-        num_kv_heads: Optional[int] = None,
-    ) -> "MultiHeadAttention":
+        num_kv_heads: int | None = None,
+    ) -> MultiHeadAttention:
         """A layer with the given weights ((out, in), as torch.nn.Linear) and biases."""
         layer = cls.__new__(cls)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -85,7 +83,7 @@ class MultiHeadAttention:
         return layer
 
     @classmethod
-    def from_torch(cls, module) -> "MultiHeadAttention":
+    def from_torch(cls, module) -> MultiHeadAttention:
         """Copies a ``torch.nn.MultiheadAttention``'s weights (float32).
 
         Call the result with ``(B, L, E)`` inputs whatever the module's ``batch_first``, and
@@ -165,7 +163,7 @@ class MultiHeadAttention:
         causal=False,
         window=None,
         kv_lengths=None,
-        cache: Optional[KVCache] = None,
+        cache: KVCache | None = None,
     ) -> np.ndarray:
         """Self-attention (``key`` and ``value`` default to ``query``) or cross-attention.
 

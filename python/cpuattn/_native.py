@@ -7,8 +7,6 @@ whose last axis is not unit-stride is computed into a temporary and copied back.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
 from ._request import Request
@@ -16,8 +14,10 @@ from ._request import Request
 try:
     from . import _core
 except ImportError as exc:  # the NumPy backend still works; info() reports why
-    _core = None
-    IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
+    # None, not a module: every use checks `_core is None` first. Ignored rather than typed
+    # Optional[ModuleType] so that calls stay checked against the signatures in _core.pyi.
+    _core = None  # type: ignore[assignment]
+    IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
 else:
     IMPORT_ERROR = None
 
@@ -26,7 +26,7 @@ def available() -> bool:
     return _core is not None
 
 
-def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     if _core is None:
         raise RuntimeError(
             f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"
@@ -67,9 +67,9 @@ def attention_packed(
     req: Request,
     cu_seqlens_q: np.ndarray,
     cu_seqlens_k: np.ndarray,
-    alibi: Optional[np.ndarray],
+    alibi: np.ndarray | None,
     out: np.ndarray,
-) -> Optional[np.ndarray]:
+) -> np.ndarray | None:
     """Packed varlen sequences in one call: ``req`` holds q, k, v as ``(H, total, D)`` (no
     mask, kv_lengths or additive w), the offsets are validated int64 ``(B + 1,)``, ``alibi``
     ``(B, Hq)`` in the compute dtype or None, ``out`` ``(total_q, Hq, Dv)`` C-ordered.

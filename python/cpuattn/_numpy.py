@@ -9,8 +9,6 @@ are computed together, so GQA/MQA never copies K or V.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
 from ._request import Request
@@ -26,7 +24,7 @@ BLOCK_K = 512
 _LOG_TINY = {np.dtype(t): t(np.log(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
 
 
-def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     out = req.out if req.out is not None else np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     g = req.group
@@ -37,7 +35,7 @@ def attention(req: Request) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     return out, lse
 
 
-def _attend_all(req: Request, out: np.ndarray, lse: Optional[np.ndarray], g: int) -> None:
+def _attend_all(req: Request, out: np.ndarray, lse: np.ndarray | None, g: int) -> None:
     for b in np.ndindex(*req.batch_shape):
         n_keys = req.lk if req.kv_lengths is None else int(req.kv_lengths[b])
         for hk in range(req.hkv):
@@ -139,7 +137,7 @@ def _score_mods(req: Request, s, b, heads: slice, positions, keys, n_keys: int):
     return s
 
 
-def _exp(x: np.ndarray, log_tiny: float) -> np.ndarray:
+def _exp(x: np.ndarray, log_tiny: np.floating) -> np.ndarray:
     p = np.exp(x)
     p[x < log_tiny] = 0
     return p

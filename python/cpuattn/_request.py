@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -32,7 +31,7 @@ class Request:
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
-    batch_shape: Tuple[int, ...]
+    batch_shape: tuple[int, ...]
     hq: int
     hkv: int
     lq: int
@@ -41,27 +40,27 @@ class Request:
     dv: int
     dtype: np.dtype  # compute dtype: float64 for float64 inputs, else float32; also lse's
     out_dtype: np.dtype  # q's dtype, or float32 (out_dtype=) for half inputs
-    mask: Optional[np.ndarray]  # None, or bool / dtype view broadcast to (*batch, Hq, Lq, Lk)
+    mask: np.ndarray | None  # None, or bool / dtype view broadcast to (*batch, Hq, Lq, Lk)
     causal: bool
     align: str  # "bottom_right" or "top_left": anchors causal and window
-    window: Tuple[int, int]  # (left, right), -1 = unbounded; (-1, -1) = no window
-    kv_lengths: Optional[np.ndarray]  # None, or C-contiguous int64 of batch_shape
+    window: tuple[int, int]  # (left, right), -1 = unbounded; (-1, -1) = no window
+    kv_lengths: np.ndarray | None  # None, or C-contiguous int64 of batch_shape
     scale: float
     return_lse: bool
-    out: Optional[np.ndarray]  # None, or a view of the caller's out in canonical shape
-    user_out: Optional[np.ndarray]  # the caller's out itself, returned as given
-    num_threads: Optional[int]
+    out: np.ndarray | None  # None, or a view of the caller's out in canonical shape
+    user_out: np.ndarray | None  # the caller's out itself, returned as given
+    num_threads: int | None
     squeeze_head: bool
     softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap); 0 = off
-    alibi: Optional[np.ndarray] = None  # (*batch, Hq) slopes in the compute dtype, C-order
-    additive_w: Optional[np.ndarray] = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
+    alibi: np.ndarray | None = None  # (*batch, Hq) slopes in the compute dtype, C-order
+    additive_w: np.ndarray | None = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
 
     @property
-    def out_shape(self) -> Tuple[int, ...]:
+    def out_shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, self.hq, self.lq, self.dv)
 
     @property
-    def lse_shape(self) -> Tuple[int, ...]:
+    def lse_shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, self.hq, self.lq)
 
     @property
@@ -69,7 +68,7 @@ class Request:
         """Query heads per kv head (1 = MHA, Hq = MQA)."""
         return self.hq // self.hkv if self.hkv else 0
 
-    def finish(self, out: np.ndarray, lse: Optional[np.ndarray]):
+    def finish(self, out: np.ndarray, lse: np.ndarray | None):
         """Give results the caller's shape (undo the 2-D promotion) and the requested arity."""
         if self.user_out is not None:
             out = self.user_out
@@ -181,7 +180,7 @@ def _as_float_array(name: str, x) -> np.ndarray:
     return arr
 
 
-def _dtypes(q, k, v, out_dtype) -> Tuple[np.dtype, np.dtype]:
+def _dtypes(q, k, v, out_dtype) -> tuple[np.dtype, np.dtype]:
     """(compute dtype, output dtype). k and v share a dtype; q has it too, or is float32 with
     half k/v (a half KV cache). Half inputs compute in float32."""
     if v != k:
@@ -202,7 +201,7 @@ def _dtypes(q, k, v, out_dtype) -> Tuple[np.dtype, np.dtype]:
     return compute, out_dtype
 
 
-def _causal_mode(causal) -> Tuple[bool, str]:
+def _causal_mode(causal) -> tuple[bool, str]:
     if isinstance(causal, (bool, np.bool_)):
         return bool(causal), "bottom_right"
     if isinstance(causal, str) and causal in CAUSAL_MODES:
@@ -210,7 +209,7 @@ def _causal_mode(causal) -> Tuple[bool, str]:
     raise ValueError(f"causal: expected False, True, 'bottom_right' or 'top_left', got {causal!r}")
 
 
-def _window(window) -> Tuple[int, int]:
+def _window(window) -> tuple[int, int]:
     if window is None:
         return (-1, -1)
     try:
@@ -219,7 +218,8 @@ def _window(window) -> Tuple[int, int]:
         raise ValueError(f"window: expected (left, right) ints, got {window!r}") from None
     for side, value in (("left", left), ("right", right)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"window: {side} must be an int >= -1, got {value!r}")
+            # ValueError, not TypeError: every bad window is a ValueError (documented, tested)
+            raise ValueError(f"window: {side} must be an int >= -1, got {value!r}")  # noqa: TRY004
         if value < -1:
             raise ValueError(f"window: {side} must be >= -1 (-1 = unbounded), got {value}")
     return (int(left), int(right))
@@ -236,7 +236,7 @@ def _scale(scale, d: int) -> float:
     return scale
 
 
-def _mask(mask, full_shape, dtype, squeeze_head) -> Optional[np.ndarray]:
+def _mask(mask, full_shape, dtype, squeeze_head) -> np.ndarray | None:
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -259,7 +259,7 @@ def _mask(mask, full_shape, dtype, squeeze_head) -> Optional[np.ndarray]:
         ) from None
 
 
-def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
+def _kv_lengths(kv_lengths, batch_shape, lk) -> np.ndarray | None:
     if kv_lengths is None:
         return None
     lengths = np.asarray(kv_lengths)
@@ -279,7 +279,7 @@ def _kv_lengths(kv_lengths, batch_shape, lk) -> Optional[np.ndarray]:
     return np.array(lengths, dtype=np.int64, order="C")  # small; keeps 0-d as 0-d
 
 
-def _out(out, shape, dtype, squeeze_head) -> Optional[np.ndarray]:
+def _out(out, shape, dtype, squeeze_head) -> np.ndarray | None:
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
@@ -301,12 +301,12 @@ def _softcap(softcap) -> float:
         return 0.0
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
-    if not (math.isfinite(softcap) and softcap > 0):
+    if not math.isfinite(softcap) or softcap <= 0:
         raise ValueError(f"softcap: expected a positive finite number or None, got {softcap}")
     return float(softcap)
 
 
-def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> Optional[np.ndarray]:
+def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
     if slopes is None:
         return None
     slopes = np.asarray(slopes)
@@ -322,7 +322,7 @@ def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> Optional[np.ndarray]
     return slopes
 
 
-def _additive_w(w, d, dtype) -> Optional[np.ndarray]:
+def _additive_w(w, d, dtype) -> np.ndarray | None:
     if w is None:
         return None
     w = np.asarray(w)
@@ -336,7 +336,7 @@ def _additive_w(w, d, dtype) -> Optional[np.ndarray]:
     return w
 
 
-def _num_threads(num_threads) -> Optional[int]:
+def _num_threads(num_threads) -> int | None:
     if num_threads is None:
         return None
     if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from . import _native
@@ -24,7 +22,7 @@ def attention_varlen(
     softcap=None,
     alibi_slopes=None,
     return_lse=False,
-    num_threads: Optional[int] = None,
+    num_threads: int | None = None,
     backend="auto",
 ):
     """Attention over B sequences packed end to end, with no padding anywhere.
@@ -35,17 +33,23 @@ def attention_varlen(
 
     Parameters
     ----------
-    q : ``(total_q, Hq, D)``; k : ``(total_k, Hkv, D)``; v : ``(total_k, Hkv, Dv)``, dtypes
-        as for :func:`attention`, any strides.
-    cu_seqlens_q, cu_seqlens_k : int arrays of length ``B + 1``: start at 0, non-decreasing,
-        end at ``total_q`` / ``total_k``.
-    alibi_slopes : ``(Hq,)`` or ``(B, Hq)``, optional. Other options as for :func:`attention`.
+    q, k, v : arrays ``(total_q, Hq, D)``, ``(total_k, Hkv, D)``, ``(total_k, Hkv, Dv)``
+        Dtypes as for :func:`attention`, any strides.
+    cu_seqlens_q, cu_seqlens_k : int arrays of length ``B + 1``
+        Offsets of the sequences: start at 0, non-decreasing, end at ``total_q`` /
+        ``total_k``.
+    alibi_slopes : array ``(Hq,)`` or ``(B, Hq)``, optional
+        ALiBi slopes, per sequence when ``(B, Hq)``.
+    causal, window, scale, softcap, return_lse, num_threads, backend
+        As for :func:`attention`.
 
     Returns
     -------
-    out ``(total_q, Hq, Dv)``, or ``(out, lse)`` with lse ``(Hq, total_q)`` (flash-attn's
-    layout) with ``return_lse=True``.
+    out : ndarray ``(total_q, Hq, Dv)``, or ``(out, lse)`` with ``return_lse=True``
+        lse has shape ``(Hq, total_q)`` (flash-attn's layout).
 
+    Notes
+    -----
     The native backend runs all sequences in one call: its threads share one list of
     (sequence, kv head, query tile) items, longest sequences first, so very uneven lengths
     and very many short sequences keep every thread busy. The NumPy backend runs the
@@ -103,12 +107,12 @@ def attention_varlen(
             num_threads=num_threads,
             backend=backend,
         )
-        if return_lse:
+        if lse is not None:
             lse[:, qs:qe] = result[1]
     return (out, lse) if return_lse else out
 
 
-def _cu_seqlens(name: str, cu, total: int) -> np.ndarray:
+def _cu_seqlens(name: str, cu, total: int) -> list[int]:
     cu = np.asarray(cu)
     if cu.dtype.kind not in "iu" or cu.ndim != 1:
         raise TypeError(

@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
 def attention_heatmap(
     weights,
-    query_labels: Optional[Sequence[str]] = None,
-    key_labels: Optional[Sequence[str]] = None,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
     ax=None,
-    head: Optional[int] = None,
-    title: Optional[str] = None,
+    head: int | None = None,
+    title: str | None = None,
 ):
     """Draws ``weights`` (from ``attention(..., return_weights=True)``) as a heatmap.
 
-    weights : ``(Lq, Lk)`` for one head, or ``(H, Lq, Lk)``: then ``head`` picks one, and
-        ``None`` draws the mean over heads. Leading batch dims must be indexed away first.
-    query_labels, key_labels : tick labels (e.g. tokens), one per row / column.
-    ax : a matplotlib Axes to draw on; a new figure when None. Returns the Axes.
+    Parameters
+    ----------
+    weights : array ``(Lq, Lk)`` for one head, or ``(H, Lq, Lk)``
+        With ``H`` heads, ``head`` picks one and ``None`` draws the mean over heads. Leading
+        batch dims must be indexed away first.
+    query_labels, key_labels : sequences of str, optional
+        Tick labels (e.g. tokens), one per row / column.
+    ax : matplotlib Axes, optional
+        The Axes to draw on; a new figure when None.
+    head : int, optional
+        The head to draw from ``(H, Lq, Lk)`` weights; None draws the mean over heads.
+    title : str, optional
+        Default: ``"head N"``, ``"mean over heads"`` or ``"attention weights"``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        The Axes drawn on.
     """
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            'attention_heatmap needs matplotlib: pip install "cpuattn[plot]"',
+            name=exc.name,
+        ) from exc
 
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim == 3:
