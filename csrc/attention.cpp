@@ -113,8 +113,8 @@ struct Scratch {
   Scratch(int64_t d, int64_t dv, int64_t lk, bool cache, Operands how, int64_t pairs)
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
         m(kTileRows), l(kTileRows * kSumSlots), sums(kTileRows), out_rows(kTileRows),
-        bounds(kTileRows), mask_rows(kTileRows),
-        row_pos(kTileRows), row_head(kTileRows), diag(kTileRows), slopes(kTileRows) {
+        bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows), row_head(kTileRows),
+        diag(kTileRows), slopes(kTileRows) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     if (how == Operands::Bf16Pairs) {
       const int64_t v_elems = kTileKeys / 2 * bf16_values_width(dv);
@@ -175,8 +175,8 @@ class Driver {
     // per head: no packed tile to reuse), D fills whole 32-element chunks and rows go forward.
     const size_t nb = p.batch_shape.size();
     const bool uniform = seqs_.empty();
-    keys_in_place_ = uniform && on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 &&
-                     p.k.strides[nb + 1] > 0;
+    keys_in_place_ =
+        uniform && on_tiles && tiles_ == 1 && p.d % (2 * kAmxPairs) == 0 && p.k.strides[nb + 1] > 0;
     // Float K rows are read in place (scores as dot products) for a few query rows per head
     // with no later query tile to reuse a packed K^T.
     const bool few_rows = uniform && tiles_ == 1 && rows_per_head_group_ <= kInPlaceMaxRows;
@@ -214,16 +214,22 @@ class Driver {
   };
   ItemPos locate(int64_t item) const {
     if (seqs_.empty()) {
-      return {item / (tiles_ * p_.hkv), (item / tiles_) % p_.hkv, tiles_ - 1 - item % tiles_,
-              p_.lq, p_.lk, 0, 0, rows_per_head_group_};
+      return {item / (tiles_ * p_.hkv),
+              (item / tiles_) % p_.hkv,
+              tiles_ - 1 - item % tiles_,
+              p_.lq,
+              p_.lk,
+              0,
+              0,
+              rows_per_head_group_};
     }
-    const auto next = std::upper_bound(
-        seqs_.begin(), seqs_.end(), item,
-        [](int64_t i, const Sequence& s) { return i < s.first_item; });
+    const auto next =
+        std::upper_bound(seqs_.begin(), seqs_.end(), item,
+                         [](int64_t i, const Sequence& s) { return i < s.first_item; });
     const Sequence& s = *(next - 1);
     const int64_t local = item - s.first_item;
-    return {s.b, local / s.tiles, s.tiles - 1 - local % s.tiles, s.lq, s.lk,
-            p_.cu_seqlens_q[s.b], p_.cu_seqlens_k[s.b], s.lq * group_};
+    return {s.b,  local / s.tiles,      s.tiles - 1 - local % s.tiles, s.lq,
+            s.lk, p_.cu_seqlens_q[s.b], p_.cu_seqlens_k[s.b],          s.lq * group_};
   }
 
   // The q, K, V and out of the whole-head task starting at `item`, for the previous task to
@@ -285,15 +291,15 @@ class Driver {
   // state goes there for merge_item, else the finished rows go to out / lse. `next`: the
   // next task's ranges, of which this item, part `part` of `parts` of its task, prefetches
   // that share over its key tiles.
-  void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX},
-                T* partial = nullptr, const TaskRanges* next = nullptr, int64_t part = 0,
-                int64_t parts = 1) const {
+  void run_item(int64_t item, Scratch<T>& sc, KeyChunk chunk = {0, INT64_MAX}, T* partial = nullptr,
+                const TaskRanges* next = nullptr, int64_t part = 0, int64_t parts = 1) const {
     const ItemPos pos = locate(item);
     const int64_t b = pos.b, hk = pos.hk;
 
-    const int64_t n_keys = p_.kv_lengths.data
-        ? static_cast<const int64_t*>(p_.kv_lengths.data)[batch_offset(p_.batch_shape, p_.kv_lengths, b)]
-        : pos.lk;
+    const int64_t n_keys =
+        p_.kv_lengths.data ? static_cast<const int64_t*>(
+                                 p_.kv_lengths.data)[batch_offset(p_.batch_shape, p_.kv_lengths, b)]
+                           : pos.lk;
     const RowBounds rb{n_keys, p_.align == Align::BottomRight ? n_keys - pos.lq : 0, p_.causal,
                        p_.window_left, p_.window_right};
 
@@ -403,8 +409,8 @@ class Driver {
       } else {
         step.kt = sc.keys.get(owner, j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
           if (!half_kv) {
-            pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols,
-                  p_.d, dst);
+            pack_(static_cast<const T*>(p_.k.data) + k_base + j0 * k_ld, k_ld, packed_cols, p_.d,
+                  dst);
             return;
           }
           convert_rows(p_.k.data, k_base + j0 * k_ld, k_ld, packed_cols, p_.d, sc.stage.data());
@@ -591,9 +597,9 @@ class Driver {
   OutBase out_base(const ItemPos& pos) const {
     const size_t nb = p_.batch_shape.size();
     return {batch_offset(p_.batch_shape, p_.out, pos.b) + pos.q_row * p_.out.strides[nb + 1],
-            p_.lse.data ? batch_offset(p_.batch_shape, p_.lse, pos.b) +
-                              pos.q_row * p_.lse.strides[nb + 1]
-                        : -1};
+            p_.lse.data
+                ? batch_offset(p_.batch_shape, p_.lse, pos.b) + pos.q_row * p_.lse.strides[nb + 1]
+                : -1};
   }
 
   // Packed sequences: one entry per non-empty sequence, longest (most work) first, with the
@@ -703,8 +709,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   // Few items (decode: B * Hkv of them) would leave cores idle: cut each item's keys into
   // `chunks` ranges of tile-aligned length, computed independently and merged in order.
   int64_t chunks = p.cu_seqlens_q ? 1 : key_chunks(items, p.lk);
-  const int64_t chunk_keys =
-      ((p.lk + chunks - 1) / chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t chunk_keys = ((p.lk + chunks - 1) / chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
   if (chunks > 1) chunks = (p.lk + chunk_keys - 1) / chunk_keys;
 
   const CallInFlight call;
@@ -713,10 +718,10 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
   // K^T tiles are packed once, not once per thread that gets one of its tiles. The results
   // are the same bits either way (every item is computed alike), so this may use `wanted`.
   const int64_t tiles_per_head = driver.query_tiles_per_head();  // 0: varlen, they differ
-  const int64_t items_per_task =
-      chunks == 1 && tiles_per_head > 0 && items / tiles_per_head >= kWholeHeadTasksPerThread * wanted
-          ? tiles_per_head
-          : 1;
+  const int64_t items_per_task = chunks == 1 && tiles_per_head > 0 &&
+                                         items / tiles_per_head >= kWholeHeadTasksPerThread * wanted
+                                     ? tiles_per_head
+                                     : 1;
   const int64_t tasks = chunks > 1 ? items * chunks : items / items_per_task;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min(wanted, tasks)));
 

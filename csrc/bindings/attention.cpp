@@ -19,7 +19,9 @@ namespace py = pybind11;
 
 namespace {
 
-[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("_core.attention: " + what); }
+[[noreturn]] void fail(const std::string& what) {
+  throw std::invalid_argument("_core.attention: " + what);
+}
 
 std::vector<int64_t> shape_of(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
@@ -36,11 +38,13 @@ cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool
   v.data = a.data();
   for (py::ssize_t dim = 0; dim < a.ndim(); ++dim) {
     const int64_t s = a.strides(dim);
-    if (s % item != 0 && a.size() > 0) fail(std::string(name) + " has a stride that is not a whole element");
+    if (s % item != 0 && a.size() > 0)
+      fail(std::string(name) + " has a stride that is not a whole element");
     v.strides.push_back(s / item);
   }
   // An empty array is never dereferenced, whatever its strides.
-  if (unit_last && a.size() > 0 && a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 && v.strides.back() != 1) {
+  if (unit_last && a.size() > 0 && a.ndim() > 0 && a.shape(a.ndim() - 1) > 1 &&
+      v.strides.back() != 1) {
     fail(std::string(name) + " must be unit-stride on its last axis");
   }
   return v;
@@ -57,7 +61,8 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
   if (dt.is(py::dtype::of<float>())) return cpuattn::DType::F32;
   if (dt.is(py::dtype::of<double>())) return cpuattn::DType::F64;
   if (dt.is(py::dtype("float16"))) return cpuattn::DType::F16;
-  if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16") return cpuattn::DType::BF16;
+  if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16")
+    return cpuattn::DType::BF16;
   throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
 }
 
@@ -72,7 +77,8 @@ int64_t offsets_of(const char* name, const py::array& a, int64_t total, const in
   }
   const auto* cu = static_cast<const int64_t*>(a.data());
   const int64_t n = a.size();
-  if (cu[0] != 0 || cu[n - 1] != total) fail(std::string(name) + " must run from 0 to the total length");
+  if (cu[0] != 0 || cu[n - 1] != total)
+    fail(std::string(name) + " must run from 0 to the total length");
   for (int64_t b = 1; b < n; ++b) {
     if (cu[b] < cu[b - 1]) fail(std::string(name) + " must be non-decreasing");
   }
@@ -96,8 +102,10 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.out_dtype = dtype_of("out", out);
   p.dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
   const bool half_kv = is_half(p.kv_dtype);
-  if (dtype_of("v", v) != p.kv_dtype) throw py::type_error("_core.attention: k and v dtypes differ");
-  if (half_kv ? p.dtype != cpuattn::DType::F32 || (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
+  if (dtype_of("v", v) != p.kv_dtype)
+    throw py::type_error("_core.attention: k and v dtypes differ");
+  if (half_kv ? p.dtype != cpuattn::DType::F32 ||
+                    (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
               : p.kv_dtype != p.dtype || p.q_dtype != p.dtype) {
     throw py::type_error("_core.attention: q, k, v dtypes do not go together");
   }
@@ -106,7 +114,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   }
 
   const py::ssize_t n = q.ndim();
-  if (n < 3 || k.ndim() != n || v.ndim() != n || out.ndim() != n) fail("q, k, v, out must share ndim >= 3");
+  if (n < 3 || k.ndim() != n || v.ndim() != n || out.ndim() != n)
+    fail("q, k, v, out must share ndim >= 3");
   const size_t nb = static_cast<size_t>(n - 3);
   const std::vector<int64_t> qs = shape_of(q), ks = shape_of(k), vs = shape_of(v);
   p.batch_shape.assign(qs.begin(), qs.begin() + nb);
@@ -133,7 +142,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.out = view_of("out", out, true, true);
 
   if (lse) {
-    if (dtype_of("lse", *lse) != p.dtype) throw py::type_error("_core.attention: lse must have the compute dtype");
+    if (dtype_of("lse", *lse) != p.dtype)
+      throw py::type_error("_core.attention: lse must have the compute dtype");
     expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
     p.lse = view_of("lse", *lse, false, true);
   }
@@ -167,7 +177,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (cu_seqlens_q || cu_seqlens_k) {
     if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
     if (nb != 0) fail("packed sequences take q, k, v as (H, total, D)");
-    if (mask || kv_lengths || additive_w) fail("packed sequences take no mask, kv_lengths or additive_w");
+    if (mask || kv_lengths || additive_w)
+      fail("packed sequences take no mask, kv_lengths or additive_w");
     const int64_t batch = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, &p.cu_seqlens_q);
     if (offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, &p.cu_seqlens_k) != batch) {
       fail("cu_seqlens_q and cu_seqlens_k differ in length");
@@ -182,14 +193,16 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
   p.softcap = softcap;
   if (alibi) {
-    if (dtype_of("alibi", *alibi) != p.dtype) throw py::type_error("_core.attention: alibi must have the compute dtype");
+    if (dtype_of("alibi", *alibi) != p.dtype)
+      throw py::type_error("_core.attention: alibi must have the compute dtype");
     std::vector<int64_t> want(p.batch_shape);
     want.push_back(p.hq);
     expect_shape("alibi", *alibi, want);
     p.alibi = view_of("alibi", *alibi, false, false);
   }
   if (additive_w) {
-    if (dtype_of("additive_w", *additive_w) != p.dtype) throw py::type_error("_core.attention: additive_w must have the compute dtype");
+    if (dtype_of("additive_w", *additive_w) != p.dtype)
+      throw py::type_error("_core.attention: additive_w must have the compute dtype");
     expect_shape("additive_w", *additive_w, {p.d});
     if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
     p.additive_w = additive_w->data();
@@ -211,9 +224,9 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
 
 void register_attention(py::module_& m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"),
-        py::arg("causal"), py::arg("align"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
+        py::arg("lse"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),
+        py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
+        py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");

@@ -30,20 +30,24 @@ void register_info(py::module_& m) {
   m.def("kernel_exp", &kernel_exp<float>, py::arg("x"), py::arg("isa"));
   m.def("kernel_exp", &kernel_exp<double>, py::arg("x"), py::arg("isa"),
         "exp(x) as the softmax of the named ISA computes it (float32 or float64; a test hook).");
-  m.def("isa", [] { return std::string(cpuattn::active_kernels().name); },
-        "Name of the kernel set in use ('scalar', 'avx2', 'avx512').");
+  m.def(
+      "isa", [] { return std::string(cpuattn::active_kernels().name); },
+      "Name of the kernel set in use ('scalar', 'avx2', 'avx512').");
   m.def("supported_isas", &cpuattn::supported_isas,
         "Kernel sets compiled in and supported by this CPU, worst to best.");
   m.def("select_isa", &cpuattn::select_isa, py::arg("name"),
         "Force a kernel set for the whole process (tests and benchmarks). Raises ValueError if it "
         "is unknown or unsupported here.");
-  m.def("openmp", [] {
+  m.def(
+      "openmp",
+      [] {
 #ifdef _OPENMP
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  }, "Whether the extension was built with OpenMP.");
+      },
+      "Whether the extension was built with OpenMP.");
   m.def("max_threads", &cpuattn::default_threads,
         "Threads a call uses when num_threads is None and no other call is in flight "
         "(OMP_NUM_THREADS, else all cores).");

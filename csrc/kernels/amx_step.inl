@@ -95,10 +95,22 @@ inline void score_block_amx_in_place(const cpuattn::TileStep<float>& a, int64_t 
       const uint16_t* rows = k + kb * kAmxRows * a.k_ld;
       _tile_loadd(5, rows, k_stride);
       switch (kb) {
-        case 0: _tile_dpbf16ps(0, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(0, 5, 6); break;
-        case 1: _tile_dpbf16ps(1, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(1, 5, 6); break;
-        case 2: _tile_dpbf16ps(2, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(2, 5, 6); break;
-        default: _tile_dpbf16ps(3, 5, 4); if constexpr (kSplitQ) _tile_dpbf16ps(3, 5, 6); break;
+        case 0:
+          _tile_dpbf16ps(0, 5, 4);
+          if constexpr (kSplitQ) _tile_dpbf16ps(0, 5, 6);
+          break;
+        case 1:
+          _tile_dpbf16ps(1, 5, 4);
+          if constexpr (kSplitQ) _tile_dpbf16ps(1, 5, 6);
+          break;
+        case 2:
+          _tile_dpbf16ps(2, 5, 4);
+          if constexpr (kSplitQ) _tile_dpbf16ps(2, 5, 6);
+          break;
+        default:
+          _tile_dpbf16ps(3, 5, 4);
+          if constexpr (kSplitQ) _tile_dpbf16ps(3, 5, 6);
+          break;
       }
     }
   }
@@ -114,11 +126,11 @@ inline void score_block_amx_in_place(const cpuattn::TileStep<float>& a, int64_t 
 
 // Multiplies tile register `t` (already holding o's block) by p . V for key chunk `chunk`
 // (32 keys): A = p_hi (tile 4) and p_lo (tile 6), already loaded; B = V pairs (tile 5).
-#define CPUATTN_AMX_PV(t, split)                                                   \
-  do {                                                                             \
-    _tile_loadd(5, v + (t) * kAmxOutColumns, v_stride);                            \
-    _tile_dpbf16ps(t, 4, 5);                                                       \
-    if (split) _tile_dpbf16ps(t, 6, 5);                                            \
+#define CPUATTN_AMX_PV(t, split)                        \
+  do {                                                  \
+    _tile_loadd(5, v + (t) * kAmxOutColumns, v_stride); \
+    _tile_dpbf16ps(t, 4, 5);                            \
+    if (split) _tile_dpbf16ps(t, 6, 5);                 \
   } while (0)
 
 // o[r0 .. r0 + 16, e0 .. e0 + 16 * NT) += p . V, NT <= 4 output tiles (registers 0-3).
@@ -156,16 +168,24 @@ inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n
   alignas(64) uint32_t p_hi[kAmxRows][cpuattn::kTileKeys / 2] = {};
   alignas(64) uint32_t p_lo[kSplitP ? kAmxRows : 1][cpuattn::kTileKeys / 2] = {};
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
+  for (; i + 4 <= n; i += 4)
+    round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
   for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
   memory_barrier();
   int64_t e0 = 0;
   for (; e0 + 64 <= a.dv; e0 += 64) pv_block_amx<4, kSplitP>(a, r0, e0, p_hi, p_lo);
   switch ((a.dv - e0) / kAmxOutColumns) {
-    case 3: pv_block_amx<3, kSplitP>(a, r0, e0, p_hi, p_lo); break;
-    case 2: pv_block_amx<2, kSplitP>(a, r0, e0, p_hi, p_lo); break;
-    case 1: pv_block_amx<1, kSplitP>(a, r0, e0, p_hi, p_lo); break;
-    default: break;
+    case 3:
+      pv_block_amx<3, kSplitP>(a, r0, e0, p_hi, p_lo);
+      break;
+    case 2:
+      pv_block_amx<2, kSplitP>(a, r0, e0, p_hi, p_lo);
+      break;
+    case 1:
+      pv_block_amx<1, kSplitP>(a, r0, e0, p_hi, p_lo);
+      break;
+    default:
+      break;
   }
 }
 

@@ -4,8 +4,8 @@
 // keys, so both products need half the instructions of the float32 step. Scores, softmax and
 // the output stay float32. p is rounded to bfloat16 for P.V (relative error <= 2^-9 a weight)
 // when the output is bfloat16 anyway; for a float32 output p is split into two bfloat16
-// (p_hi + p_lo, 2^-17), as is a float32 q: twice the products, float32 accuracy. Include after tile_step.inl and convert.h, inside tile_step.inl's anonymous
-// namespace.
+// (p_hi + p_lo, 2^-17), as is a float32 q: twice the products, float32 accuracy. Include after
+// tile_step.inl and convert.h, inside tile_step.inl's anonymous namespace.
 
 #if !defined(__AVX512BF16__)
 #error "bf16_step.inl needs -mavx512bf16"
@@ -168,7 +168,8 @@ inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, in
       const float p16 = a.split_p ? p : cpuattn::bf16_to_f32(cpuattn::f32_to_bf16(p));
       const uint32_t* row = a.v2 + (j / 2) * a.v2_ld;
       const int shift = j % 2 ? 16 : 0;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] += p16 * cpuattn::bf16_to_f32(uint16_t(row[e] >> shift));
+      for (int64_t e = 0; e < a.dv; ++e)
+        o[e] += p16 * cpuattn::bf16_to_f32(uint16_t(row[e] >> shift));
     }
   }
 }
@@ -227,8 +228,8 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
       for (int r = 0; r < RB; ++r) folded[r][g] = fold_tree<L, KB>(acc[r]);
     }
     for (int r = 0; r < RB; ++r) {
-      const __m512 sums = in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
-                                       std::make_integer_sequence<int, L>{});
+      const __m512 sums =
+          in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
       _mm512_storeu_ps(a.s + (r0 + r) * W + jb, soft_cap(_mm512_mul_ps(sums, scale), a.softcap));
     }
   }
@@ -328,9 +329,9 @@ void pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, i
     for (; e + 32 <= dv; e += 32) {  // interleave 32 columns of the two rows
       const __m512i x = _mm512_loadu_si512(even + e);
       const __m512i y = odd ? _mm512_loadu_si512(odd + e) : _mm512_setzero_si512();
-      const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10,
-                                              41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3,
-                                              34, 2, 33, 1, 32, 0);
+      const __m512i lo_idx =
+          _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
       const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
       _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x, lo_idx, y));
       _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x, hi_idx, y));

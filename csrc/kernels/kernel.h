@@ -116,8 +116,8 @@ struct KernelSet {
                          uint32_t* kt);
   // V rows [0, cols) -> (cols + 1) / 2 rows of `width` (>= dv) pairs, zero past dv and past
   // cols up to a whole kAmxPairs rows.
-  void (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv,
-                           int64_t width, uint32_t* vt);
+  void (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
+                           uint32_t* vt);
 };
 
 // Kernels compiled into this build, best last. Only those the CPU supports are ever called.

@@ -74,11 +74,13 @@ inline typename Simd<T>::V load_elements(const E* p) {
   } else {
 #if defined(__AVX512F__)
     if constexpr (L == 16) {  // maskz: the unmasked intrinsic trips GCC 12's warnings
-      return (V)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return (V)_mm512_maskz_cvtph_ps(0xffff,
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
 #endif
 #if defined(__F16C__)
-    if constexpr (L == 8) return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    if constexpr (L == 8)
+      return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #endif
     V v;
     for (int i = 0; i < L; ++i) v[i] = f16_bits_to_float(p[i]);
@@ -317,8 +319,8 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
       for (int r = 0; r < RB; ++r) folded[r][g] = fold_tree<L, KB>(acc[r]);
     }
     for (int r = 0; r < RB; ++r) {
-      V sums = in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
-                            std::make_integer_sequence<int, L>{});
+      V sums =
+          in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
       if (d_main < a.d) {
         for (int i = 0; i < L; ++i) {
           const auto* kr = rows + (jb + i < a.cols ? jb + i : 0) * a.k_ld;
@@ -816,7 +818,8 @@ inline void convert_f16_rows(const uint16_t* src, int64_t ld, int64_t rows, int6
 #endif
 #if defined(__F16C__)
     for (; e + 8 <= width; e += 8) {
-      _mm256_storeu_ps(d + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + e))));
+      _mm256_storeu_ps(d + e,
+                       _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + e))));
     }
 #endif
     for (; e < width; ++e) d[e] = f16_bits_to_float(s[e]);
