@@ -144,7 +144,7 @@ def gelu(x):
 
 
 def save_heatmap(model: MiniLM, sentence: str, path: str) -> None:
-    """Layer 0, head 3 of the sentence as a heatmap (README's picture)."""
+    """Layer 0, head 3 of the sentence as a heatmap (the picture in docs/guide/weights.rst)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,7 +2,7 @@
 float32 conversion of the other ISAs: shapes that exercise their padding (odd D, D not a
 multiple of 32, Dv not a multiple of 16, partial tiles, rows not a multiple of 16), views
 their packing must handle, non-finite values outside a row's keys, and the accuracy each
-output type promises (README "Reduced precision")."""
+output type promises (docs/guide/half_precision.rst)."""
 
 import numpy as np
 import pytest

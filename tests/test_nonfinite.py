@@ -1,4 +1,4 @@
-"""NaN and inf inputs reach exactly the rows that use them (README, "Guarantees").
+"""NaN and inf inputs reach exactly the rows that use them (docs/guide/errors.rst).
 
 A row's output depends only on its q row, its mask row and the K/V rows of the keys it keeps;
 a key it drops (bool mask, -inf additive mask, causal, window, kv_lengths) never affects it,

@@ -1,4 +1,5 @@
-"""float16 / bfloat16 inputs, computed in float32 (README, attention's docstring).
+"""float16 / bfloat16 inputs, computed in float32 (docs/guide/half_precision.rst and
+attention's docstring).
 
 Errors are measured against a float64 computation on the same rounded inputs, relative to
 max |v|: the bounds the docstring states (2e-3 float16, 1e-2 bfloat16 output; float32
