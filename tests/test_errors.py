@@ -57,7 +57,23 @@ def test_lk_mismatch_between_k_and_v(backend):
 
 def test_heads_not_divisible(backend):
     q, k, v = qkv(hq=4, hkv=3)
-    raises(backend, ValueError, r"k: its 3 kv heads must divide q's 4 heads", q, k, v)
+    with pytest.raises(ValueError, match=r"k: its 3 kv heads must divide q's 4 heads") as info:
+        cpuattn.attention(q, k, v, backend=backend)
+    assert "swapaxes" not in str(info.value)  # (L, H) swapped would not divide either
+
+
+def test_heads_not_divisible_hints_at_a_b_l_h_d_layout(backend):
+    """q, k, v in (B, L, H, D): read as Hq = Lq = 5 and Hkv = Lk = 7, which do not divide,
+    while the real heads (4, 2) do: the message suggests the view that fixes it."""
+    q, k, v = (x.swapaxes(-2, -3) for x in qkv(hq=4, hkv=2, lq=5, lk=7))
+    raises(
+        backend,
+        ValueError,
+        r"k: its 7 kv heads must divide q's 5 heads .*\(B, L, H, D\).*swapaxes\(-2, -3\)",
+        q,
+        k,
+        v,
+    )
 
 
 def test_batch_dims_differ(backend):
@@ -111,26 +127,107 @@ def test_kv_lengths_invalid(backend, lengths, exc, match):
     raises(backend, exc, match, q, k, v, kv_lengths=lengths)
 
 
-@pytest.mark.parametrize(
-    "window", [(-2, 0), (0, -5), (1,), (1, 2, 3), 5, (1.5, 2), (True, 1), "ab"], ids=str
-)
-def test_window_invalid(backend, window):
-    q, k, v = qkv()
-    raises(backend, ValueError, r"window: ", q, k, v, window=window)
-
-
-@pytest.mark.parametrize("causal", ["causal", "top-left", 1, None, 0.5], ids=str)
-def test_causal_invalid(backend, causal):
-    q, k, v = qkv()
+def test_kv_lengths_of_3d_inputs_say_there_is_no_batch_axis(backend):
+    q, k, v = qkv(batch=())
     raises(
         backend,
         ValueError,
+        r"kv_lengths: expected shape \*batch = \(\), got \(2,\): 3-D q, k and v are "
+        r"\(H, L, D\) with no batch axis",
+        q,
+        k,
+        v,
+        kv_lengths=[3, 4],
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "slopes", "match"),
+    [
+        ((), (3,), r"alibi_slopes: expected shape \(Hq,\) = \(4,\), got \(3,\)$"),
+        (
+            (2,),
+            (3,),
+            (
+                r"alibi_slopes: expected shape \(Hq,\) or \(\*batch, Hq\) = \(4,\) or \(2, 4\), "
+                r"got \(3,\)$"
+            ),
+        ),
+    ],
+    ids=["no-batch", "batch"],
+)
+def test_alibi_slopes_shape_message(backend, batch, slopes, match):
+    q, k, v = qkv(batch=batch)
+    raises(backend, ValueError, match, q, k, v, alibi_slopes=np.ones(slopes))
+
+
+# The rule (attention's docstring, Raises): TypeError for a wrong type, ValueError for a right
+# type with a wrong value. bools are not ints here.
+@pytest.mark.parametrize("window", [(-2, 0), (0, -5), (1,), (1, 2, 3)], ids=str)
+def test_window_bad_value(backend, window):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"window(\[[01]\])?: expected", q, k, v, window=window)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [5, (1.5, 2), (3.0, 0), (True, 1), (0, np.True_), "ab", (None, 0), (np.array([3]), 0)],
+    ids=str,
+)
+def test_window_bad_type(backend, window):
+    q, k, v = qkv()
+    raises(backend, TypeError, r"window(\[[01]\])?: expected", q, k, v, window=window)
+
+
+@pytest.mark.parametrize(
+    ("causal", "exc"),
+    [("causal", ValueError), ("top-left", ValueError), (1, TypeError), (None, TypeError)],
+    ids=str,
+)
+def test_causal_invalid(backend, causal, exc):
+    q, k, v = qkv()
+    raises(
+        backend,
+        exc,
         r"causal: expected False, True, 'bottom_right' or 'top_left'",
         q,
         k,
         v,
         causal=causal,
     )
+
+
+def test_numpy_scalars_and_0d_arrays_work_like_python_numbers(backend):
+    q, k, v = qkv()
+    kw = {"scale": 0.25, "softcap": 30.0, "window": (3, 0), "num_threads": 2}
+    expected = cpuattn.attention(q, k, v, backend=backend, **kw)
+    numpy_kw = {
+        "scale": np.array(0.25),
+        "softcap": np.float32(30),
+        "window": (np.int64(3), np.array(0)),
+        "num_threads": np.int32(2),
+    }
+    got = cpuattn.attention(q, k, v, backend=backend, **numpy_kw)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        ({"scale": np.array([0.25])}, TypeError, r"scale: expected a real number"),
+        ({"scale": np.array(True)}, TypeError, r"scale: expected a real number"),
+        ({"scale": np.array(np.inf)}, ValueError, r"scale: expected a finite number"),
+        ({"softcap": "30"}, TypeError, r"softcap: expected a positive number"),
+        ({"softcap": np.True_}, TypeError, r"softcap: expected a positive number"),
+        ({"softcap": np.float32(-1)}, ValueError, r"softcap: expected a positive finite"),
+        ({"num_threads": np.array(2.0)}, TypeError, r"num_threads: expected a positive int"),
+        ({"num_threads": np.int64(0)}, ValueError, r"num_threads: expected a positive int"),
+    ],
+    ids=str,
+)
+def test_scalar_arguments_follow_the_type_value_rule(backend, kw, exc, match):
+    q, k, v = qkv()
+    raises(backend, exc, match, q, k, v, **kw)
 
 
 @pytest.mark.parametrize(
@@ -198,6 +295,16 @@ def test_out_dtype_invalid(backend):
         q.astype(np.float16),
         k.astype(np.float16),
         v.astype(np.float16),
+        out_dtype=np.float64,
+    )
+    # One allowed output dtype is listed once, not as "None, float32 or float32".
+    raises(
+        backend,
+        TypeError,
+        r"out_dtype: expected None or float32 for float32 inputs, got float64$",
+        q,
+        k,
+        v,
         out_dtype=np.float64,
     )
     raises(
@@ -272,6 +379,8 @@ def test_unknown_backend():
         r"'numpy'\), got 'cuda'",
     ):
         cpuattn.attention(q, k, v, backend="cuda")
+    with pytest.raises(TypeError, match=r"backend: expected one of .*, got 1"):
+        cpuattn.attention(q, k, v, backend=1)
 
 
 def test_merge_invalid():

@@ -235,6 +235,36 @@ def test_merge_empty_parts(rng):
     assert merged.dtype == F32
 
 
+@pytest.mark.parametrize("half", [np.float16, "bfloat16"], ids=["f16", "bf16"])
+def test_merge_of_half_parts_works_in_float32(attention, rng, half):
+    """Half parts as attention returns them (out in the half dtype, lse float32): merged in
+    float32, out back in the half dtype, lse float32."""
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16 if half == "bfloat16" else half)
+    q, k, v = (x.astype(dtype) for x in random_qkv(rng, (2,), 4, 2, 30, 200, 16))
+    parts = [
+        attention(q, k[..., a:b, :], v[..., a:b, :], return_lse=True)
+        for a, b in [(0, 70), (70, 200)]
+    ]
+    assert parts[0][0].dtype == dtype
+    assert parts[0][1].dtype == F32
+    out, lse = cpuattn.merge(*zip(*parts, strict=True))
+    assert out.dtype == dtype
+    assert lse.dtype == F32
+    # The same merge on the parts' values in float32, rounded once at the end.
+    out32, lse32 = cpuattn.merge([o.astype(F32) for o, _ in parts], [x for _, x in parts])
+    assert np.array_equal(lse, lse32)
+    assert np.array_equal(out, out32.astype(dtype))
+    whole, whole_lse = attention(q, k, v, return_lse=True, out_dtype=F32)
+    bound = (2e-2 if half == "bfloat16" else 4e-3) * float(np.abs(whole).max())  # 2 roundings
+    np.testing.assert_allclose(out.astype(F32), whole, rtol=0, atol=bound)
+    assert_matches(lse, whole_lse, F32, "lse")
+    # float64 parts stay float64, lse too.
+    out64, lse64 = cpuattn.merge([o.astype(np.float64) for o, _ in parts], [x for _, x in parts])
+    assert out64.dtype == lse64.dtype == np.float64
+
+
 def test_threads_bitwise_identical(native, rng):
     q, k, v = random_qkv(rng, (2,), 8, 2, 300, 500, 32)
     kw = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._api import BACKENDS, run_request
-from ._request import build_request
+from ._request import build_request, check_choice
 
 
 def additive_attention(
@@ -34,8 +34,7 @@ def additive_attention(
     computes ``reduce_sum(scale * tanh(query[..., :, None, :] + key[..., None, :, :]), -1)``,
     a softmax over keys (its mask: True = keep, like cpuattn's bool mask) and ``@ value``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if w is None:
         raise TypeError("w: expected an array of shape (D,), got None")
     req = build_request(

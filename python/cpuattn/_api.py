@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _native, _numpy
-from ._request import build_request
+from ._request import BF16, F32, HALF_DTYPES, build_request, check_choice
 from ._version import __version__
 from ._weights import attention_weights
 
@@ -84,9 +84,12 @@ def attention(
         Written in place and returned: shape ``(*batch, Hq, Lq, Dv)``, the output dtype,
         writable, any strides. May alias the inputs (then a temporary is used).
     num_threads : int, optional
-        Threads for the native backend, used as given. Default: ``OMP_NUM_THREADS``, else all
-        cores, divided among the calls in flight from other Python threads (no
-        oversubscription from a thread pool). Results are bitwise identical for any count.
+        Threads for the native backend. A count is used as given up to 4x the CPUs
+        (``os.cpu_count()``) and silently capped there: more only adds scratch memory and
+        context switches, and a count tuned on a big machine must not fail on a small one.
+        Default: ``OMP_NUM_THREADS``, else all cores, divided among the calls in flight from
+        other Python threads (no oversubscription from a thread pool). Results are bitwise
+        identical for any count. A build without OpenMP, and the NumPy backend, use one.
     backend : "auto", "native" or "numpy"
         "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy.
     out_dtype : dtype, optional
@@ -112,6 +115,23 @@ def attention(
         ``(out, lse, weights)`` with ``return_weights=True``. ``out`` has shape
         ``(*batch, Hq, Lq, Dv)`` (``(Lq, Dv)`` for 2-D inputs) and q's dtype (or ``out_dtype``).
 
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type: an array of an unsupported dtype (integer ``q``, a
+        complex mask), a float or bool where an int belongs (``window=(3.0, 0)``,
+        ``num_threads=True``), a non-number ``scale`` or ``softcap``, a non-string
+        ``backend``.
+    ValueError
+        The right type with a wrong value: shapes that do not fit together, out-of-range
+        numbers (``window=(-2, 0)``, ``num_threads=0``, a NaN ``scale``), an unknown
+        ``causal`` or ``backend`` string.
+
+    Every message starts with the argument's name. NumPy scalars and 0-d arrays are taken
+    wherever a Python number is (``scale=np.float32(0.25)``, ``window=(np.int64(3), 0)``);
+    bools are not numbers here. :class:`KVCache`, :class:`MultiHeadAttention` and
+    :func:`merge` follow the same rule.
+
     Notes
     -----
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
@@ -134,8 +154,7 @@ def attention(
     >>> out.shape, lse.shape
     ((2, 8, 128, 64), (2, 8, 128))
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     req = build_request(
         q,
         k,
@@ -197,12 +216,16 @@ def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    outs : sequence of arrays of one shape ``(..., Lq, Dv)``, float32 or float64.
-    lses : sequence of arrays of shape ``(..., Lq)``, one per part.
+    outs : sequence of arrays of one shape ``(..., Lq, Dv)`` and one dtype
+        float32, float64, float16 or ``ml_dtypes.bfloat16``: what :func:`attention` returns.
+    lses : sequence of floating arrays of shape ``(..., Lq)``, one per part.
 
     Returns
     -------
-    (out, lse), in the dtype of the parts.
+    (out, lse)
+        As :func:`attention` gives them: the sum is taken in float32 (float64 for float64
+        parts); ``out`` comes back in the parts' dtype (half parts: rounded once, at the end)
+        and ``lse`` in the compute dtype, float32 for float16 / bfloat16 parts.
 
     Examples
     --------
@@ -222,32 +245,39 @@ def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
             f"{len(outs)} and {len(lses)}"
         )
     shape, dtype = outs[0].shape, outs[0].dtype
-    if dtype.kind != "f" or len(shape) < 1:
+    if not _is_float(dtype) or len(shape) < 1:
         raise TypeError(
             f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
             f"got dtype {dtype}, shape {shape}"
         )
     for p, (o, x) in enumerate(zip(outs, lses, strict=True)):
-        if o.shape != shape or o.dtype != dtype:
-            raise ValueError(
-                f"outs[{p}]: expected shape {shape} and dtype {dtype} like outs[0], "
-                f"got {o.shape}, {o.dtype}"
-            )
-        if x.shape != shape[:-1] or x.dtype.kind != "f":
+        if o.dtype != dtype:
+            raise TypeError(f"outs[{p}]: expected dtype {dtype} like outs[0], got {o.dtype}")
+        if o.shape != shape:
+            raise ValueError(f"outs[{p}]: expected shape {shape} like outs[0], got {o.shape}")
+        if not _is_float(x.dtype):
+            raise TypeError(f"lses[{p}]: expected a floating array, got dtype {x.dtype}")
+        if x.shape != shape[:-1]:
             raise ValueError(
                 f"lses[{p}]: expected a floating array of shape {shape[:-1]} "
-                f"(outs' shape without Dv), got {x.shape}, {x.dtype}"
+                f"(outs' shape without Dv), got {x.shape}"
             )
-    lse_parts = np.stack(lses).astype(dtype, copy=False)
+    compute = F32 if dtype in HALF_DTYPES else dtype  # as attention: half parts sum in float32
+    lse_parts = np.stack(lses).astype(compute, copy=False)
     lse = np.logaddexp.reduce(lse_parts, axis=0)
     # Where every part is empty the weights would be exp(-inf - -inf): use 0 instead.
     finite = np.isfinite(lse)
     with np.errstate(invalid="ignore"):
         weights = np.where(finite, np.exp(lse_parts - np.where(finite, lse, 0)), 0)
-    out = np.zeros(shape, dtype)
+    out = np.zeros(shape, compute)
     for w, o in zip(weights, outs, strict=True):
-        out += w[..., None] * o
-    return out, lse
+        out += w[..., None] * o.astype(compute, copy=False)
+    return out.astype(dtype, copy=False), lse
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    """A real floating dtype, bfloat16 included (its kind is 'V', not 'f')."""
+    return dtype.kind == "f" or dtype == BF16
 
 
 def info() -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._request import SUPPORTED_DTYPES
+from ._request import BF16, SUPPORTED_DTYPES, as_int
 
 
 class KVCache:
@@ -22,6 +22,9 @@ class KVCache:
         cache = cpuattn.KVCache(batch=1, num_kv_heads=8, max_len=4096, head_dim=128)
         cache.append(k_new, v_new)                     # (1, 8, T, 128) each
         out = cpuattn.attention(q_new, cache.k, cache.v, kv_lengths=cache.lengths, causal=True)
+
+    Sizes are ints (NumPy ints and 0-d integer arrays too; a float or bool is a TypeError, a
+    negative size a ValueError); ``dtype`` is float32, float64, float16 or bfloat16.
     """
 
     def __init__(
@@ -34,23 +37,26 @@ class KVCache:
         value_dim: int | None = None,
         dtype=np.float32,
     ):
+        sizes: dict[str, int] = {}
         for name, n in (
             ("batch", batch),
             ("num_kv_heads", num_kv_heads),
             ("max_len", max_len),
             ("head_dim", head_dim),
+            ("value_dim", head_dim if value_dim is None else value_dim),
         ):
-            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"KVCache: {name} must be a non-negative int, got {n!r}")
-        value_dim = head_dim if value_dim is None else value_dim
+            sizes[name] = as_int(f"KVCache: {name}", n, "an int >= 0")
+            if sizes[name] < 0:
+                raise ValueError(f"KVCache: {name} must be >= 0, got {sizes[name]}")
         dtype = np.dtype(dtype)
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"KVCache: dtype must be float32, float64, float16 or bfloat16, got {dtype}"
             )
-        self.k = np.zeros((batch, num_kv_heads, max_len, head_dim), dtype)
-        self.v = np.zeros((batch, num_kv_heads, max_len, value_dim), dtype)
-        self.lengths = np.zeros(batch, np.int64)
+        b, h, n = sizes["batch"], sizes["num_kv_heads"], sizes["max_len"]
+        self.k = np.zeros((b, h, n, sizes["head_dim"]), dtype)
+        self.v = np.zeros((b, h, n, sizes["value_dim"]), dtype)
+        self.lengths = np.zeros(b, np.int64)
 
     @property
     def max_len(self) -> int:
@@ -60,11 +66,19 @@ class KVCache:
         """Writes ``T`` new positions after each sequence's valid ones.
 
         ``k``: ``(batch, num_kv_heads, T, head_dim)``, ``v``: ``(..., T, value_dim)``, any
-        strides, cast to the cache dtype. Raises ValueError (and changes nothing) if a
-        sequence would pass ``max_len`` or the shapes do not match.
+        strides, real numbers cast to the cache dtype. Everything is checked before anything
+        is written, so a failing append changes nothing: TypeError for k or v that are not
+        real numbers (complex, strings), ValueError if the shapes do not match or a sequence
+        would pass ``max_len``.
         """
         k = np.asarray(k)
         v = np.asarray(v)
+        for name, x in (("k", k), ("v", v)):
+            if x.dtype.kind not in "fiu" and x.dtype != BF16:
+                raise TypeError(
+                    f"KVCache.append: {name}: expected real numbers (cast to the cache's "
+                    f"{self.k.dtype}), got dtype {x.dtype}"
+                )
         b, h, _, d = self.k.shape
         dv = self.v.shape[-1]
         if k.ndim != 4 or k.shape[:2] != (b, h) or k.shape[3] != d:

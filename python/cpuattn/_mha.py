@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from ._api import attention
+from ._api import build_request, run_request
 from ._kvcache import KVCache
+from ._request import BF16, F32, HALF_DTYPES, SUPPORTED_DTYPES, as_int
 
 
 class MultiHeadAttention:
@@ -19,7 +22,9 @@ class MultiHeadAttention:
     written straight into a ``(B, L, H, Dh)`` buffer, so only the projections allocate.
 
     Build with ``MultiHeadAttention(embed_dim, num_heads, ...)`` (random Xavier-uniform
-    weights, zero biases), :meth:`from_arrays` or :meth:`from_torch`.
+    weights, zero biases), :meth:`from_arrays` or :meth:`from_torch`. Sizes are ints (NumPy
+    ints too; a float is a TypeError); ``dtype`` (the weights', :attr:`dtype`) is float32,
+    float64, float16 or bfloat16, anything else a TypeError. Inputs are cast to it.
     """
 
     def __init__(
@@ -34,10 +39,22 @@ class MultiHeadAttention:
         dtype=np.float32,
         seed: int | None = None,
     ):
+        embed_dim = as_int("MultiHeadAttention: embed_dim", embed_dim)
+        num_heads = as_int("MultiHeadAttention: num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_kv_heads = as_int("MultiHeadAttention: num_kv_heads", num_kv_heads)
         _check_heads(embed_dim, num_heads, num_kv_heads)
-        kdim = embed_dim if kdim is None else kdim
-        vdim = embed_dim if vdim is None else vdim
+        kdim = as_int("MultiHeadAttention: kdim", embed_dim if kdim is None else kdim)
+        vdim = as_int("MultiHeadAttention: vdim", embed_dim if vdim is None else vdim)
+        for name, n in (("kdim", kdim), ("vdim", vdim)):
+            if n < 0:
+                raise ValueError(f"MultiHeadAttention: {name} must be >= 0, got {n}")
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                "MultiHeadAttention: dtype must be float32, float64, float16 or bfloat16, "
+                f"got {dtype}"
+            )
         rng = np.random.default_rng(seed)
         kv_dim = num_kv_heads * (embed_dim // num_heads)
 
@@ -84,13 +101,19 @@ class MultiHeadAttention:
 
     @classmethod
     def from_torch(cls, module) -> MultiHeadAttention:
-        """Copies a ``torch.nn.MultiheadAttention``'s weights (float32).
+        """Copies a ``torch.nn.MultiheadAttention``'s weights (float32); anything else is a
+        TypeError.
 
         Call the result with ``(B, L, E)`` inputs whatever the module's ``batch_first``, and
         with cpuattn's mask polarity: torch's ``key_padding_mask`` / bool ``attn_mask`` mark
         *blocked* positions with True, so pass ``mask=~key_padding_mask[:, None, None, :]``
         or ``mask=~attn_mask``. Dropout is not applied (inference).
         """
+        torch = sys.modules.get("torch")  # a module of that class means torch is imported
+        if torch is None or not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(
+                f"from_torch: expected a torch.nn.MultiheadAttention, got {type(module).__name__}"
+            )
         if module.bias_k is not None or module.add_zero_attn:
             raise ValueError("from_torch: add_bias_kv and add_zero_attn are not supported")
 
@@ -122,7 +145,26 @@ class MultiHeadAttention:
         )
 
     def _set(self, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads):
+        num_heads = as_int("MultiHeadAttention: num_heads", num_heads)
+        num_kv_heads = as_int("MultiHeadAttention: num_kv_heads", num_kv_heads)
         w_q, w_k, w_v, w_o = (np.asarray(w) for w in (w_q, w_k, w_v, w_o))
+        for name, x in zip(
+            ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o"),
+            (w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o),
+            strict=True,
+        ):
+            if x is not None and np.asarray(x).dtype not in SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"MultiHeadAttention: {name} must be a float32, float64, float16 or "
+                    f"bfloat16 array, got dtype {np.asarray(x).dtype}"
+                )
+        # One dtype for the layer: the weights' common one; biases follow it.
+        dtype = np.result_type(w_q, w_k, w_v, w_o)
+        w_q, w_k, w_v, w_o = (w.astype(dtype, copy=False) for w in (w_q, w_k, w_v, w_o))
+        b_q, b_k, b_v, b_o = (
+            None if b is None else np.asarray(b).astype(dtype, copy=False)
+            for b in (b_q, b_k, b_v, b_o)
+        )
         embed_dim = w_q.shape[0]
         _check_heads(embed_dim, num_heads, num_kv_heads)
         head_dim = embed_dim // num_heads
@@ -170,13 +212,24 @@ class MultiHeadAttention:
         query: ``(B, Lq, embed_dim)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
         ``mask``, ``causal``, ``window`` and ``kv_lengths`` are those of
         :func:`cpuattn.attention` (bool mask: True = attend), broadcast over heads as given.
-        With ``cache``, the new keys and values are appended to it first and the attention
-        reads the whole cache with ``kv_lengths=cache.lengths`` (then ``kv_lengths`` must be
-        None; pass ``causal=True`` for a decoder). Returns ``(B, Lq, embed_dim)``.
+        With ``cache``, the new keys and values are appended to it and the attention reads the
+        whole cache with ``kv_lengths=cache.lengths`` (then ``kv_lengths`` must be None; pass
+        ``causal=True`` for a decoder). The cache has the layer's dtype, or float16 /
+        bfloat16 under a float32 layer (a half KV cache). Returns ``(B, Lq, embed_dim)`` in
+        the layer's :attr:`dtype`.
+
+        Floating inputs of another dtype are cast to the layer's dtype, as Keras layers do:
+        float64 ``query`` (what ``np.random.randn`` gives) on the default float32 layer is
+        computed and returned in float32. Non-float inputs (integers, complex) are a
+        TypeError.
+
+        Everything (inputs, cache, mask, causal, window) is checked before the cache is
+        appended to: a call that raises leaves ``cache`` unchanged, so a retry sees the
+        same cache.
         """
-        query = np.asarray(query)
-        key = query if key is None else np.asarray(key)
-        value = key if value is None else np.asarray(value)
+        query = self._input("query", query)
+        key = query if key is None else self._input("key", key)
+        value = key if value is None else self._input("value", value)
         if query.ndim != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query: expected (B, Lq, {self.embed_dim}), got {query.shape}")
         for name, x, w in (("key", key, self.w_k), ("value", value, self.w_v)):
@@ -185,26 +238,72 @@ class MultiHeadAttention:
                     f"{name}: expected ({query.shape[0]}, Lk, {w.shape[1]}), got {x.shape}"
                 )
         b, lq, _ = query.shape
-        q = self._heads(_linear(query, self.w_q, self.b_q), self.num_heads)
-        k = self._heads(_linear(key, self.w_k, self.b_k), self.num_kv_heads)
-        v = self._heads(_linear(value, self.w_v, self.b_v), self.num_kv_heads)
+        lk = key.shape[1]
         if cache is not None:
             if kv_lengths is not None:
                 raise ValueError("kv_lengths: must be None with cache= (the cache has lengths)")
-            cache.append(k, v)
-            k, v, kv_lengths = cache.k, cache.v, cache.lengths
+            self._check_cache(cache, b, lk)
+        q = self._heads(_linear(query, self.w_q, self.b_q), self.num_heads)
+        k = self._heads(_linear(key, self.w_k, self.b_k), self.num_kv_heads)
+        v = self._heads(_linear(value, self.w_v, self.b_v), self.num_kv_heads)
         heads = np.empty((b, lq, self.num_heads, self.head_dim), q.dtype)
-        attention(
+        kv = (k, v) if cache is None else (cache.k, cache.v)  # views: they see the append
+        if cache is not None:
+            kv_lengths = cache.lengths + lk  # the lengths after the append
+        # Validates mask, causal, window and shapes before the cache is touched.
+        req = build_request(
             q,
-            k,
-            v,
+            *kv,
             mask=mask,
             causal=causal,
             window=window,
             kv_lengths=kv_lengths,
             out=heads.swapaxes(1, 2),
         )
+        if cache is not None:
+            cache.append(k, v)
+        run_request(req, "auto")
         return _linear(heads.reshape(b, lq, self.embed_dim), self.w_o, self.b_o)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The weights' dtype: inputs are cast to it, and the output has it."""
+        return self.w_q.dtype
+
+    def _input(self, name: str, x) -> np.ndarray:
+        """A floating input cast to the layer's dtype."""
+        x = np.asarray(x)
+        if x.dtype.kind != "f" and x.dtype != BF16:
+            raise TypeError(
+                f"{name}: expected a float array (cast to the layer's {self.dtype}), "
+                f"got dtype {x.dtype}"
+            )
+        return x.astype(self.dtype, copy=False)
+
+    def _check_cache(self, cache, b: int, t: int) -> None:
+        """The checks ``cache.append`` and the attention would make, with this layer's names."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"cache: expected a cpuattn.KVCache or None, got {type(cache).__name__}"
+            )
+        dtype = cache.k.dtype
+        if dtype != self.dtype and not (self.dtype == F32 and dtype in HALF_DTYPES):
+            raise TypeError(
+                f"cache: dtype {dtype} does not go with the layer's {self.dtype}: use a cache of "
+                "the layer's dtype (or float16 / bfloat16 under a float32 layer)"
+            )
+        got = (*cache.k.shape[:2], cache.k.shape[3], cache.v.shape[3])
+        if got != (b, self.num_kv_heads, self.head_dim, self.head_dim):
+            raise ValueError(
+                f"cache: expected KVCache(batch={b}, num_kv_heads={self.num_kv_heads}, max_len, "
+                f"head_dim={self.head_dim}) for this layer and a batch of {b}, got batch="
+                f"{got[0]}, num_kv_heads={got[1]}, head_dim={got[2]}, value_dim={got[3]}"
+            )
+        used = int(cache.lengths.max()) if b else 0
+        if used + t > cache.max_len:
+            raise ValueError(
+                f"cache: {t} new positions after {used} would pass max_len = {cache.max_len}"
+            )
 
     def _heads(self, x: np.ndarray, n_heads: int) -> np.ndarray:
         """(B, L, n * Dh) -> a (B, n, L, Dh) view."""
@@ -220,7 +319,7 @@ def _linear(x, w, b):
 
 
 def _check_heads(embed_dim, num_heads, num_kv_heads):
-    if num_heads < 1 or embed_dim % num_heads:
+    if num_heads < 1 or embed_dim < 1 or embed_dim % num_heads:
         raise ValueError(
             f"MultiHeadAttention: embed_dim {embed_dim} must be a positive "
             f"multiple of num_heads {num_heads}"

@@ -1,13 +1,19 @@
 """Normalize and validate the arguments of ``cpuattn.attention`` once, into a ``Request``.
 
-Both backends take a ``Request``; neither re-derives semantics. Every check raises
-``ValueError`` or ``TypeError`` naming the argument and the expected shape.
+Both backends take a ``Request``; neither re-derives semantics. Every check raises an error
+naming the argument and what was expected, by one rule (also for ``KVCache``,
+``MultiHeadAttention`` and ``merge``): ``TypeError`` for a wrong type (a float where an int
+belongs, a bool where a number belongs, an integer array where a float one belongs),
+``ValueError`` for a right type with a wrong value (a shape, a range). NumPy scalars and 0-d
+arrays are accepted wherever a Python number is (:func:`as_int`, :func:`as_float`); bools are
+not numbers here.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -134,9 +140,16 @@ def build_request(
         )
     dv = v.shape[-1]
     if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
+        # Read as (B, L, H, D), the "heads" are lengths; say so when the real heads divide.
+        hint = (
+            "; if q, k and v are laid out (B, L, H, D), pass their (B, H, L, D) views "
+            "x.swapaxes(-2, -3)"
+            if lk and lq % lk == 0
+            else ""
+        )
         raise ValueError(
             f"k: its {hkv} kv heads must divide q's {hq} heads "
-            f"(GQA/MQA: Hq % Hkv == 0), got q {q.shape}, k {k.shape}"
+            f"(GQA/MQA: Hq % Hkv == 0), got q {q.shape}, k {k.shape}{hint}"
         )
 
     full_mask_shape = (*batch_shape, hq, lq, lk)
@@ -171,6 +184,56 @@ def build_request(
     )
 
 
+def _describe(value) -> str:
+    """A short description of a rejected argument, for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}, dtype {value.dtype}"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return f"{type(value).__name__} {text[:40]}"
+
+
+def _scalar(value):
+    """A 0-d NumPy array as its NumPy scalar; anything else as it is."""
+    return value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
+def as_int(name: str, value, expected: str = "an int") -> int:
+    """``value`` as a Python int: a Python or NumPy integer, or a 0-d integer array.
+
+    Anything else (a float, even 3.0; a bool; a string; a 1-d array) is a ``TypeError``
+    ``"{name}: expected {expected}, got ..."``; callers check the value's range themselves.
+    """
+    value = _scalar(value)
+    if not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+
+
+def as_float(name: str, value, expected: str = "a real number") -> float:
+    """``value`` as a Python float: a real Python or NumPy number (bfloat16 too), or a 0-d
+    array of one. Anything else (a bool, a complex, a string) is a ``TypeError``."""
+    value = _scalar(value)
+    real = isinstance(value, numbers.Real) or (
+        isinstance(value, np.generic) and value.dtype == BF16
+    )
+    if not real or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of the strings ``choices``: TypeError for a non-string,
+    ValueError for another string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {choices}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
 def _as_float_array(name: str, x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype not in SUPPORTED_DTYPES:
@@ -195,42 +258,47 @@ def _dtypes(q, k, v, out_dtype) -> tuple[np.dtype, np.dtype]:
         return compute, q
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (q, compute):
-        raise TypeError(
-            f"out_dtype: expected None, {q} or {compute} for {q} inputs, got {out_dtype}"
-        )
+        *first, last = ["None", *dict.fromkeys(str(t) for t in (q, compute))]  # no repeats
+        allowed = f"{', '.join(first)} or {last}"
+        raise TypeError(f"out_dtype: expected {allowed} for {q} inputs, got {out_dtype}")
     return compute, out_dtype
 
 
 def _causal_mode(causal) -> tuple[bool, str]:
+    causal = _scalar(causal)
     if isinstance(causal, (bool, np.bool_)):
         return bool(causal), "bottom_right"
-    if isinstance(causal, str) and causal in CAUSAL_MODES:
-        return True, causal
-    raise ValueError(f"causal: expected False, True, 'bottom_right' or 'top_left', got {causal!r}")
+    expected = f"causal: expected False, True, 'bottom_right' or 'top_left', got {causal!r}"
+    if not isinstance(causal, str):
+        raise TypeError(expected)
+    if causal not in CAUSAL_MODES:
+        raise ValueError(expected)
+    return True, str(causal)
 
 
 def _window(window) -> tuple[int, int]:
     if window is None:
         return (-1, -1)
+    expected = "a (left, right) pair of ints >= -1 (-1 = unbounded), or None"
     try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise ValueError(f"window: expected (left, right) ints, got {window!r}") from None
-    for side, value in (("left", left), ("right", right)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            # ValueError, not TypeError: every bad window is a ValueError (documented, tested)
-            raise ValueError(f"window: {side} must be an int >= -1, got {value!r}")  # noqa: TRY004
+        sides = None if isinstance(window, str) else tuple(window)
+    except TypeError:
+        sides = None
+    if sides is None:
+        raise TypeError(f"window: expected {expected}, got {_describe(window)}")
+    if len(sides) != 2:
+        raise ValueError(f"window: expected {expected}, got {window!r} ({len(sides)} values)")
+    left, right = (as_int(f"window[{i}]", x, "an int >= -1") for i, x in enumerate(sides))
+    for i, value in enumerate((left, right)):
         if value < -1:
-            raise ValueError(f"window: {side} must be >= -1 (-1 = unbounded), got {value}")
-    return (int(left), int(right))
+            raise ValueError(f"window[{i}]: expected an int >= -1 (-1 = unbounded), got {value}")
+    return (left, right)
 
 
 def _scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
+    scale = as_float("scale", scale, "a real number or None")
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     return scale
@@ -268,8 +336,14 @@ def _kv_lengths(kv_lengths, batch_shape, lk) -> np.ndarray | None:
     try:
         lengths = np.broadcast_to(lengths, batch_shape)
     except ValueError:
+        no_batch = (
+            ": 3-D q, k and v are (H, L, D) with no batch axis, so kv_lengths is one int; "
+            "add a batch axis (x[None]) for lengths per sequence"
+            if batch_shape == ()
+            else ""
+        )
         raise ValueError(
-            f"kv_lengths: expected shape *batch = {batch_shape}, got {lengths.shape}"
+            f"kv_lengths: expected shape *batch = {batch_shape}, got {lengths.shape}{no_batch}"
         ) from None
     if lengths.size and (lengths.min() < 0 or lengths.max() > lk):
         raise ValueError(
@@ -299,11 +373,10 @@ def _out(out, shape, dtype, squeeze_head) -> np.ndarray | None:
 def _softcap(softcap) -> float:
     if softcap is None:
         return 0.0
-    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap: expected a positive number or None, got {softcap!r}")
+    softcap = as_float("softcap", softcap, "a positive number or None")
     if not math.isfinite(softcap) or softcap <= 0:
         raise ValueError(f"softcap: expected a positive finite number or None, got {softcap}")
-    return float(softcap)
+    return softcap
 
 
 def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
@@ -312,10 +385,12 @@ def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
     slopes = np.asarray(slopes)
     if slopes.dtype.kind not in "fiu" and slopes.dtype != BF16:
         raise TypeError(f"alibi_slopes: expected real numbers, got dtype {slopes.dtype}")
-    expected = "(Hq,)" if squeeze_head else "(Hq,) or (*batch, Hq)"
     shape = (hq,) if squeeze_head else (*batch_shape, hq)
     if slopes.shape not in ((hq,), shape):
-        raise ValueError(f"alibi_slopes: expected shape {expected} = {shape}, got {slopes.shape}")
+        expected = f"(Hq,) = {shape}"  # no batch: that is the only shape
+        if shape != (hq,):
+            expected = f"(Hq,) or (*batch, Hq) = {(hq,)} or {shape}"
+        raise ValueError(f"alibi_slopes: expected shape {expected}, got {slopes.shape}")
     slopes = np.ascontiguousarray(np.broadcast_to(slopes, (*batch_shape, hq)), dtype=dtype)
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes: expected finite values")
@@ -339,8 +414,7 @@ def _additive_w(w, d, dtype) -> np.ndarray | None:
 def _num_threads(num_threads) -> int | None:
     if num_threads is None:
         return None
-    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads: expected a positive int or None, got {num_threads!r}")
+    num_threads = as_int("num_threads", num_threads, "a positive int or None")
     if num_threads < 1:
         raise ValueError(f"num_threads: expected a positive int or None, got {num_threads}")
-    return int(num_threads)
+    return num_threads

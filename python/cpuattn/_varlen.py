@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _pick_backend, attention
-from ._request import _alibi, build_request
+from ._request import _alibi, build_request, check_choice
 
 
 def attention_varlen(
@@ -55,8 +55,7 @@ def attention_varlen(
     and very many short sequences keep every thread busy. The NumPy backend runs the
     sequences one after another.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
