@@ -136,8 +136,9 @@ def attention(
     -----
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
-    ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the input
-    dtype with a max-shifted softmax, so logits of any magnitude are safe.
+    ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the compute
+    dtype (float64 for float64 inputs, float32 for everything else, float16 and bfloat16
+    included) with a max-shifted softmax, so logits of any magnitude are safe.
 
     NaN and inf: a row's output depends only on its q row, its mask row and the K/V rows of
     the keys it keeps. A key it does not keep (bool mask False, float mask ``-inf``, causal,
