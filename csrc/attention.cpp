@@ -15,6 +15,7 @@
 #include <omp.h>
 #endif
 
+#include "aligned_buffer.h"
 #include "convert.h"
 #include "kernels/kernel.h"
 #include "mask.h"
@@ -48,25 +49,27 @@ struct TaskRanges {
 // Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
 // head: packed K^T, or V converted from half. Without caching (one query tile, as in decode,
 // or past the element cap) a tile is prepared into the caller's spare buffer every time.
+// Neither buffer is initialized: a tile is read only once its ready flag is set, and the flags
+// are cleared on the first use (owner_ starts at -1) and whenever the owner changes.
 template <typename T>
 class TileCache {
  public:
   void reserve(int64_t tiles, int64_t tile_elems, bool enable) {
     tile_elems_ = tile_elems;
     if (enable && tiles * tile_elems <= kMaxPackedKeyElems) {
-      data_.resize(tiles * tile_elems);
-      ready_.resize(tiles);
+      data_.allocate(tiles * tile_elems);
+      ready_.allocate(tiles);
     }
   }
 
   template <typename Fill>
   const T* get(int64_t owner, int64_t tile, T* spare, const Fill& fill) {
-    if (ready_.empty()) {
+    if (ready_.size() == 0) {
       fill(spare);
       return spare;
     }
     if (owner != owner_) {
-      std::fill(ready_.begin(), ready_.end(), uint8_t(0));
+      std::fill(ready_.data(), ready_.data() + ready_.size(), uint8_t(0));
       owner_ = owner;
     }
     T* dst = data_.data() + tile * tile_elems_;
@@ -78,8 +81,8 @@ class TileCache {
   }
 
  private:
-  std::vector<T> data_;
-  std::vector<uint8_t> ready_;
+  AlignedBuffer<T> data_;
+  AlignedBuffer<uint8_t> ready_;
   int64_t owner_ = -1;  // b * Hkv + kv head, or -1
   int64_t tile_elems_ = 0;
 };
@@ -91,19 +94,23 @@ enum class Operands { Native, Converted, Bf16Pairs };
 // Width of a packed bfloat16 V row: Dv rounded up to whole 16-lane vectors.
 int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
 
-// Per-thread buffers, sized once per call: O(tile) plus the capped tile caches, never
-// O(Lq x Lk).
+// Per-thread buffers, sized once per call before the parallel region: O(tile) plus the capped
+// tile caches, never O(Lq x Lk). Uninitialized (AlignedBuffer): each is written before it is
+// read, by the thread that owns it. Each buffer starts on a cache line, and so does the struct
+// (its own fields, q_first and the caches' owners, change per item): no line is written by
+// two threads.
 template <typename T>
-struct Scratch {
-  std::vector<T> q, kt, vt, stage, s, o, m, l, sums;
-  std::vector<T*> out_rows;  // per row: where its output goes, when out has the compute type
-  int64_t q_first = 0;       // element offset of the tile's first q row
-  std::vector<KeyRange> bounds;
-  std::vector<const void*> mask_rows;
-  std::vector<int64_t> row_pos, row_head, diag;
-  std::vector<T> slopes;
+struct alignas(64) Scratch {
+  AlignedBuffer<T> q, kt, vt, stage, s, o, m, l, sums;
+  AlignedBuffer<T*> out_rows;  // per row: where its output goes, when out has the compute type
+  int64_t q_first = 0;         // element offset of the tile's first q row
+  AlignedBuffer<KeyRange> bounds;
+  AlignedBuffer<const void*> mask_rows;
+  AlignedBuffer<int64_t> row_pos, row_head, diag;
+  AlignedBuffer<T> slopes;
+  AlignedBuffer<T> merged;  // merge_item's sums for one row (Dv)
   TileCache<T> keys, values;
-  std::vector<uint32_t> q_hi, q_lo, kt2, v2;  // Operands::Bf16Pairs only
+  AlignedBuffer<uint32_t> q_hi, q_lo, kt2, v2;  // Operands::Bf16Pairs only
   TileCache<uint32_t> keys2, values2;
 
   // cache: worth it only when several query tiles read the same keys; with one (decode) the
@@ -114,22 +121,22 @@ struct Scratch {
       : q(kTileRows * d), kt(d * kTileKeys), s(kTileRows * kTileKeys), o(kTileRows * dv),
         m(kTileRows), l(kTileRows * kSumSlots), sums(kTileRows), out_rows(kTileRows),
         bounds(kTileRows), mask_rows(kTileRows), row_pos(kTileRows), row_head(kTileRows),
-        diag(kTileRows), slopes(kTileRows) {
+        diag(kTileRows), slopes(kTileRows), merged(dv) {
     const int64_t tiles = (lk + kTileKeys - 1) / kTileKeys;
     if (how == Operands::Bf16Pairs) {
       const int64_t v_elems = kTileKeys / 2 * bf16_values_width(dv);
-      q_hi.resize(kTileRows * pairs);
-      q_lo.resize(kTileRows * pairs);
-      kt2.resize(pairs * kTileKeys);
-      v2.resize(v_elems);
+      q_hi.allocate(kTileRows * pairs);
+      q_lo.allocate(kTileRows * pairs);
+      kt2.allocate(pairs * kTileKeys);
+      v2.allocate(v_elems);
       keys2.reserve(tiles, pairs * kTileKeys, cache);
       values2.reserve(tiles, v_elems, cache);
       return;
     }
     keys.reserve(tiles, kTileKeys * d, cache);
     if (how == Operands::Converted) {
-      vt.resize(kTileKeys * dv);
-      stage.resize(kTileKeys * d);
+      vt.allocate(kTileKeys * dv);
+      stage.allocate(kTileKeys * d);
       values.reserve(tiles, kTileKeys * dv, cache);
     }
   }
@@ -435,15 +442,14 @@ class Driver {
 
   // Combines an item's chunk results (run_item with `partial`), in chunk order, into out and
   // lse: the arithmetic of cpuattn.merge. A chunk with no kept key, or whose weight rounds to
-  // exactly 0, contributes nothing.
-  void merge_item(int64_t item, const T* partials, int64_t chunks) const {
+  // exactly 0, contributes nothing. acc: Dv elements of scratch.
+  void merge_item(int64_t item, const T* partials, int64_t chunks, T* acc) const {
     const ItemPos pos = locate(item);
     const int64_t hk = pos.hk;
     const int64_t r0 = pos.tile * kTileRows;
     const int64_t rows = std::min(kTileRows, pos.rows_per_head_group - r0);
     const int64_t stride = partial_elems(), dv = p_.dv;
     const OutBase base = out_base(pos);
-    std::vector<T> acc(dv);
     for (int64_t r = 0; r < rows; ++r) {
       T m = -std::numeric_limits<T>::infinity();
       for (int64_t c = 0; c < chunks; ++c) {
@@ -451,7 +457,7 @@ class Driver {
         if (part[1] != T(0) && part[0] > m) m = part[0];
       }
       T l = 0;
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc, acc + dv, T(0));
       for (int64_t c = 0; c < chunks; ++c) {
         const T* part = partials + c * stride + r * (dv + 2);
         if (part[1] == T(0)) continue;
@@ -461,7 +467,7 @@ class Driver {
         for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
       }
       const int64_t i = (r0 + r) / group_, h = hk * group_ + (r0 + r) % group_;
-      write_out_row(base, i, h, acc.data(), l);
+      write_out_row(base, i, h, acc, l);
       write_lse(base, i, h, m, l);
     }
   }
@@ -519,8 +525,8 @@ class Driver {
         sc.mask_rows[r] = mask + (row_head[r] * head_stride + row_pos[r] * pos_stride) * item;
       }
     }
-    std::fill(sc.l.begin(), sc.l.begin() + rows * kSumSlots, T(0));
-    std::fill(sc.o.begin(), sc.o.begin() + rows * p_.dv, T(0));
+    std::fill(sc.l.data(), sc.l.data() + rows * kSumSlots, T(0));
+    std::fill(sc.o.data(), sc.o.data() + rows * p_.dv, T(0));
   }
 
   // Query row `r` as bfloat16 pairs, unscaled (the kernel scales the scores): a bfloat16 q
@@ -727,13 +733,15 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
 
   // Allocate before the parallel region: an allocation failure must surface as an exception
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
+  // Nothing allocates or throws inside it.
   std::vector<Scratch<T>> scratch;
   scratch.reserve(threads);
   const bool cache_keys = driver.query_tiles_per_head() != 1;
   for (int t = 0; t < threads; ++t) {
     scratch.emplace_back(p.d, p.dv, driver.max_keys(), cache_keys, how, pairs);
   }
-  std::vector<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
+  // Every task writes its whole partial result before the merge reads it: not initialized.
+  const AlignedBuffer<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
 
   // successor: the task this thread runs next, or -1: a whole-head task prefetches its data.
   const bool whole_heads = items_per_task > 1;
@@ -751,8 +759,9 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
     driver.run_item(task / chunks, sc, {chunk * chunk_keys, (chunk + 1) * chunk_keys},
                     partials.data() + task * driver.partial_elems());
   };
-  auto merge = [&](int64_t item) {
-    driver.merge_item(item, partials.data() + item * chunks * driver.partial_elems(), chunks);
+  auto merge = [&](int64_t item, Scratch<T>& sc) {
+    driver.merge_item(item, partials.data() + item * chunks * driver.partial_elems(), chunks,
+                      sc.merged.data());
   };
   // Whole heads cost the same: runs of consecutive tasks (TaskRuns), the next run taken as the
   // last task of the current one starts, so that every task knows its successor.
@@ -786,7 +795,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
     if (tiles_end) tiles_end();
     if (chunks > 1) {
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < items; ++item) merge(item);
+      for (int64_t item = 0; item < items; ++item) merge(item, sc);
     }
   }
 #else
@@ -797,7 +806,7 @@ void run(const Params& p, const KernelSet& kernels, void (*step)(const TileStep<
     for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
   }
   if (tiles_end) tiles_end();
-  for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item);
+  for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item, scratch[0]);
 #endif
 }
 

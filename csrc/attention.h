@@ -3,12 +3,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace cpuattn {
+#include "types.h"  // DType, MaskKind, Align
 
-enum class DType { F32, F64, F16, BF16 };
-enum class MaskKind { None, Bool, Additive };
-// Which end the causal diagonal (and a window) is anchored to; see DESIGN §1.
-enum class Align { BottomRight = 0, TopLeft = 1 };
+namespace cpuattn {
 
 // A strided view. Strides are in elements and may be zero or negative; the binding has
 // checked that every index inside `shape` lands in the owning buffer.

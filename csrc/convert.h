@@ -1,14 +1,18 @@
 // float16 / bfloat16 <-> float conversions (IEEE round-to-nearest-even, NaN kept, subnormals
 // exact), portable C++: no F16C or AVX512-BF16 needed. Used where half inputs are read
-// (packing q, K and V tiles) and where half outputs are written.
+// (packing q, K and V tiles) and where half outputs are written. Included by the driver and by
+// kernels: defined in the includer's target namespace, with internal linkage (target.h).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#include "attention.h"
+#include "target.h"
+#include "types.h"
 
 namespace cpuattn {
+inline namespace CPUATTN_TARGET {
+namespace {
 
 inline float bits_to_f32(uint32_t b) {
   float f;
@@ -73,4 +77,6 @@ inline void store_as(void* base, DType t, int64_t i, T x) {
   }
 }
 
+}  // namespace
+}  // namespace CPUATTN_TARGET
 }  // namespace cpuattn

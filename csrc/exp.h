@@ -3,7 +3,8 @@
 // split of ln 2), e^r by a polynomial: minimax degree 6 for float, Taylor degree 16 for double.
 // Inputs below the smallest normal result flush to 0, -inf gives 0, past the largest finite
 // result inf, NaN stays NaN. Max error, measured (tests/test_exp.py): 1.3 ulp (float),
-// 0.8 ulp (double). Included inside each kernel's anonymous namespace.
+// 0.8 ulp (double). Included by tile_step.inl, inside the kernel's target namespace and an
+// anonymous one (target.h): each ISA has its own copy, local to its object file.
 #pragma once
 #include <cstdint>
 

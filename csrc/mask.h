@@ -6,11 +6,9 @@
 #include <cstdint>
 #include <limits>
 
-namespace cpuattn {
+#include "types.h"  // KeyRange
 
-struct KeyRange {
-  int64_t lo, hi;  // half-open; empty when hi <= lo
-};
+namespace cpuattn {
 
 // A tile-aligned range of keys one task visits (split-KV), half-open.
 struct KeyChunk {

@@ -1,13 +1,16 @@
 // Binding for the attention driver: converts NumPy buffers to a Params and checks everything
 // that memory safety depends on (shapes agree, strides are whole elements, the last axis is
-// unit-stride, outputs are writable, kv_lengths lie in [0, Lk]). The Python layer has already
-// validated the contract with user-facing messages; these checks only guard the C++ side.
+// unit-stride, outputs are writable, every view lies inside the memory it views, kv_lengths and
+// cu_seqlens are valid offsets). The Python layer has already validated the contract with
+// user-facing messages; these checks only guard the C++ side, so that _core is memory-safe when
+// called directly too.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // std::optional arguments
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -27,8 +30,107 @@ std::vector<int64_t> shape_of(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
+// ---- Every view inside the memory it views ----
+//
+// The kernels trust every index inside a view's shape. NumPy's own views stay inside their
+// memory, but np.lib.stride_tricks.as_strided (an object's __array_interface__) can make an
+// array whose shape and strides reach past it, so the rule here is: every byte an array's shape
+// and strides reach lies inside the memory of the object that owns it. The owner is found by
+// following `base` from the array, through ndarrays (views; their base is read-only) and
+// through other objects' `base` attribute (as_strided's wrapper of the array it views), to the
+// first of:
+//  - an ndarray that owns its data: its shape and strides describe what NumPy allocated;
+//  - an object exporting the buffer protocol (bytes, bytearray, mmap, memoryview, ctypes): the
+//    buffer pybind11's buffer protocol reports;
+//  - anything else: memory NumPy was handed through the C API, DLPack or __array_interface__
+//    by whatever owns it (e.g. a torch tensor's .numpy()), whose bounds only that owner knows:
+//    the last ndarray on the way stands for it, as its owner described it.
+// The call holds the owner, and the exported buffer, until it returns: a thread that drops the
+// wrapper's `base` cannot free the memory, and an exporter cannot resize or close a buffer that
+// is exported. Empty arrays are never dereferenced and need no owner.
+
+// What the call holds until it returns, the GIL held again by then (declared before the
+// gil_scoped_release, it is destroyed after it).
+struct Holds {
+  std::vector<py::object> owners;
+  std::vector<std::unique_ptr<py::buffer_info>> buffers;
+};
+
+// Bytes [lo, hi) that an array at address `data` reaches with this shape and these strides
+// (bytes); false if that overflows int64. Only for arrays with no zero-length axis.
+bool byte_extent(const void* data, int64_t itemsize, const py::ssize_t* shape,
+                 const py::ssize_t* strides, size_t ndim, int64_t& lo, int64_t& hi) {
+  const auto address = static_cast<int64_t>(reinterpret_cast<intptr_t>(data));
+  int64_t below = 0, above = itemsize;
+  for (size_t dim = 0; dim < ndim; ++dim) {
+    int64_t span;
+    if (__builtin_mul_overflow(int64_t(shape[dim]) - 1, int64_t(strides[dim]), &span)) {
+      return false;
+    }
+    int64_t& side = span < 0 ? below : above;
+    if (__builtin_add_overflow(side, span, &side)) return false;
+  }
+  return !__builtin_add_overflow(address, below, &lo) &&
+         !__builtin_add_overflow(address, above, &hi);
+}
+
+bool array_extent(const py::array& a, int64_t& lo, int64_t& hi) {
+  return byte_extent(a.data(), a.itemsize(), a.shape(), a.strides(), size_t(a.ndim()), lo, hi);
+}
+
+// Fails unless every byte `a` reaches lies inside the memory of its owner (the rule above).
+void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
+  if (a.size() == 0) return;
+  int64_t lo, hi;
+  const std::string outside = std::string(name) + " reaches outside the memory it views";
+  if (!array_extent(a, lo, hi)) fail(outside);
+  py::array last = a;  // the last ndarray on the way to the owner
+  py::object at = a;
+  int64_t owner_lo = 0, owner_hi = 0;
+  for (int hops = 0;; ++hops) {
+    if (hops > 64) fail(std::string(name) + ": its chain of `base` objects is too long");
+    if (py::isinstance<py::array>(at)) {
+      last = py::reinterpret_borrow<py::array>(at);
+      const py::object base = last.base();
+      if (last.owndata() || base.is_none()) {  // NumPy's allocation, or foreign memory
+        if (!array_extent(last, owner_lo, owner_hi)) fail(outside);
+        holds.owners.push_back(last);
+        break;
+      }
+      at = base;
+      continue;
+    }
+    if (PyObject_CheckBuffer(at.ptr())) {
+      std::unique_ptr<py::buffer_info> info;
+      try {
+        info = std::make_unique<py::buffer_info>(py::reinterpret_borrow<py::buffer>(at).request());
+      } catch (const py::error_already_set&) {
+        fail(std::string(name) + ": the object that owns its memory did not export its buffer");
+      }
+      if (info->size == 0 ||
+          !byte_extent(info->ptr, info->itemsize, info->shape.data(), info->strides.data(),
+                       info->shape.size(), owner_lo, owner_hi)) {
+        fail(outside);
+      }
+      holds.owners.push_back(at);
+      holds.buffers.push_back(std::move(info));
+      break;
+    }
+    py::object next = py::getattr(at, "base", py::none());
+    if (next.is_none() || next.is(at)) {  // foreign memory: as `last` describes it
+      if (!array_extent(last, owner_lo, owner_hi)) fail(outside);
+      holds.owners.push_back(last);
+      break;
+    }
+    at = next;
+  }
+  if (lo < owner_lo || hi > owner_hi) fail(outside);
+}
+
 // Strides in elements; with unit_last the last axis (if longer than 1) must be unit-stride.
-cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool writable) {
+// Checks that the view lies inside the memory it views (check_inside_owner).
+cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool writable,
+                      Holds& holds) {
   if (writable && !a.writeable()) fail(std::string(name) + " is read-only");
   const int64_t item = a.itemsize();
   if (reinterpret_cast<uintptr_t>(a.data()) % static_cast<uintptr_t>(item) != 0 && a.size() > 0) {
@@ -47,6 +149,7 @@ cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool
       v.strides.back() != 1) {
     fail(std::string(name) + " must be unit-stride on its last axis");
   }
+  check_inside_owner(name, a, holds);
   return v;
 }
 
@@ -66,24 +169,31 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
   throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
 }
 
-// Packed-sequence offsets: int64, contiguous, B + 1 of them, 0 first, non-decreasing, `total`
-// last (so every sequence lies inside its array). Returns B.
-int64_t offsets_of(const char* name, const py::array& a, int64_t total, const int64_t** data) {
+// The int64 values of a small C-contiguous array, copied: the driver reads the copy, which
+// was validated and which no Python thread can change once the GIL is released.
+std::vector<int64_t> copy_int64(const char* name, const py::array& a, Holds& holds) {
   if (!a.dtype().is(py::dtype::of<int64_t>())) {
     throw py::type_error(std::string("_core.attention: ") + name + " must be int64");
   }
-  if (a.ndim() != 1 || a.size() < 1 || !(a.flags() & py::array::c_style)) {
-    fail(std::string(name) + " must be a contiguous 1-D array of B + 1 offsets");
-  }
-  const auto* cu = static_cast<const int64_t*>(a.data());
-  const int64_t n = a.size();
+  if (!(a.flags() & py::array::c_style)) fail(std::string(name) + " must be C-contiguous");
+  check_inside_owner(name, a, holds);
+  const auto* values = static_cast<const int64_t*>(a.data());
+  return std::vector<int64_t>(values, values + a.size());
+}
+
+// Packed-sequence offsets, copied: int64, contiguous, B + 1 of them, 0 first, non-decreasing,
+// `total` last (so every sequence lies inside its array).
+std::vector<int64_t> offsets_of(const char* name, const py::array& a, int64_t total, Holds& holds) {
+  if (a.ndim() != 1 || a.size() < 1)
+    fail(std::string(name) + " must be a 1-D array of B + 1 offsets");
+  std::vector<int64_t> cu = copy_int64(name, a, holds);
+  const size_t n = cu.size();
   if (cu[0] != 0 || cu[n - 1] != total)
     fail(std::string(name) + " must run from 0 to the total length");
-  for (int64_t b = 1; b < n; ++b) {
+  for (size_t b = 1; b < n; ++b) {
     if (cu[b] < cu[b - 1]) fail(std::string(name) + " must be non-decreasing");
   }
-  *data = cu;
-  return n - 1;
+  return cu;
 }
 
 bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn::DType::BF16; }
@@ -96,6 +206,9 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                const std::optional<py::array>& cu_seqlens_q,
                const std::optional<py::array>& cu_seqlens_k) {
   cpuattn::Params p;
+  Holds holds;  // the arrays' owners and buffers, until the call returns
+  // Private copies of the offsets the driver reads (copy_int64).
+  std::vector<int64_t> lengths, cu_q, cu_k;
   // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
   p.q_dtype = dtype_of("q", q);
   p.kv_dtype = dtype_of("k", k);
@@ -136,16 +249,16 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   expect_shape("out", out, with_batch({p.hq, p.lq, p.dv}));
   if (p.hkv == 0 ? p.hq != 0 : p.hq % p.hkv != 0) fail("Hq must be a multiple of Hkv");
 
-  p.q = view_of("q", q, true, false);
-  p.k = view_of("k", k, true, false);
-  p.v = view_of("v", v, true, false);
-  p.out = view_of("out", out, true, true);
+  p.q = view_of("q", q, true, false, holds);
+  p.k = view_of("k", k, true, false, holds);
+  p.v = view_of("v", v, true, false, holds);
+  p.out = view_of("out", out, true, true, holds);
 
   if (lse) {
     if (dtype_of("lse", *lse) != p.dtype)
       throw py::type_error("_core.attention: lse must have the compute dtype");
     expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
-    p.lse = view_of("lse", *lse, false, true);
+    p.lse = view_of("lse", *lse, false, true, holds);
   }
   if (mask) {
     if (mask->dtype().is(py::dtype::of<bool>())) {
@@ -156,19 +269,23 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
       throw py::type_error("_core.attention: mask must be bool or the compute dtype");
     }
     expect_shape("mask", *mask, with_batch({p.hq, p.lq, p.lk}));
-    p.mask = view_of("mask", *mask, false, false);
+    p.mask = view_of("mask", *mask, false, false, holds);
   }
   if (kv_lengths) {
     if (!kv_lengths->dtype().is(py::dtype::of<int64_t>())) {
       throw py::type_error("_core.attention: kv_lengths must be int64");
     }
     expect_shape("kv_lengths", *kv_lengths, p.batch_shape);
-    if (!(kv_lengths->flags() & py::array::c_style)) fail("kv_lengths must be C-contiguous");
-    const auto* len = static_cast<const int64_t*>(kv_lengths->data());
-    for (py::ssize_t b = 0; b < kv_lengths->size(); ++b) {
-      if (len[b] < 0 || len[b] > p.lk) fail("kv_lengths values must lie in [0, Lk]");
+    lengths = copy_int64("kv_lengths", *kv_lengths, holds);
+    for (int64_t n_keys : lengths) {
+      if (n_keys < 0 || n_keys > p.lk) fail("kv_lengths values must lie in [0, Lk]");
     }
-    p.kv_lengths = view_of("kv_lengths", *kv_lengths, false, false);
+    // The copy, row-major over *batch (an empty batch has no work item that reads it).
+    p.kv_lengths.data = lengths.data();
+    p.kv_lengths.strides.assign(nb, 1);
+    for (size_t dim = nb; dim-- > 1;) {
+      p.kv_lengths.strides[dim - 1] = p.kv_lengths.strides[dim] * p.batch_shape[dim];
+    }
   }
   if (align != 0 && align != 1) fail("align must be 0 (bottom-right) or 1 (top-left)");
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
@@ -179,10 +296,12 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     if (nb != 0) fail("packed sequences take q, k, v as (H, total, D)");
     if (mask || kv_lengths || additive_w)
       fail("packed sequences take no mask, kv_lengths or additive_w");
-    const int64_t batch = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, &p.cu_seqlens_q);
-    if (offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, &p.cu_seqlens_k) != batch) {
-      fail("cu_seqlens_q and cu_seqlens_k differ in length");
-    }
+    cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, holds);
+    cu_k = offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, holds);
+    if (cu_q.size() != cu_k.size()) fail("cu_seqlens_q and cu_seqlens_k differ in length");
+    p.cu_seqlens_q = cu_q.data();
+    p.cu_seqlens_k = cu_k.data();
+    const auto batch = static_cast<int64_t>(cu_q.size()) - 1;
     // Sequences are the batch: stride 0, each found by its row offsets.
     p.batch_shape = {batch};
     for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse}) {
@@ -198,13 +317,14 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     std::vector<int64_t> want(p.batch_shape);
     want.push_back(p.hq);
     expect_shape("alibi", *alibi, want);
-    p.alibi = view_of("alibi", *alibi, false, false);
+    p.alibi = view_of("alibi", *alibi, false, false, holds);
   }
   if (additive_w) {
     if (dtype_of("additive_w", *additive_w) != p.dtype)
       throw py::type_error("_core.attention: additive_w must have the compute dtype");
     expect_shape("additive_w", *additive_w, {p.d});
     if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
+    check_inside_owner("additive_w", *additive_w, holds);
     p.additive_w = additive_w->data();
   }
   p.scale = scale;
@@ -214,8 +334,9 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.window_right = window_right;
   p.num_threads = num_threads;
 
-  // Safe without the GIL: every buffer is owned by an argument that outlives this call, and
-  // the driver only touches the memory described by the views checked above.
+  // Safe without the GIL: every view lies inside memory that `holds` keeps alive (and exported,
+  // for buffer objects) until the call returns, the driver only touches the memory described
+  // by the views checked above, and the offsets it reads are private copies, validated here.
   py::gil_scoped_release release;
   cpuattn::attention(p);
 }

@@ -1,6 +1,7 @@
 // The avx512_bf16 kernels plus AMX tiles for bfloat16 K/V (flags set in CMakeLists.txt):
 // tile_step_amx where Dv allows it (the driver checks), the AVX-512 float32 conversion path
 // otherwise (on AMX CPUs vdpbf16ps is slower than converting and using FMAs).
+#define CPUATTN_TARGET avx512_amx  // this ISA's namespace (target.h): before any include
 #include <immintrin.h>  // before the namespace below: exp.h uses vscalefps
 
 #include "convert.h"
@@ -8,12 +9,14 @@
 
 #define CPUATTN_VEC_BYTES 64
 
+namespace cpuattn {
+inline namespace CPUATTN_TARGET {
 namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
 #include "kernels/amx_step.inl"
-constexpr cpuattn::KernelSet amx_kernels() {
-  cpuattn::KernelSet k = portable_kernels("avx512_amx");
+constexpr KernelSet amx_kernels() {
+  KernelSet k = portable_kernels("avx512_amx");
   k.step_bf16_tiles = &tile_step_amx;
   k.tiles_begin = &configure_tiles;
   k.tiles_end = &release_tiles;
@@ -22,7 +25,7 @@ constexpr cpuattn::KernelSet amx_kernels() {
   return k;
 }
 }  // namespace
+}  // namespace CPUATTN_TARGET
 
-namespace cpuattn {
 extern const KernelSet kAvx512AmxKernels = amx_kernels();
 }  // namespace cpuattn

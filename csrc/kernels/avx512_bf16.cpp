@@ -1,6 +1,7 @@
 // The avx512 kernels plus bfloat16 dot products (AVX512-BF16, flags set in CMakeLists.txt):
 // the float32 and float64 steps are the avx512 ones compiled again; bfloat16 K/V use
 // tile_step_bf16 instead of being converted to float32.
+#define CPUATTN_TARGET avx512_bf16  // this ISA's namespace (target.h): before any include
 #include <immintrin.h>  // before the namespace below: exp.h uses vscalefps
 
 #include "convert.h"
@@ -8,18 +9,20 @@
 
 #define CPUATTN_VEC_BYTES 64
 
+namespace cpuattn {
+inline namespace CPUATTN_TARGET {
 namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
-constexpr cpuattn::KernelSet bf16_kernels() {
-  cpuattn::KernelSet k = portable_kernels("avx512_bf16");
+constexpr KernelSet bf16_kernels() {
+  KernelSet k = portable_kernels("avx512_bf16");
   k.step_bf16 = &tile_step_bf16;
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;
 }
 }  // namespace
+}  // namespace CPUATTN_TARGET
 
-namespace cpuattn {
 extern const KernelSet kAvx512Bf16Kernels = bf16_kernels();
 }  // namespace cpuattn

@@ -5,7 +5,7 @@
 // the output stay float32. p is rounded to bfloat16 for P.V (relative error <= 2^-9 a weight)
 // when the output is bfloat16 anyway; for a float32 output p is split into two bfloat16
 // (p_hi + p_lo, 2^-17), as is a float32 q: twice the products, float32 accuracy. Include after
-// tile_step.inl and convert.h, inside tile_step.inl's anonymous namespace.
+// tile_step.inl and convert.h, inside tile_step.inl's namespaces.
 
 #if !defined(__AVX512BF16__)
 #error "bf16_step.inl needs -mavx512bf16"
@@ -24,7 +24,16 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   const int64_t pairs = a.d_pairs;
   const uint32_t* qh = a.q_hi + r0 * pairs;
   const uint32_t* ql = kSplitQ ? a.q_lo + r0 * pairs : nullptr;
-  if (pairs <= 0) return;  // never (d >= 1), but without it GCC keeps acc in a stack array
+  const __m512 scale = _mm512_set1_ps(a.dot_scale);
+  if (pairs <= 0) {
+    // D = 0: every score is 0 (times the scale, as below). A branch of its own: with the
+    // empty loop reaching the stores below, GCC keeps acc in a stack array.
+    const __m512 s = soft_cap(_mm512_mul_ps(_mm512_setzero_ps(), scale), a.softcap);
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < CB; ++c) _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, s);
+    }
+    return;
+  }
   __m512 acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -42,7 +51,6 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
       }
     }
   }
-  const __m512 scale = _mm512_set1_ps(a.dot_scale);
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) {
       const __m512 s = _mm512_mul_ps(acc[r][c], scale);

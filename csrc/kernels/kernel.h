@@ -1,5 +1,7 @@
 // The micro-kernel interface: one (query tile x key tile) step of online-softmax attention.
 // Every ISA implements the same step; the driver owns packing, tiling and finalization.
+// Included by the kernel translation units, under their ISA's flags: types and declarations
+// only, no function bodies (see target.h).
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -7,9 +9,8 @@
 #include <utility>  // std::integer_sequence, for lane shuffles in the kernels
 #include <vector>
 
-#include "attention.h"
-#include "mask.h"
 #include "tiles.h"
+#include "types.h"
 
 namespace cpuattn {
 

@@ -1,12 +1,15 @@
 // The portable tile step compiled for the scalar target (flags set in CMakeLists.txt).
+#define CPUATTN_TARGET scalar  // this ISA's namespace (target.h): before any include
 #include "kernels/kernel.h"
 
 #define CPUATTN_VEC_BYTES 16
 
+namespace cpuattn {
+inline namespace CPUATTN_TARGET {
 namespace {
 #include "kernels/tile_step.inl"
 }  // namespace
+}  // namespace CPUATTN_TARGET
 
-namespace cpuattn {
 extern const KernelSet kScalarKernels = portable_kernels("scalar");
 }  // namespace cpuattn

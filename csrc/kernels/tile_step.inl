@@ -1,8 +1,13 @@
 // Portable body of the tile step: register-blocked loops over GCC/Clang vector extensions,
 // compiled once per ISA with that ISA's vector width (CPUATTN_VEC_BYTES, set by the includer).
-// Include it inside an anonymous namespace only: every ISA's copy must have internal linkage,
-// or the linker may merge an AVX-512 copy into the scalar path. No std:: templates here for the
-// same reason. The includer includes kernels/kernel.h first (it brings the standard headers).
+// Include it inside namespace cpuattn::CPUATTN_TARGET and an anonymous namespace there only:
+// every ISA's copy must have internal linkage, or the linker may merge an AVX-512 copy into the
+// scalar path (target.h). No std:: templates here for the same reason. The includer includes
+// kernels/kernel.h first (it brings the standard headers).
+#if !defined(CPUATTN_TARGET) || defined(CPUATTN_TARGET_IS_BASELINE)
+#error "a kernel defines CPUATTN_TARGET (its ISA's name) before any include (target.h)"
+#endif
+
 #include "exp.h"
 
 #ifndef CPUATTN_VEC_BYTES
