@@ -26,6 +26,7 @@ class AlignedBuffer {
 
   // Replaces the contents by n uninitialized elements (none: nullptr).
   void allocate(int64_t n) {
+    if (n > 0 && static_cast<uint64_t>(n) > SIZE_MAX / sizeof(T)) throw std::bad_array_new_length();
     data_.reset(n > 0 ? static_cast<T*>(::operator new(sizeof(T) * static_cast<size_t>(n), kAlign))
                       : nullptr);
     size_ = n > 0 ? n : 0;

@@ -56,7 +56,8 @@ class TileCache {
  public:
   void reserve(int64_t tiles, int64_t tile_elems, bool enable) {
     tile_elems_ = tile_elems;
-    if (enable && tiles * tile_elems <= kMaxPackedKeyElems) {
+    // Division, not tiles * tile_elems: with a huge Lk (a zero-stride K) the product overflows.
+    if (enable && tile_elems > 0 && tiles <= kMaxPackedKeyElems / tile_elems) {
       data_.allocate(tiles * tile_elems);
       ready_.allocate(tiles);
     }
@@ -532,6 +533,7 @@ class Driver {
   // Query row `r` as bfloat16 pairs, unscaled (the kernel scales the scores): a bfloat16 q
   // as it is, another q split into hi + lo (split_bf16); zero pairs past D.
   void pack_query_pairs(int64_t src, int64_t r, Scratch<T>& sc) const {
+    if (pairs_ == 0) return;  // D = 0: no pairs, and no buffer to copy into (memcpy to null)
     uint32_t* hi = sc.q_hi.data() + r * pairs_;
     uint32_t* lo = sc.q_lo.data() + r * pairs_;
     std::fill(hi + p_.d / 2, hi + pairs_, 0u);

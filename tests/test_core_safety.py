@@ -5,6 +5,7 @@ bounds (the binding validates a private copy, then releases the GIL)."""
 
 import mmap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -272,3 +273,89 @@ def test_cu_seqlens_written_during_the_call(rng):
 
     for out in toggle_while(call, cu_k, 1, 1000, -(2**40)):
         np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+
+
+# ---- owners that describe no memory (review findings) ----
+
+
+@pytest.mark.parametrize("operand", ["k", "out"])
+def test_view_of_an_empty_owner_with_made_up_strides(qkv, operand):
+    q, k, v = qkv
+    args = {"q": q, "k": k, "v": v, "out": out_array()}
+    # NumPy lets anyone set an empty array's strides: its "extent" then says nothing about
+    # the (1-byte) allocation behind it.
+    owner = np.empty((0, 1 << 20), F32)
+    with warnings.catch_warnings():  # deprecated in NumPy 2.4, still possible
+        warnings.simplefilter("ignore", DeprecationWarning)
+        owner.strides = (1 << 30, 4)
+    target = args[operand]
+    args[operand] = as_strided(owner, target.shape, (0, 0, -(1 << 20), 4))
+    with pytest.raises(ValueError, match=f"{operand} reaches outside the memory it views"):
+        core(**args)
+
+
+def test_view_of_an_empty_owner(qkv):
+    q, k, v = qkv
+    out = as_strided(np.empty(0, F32), (B, HQ, LQ, DV), (0, 0, 0, 4))
+    with pytest.raises(ValueError, match="out reaches outside the memory it views"):
+        core(q, k, v, out)
+
+
+def array_with_null_base(backing):
+    """An ndarray over backing's memory whose base is NULL, as the C API (PyArray_New without a
+    base, e.g. SWIG's ARGOUTVIEW) makes it: foreign memory that only its maker can bound."""
+    import ctypes
+
+    capsule = np._core._multiarray_umath._ARRAY_API
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    table = ctypes.cast(get(capsule, None), ctypes.POINTER(ctypes.c_void_p))
+    ssize_p = ctypes.POINTER(ctypes.c_ssize_t)
+    new = ctypes.PYFUNCTYPE(
+        ctypes.py_object,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ssize_p,
+        ctypes.c_int,
+        ssize_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    )(table[93])  # PyArray_New
+    dims = (ctypes.c_ssize_t * backing.ndim)(*backing.shape)
+    strides = (ctypes.c_ssize_t * backing.ndim)(*backing.strides)
+    writeable = 0x0400
+    return new(
+        table[2],  # &PyArray_Type
+        backing.ndim,
+        dims,
+        backing.dtype.num,
+        strides,
+        backing.ctypes.data,
+        0,
+        writeable,
+        None,
+    )
+
+
+def test_array_with_a_null_base_is_bounded_by_itself(qkv):
+    q, k, v = qkv
+    foreign = array_with_null_base(q)
+    assert foreign.base is None
+    assert not foreign.flags.owndata
+    np.testing.assert_array_equal(foreign, q)
+    out, expected = out_array(), out_array()
+    core(foreign, k, v, out)
+    core(q, k, v, expected)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_window_sides_past_any_distance_are_unbounded(qkv):
+    q, k, v = qkv
+    huge = 2**63 - 1
+    out, expected = out_array(), out_array()
+    args = (None, None, None, 0.5, False, 0)
+    _native._core.attention(q, k, v, out, *args, huge, huge, 0, 0.0, None, None)
+    _native._core.attention(q, k, v, expected, *args, -1, -1, 0, 0.0, None, None)
+    np.testing.assert_array_equal(out, expected)

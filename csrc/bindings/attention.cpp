@@ -51,9 +51,21 @@ std::vector<int64_t> shape_of(const py::array& a) {
 
 // What the call holds until it returns, the GIL held again by then (declared before the
 // gil_scoped_release, it is destroyed after it).
+// A buffer exported by its owner, released when the call ends.
+struct ExportedBuffer {
+  Py_buffer view{};
+  bool held = false;
+  ExportedBuffer() = default;
+  ExportedBuffer(const ExportedBuffer&) = delete;
+  ExportedBuffer& operator=(const ExportedBuffer&) = delete;
+  ~ExportedBuffer() {
+    if (held) PyBuffer_Release(&view);
+  }
+};
+
 struct Holds {
   std::vector<py::object> owners;
-  std::vector<std::unique_ptr<py::buffer_info>> buffers;
+  std::vector<std::unique_ptr<ExportedBuffer>> buffers;
 };
 
 // Bytes [lo, hi) that an array at address `data` reaches with this shape and these strides
@@ -92,8 +104,11 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
     if (py::isinstance<py::array>(at)) {
       last = py::reinterpret_borrow<py::array>(at);
       const py::object base = last.base();
-      if (last.owndata() || base.is_none()) {  // NumPy's allocation, or foreign memory
-        if (!array_extent(last, owner_lo, owner_hi)) fail(outside);
+      // NumPy's allocation, or foreign memory (a base of None, or NULL through the C API).
+      if (last.owndata() || !base || base.is_none()) {
+        // A non-empty view never lies inside an empty owner (whose strides NumPy lets anyone
+        // set, and whose allocation may be a single byte).
+        if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail(outside);
         holds.owners.push_back(last);
         break;
       }
@@ -101,24 +116,27 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
       continue;
     }
     if (PyObject_CheckBuffer(at.ptr())) {
-      std::unique_ptr<py::buffer_info> info;
-      try {
-        info = std::make_unique<py::buffer_info>(py::reinterpret_borrow<py::buffer>(at).request());
-      } catch (const py::error_already_set&) {
+      // Only the extent is needed: no format asked for, so any exporter that can give strides
+      // qualifies.
+      auto exported = std::make_unique<ExportedBuffer>();
+      if (PyObject_GetBuffer(at.ptr(), &exported->view, PyBUF_STRIDES) != 0) {
+        PyErr_Clear();
         fail(std::string(name) + ": the object that owns its memory did not export its buffer");
       }
-      if (info->size == 0 ||
-          !byte_extent(info->ptr, info->itemsize, info->shape.data(), info->strides.data(),
-                       info->shape.size(), owner_lo, owner_hi)) {
+      exported->held = true;
+      const Py_buffer& b = exported->view;
+      static_assert(sizeof(Py_ssize_t) == sizeof(py::ssize_t), "Py_ssize_t is pybind11's ssize_t");
+      if (b.len == 0 ||
+          !byte_extent(b.buf, b.itemsize, b.shape, b.strides, size_t(b.ndim), owner_lo, owner_hi)) {
         fail(outside);
       }
       holds.owners.push_back(at);
-      holds.buffers.push_back(std::move(info));
+      holds.buffers.push_back(std::move(exported));
       break;
     }
     py::object next = py::getattr(at, "base", py::none());
     if (next.is_none() || next.is(at)) {  // foreign memory: as `last` describes it
-      if (!array_extent(last, owner_lo, owner_hi)) fail(outside);
+      if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail(outside);
       holds.owners.push_back(last);
       break;
     }
@@ -157,13 +175,24 @@ void expect_shape(const char* name, const py::array& a, const std::vector<int64_
   if (shape_of(a) != want) fail(std::string(name) + " has the wrong shape");
 }
 
+// Whether a's dtype is T's: compared by type number and native byte order, never by
+// identity (an array unpickled with protocol 5, as dask or multiprocessing deliver it, has an
+// equal dtype that is not NumPy's singleton).
+template <typename T>
+bool has_dtype(const py::array& a) {
+  const py::dtype dt = a.dtype();
+  return dt.num() == py::dtype::of<T>().num() && dt.byteorder() != '>' && dt.byteorder() != '<';
+}
+bool is_int64(const py::array& a) { return has_dtype<int64_t>(a); }
+
 // The storage type of an array the kernels may read or write; anything else is a TypeError.
 // bfloat16 (ml_dtypes) has no NumPy type number of its own: known by name and size.
 cpuattn::DType dtype_of(const char* name, const py::array& a) {
   const py::dtype dt = a.dtype();
-  if (dt.is(py::dtype::of<float>())) return cpuattn::DType::F32;
-  if (dt.is(py::dtype::of<double>())) return cpuattn::DType::F64;
-  if (dt.is(py::dtype("float16"))) return cpuattn::DType::F16;
+  if (has_dtype<float>(a)) return cpuattn::DType::F32;
+  if (has_dtype<double>(a)) return cpuattn::DType::F64;
+  if (dt.num() == py::dtype("float16").num() && dt.byteorder() != '>' && dt.byteorder() != '<')
+    return cpuattn::DType::F16;
   if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16")
     return cpuattn::DType::BF16;
   throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
@@ -172,9 +201,8 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
 // The int64 values of a small C-contiguous array, copied: the driver reads the copy, which
 // was validated and which no Python thread can change once the GIL is released.
 std::vector<int64_t> copy_int64(const char* name, const py::array& a, Holds& holds) {
-  if (!a.dtype().is(py::dtype::of<int64_t>())) {
+  if (!is_int64(a))
     throw py::type_error(std::string("_core.attention: ") + name + " must be int64");
-  }
   if (!(a.flags() & py::array::c_style)) fail(std::string(name) + " must be C-contiguous");
   check_inside_owner(name, a, holds);
   const auto* values = static_cast<const int64_t*>(a.data());
@@ -184,6 +212,8 @@ std::vector<int64_t> copy_int64(const char* name, const py::array& a, Holds& hol
 // Packed-sequence offsets, copied: int64, contiguous, B + 1 of them, 0 first, non-decreasing,
 // `total` last (so every sequence lies inside its array).
 std::vector<int64_t> offsets_of(const char* name, const py::array& a, int64_t total, Holds& holds) {
+  if (!is_int64(a))
+    throw py::type_error(std::string("_core.attention: ") + name + " must be int64");
   if (a.ndim() != 1 || a.size() < 1)
     fail(std::string(name) + " must be a 1-D array of B + 1 offsets");
   std::vector<int64_t> cu = copy_int64(name, a, holds);
@@ -261,7 +291,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     p.lse = view_of("lse", *lse, false, true, holds);
   }
   if (mask) {
-    if (mask->dtype().is(py::dtype::of<bool>())) {
+    if (has_dtype<bool>(*mask)) {
       p.mask_kind = cpuattn::MaskKind::Bool;
     } else if (dtype_of("mask", *mask) == p.dtype) {
       p.mask_kind = cpuattn::MaskKind::Additive;
@@ -272,9 +302,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     p.mask = view_of("mask", *mask, false, false, holds);
   }
   if (kv_lengths) {
-    if (!kv_lengths->dtype().is(py::dtype::of<int64_t>())) {
-      throw py::type_error("_core.attention: kv_lengths must be int64");
-    }
+    if (!is_int64(*kv_lengths)) throw py::type_error("_core.attention: kv_lengths must be int64");
     expect_shape("kv_lengths", *kv_lengths, p.batch_shape);
     lengths = copy_int64("kv_lengths", *kv_lengths, holds);
     for (int64_t n_keys : lengths) {
@@ -324,14 +352,16 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
       throw py::type_error("_core.attention: additive_w must have the compute dtype");
     expect_shape("additive_w", *additive_w, {p.d});
     if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
-    check_inside_owner("additive_w", *additive_w, holds);
-    p.additive_w = additive_w->data();
+    p.additive_w = view_of("additive_w", *additive_w, true, false, holds).data;
   }
   p.scale = scale;
   p.causal = causal;
   p.align = static_cast<cpuattn::Align>(align);
-  p.window_left = window_left;
-  p.window_right = window_right;
+  // A window side longer than any query-key distance (< Lq + Lk) keeps the same keys as an
+  // unbounded one; as -1 it cannot overflow the diagonal arithmetic of mask.h.
+  const auto bounded = [&](int64_t side) { return side > p.lq + p.lk ? int64_t(-1) : side; };
+  p.window_left = bounded(window_left);
+  p.window_right = bounded(window_right);
   p.num_threads = num_threads;
 
   // Safe without the GIL: every view lies inside memory that `holds` keeps alive (and exported,
