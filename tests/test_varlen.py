@@ -145,45 +145,13 @@ def test_core_rejects_bad_offsets(rng, cu_q, cu_k, exc):
     q, k, v, _, _ = packed(rng, [5], [9])
     q, k, v = (np.ascontiguousarray(x.swapaxes(0, 1)) for x in (q, k, v))
     out = np.empty((4, 5, 12), F32)
+
+    def call(cu_q, cu_k):
+        core.attention(
+            q, k, v, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None, cu_q, cu_k
+        )
+
     with pytest.raises(exc):
-        core.attention(
-            q,
-            k,
-            v,
-            out,
-            None,
-            None,
-            None,
-            1.0,
-            False,
-            0,
-            -1,
-            -1,
-            0,
-            0.0,
-            None,
-            None,
-            np.array(cu_q, np.int64),
-            np.array(cu_k, np.int64),
-        )
+        call(np.array(cu_q, np.int64), np.array(cu_k, np.int64))
     with pytest.raises(TypeError):
-        core.attention(
-            q,
-            k,
-            v,
-            out,
-            None,
-            None,
-            None,
-            1.0,
-            False,
-            0,
-            -1,
-            -1,
-            0,
-            0.0,
-            None,
-            None,
-            np.array([0, 5], np.int32),
-            np.array([0, 9], np.int64),
-        )
+        call(np.array([0, 5], np.int32), np.array([0, 9], np.int64))

@@ -27,10 +27,7 @@ def available() -> bool:
 
 
 def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
-    if _core is None:
-        raise RuntimeError(
-            f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"
-        )
+    _require_core()
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
 
@@ -38,25 +35,7 @@ def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     if out is None or not _is_kernel_ready(out, unit_last=True):
         out = np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
-    left, right = req.window
-    _core.attention(
-        q,
-        k,
-        v,
-        out,
-        lse,
-        mask,
-        req.kv_lengths,
-        req.scale,
-        req.causal,
-        0 if req.align == "bottom_right" else 1,
-        left,
-        right,
-        min(req.num_threads or 0, 2**31 - 1),
-        req.softcap,
-        req.alibi,
-        req.additive_w,
-    )
+    _call_core(req, q, k, v, out, lse, mask, req.kv_lengths, req.alibi, req.additive_w)
     if req.out is not None and out is not req.out:
         req.out[...] = out
         out = req.out
@@ -74,34 +53,58 @@ def attention_packed(
     mask, kv_lengths or additive w), the offsets are validated int64 ``(B + 1,)``, ``alibi``
     ``(B, Hq)`` in the compute dtype or None, ``out`` ``(total_q, Hq, Dv)`` C-ordered.
     Returns lse ``(Hq, total_q)`` when ``req.return_lse``."""
+    _require_core()
+    q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
+    lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
+    _call_core(
+        req, q, k, v, out.swapaxes(0, 1), lse, None, None, alibi, None, cu_seqlens_q, cu_seqlens_k
+    )
+    return lse
+
+
+def _require_core() -> None:
     if _core is None:
         raise RuntimeError(
             f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"
         )
-    q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
-    lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
+
+
+def _call_core(
+    req: Request,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray | None,
+    mask: np.ndarray | None,
+    kv_lengths: np.ndarray | None,
+    alibi: np.ndarray | None,
+    additive_w: np.ndarray | None,
+    cu_seqlens_q: np.ndarray | None = None,
+    cu_seqlens_k: np.ndarray | None = None,
+) -> None:
+    """_core.attention with the request's scalar options in the binding's form."""
     left, right = req.window
     _core.attention(
         q,
         k,
         v,
-        out.swapaxes(0, 1),
+        out,
         lse,
-        None,
-        None,
+        mask,
+        kv_lengths,
         req.scale,
         req.causal,
         0 if req.align == "bottom_right" else 1,
         left,
         right,
-        min(req.num_threads or 0, 2**31 - 1),
+        min(req.num_threads or 0, 2**31 - 1),  # the binding takes a C int; it caps anyway
         req.softcap,
         alibi,
-        None,
+        additive_w,
         cu_seqlens_q,
         cu_seqlens_k,
     )
-    return lse
 
 
 def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
