@@ -32,7 +32,8 @@ void register_info(py::module_& m) {
         "exp(x) as the softmax of the named ISA computes it (float32 or float64; a test hook).");
   m.def(
       "isa", [] { return std::string(cpuattn::active_kernels().name); },
-      "Name of the kernel set in use ('scalar', 'avx2', 'avx512').");
+      "Name of the kernel set in use: one of supported_isas() ('scalar', 'avx2', 'avx512', "
+      "'avx512_bf16', 'avx512_amx' on x86-64; 'scalar' elsewhere).");
   m.def("supported_isas", &cpuattn::supported_isas,
         "Kernel sets compiled in and supported by this CPU, worst to best.");
   m.def("select_isa", &cpuattn::select_isa, py::arg("name"),
