@@ -31,9 +31,9 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// s[r0 .. r0 + 16, 0 .. 64) = dot_scale * q . K^T. Tiles 0-3 hold the four 16-key column
-// blocks; 4 holds q_hi, 6 q_lo, 5 and 7 K^T. Rows past a.rows compute from stale q rows and
-// are never read.
+// s[r0 .. r0 + 16, 0 .. 64) = q . K^T, without dot_scale (the epilogue applies it: a tile
+// store cannot scale). Tiles 0-3 hold the four 16-key column blocks; 4 holds q_hi, 6 q_lo,
+// 5 and 7 K^T. Rows past a.rows compute from stale q rows and are never read.
 template <bool kSplitQ>
 inline void score_block_amx(const cpuattn::TileStep<float>& a, int64_t r0) {
   constexpr int64_t W = cpuattn::kTileKeys;
@@ -189,17 +189,6 @@ inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n
   }
 }
 
-inline void scale_scores(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n) {
-  constexpr int64_t W = cpuattn::kTileKeys;
-  const __m512 scale = _mm512_set1_ps(a.dot_scale);
-  for (int64_t r = r0; r < r0 + n; ++r) {
-    for (int64_t c = 0; c < W; c += 16) {
-      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(a.s + r * W + c), scale);
-      _mm512_storeu_ps(a.s + r * W + c, soft_cap(s, a.softcap));
-    }
-  }
-}
-
 void release_tiles() { _tile_release(); }
 
 void tile_step_amx(const cpuattn::TileStep<float>& a) {
@@ -219,10 +208,8 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
     } else {
       score_block_amx<false>(a, r0);
     }
-    scale_scores(a, r0, n);
-    if (a.slopes) add_alibi(a, r0, r0 + n);
-    mask_rows(a, r0, r0 + n);
-    if (softmax_rows(a, r0, r0 + n)) {
+    // The tile unit stores bare products: the epilogue multiplies them by dot_scale.
+    if (score_epilogue_rows<float, true>(a, r0, r0 + n)) {
       if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);
       if (v_nonfinite) {
         pv_rows_bf16_skip_zero_weights(a, r0, r0 + n);

@@ -28,7 +28,7 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   if (pairs <= 0) {
     // D = 0: every score is 0 (times the scale, as below). A branch of its own: with the
     // empty loop reaching the stores below, GCC keeps acc in a stack array.
-    const __m512 s = soft_cap(_mm512_mul_ps(_mm512_setzero_ps(), scale), a.softcap);
+    const __m512 s = _mm512_mul_ps(_mm512_setzero_ps(), scale);
     for (int r = 0; r < RB; ++r) {
       for (int c = 0; c < CB; ++c) _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, s);
     }
@@ -53,8 +53,7 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   }
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) {
-      const __m512 s = _mm512_mul_ps(acc[r][c], scale);
-      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, soft_cap(s, a.softcap));
+      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, _mm512_mul_ps(acc[r][c], scale));
     }
   }
 }
@@ -238,7 +237,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
     for (int r = 0; r < RB; ++r) {
       const __m512 sums =
           in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
-      _mm512_storeu_ps(a.s + (r0 + r) * W + jb, soft_cap(_mm512_mul_ps(sums, scale), a.softcap));
+      _mm512_storeu_ps(a.s + (r0 + r) * W + jb, _mm512_mul_ps(sums, scale));
     }
   }
 }
@@ -258,24 +257,12 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
   } else {
     score_rows_bf16<RB, false>(a, r0);
   }
-  if (a.slopes) add_alibi(a, r0, r0 + RB);
-  mask_rows(a, r0, r0 + RB);
-  if (a.v_rows) {
-    if (softmax_block<float, RB>(a, r0)) {
-      if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<float, kBf16>(a);
-      if (v_nonfinite) {
-        pv_rows_skip_zero_weights<float, kBf16>(a, r0, r0 + RB);
-        return;
-      }
-    }
-    if (a.prefetch_next) {
-      pv_rows<float, RB, kBf16, true>(a, r0);
-    } else {
-      pv_rows<float, RB, kBf16, false>(a, r0);
-    }
+  const bool some_zero = score_epilogue<float, RB>(a, r0);
+  if (a.v_rows) {  // V rows in place: the float step's P.V, widening them as it loads
+    weights_times_values<float, RB, kBf16>(a, r0, some_zero, v_nonfinite);
     return;
   }
-  if (softmax_block<float, RB>(a, r0)) {
+  if (some_zero) {
     if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
     if (v_nonfinite) {
       pv_rows_bf16_skip_zero_weights(a, r0, r0 + RB);

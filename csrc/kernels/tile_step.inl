@@ -149,12 +149,10 @@ inline V fast_tanh(V x) {
   return T(1) - T(2) * inverse_exp_plus_one(x * T(2));
 }
 
-// Softcap, applied as scores leave the registers (before ALiBi and the mask):
-// cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1), right at both infinities.
-// `cap` <= 0: no softcap.
+// Softcap for cap > 0: cap * tanh(s / cap) = cap - 2 cap / (exp(2 s / cap) + 1), right at
+// both infinities.
 template <typename V, typename T>
 inline V soft_cap(V s, T cap) {
-  if (!(cap > 0)) return s;
   return cap - (2 * cap) * inverse_exp_plus_one(s * (2 / cap));
 }
 
@@ -185,9 +183,10 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
         for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
       }
     }
-    // No soft_cap here: a second pass over the stored block does it. With it (or a test per
-    // vector) inside this loop GCC kept acc in a stack array, zeroed by rep stos and every
-    // vector stored and reloaded (a MiniLM batch took 1.08x the time).
+    // Only the stores here; softcap and the rest come after, over the stored rows
+    // (score_epilogue). With softcap (or a test per vector) inside this loop GCC kept acc in a
+    // stack array, zeroed by rep stos and every vector stored and reloaded (a MiniLM batch
+    // took 1.08x the time).
     T* s = a.s + r0 * W + c0;
     if (a.q_in_place) {
       for (int r = 0; r < RB; ++r) {
@@ -196,13 +195,6 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
     } else {
       for (int r = 0; r < RB; ++r) {
         for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c]);
-      }
-    }
-    if (a.softcap > 0) {
-      for (int r = 0; r < RB; ++r) {
-        for (int c = 0; c < kColBlock; ++c) {
-          S::store(s + r * W + c * L, soft_cap(S::load(s + r * W + c * L), a.softcap));
-        }
       }
     }
   }
@@ -334,7 +326,7 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           sums[i] += tail;
         }
       }
-      S::store(a.s + (r0 + r) * W + jb, soft_cap(sums, a.softcap));
+      S::store(a.s + (r0 + r) * W + jb, sums);
     }
   }
 }
@@ -359,9 +351,7 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
       }
     }
     for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < kColBlock; ++c) {
-        S::store(a.s + (r0 + r) * W + c0 + c * L, soft_cap(acc[r][c], a.softcap));
-      }
+      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
     }
   }
 }
@@ -544,15 +534,59 @@ inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
   return empty_row || R::min(min_p) == T(0);
 }
 
-// softmax_block over any rows [r0, r1): rows are independent, so blocks of kRowBlock, then 4,
-// then 1.
-template <typename T>
-inline bool softmax_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+// Softcap over rows [r0, r1) of a.s; with kDotScale the scores are first multiplied by
+// a.dot_scale, in the same pass (the AMX tile unit stores bare products).
+template <typename T, bool kDotScale>
+inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+  using S = Simd<T>;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  const bool cap = a.softcap > 0;
+  if (!kDotScale && !cap) return;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* sr = a.s + r * W;
+    for (int64_t c = 0; c < W; c += L) {
+      typename S::V s = S::load(sr + c);
+      if constexpr (kDotScale) s *= a.dot_scale;
+      S::store(sr + c, cap ? soft_cap(s, a.softcap) : s);
+    }
+  }
+}
+
+// The score epilogue of every step (float, vdpbf16ps and AMX): rows [r0, r0 + RB) of a.s, as
+// the step's product block stored them, -> softcap -> ALiBi -> mask -> key bounds -> online
+// softmax, leaving the weights in a.s. Returns whether some weight is exactly 0. The steps
+// call it through score_epilogue or score_epilogue_rows below.
+template <typename T, int RB, bool kDotScale>
+inline bool epilogue_block(const cpuattn::TileStep<T>& a, int64_t r0) {
+  cap_scores<T, kDotScale>(a, r0, r0 + RB);
+  if (a.slopes) add_alibi(a, r0, r0 + RB);
+  mask_rows(a, r0, r0 + RB);
+  return softmax_block<T, RB>(a, r0);
+}
+
+// The epilogue of one register-blocked row block, as a call of its own (everything it calls
+// inlined into it): it reads the stored rows rather than the step's registers, and is never
+// inlined into the step. Work in a product block's store loop made GCC keep the block's
+// accumulators on the stack, and so did an inlined softmax, its exp constants hoisted around
+// score_rows (7 of its 24 accumulators in stack slots, AVX-512 float).
+template <typename T, int RB>
+__attribute__((noinline, flatten)) bool score_epilogue(const cpuattn::TileStep<T>& a, int64_t r0) {
+  return epilogue_block<T, RB, false>(a, r0);
+}
+
+// The epilogue of any rows [r0, r1) in one call (rows are independent: blocks of kRowBlock,
+// then 4, then 1), for the AMX step, whose products sit in tile registers meanwhile.
+// kDotScale: the stored scores still lack a.dot_scale (a tile store cannot scale).
+template <typename T, bool kDotScale>
+__attribute__((noinline, flatten)) bool score_epilogue_rows(const cpuattn::TileStep<T>& a,
+                                                            int64_t r0, int64_t r1) {
   bool some_zero = false;
   int64_t r = r0;
-  for (; r + kRowBlock <= r1; r += kRowBlock) some_zero |= softmax_block<T, kRowBlock>(a, r);
-  for (; r + 4 <= r1; r += 4) some_zero |= softmax_block<T, 4>(a, r);
-  for (; r < r1; ++r) some_zero |= softmax_block<T, 1>(a, r);
+  for (; r + kRowBlock <= r1; r += kRowBlock) {
+    some_zero |= epilogue_block<T, kRowBlock, kDotScale>(a, r);
+  }
+  for (; r + 4 <= r1; r += 4) some_zero |= epilogue_block<T, 4, kDotScale>(a, r);
+  for (; r < r1; ++r) some_zero |= epilogue_block<T, 1, kDotScale>(a, r);
   return some_zero;
 }
 
@@ -650,22 +684,13 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
   }
 }
 
-// Rows [r0, r0 + RB) against the tile, start to finish: scores, mask, softmax, P.V. Working a
-// few rows at a time keeps their scores, the packed K tile and the V tile in L1.
-// H: how K and V are read (kNative: packed K^T or K rows in a.k, V rows in a.v; kF16 /
-// kBf16: half K and V rows in place, a.k_rows and a.v_rows).
+// o[r0 .. r0 + RB) += p . V from the weights score_epilogue left in a.s (some_zero: its
+// result), V rows read as H says. v_nonfinite: whether the tile's V holds an inf or NaN, -1
+// until a row first needs to know.
 template <typename T, int RB, int H>
-inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
-  if (H != kNative || a.k) {
-    score_rows_in_place<T, RB, H>(a, r0);
-  } else if (a.additive_w) {
-    additive_score_rows<T, RB>(a, r0);
-  } else {
-    score_rows<T, RB>(a, r0);
-  }
-  if (a.slopes) add_alibi(a, r0, r0 + RB);
-  mask_rows(a, r0, r0 + RB);
-  if (softmax_block<T, RB>(a, r0)) {
+inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool some_zero,
+                                 int& v_nonfinite) {
+  if (some_zero) {
     if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, H>(a);  // once a tile
     if (v_nonfinite) {
       pv_rows_skip_zero_weights<T, H>(a, r0, r0 + RB);
@@ -677,6 +702,22 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   } else {
     pv_rows<T, RB, H, false>(a, r0);
   }
+}
+
+// Rows [r0, r0 + RB) against the tile, start to finish: scores, epilogue, P.V. Working a few
+// rows at a time keeps their scores, the packed K tile and the V tile in L1.
+// H: how K and V are read (kNative: packed K^T or K rows in a.k, V rows in a.v; kF16 /
+// kBf16: half K and V rows in place, a.k_rows and a.v_rows).
+template <typename T, int RB, int H>
+inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
+  if (H != kNative || a.k) {
+    score_rows_in_place<T, RB, H>(a, r0);
+  } else if (a.additive_w) {
+    additive_score_rows<T, RB>(a, r0);
+  } else {
+    score_rows<T, RB>(a, r0);
+  }
+  weights_times_values<T, RB, H>(a, r0, score_epilogue<T, RB>(a, r0), v_nonfinite);
 }
 
 // Walks a.prefetch over a step's row blocks: each block asks for its even share of every

@@ -1,0 +1,321 @@
+// How K and V reach the step: one K/V source per storage kind, chosen once per call
+// (choose_kv_source). A source finds a key tile's rows through its layout (kv_layout.h) and
+// gives the step either those rows in place or a staged tile (packed K^T, V converted from
+// half, bfloat16 pairs), cached per thread for the head's later query tiles. The driver calls
+// it once per key tile and never branches on the storage kind itself: a new storage kind is
+// one source type here, its alternative in KvSourceOn and its case in choose_kv_source; a new
+// layout is one type in kv_layout.h, added to KvSourceOn's layouts.
+//
+// A source has:
+//   static constexpr bool kStagedQuery    its step reads q staged (copied and scaled, or as
+//                                         pairs), never the caller's rows in place
+//   void reserve(KvScratch&, tiles, cache)  a thread's buffers, before the parallel region
+//   void setup(TileStep&)                 the step's K/V fields that hold for the whole call
+//   Head head(const ItemPos&)             the layout's, once per item
+//   void tile(TileStep&, Head, KeyTile, KvScratch&)  the K/V fields of one key tile
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <variant>
+
+#include "aligned_buffer.h"
+#include "attention.h"
+#include "kernels/kernel.h"
+#include "kv_layout.h"
+#include "plan.h"
+#include "tiles.h"
+
+namespace cpuattn {
+
+// How K and V are multiplied: in the compute type (native), converted from half to float32,
+// or as bfloat16 pairs for the bfloat16 steps (vdpbf16ps, AMX).
+enum class Encoding { Native, Converted, Bf16Pairs };
+
+// Width of a packed bfloat16 V row: Dv rounded up to whole 16-lane vectors.
+inline int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
+
+// Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
+// head: packed K^T, or V converted from half. Without caching (one query tile, as in decode,
+// or past the element cap) a tile is prepared into the caller's spare buffer every time.
+// Neither buffer is initialized: a tile is read only once its ready flag is set, and the flags
+// are cleared on the first use (owner_ starts at -1) and whenever the owner changes.
+template <typename T>
+class TileCache {
+ public:
+  void reserve(int64_t tiles, int64_t tile_elems, bool enable) {
+    tile_elems_ = tile_elems;
+    // Division, not tiles * tile_elems: with a huge Lk (a zero-stride K) the product overflows.
+    if (enable && tile_elems > 0 && tiles <= kMaxPackedKeyElems / tile_elems) {
+      data_.allocate(tiles * tile_elems);
+      ready_.allocate(tiles);
+    }
+  }
+
+  template <typename Fill>
+  const T* get(int64_t owner, int64_t tile, T* spare, const Fill& fill) {
+    if (ready_.size() == 0) {
+      fill(spare);
+      return spare;
+    }
+    if (owner != owner_) {
+      std::fill(ready_.data(), ready_.data() + ready_.size(), uint8_t(0));
+      owner_ = owner;
+    }
+    T* dst = data_.data() + tile * tile_elems_;
+    if (!ready_[tile]) {
+      fill(dst);
+      ready_[tile] = 1;
+    }
+    return dst;
+  }
+
+ private:
+  AlignedBuffer<T> data_;
+  AlignedBuffer<uint8_t> ready_;
+  int64_t owner_ = -1;  // b * Hkv + kv head, or -1
+  int64_t tile_elems_ = 0;
+};
+
+// A thread's K/V buffers: spare tiles and caches. Each source allocates the ones it uses.
+template <typename T>
+struct KvScratch {
+  AlignedBuffer<T> kt, vt, stage;  // packed K^T, converted V, converted K before packing
+  TileCache<T> keys, values;
+  AlignedBuffer<uint32_t> kt2, v2;  // bfloat16 pairs of K^T and of V
+  TileCache<uint32_t> keys2, values2;
+};
+
+// One key tile of an item.
+struct KeyTile {
+  int64_t j0;     // first key, a multiple of kTileKeys
+  int64_t cols;   // keys to stage: the whole valid tile, so every query tile can reuse it
+  int64_t owner;  // b * Hkv + kv head: whose staged tiles a thread's cache holds
+  bool more;      // another tile of the item follows (sources in place prefetch its rows)
+};
+
+// What every source has: its layout, and K and V rows of storage type E found through it.
+template <typename Layout, typename E>
+class OnLayout {
+ public:
+  using Head = typename Layout::Head;
+  explicit OnLayout(const Layout& layout) : layout_(layout) {}
+  Head head(const ItemPos& pos) const { return layout_.head(pos); }
+
+ protected:
+  const E* k_row(const Head& h, int64_t j) const {
+    return static_cast<const E*>(layout_.k_row(h, j));
+  }
+  const E* v_row(const Head& h, int64_t j) const {
+    return static_cast<const E*>(layout_.v_row(h, j));
+  }
+  template <typename T>
+  void setup_rows(TileStep<T>& s) const {
+    s.k_ld = layout_.k_ld();
+    s.v_ld = layout_.v_ld();
+  }
+
+  Layout layout_;
+};
+
+// K and V in the compute type, rows in place: scores as dot products with K rows. For few
+// query rows per head and no later query tile to reuse a packed K^T (decode).
+template <typename T, typename Layout>
+class NativeRows : public OnLayout<Layout, T> {
+  using Base = OnLayout<Layout, T>;
+
+ public:
+  static constexpr bool kStagedQuery = true;
+  explicit NativeRows(const Layout& layout) : Base(layout) {}
+  void reserve(KvScratch<T>&, int64_t, bool) const {}
+  void setup(TileStep<T>& s) const { this->setup_rows(s); }
+  void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t, KvScratch<T>&) const {
+    s.k = this->k_row(h, t.j0);
+    s.v = this->v_row(h, t.j0);
+    s.prefetch_next = t.more;
+  }
+};
+
+// K and V in the compute type: K^T packed per key tile (cached), V rows in place.
+template <typename T, typename Layout>
+class PackedKeys : public OnLayout<Layout, T> {
+  using Base = OnLayout<Layout, T>;
+
+ public:
+  using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+  static constexpr bool kStagedQuery = false;
+  PackedKeys(const Layout& layout, Pack pack, int64_t d) : Base(layout), pack_(pack), d_(d) {}
+  void reserve(KvScratch<T>& sc, int64_t tiles, bool cache) const {
+    sc.kt.allocate(d_ * kTileKeys);
+    sc.keys.reserve(tiles, kTileKeys * d_, cache);
+  }
+  void setup(TileStep<T>& s) const { this->setup_rows(s); }
+  void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<T>& sc) const {
+    s.kt = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
+      pack_(this->k_row(h, t.j0), this->layout_.k_ld(), t.cols, d_, dst);
+    });
+    s.v = this->v_row(h, t.j0);
+  }
+
+ private:
+  Pack pack_;
+  int64_t d_;
+};
+
+// Half K and V rows in place, widened by the step as it loads them (decode on a half cache):
+// the float32 step for float16 or bfloat16, or the vdpbf16ps step for bfloat16.
+template <typename Layout>
+class HalfRows : public OnLayout<Layout, uint16_t> {
+  using Base = OnLayout<Layout, uint16_t>;
+
+ public:
+  static constexpr bool kStagedQuery = true;
+  HalfRows(const Layout& layout, bool f16) : Base(layout), f16_(f16) {}
+  void reserve(KvScratch<float>&, int64_t, bool) const {}
+  void setup(TileStep<float>& s) const {
+    this->setup_rows(s);
+    s.half_f16 = f16_;
+  }
+  void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<float>&) const {
+    s.k_rows = this->k_row(h, t.j0);
+    s.v_rows = this->v_row(h, t.j0);
+    s.prefetch_next = t.more;
+  }
+
+ private:
+  bool f16_;
+};
+
+// Half K and V converted to float32 per key tile (cached): K through the stage, then packed.
+template <typename Layout>
+class ConvertedTiles : public OnLayout<Layout, uint16_t> {
+  using Base = OnLayout<Layout, uint16_t>;
+
+ public:
+  using Convert = void (*)(const uint16_t*, int64_t, int64_t, int64_t, float*);
+  using Pack = void (*)(const float*, int64_t, int64_t, int64_t, float*);
+  static constexpr bool kStagedQuery = false;
+  ConvertedTiles(const Layout& layout, Convert convert, Pack pack, int64_t d, int64_t dv)
+      : Base(layout), convert_(convert), pack_(pack), d_(d), dv_(dv) {}
+  void reserve(KvScratch<float>& sc, int64_t tiles, bool cache) const {
+    sc.kt.allocate(d_ * kTileKeys);
+    sc.stage.allocate(kTileKeys * d_);
+    sc.vt.allocate(kTileKeys * dv_);
+    sc.keys.reserve(tiles, kTileKeys * d_, cache);
+    sc.values.reserve(tiles, kTileKeys * dv_, cache);
+  }
+  void setup(TileStep<float>& s) const {
+    this->setup_rows(s);
+    s.v_ld = dv_;  // the converted tile's rows
+  }
+  void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<float>& sc) const {
+    const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
+    s.kt = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](float* dst) {
+      convert_(this->k_row(h, t.j0), k_ld, t.cols, d_, sc.stage.data());
+      pack_(sc.stage.data(), d_, t.cols, d_, dst);
+    });
+    s.v = sc.values.get(t.owner, t.j0 / kTileKeys, sc.vt.data(), [&](float* dst) {
+      convert_(this->v_row(h, t.j0), v_ld, t.cols, dv_, dst);
+    });
+  }
+
+ private:
+  Convert convert_;
+  Pack pack_;
+  int64_t d_, dv_;
+};
+
+// bfloat16 K and V as bfloat16 pairs per key tile (cached): K^T pairs along D, V pairs of
+// consecutive keys. On AMX, K rows are read in place instead (keys_in_place) when a whole
+// tile lies in the array.
+template <typename Layout>
+class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
+  using Base = OnLayout<Layout, uint16_t>;
+
+ public:
+  static constexpr bool kStagedQuery = true;
+  Bf16PairTiles(const Layout& layout, const KernelSet& kernels, int64_t d, int64_t dv,
+                int64_t pairs, bool keys_in_place)
+      : Base(layout), pack_keys_(kernels.pack_bf16_keys), pack_values_(kernels.pack_bf16_values),
+        d_(d), dv_(dv), pairs_(pairs), width_(bf16_values_width(dv)),
+        keys_in_place_(keys_in_place) {}
+  void reserve(KvScratch<float>& sc, int64_t tiles, bool cache) const {
+    const int64_t v_elems = kTileKeys / 2 * width_;
+    sc.kt2.allocate(pairs_ * kTileKeys);
+    sc.v2.allocate(v_elems);
+    sc.keys2.reserve(tiles, pairs_ * kTileKeys, cache);
+    sc.values2.reserve(tiles, v_elems, cache);
+  }
+  void setup(TileStep<float>& s) const {
+    this->setup_rows(s);
+    s.v2_ld = width_;
+  }
+  void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<float>& sc) const {
+    const auto* k16 = this->k_row(h, t.j0);
+    const auto* v16 = this->v_row(h, t.j0);
+    const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
+    const bool in_place = keys_in_place_ && this->layout_.rows_inside(h, t.j0, kTileKeys);
+    s.k_rows = in_place ? k16 : nullptr;
+    if (!in_place) {
+      s.kt2 = sc.keys2.get(t.owner, t.j0 / kTileKeys, sc.kt2.data(),
+                           [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.cols, d_, pairs_, dst); });
+    }
+    s.v2 = sc.values2.get(t.owner, t.j0 / kTileKeys, sc.v2.data(), [&](uint32_t* dst) {
+      pack_values_(v16, v_ld, t.cols, dv_, width_, dst);
+    });
+  }
+
+ private:
+  decltype(KernelSet::pack_bf16_keys) pack_keys_;
+  decltype(KernelSet::pack_bf16_values) pack_values_;
+  int64_t d_, dv_, pairs_, width_;
+  bool keys_in_place_;
+};
+
+// The sources a call may use, on each layout: the five storage kinds for float32 compute,
+// the native two for float64 (half storage is computed in float32 only).
+template <typename T, typename... Layouts>
+using KvSourceOn = std::conditional_t<
+    std::is_same_v<T, float>,
+    std::variant<NativeRows<float, Layouts>..., PackedKeys<float, Layouts>..., HalfRows<Layouts>...,
+                 ConvertedTiles<Layouts>..., Bf16PairTiles<Layouts>...>,
+    std::variant<NativeRows<double, Layouts>..., PackedKeys<double, Layouts>...>>;
+template <typename T>
+using KvSource = KvSourceOn<T, DenseLayout>;
+
+// The source for a call on `layout`. how / on_tiles / pairs: the step's choice (AMX tiles,
+// D's padded bfloat16 pairs).
+template <typename T, typename Layout>
+KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
+                             const Layout& layout, Encoding how, bool on_tiles, int64_t pairs) {
+  // A single query tile per head (no packed tile to reuse) of a few rows (decode).
+  const bool one_tile = plan.query_tiles_per_head() == 1;
+  const bool few_rows = one_tile && plan.rows_per_head_group() <= kInPlaceMaxRows;
+  if constexpr (std::is_same_v<T, float>) {
+    if (how == Encoding::Bf16Pairs) {
+      if (few_rows && !on_tiles) return HalfRows<Layout>(layout, false);
+      // AMX takes K rows as they are when D fills whole 32-element chunks and rows go forward.
+      const bool keys_in_place =
+          on_tiles && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;
+      return Bf16PairTiles<Layout>(layout, kernels, p.d, p.dv, pairs, keys_in_place);
+    }
+    if (how == Encoding::Converted) {
+      if (few_rows && !p.additive_w) return HalfRows<Layout>(layout, p.kv_dtype == DType::F16);
+      return ConvertedTiles<Layout>(
+          layout, p.kv_dtype == DType::BF16 ? kernels.convert_bf16 : kernels.convert_f16,
+          kernels.pack_f32, p.d, p.dv);
+    }
+  }
+  if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout);
+  if constexpr (std::is_same_v<T, float>) {
+    return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d);
+  } else {
+    return PackedKeys<double, Layout>(layout, kernels.pack_f64, p.d);
+  }
+}
+
+}  // namespace cpuattn

@@ -1,0 +1,137 @@
+// Where finished rows go: out and lse, or a split-KV partial result, and the merge of an
+// item's partial results.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "attention.h"
+#include "convert.h"
+#include "kernels/kernel.h"
+#include "plan.h"
+#include "query_stage.h"
+
+namespace cpuattn {
+
+template <typename T>
+class OutputWriter {
+ public:
+  OutputWriter(const Params& p, const KernelSet& kernels, const WorkPlan& plan)
+      : p_(p), group_(plan.group()), partial_elems_(plan.max_tile_rows() * (p.dv + 2)) {
+    if constexpr (std::is_same_v<T, float>) {
+      finish_ = kernels.finish_f32;
+    } else {
+      finish_ = kernels.finish_f64;
+    }
+  }
+
+  // Elements of one partial result: per row m, l, then o (Dv).
+  int64_t partial_elems() const { return partial_elems_; }
+
+  // The tile's rows to out (and lse): an out in the compute type is written by the kernel's
+  // finish along with the row sums, another type here from those sums.
+  void write_rows(const ItemPos& pos, TileRows<T>& t) const {
+    const int64_t rows = pos.rows;
+    const OutBase base = out_base(pos);
+    const bool direct = p_.out_dtype == p_.dtype;
+    if (direct) {
+      T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + base.out;
+      const size_t nb = p_.batch_shape.size();
+      const int64_t head_stride = p_.out.strides[nb], pos_stride = p_.out.strides[nb + 1];
+      for (int64_t r = 0; r < rows; ++r) {
+        t.out[r] = out + t.head[r] * head_stride + t.pos[r] * pos_stride;
+      }
+    }
+    finish_(t.o.data(), t.l.data(), rows, p_.dv, direct ? t.out.data() : nullptr, t.sums.data());
+    if (direct && !p_.lse.data) return;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!direct) write_out_row(base, t.pos[r], t.head[r], t.o.data() + r * p_.dv, t.sums[r]);
+      write_lse(base, t.pos[r], t.head[r], t.m[r], t.sums[r]);
+    }
+  }
+
+  // The tile's unnormalized state (per row m, l, o) to `partial`, for merge.
+  void write_partial(const ItemPos& pos, TileRows<T>& t, T* partial) const {
+    finish_(t.o.data(), t.l.data(), pos.rows, p_.dv, nullptr, t.sums.data());
+    for (int64_t r = 0; r < pos.rows; ++r) {
+      T* dst = partial + r * (p_.dv + 2);
+      dst[0] = t.m[r];
+      dst[1] = t.sums[r];
+      std::copy(t.o.data() + r * p_.dv, t.o.data() + (r + 1) * p_.dv, dst + 2);
+    }
+  }
+
+  // Combines an item's chunk results (write_partial, partial_elems() apart), in chunk order,
+  // into out and lse: the arithmetic of cpuattn.merge. A chunk with no kept key, or whose
+  // weight rounds to exactly 0, contributes nothing. acc: Dv elements of scratch.
+  void merge(const ItemPos& pos, const T* partials, int64_t chunks, T* acc) const {
+    const int64_t stride = partial_elems_, dv = p_.dv;
+    const OutBase base = out_base(pos);
+    for (int64_t r = 0; r < pos.rows; ++r) {
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* part = partials + c * stride + r * (dv + 2);
+        if (part[1] != T(0) && part[0] > m) m = part[0];
+      }
+      T l = 0;
+      std::fill(acc, acc + dv, T(0));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* part = partials + c * stride + r * (dv + 2);
+        if (part[1] == T(0)) continue;
+        const T w = std::exp(part[0] - m);
+        if (w == T(0) && part[1] == part[1]) continue;  // a NaN sum still makes the row NaN
+        l += part[1] * w;
+        for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
+      }
+      const int64_t i = (pos.r0 + r) / group_, h = pos.hk * group_ + (pos.r0 + r) % group_;
+      write_out_row(base, i, h, acc, l);
+      write_lse(base, i, h, m, l);
+    }
+  }
+
+ private:
+  // Element offsets of an item's batch entry (and first row, for packed sequences) in out
+  // and lse (lse: -1 when not requested), computed once per work item rather than per row.
+  struct OutBase {
+    int64_t out, lse;
+  };
+  OutBase out_base(const ItemPos& pos) const {
+    const size_t nb = p_.batch_shape.size();
+    return {batch_offset(p_.batch_shape, p_.out, pos.b) + pos.q_row * p_.out.strides[nb + 1],
+            p_.lse.data
+                ? batch_offset(p_.batch_shape, p_.lse, pos.b) + pos.q_row * p_.lse.strides[nb + 1]
+                : -1};
+  }
+
+  // out = o / l for query i of head h, in out's type; a row that kept no key (l = 0) gets 0.
+  void write_out_row(const OutBase& at, int64_t i, int64_t h, const T* o, T l) const {
+    void* out = const_cast<void*>(p_.out.data);
+    const size_t nb = p_.batch_shape.size();
+    const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
+    const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
+    if (p_.out_dtype == p_.dtype) {
+      for (int64_t e = 0; e < p_.dv; ++e) static_cast<T*>(out)[base + e] = o[e] * inv;
+    } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
+      uint16_t* dst = static_cast<uint16_t*>(out) + base;
+      for (int64_t e = 0; e < p_.dv; ++e) dst[e] = f32_to_bf16(float(o[e] * inv));
+    } else {
+      for (int64_t e = 0; e < p_.dv; ++e) store_as<T>(out, p_.out_dtype, base + e, o[e] * inv);
+    }
+  }
+
+  // lse = m + log(l), when asked for; -inf for a row that kept no key.
+  void write_lse(const OutBase& at, int64_t i, int64_t h, T m, T l) const {
+    if (!p_.lse.data) return;
+    const size_t nb = p_.batch_shape.size();
+    T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + at.lse;
+    lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
+        l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
+  }
+
+  const Params& p_;
+  int64_t group_, partial_elems_;
+  void (*finish_)(const T*, const T*, int64_t, int64_t, T* const*, T*);  // the ISA's finish
+};
+
+}  // namespace cpuattn

@@ -1,0 +1,102 @@
+// The work plan of one call: which work items there are and where each lies, how split-KV
+// cuts their keys, how items group into tasks, and what a task prefetches for the next one.
+// Computed from the shape (and kv_lengths, cu_seqlens) only, never the thread count, except
+// the task grouping, which changes no result: so results are bitwise identical for any
+// number of threads.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "attention.h"
+#include "mask.h"
+#include "tiles.h"
+
+namespace cpuattn {
+
+// Element offset of batch entry `b` (row-major over batch_shape) in a view.
+inline int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_t b) {
+  int64_t off = 0;
+  for (size_t dim = shape.size(); dim-- > 0;) {
+    off += (b % shape[dim]) * view.strides[dim];
+    b /= shape[dim];
+  }
+  return off;
+}
+
+// One work item: a query tile of one (batch entry, kv head). Its rows are (query position,
+// head in the GQA group) pairs, ordered by position, so one K/V tile serves every query head
+// of the group.
+struct ItemPos {
+  int64_t b, hk, tile;
+  int64_t lq, lk;        // this batch entry's query and key counts (before kv_lengths)
+  int64_t q_row, k_row;  // its first row in q / out / lse and in k / v (varlen), else 0
+  int64_t rows_per_head_group;
+  int64_t r0, rows;  // the tile's rows: [r0, r0 + rows) of the head group's
+};
+
+// Where a task's q, K, V and out lie, as rows of whole cache lines (rows 0: not asked for),
+// for TileStep::prefetch.
+struct TaskRanges {
+  const char* at[kPrefetchRanges] = {};
+  int64_t row_lines[kPrefetchRanges] = {}, stride[kPrefetchRanges] = {};
+  int64_t rows[kPrefetchRanges] = {};
+};
+
+class WorkPlan {
+ public:
+  explicit WorkPlan(const Params& p);
+
+  int64_t items() const { return items_; }
+  int64_t group() const { return group_; }  // query heads per kv head
+  // Rows per (batch, kv head) pair with equal-length sequences: Lq x group.
+  int64_t rows_per_head_group() const { return rows_per_head_group_; }
+  bool varlen() const { return p_.cu_seqlens_q != nullptr; }
+  // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
+  int64_t query_tiles_per_head() const { return seqs_.empty() ? tiles_ : 0; }
+  // Keys of the longest sequence: what a thread's packed-K cache must hold.
+  int64_t max_keys() const { return max_keys_; }
+  // Keys any item may see: the largest kv_lengths entry, else Lk. Split-KV cuts these, so
+  // that a cache longer than every sequence in it is not cut into chunks of padding.
+  int64_t valid_keys() const { return valid_keys_; }
+  // Rows of the largest query tile: the size of one split-KV partial result, in rows.
+  int64_t max_tile_rows() const;
+
+  ItemPos locate(int64_t item) const;
+  // The keys each row of the item's batch entry may see (causal, window, kv_lengths).
+  RowBounds row_bounds(const ItemPos& pos) const;
+  // The q, K, V and out of the whole-head task starting at `item`, for the task before it to
+  // prefetch; empty when the head is too large or not laid out in a few runs.
+  TaskRanges head_ranges(int64_t item) const;
+
+ private:
+  // Packed sequences: one entry per non-empty sequence, longest (most work) first, with the
+  // index of its first work item.
+  struct Sequence {
+    int64_t b, lq, lk, tiles, first_item;
+  };
+  void plan_sequences();
+
+  const Params& p_;
+  int64_t batch_ = 1, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0, items_ = 0;
+  int64_t max_keys_ = 0, valid_keys_ = 0;
+  std::vector<Sequence> seqs_;  // packed varlen sequences only
+};
+
+// How the items go out as tasks: split-KV chunks of each item's keys (few items: decode), or
+// whole heads (many small heads), or one item per task.
+struct TaskPlan {
+  // Split-KV: each item's keys are cut into `chunks` tile-aligned ranges of chunk_keys keys,
+  // computed independently and merged in chunk order. 1: no split.
+  int64_t chunks = 1, chunk_keys = 0;
+  // Items per task: all query tiles of one (batch, kv head) pair (whole heads), or 1.
+  int64_t items_per_task = 1;
+  int64_t tasks = 0;
+
+  KeyChunk chunk(int64_t c) const { return {c * chunk_keys, (c + 1) * chunk_keys}; }
+};
+
+// wanted_threads decides the whole-head grouping only: the chunking depends on the shape and
+// kv_lengths alone.
+TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads);
+
+}  // namespace cpuattn

@@ -1,0 +1,189 @@
+// A query tile's rows: which (position, head) each one is, the keys it may see, its q as the
+// step reads it, and its running softmax state; staged once per work item.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "aligned_buffer.h"
+#include "attention.h"
+#include "convert.h"
+#include "kernels/kernel.h"
+#include "mask.h"
+#include "plan.h"
+#include "tiles.h"
+
+namespace cpuattn {
+
+// One thread's rows of the tile in flight. Uninitialized (AlignedBuffer): stage() writes what
+// the step reads.
+template <typename T>
+struct TileRows {
+  AlignedBuffer<T> q, s, o, m, l, sums;  // staged q, scores, running output, max and sums
+  AlignedBuffer<uint32_t> q_hi, q_lo;    // q as bfloat16 pairs (bfloat16 steps only)
+  AlignedBuffer<int64_t> pos, head, diag;
+  AlignedBuffer<KeyRange> bounds;
+  AlignedBuffer<const void*> mask_rows;
+  AlignedBuffer<T> slopes;
+  AlignedBuffer<T*> out;  // per row: where its output goes, when out has the compute type
+  int64_t q_first = 0;    // element offset of the tile's first q row
+
+  // pairs: q's bfloat16 pairs per row (padded as the step needs), or -1: q is not staged as
+  // pairs.
+  TileRows(int64_t d, int64_t dv, int64_t pairs)
+      : q(kTileRows * d), s(kTileRows * kTileKeys), o(kTileRows * dv), m(kTileRows),
+        l(kTileRows * kSumSlots), sums(kTileRows), pos(kTileRows), head(kTileRows), diag(kTileRows),
+        bounds(kTileRows), mask_rows(kTileRows), slopes(kTileRows), out(kTileRows) {
+    if (pairs >= 0) {
+      q_hi.allocate(kTileRows * pairs);
+      q_lo.allocate(kTileRows * pairs);
+    }
+  }
+};
+
+// x = hi + lo as two bfloat16 (hi rounded to nearest, lo the rounding error rounded): 16 of
+// float32's 24 significant bits, so bfloat16 dot products with a float32 q lose ~2^-17 of
+// each product. A finite x never gets an infinite hi; a non-finite x has lo = 0.
+inline void split_bf16(float x, uint32_t& hi, uint32_t& lo) {
+  uint16_t h = f32_to_bf16(x);
+  if (std::isfinite(x) && !std::isfinite(bf16_to_f32(h))) h = uint16_t(f32_to_bits(x) >> 16);
+  hi = h;
+  lo = std::isfinite(x) ? f32_to_bf16(x - bf16_to_f32(h)) : 0;
+}
+
+template <typename T>
+class QueryStage {
+ public:
+  // pairs: q's bfloat16 pairs per row for the bfloat16 steps, or -1 (q in the compute type).
+  // staged_query: the K/V source's step reads q staged, never in place (kv_source.h).
+  QueryStage(const Params& p, const KernelSet& kernels, const WorkPlan& plan, int64_t pairs,
+             bool staged_query)
+      : p_(p), group_(plan.group()), pairs_(pairs) {
+    if constexpr (std::is_same_v<T, float>) {
+      scale_ = kernels.scale_f32;
+    } else {
+      scale_ = kernels.scale_f64;
+    }
+    // The step reads q rows in place (and scales the scores) when a tile's rows are a
+    // constant stride apart in the compute type: no copy-and-scale per row.
+    const size_t nb = p.batch_shape.size();
+    const int64_t head_stride = p.q.strides[nb], pos_stride = p.q.strides[nb + 1];
+    if (pairs < 0) {
+      if (group_ == 1) {
+        q_ld_ = pos_stride;
+      } else if (plan.rows_per_head_group() <= group_ || pos_stride == group_ * head_stride) {
+        q_ld_ = head_stride;
+      }
+    }
+    in_place_ = q_ld_ != 0 && p.q_dtype == p.dtype && !staged_query && !p.additive_w;
+  }
+
+  // Rows [pos.r0, pos.r0 + pos.rows) of the item: their positions, heads, keys and diagonal,
+  // mask rows and ALiBi slopes, q (copied times the scale, unless read in place), and the
+  // running state reset.
+  void stage(const ItemPos& pos, const RowBounds& rb, TileRows<T>& t) const {
+    const int64_t b = pos.b, hk = pos.hk, rows = pos.rows;
+    const size_t nb = p_.batch_shape.size();
+    const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
+    const T scale = static_cast<T>(p_.scale);
+    // Row r0 + r is query i of head hk * group + g, stepped without a division per row.
+    // Locals throughout: the compiler cannot keep p_'s fields in registers across the stores.
+    int64_t* row_pos = t.pos.data();
+    int64_t* row_head = t.head.data();
+    int64_t i = pos.r0 / group_, g = pos.r0 % group_;
+    const int64_t group = group_;
+    for (int64_t r = 0; r < rows; ++r, g = g + 1 == group ? 0 : g + 1, i += g == 0) {
+      row_pos[r] = i;
+      row_head[r] = hk * group + g;
+      t.bounds[r] = rb.of_row(i);
+      t.diag[r] = i + rb.offset;
+      t.m[r] = -std::numeric_limits<T>::infinity();
+    }
+    const int64_t q_head_stride = p_.q.strides[nb], q_pos_stride = p_.q.strides[nb + 1];
+    t.q_first = q_base + row_head[0] * q_head_stride + row_pos[0] * q_pos_stride;
+    if (!in_place_) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t src = q_base + row_head[r] * q_head_stride + row_pos[r] * q_pos_stride;
+        if (pairs_ >= 0) {
+          stage_pairs(src, r, t);
+        } else if (p_.q_dtype == p_.dtype) {
+          scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, t.q.data() + r * p_.d);
+        } else {
+          T* dst = t.q.data() + r * p_.d;
+          for (int64_t e = 0; e < p_.d; ++e) {
+            dst[e] = load_as<T>(p_.q.data, p_.q_dtype, src + e) * scale;
+          }
+        }
+      }
+    }
+    if (p_.alibi.data) {
+      const T* slopes =
+          static_cast<const T*>(p_.alibi.data) + batch_offset(p_.batch_shape, p_.alibi, b);
+      for (int64_t r = 0; r < rows; ++r) t.slopes[r] = slopes[row_head[r] * p_.alibi.strides[nb]];
+    }
+    if (p_.mask.data) {
+      const int64_t mask_base = batch_offset(p_.batch_shape, p_.mask, b);
+      const int64_t item = p_.mask_kind == MaskKind::Bool ? 1 : sizeof(T);
+      const char* mask = static_cast<const char*>(p_.mask.data) + mask_base * item;
+      const int64_t head_stride = p_.mask.strides[nb], pos_stride = p_.mask.strides[nb + 1];
+      for (int64_t r = 0; r < rows; ++r) {
+        t.mask_rows[r] = mask + (row_head[r] * head_stride + row_pos[r] * pos_stride) * item;
+      }
+    }
+    std::fill(t.l.data(), t.l.data() + rows * kSumSlots, T(0));
+    std::fill(t.o.data(), t.o.data() + rows * p_.dv, T(0));
+  }
+
+  // The step's q and per-row fields, pointing into the thread's rows.
+  void point(TileStep<T>& s, TileRows<T>& t, int64_t rows) const {
+    s.q = in_place_ ? static_cast<const T*>(p_.q.data) + t.q_first : t.q.data();
+    s.q_ld = in_place_ ? q_ld_ : p_.d;
+    s.q_in_place = in_place_;
+    s.rows = rows;
+    s.s = t.s.data();
+    s.o = t.o.data();
+    s.m = t.m.data();
+    s.l = t.l.data();
+    s.bounds = t.bounds.data();
+    s.mask_rows = t.mask_rows.data();
+    s.slopes = p_.alibi.data ? t.slopes.data() : nullptr;
+    s.diag = t.diag.data();
+    if (pairs_ >= 0) {
+      s.q_hi = t.q_hi.data();
+      s.q_lo = p_.q_dtype == DType::BF16 ? nullptr : t.q_lo.data();
+    }
+  }
+
+ private:
+  // Query row `r` as bfloat16 pairs, unscaled (the step scales the scores): a bfloat16 q as
+  // it is, another q split into hi + lo (split_bf16); zero pairs past D.
+  void stage_pairs(int64_t src, int64_t r, TileRows<T>& t) const {
+    if (pairs_ == 0) return;  // D = 0: no pairs, and no buffer to copy into (memcpy to null)
+    uint32_t* hi = t.q_hi.data() + r * pairs_;
+    uint32_t* lo = t.q_lo.data() + r * pairs_;
+    std::fill(hi + p_.d / 2, hi + pairs_, 0u);
+    std::fill(lo + p_.d / 2, lo + pairs_, 0u);
+    // A pair of consecutive bfloat16 is their 4 bytes in memory (little-endian, as x86).
+    if (p_.q_dtype == DType::BF16) {
+      std::memcpy(hi, static_cast<const uint16_t*>(p_.q.data) + src, p_.d * sizeof(uint16_t));
+      return;
+    }
+    for (int64_t e = 0; e < p_.d; ++e) {
+      uint32_t h, l;
+      split_bf16(load_as<float>(p_.q.data, p_.q_dtype, src + e), h, l);
+      const int shift = e % 2 ? 16 : 0;
+      hi[e / 2] = (e % 2 ? hi[e / 2] : 0) | h << shift;
+      lo[e / 2] = (e % 2 ? lo[e / 2] : 0) | l << shift;
+    }
+  }
+
+  const Params& p_;
+  int64_t group_, pairs_;
+  int64_t q_ld_ = 0;  // with in_place_: elements between a tile's q rows (0 = not constant)
+  bool in_place_ = false;
+  void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a, for q rows
+};
+
+}  // namespace cpuattn

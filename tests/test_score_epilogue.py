@@ -1,0 +1,50 @@
+"""The score epilogue (softcap, ALiBi, mask, key bounds, online softmax) behind every step
+that produces scores, on every ISA: the float step on packed K^T and on K rows in place
+(decode), the same on a float16 / bfloat16 cache read in place, and the bfloat16 pair steps
+(vdpbf16ps, AMX tiles), packed and in place. Every modifier at once, large logits so the cap
+matters, against the float64 reference on the same rounded inputs."""
+
+import numpy as np
+import pytest
+from reference import assert_matches, dense_attention
+
+from cpuattn._request import BF16
+
+SHAPES = [  # hq, hkv, lq, lk, d, dv
+    (8, 2, 1, 700, 64, 64),  # decode: K/V rows read in place (AMX too: D % 32 == 0)
+    (8, 2, 3, 300, 40, 24),  # decode, D and Dv off the vector widths (no AMX)
+    (4, 2, 40, 300, 64, 48),  # packed tiles
+    (4, 4, 33, 129, 40, 40),  # packed, D % 32 != 0: the bfloat16 pairs padded
+]
+
+KINDS = [  # (q dtype, K/V dtype, out_dtype)
+    (np.float32, np.float32, None),
+    (np.float32, np.float16, None),
+    (np.float32, BF16, None),
+    (BF16, BF16, np.float32),
+]
+
+
+@pytest.mark.parametrize(("hq", "hkv", "lq", "lk", "d", "dv"), SHAPES, ids=str)
+@pytest.mark.parametrize(
+    ("q_dtype", "kv_dtype", "out_dtype"), KINDS, ids=["f32", "f32q-f16kv", "f32q-bf16kv", "bf16"]
+)
+def test_every_modifier_on_every_step(
+    native, rng, hq, hkv, lq, lk, d, dv, q_dtype, kv_dtype, out_dtype
+):
+    batch = 2
+    q = (4 * rng.standard_normal((batch, hq, lq, d))).astype(q_dtype)  # logits beyond the cap
+    k = rng.standard_normal((batch, hkv, lk, d)).astype(kv_dtype)
+    v = rng.standard_normal((batch, hkv, lk, dv)).astype(kv_dtype)
+    mask = np.where(rng.random((lq, lk)) > 0.1, rng.standard_normal((lq, lk)), -np.inf)
+    kw = {
+        "softcap": 5.0,
+        "alibi_slopes": 2.0 ** -np.arange(1, hq + 1),
+        "mask": mask.astype(np.float32),
+        "kv_lengths": np.array([lk, lk * 2 // 3]),
+        "causal": True,
+    }
+    out, lse = native(q, k, v, return_lse=True, out_dtype=out_dtype, **kw)
+    ref_out, ref_lse = dense_attention(q, k, v, **kw)
+    assert_matches(out, ref_out, np.float32)
+    assert_matches(lse, ref_lse, np.float32, "lse")
