@@ -554,39 +554,30 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
 
 // The score epilogue of every step (float, vdpbf16ps and AMX): rows [r0, r0 + RB) of a.s, as
 // the step's product block stored them, -> softcap -> ALiBi -> mask -> key bounds -> online
-// softmax, leaving the weights in a.s. Returns whether some weight is exactly 0. The steps
-// call it through score_epilogue or score_epilogue_rows below.
-template <typename T, int RB, bool kDotScale>
-inline bool epilogue_block(const cpuattn::TileStep<T>& a, int64_t r0) {
+// softmax, leaving the weights in a.s. Returns whether some weight is exactly 0.
+// It reads the stored rows rather than the step's registers, and is never inlined: work in a
+// product block's store loop made GCC keep the block's accumulators on the stack, and so did
+// an inlined softmax, its exp constants hoisted around score_rows (7 of its 24 accumulators
+// in stack slots, AVX-512 float).
+template <typename T, int RB, bool kDotScale = false>
+__attribute__((noinline)) bool score_epilogue(const cpuattn::TileStep<T>& a, int64_t r0) {
   cap_scores<T, kDotScale>(a, r0, r0 + RB);
   if (a.slopes) add_alibi(a, r0, r0 + RB);
   mask_rows(a, r0, r0 + RB);
   return softmax_block<T, RB>(a, r0);
 }
 
-// The epilogue of one register-blocked row block, as a call of its own (everything it calls
-// inlined into it): it reads the stored rows rather than the step's registers, and is never
-// inlined into the step. Work in a product block's store loop made GCC keep the block's
-// accumulators on the stack, and so did an inlined softmax, its exp constants hoisted around
-// score_rows (7 of its 24 accumulators in stack slots, AVX-512 float).
-template <typename T, int RB>
-__attribute__((noinline, flatten)) bool score_epilogue(const cpuattn::TileStep<T>& a, int64_t r0) {
-  return epilogue_block<T, RB, false>(a, r0);
-}
-
-// The epilogue of any rows [r0, r1) in one call (rows are independent: blocks of kRowBlock,
-// then 4, then 1), for the AMX step, whose products sit in tile registers meanwhile.
-// kDotScale: the stored scores still lack a.dot_scale (a tile store cannot scale).
-template <typename T, bool kDotScale>
-__attribute__((noinline, flatten)) bool score_epilogue_rows(const cpuattn::TileStep<T>& a,
-                                                            int64_t r0, int64_t r1) {
+// score_epilogue over any rows [r0, r1): rows are independent, so blocks of kRowBlock, then 4,
+// then 1.
+template <typename T, bool kDotScale = false>
+inline bool score_epilogue_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   bool some_zero = false;
   int64_t r = r0;
   for (; r + kRowBlock <= r1; r += kRowBlock) {
-    some_zero |= epilogue_block<T, kRowBlock, kDotScale>(a, r);
+    some_zero |= score_epilogue<T, kRowBlock, kDotScale>(a, r);
   }
-  for (; r + 4 <= r1; r += 4) some_zero |= epilogue_block<T, 4, kDotScale>(a, r);
-  for (; r < r1; ++r) some_zero |= epilogue_block<T, 1, kDotScale>(a, r);
+  for (; r + 4 <= r1; r += 4) some_zero |= score_epilogue<T, 4, kDotScale>(a, r);
+  for (; r < r1; ++r) some_zero |= score_epilogue<T, 1, kDotScale>(a, r);
   return some_zero;
 }
 
