@@ -11,7 +11,7 @@ namespace cpuattn {
 // n elements of a trivial type T, 64-byte (cache line) aligned, not initialized: allocating
 // writes nothing, so a thread's scratch is first touched (its pages placed, on a NUMA machine)
 // by the thread that uses it, and no memset precedes the work. Every reader writes before it
-// reads, or checks a flag that says so (TileCache). Allocated before the parallel region: a
+// reads, or checks a flag that says so (StagedTileCache). Allocated before the parallel region: a
 // std::bad_alloc here is an exception (MemoryError), in an OpenMP region it would terminate.
 template <typename T>
 class AlignedBuffer {

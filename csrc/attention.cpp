@@ -32,14 +32,14 @@ namespace {
 template <typename T>
 struct StepChoice {
   void (*step)(const TileStep<T>&) = nullptr;
-  Encoding how = Encoding::Native;
-  int64_t pairs = 0;      // D's bfloat16 pairs, padded as the step needs (Encoding::Bf16Pairs)
-  bool on_tiles = false;  // `step` is the AMX step: each thread brackets its steps with these
-  void (*tiles_begin)() = nullptr;
-  void (*tiles_end)() = nullptr;
+  KvPath path = KvPath::ComputeType;
+  int64_t d_pairs = 0;  // D's bfloat16 pairs, padded as the step needs (KvPath::Bf16Pairs)
+  bool on_amx = false;  // `step` is the AMX step: each thread brackets its steps with these
+  void (*amx_begin)() = nullptr;
+  void (*amx_end)() = nullptr;
 
   // q's bfloat16 pairs per row, or -1: q is staged in the compute type.
-  int64_t q_pairs() const { return how == Encoding::Bf16Pairs ? pairs : -1; }
+  int64_t q_pairs() const { return path == KvPath::Bf16Pairs ? d_pairs : -1; }
 };
 
 // bfloat16 K and V go to the bfloat16 steps, AMX tiles first (they need Dv % 16 == 0), where
@@ -47,23 +47,23 @@ struct StepChoice {
 template <typename T>
 StepChoice<T> choose_step(const Params& p, const KernelSet& kernels) {
   StepChoice<T> c;
-  c.how = p.kv_dtype == p.dtype ? Encoding::Native : Encoding::Converted;
-  c.pairs = (p.d + 1) / 2;
+  c.path = p.kv_dtype == p.compute_dtype ? KvPath::ComputeType : KvPath::WidenedToFloat;
+  c.d_pairs = (p.d + 1) / 2;
   if constexpr (std::is_same_v<T, double>) {
     c.step = kernels.step_f64;
   } else {
     c.step = kernels.step_f32;
     if (p.kv_dtype != DType::BF16 || p.additive_w) return c;
-    if (kernels.step_bf16_tiles && p.dv % 16 == 0) {
-      c.step = kernels.step_bf16_tiles;
-      c.how = Encoding::Bf16Pairs;
-      c.pairs = (c.pairs + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
-      c.on_tiles = true;
-      c.tiles_begin = kernels.tiles_begin;
-      c.tiles_end = kernels.tiles_end;
+    if (kernels.step_bf16_amx && p.dv % 16 == 0) {
+      c.step = kernels.step_bf16_amx;
+      c.path = KvPath::Bf16Pairs;
+      c.d_pairs = (c.d_pairs + kAmxPairs - 1) / kAmxPairs * kAmxPairs;
+      c.on_amx = true;
+      c.amx_begin = kernels.amx_begin;
+      c.amx_end = kernels.amx_end;
     } else if (kernels.step_bf16) {
       c.step = kernels.step_bf16;
-      c.how = Encoding::Bf16Pairs;
+      c.path = KvPath::Bf16Pairs;
     }
   }
   return c;
@@ -96,8 +96,8 @@ class Driver {
   Driver(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
          const StepChoice<T>& choice)
       : p_(p), plan_(plan), step_(choice.step),
-        source_(choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.how, choice.on_tiles,
-                                    choice.pairs)),
+        source_(choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.path, choice.on_amx,
+                                    choice.d_pairs)),
         query_(p, kernels, plan, choice.q_pairs(),
                std::visit([](const auto& s) { return s.kStagedQuery; }, source_)),
         output_(p, kernels, plan) {
@@ -110,8 +110,8 @@ class Driver {
     proto_.mask_col_stride = p.mask.data ? p.mask.strides[nb + 2] : 0;
     proto_.softcap = static_cast<T>(p.softcap);
     proto_.additive_w = static_cast<const T*>(p.additive_w);
-    if (choice.how == Encoding::Bf16Pairs) {
-      proto_.d_pairs = choice.pairs;
+    if (choice.path == KvPath::Bf16Pairs) {
+      proto_.d_pairs = choice.d_pairs;
       proto_.split_p = p.out_dtype != DType::BF16;  // full float32 accuracy for a float32 out
     }
     std::visit([&](const auto& s) { s.setup(proto_); }, source_);
@@ -250,14 +250,14 @@ void run(const Params& p, const KernelSet& kernels) {
       end = next_end;
     }
   };
-  void (*tiles_begin)() = choice.tiles_begin;
-  void (*tiles_end)() = choice.tiles_end;
+  void (*amx_begin)() = choice.amx_begin;
+  void (*amx_end)() = choice.amx_end;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
     Scratch<T>& sc = scratch[omp_get_thread_num()];
-    if (tiles_begin) tiles_begin();
+    if (amx_begin) amx_begin();
     // Any schedule gives the same bits. Other than whole heads, dynamic: causal and windowed
     // items differ in cost.
     if (whole_heads) {
@@ -266,20 +266,20 @@ void run(const Params& p, const KernelSet& kernels) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
     }
-    if (tiles_end) tiles_end();
+    if (amx_end) amx_end();
     if (chunks > 1) {
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < items; ++item) merge(item, sc);
     }
   }
 #else
-  if (tiles_begin) tiles_begin();
+  if (amx_begin) amx_begin();
   if (whole_heads) {
     run_whole_heads(scratch[0]);
   } else {
     for (int64_t task = 0; task < tasks; ++task) run_task(task, scratch[0]);
   }
-  if (tiles_end) tiles_end();
+  if (amx_end) amx_end();
   for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item, scratch[0]);
 #endif
 }
@@ -288,7 +288,7 @@ void run(const Params& p, const KernelSet& kernels) {
 
 void attention(const Params& p) {
   const KernelSet& kernels = active_kernels();
-  if (p.dtype == DType::F32) {
+  if (p.compute_dtype == DType::F32) {
     run<float>(p, kernels);
   } else {
     run<double>(p, kernels);

@@ -15,7 +15,7 @@ struct View {
 };
 
 struct Params {
-  DType dtype = DType::F32;  // compute type (F32 or F64), also lse's and a float mask's
+  DType compute_dtype = DType::F32;  // F32 or F64; also lse's and a float mask's
   // Storage types: the compute type, or F16 / BF16 (computed in F32; q may be F32 with half
   // k and v; out is q's type or F32).
   DType q_dtype = DType::F32, kv_dtype = DType::F32, out_dtype = DType::F32;

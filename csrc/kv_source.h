@@ -28,9 +28,9 @@
 
 namespace cpuattn {
 
-// How K and V are multiplied: in the compute type (native), converted from half to float32,
-// or as bfloat16 pairs for the bfloat16 steps (vdpbf16ps, AMX).
-enum class Encoding { Native, Converted, Bf16Pairs };
+// How K and V are multiplied: in the compute type, widened from half to float32, or as
+// bfloat16 pairs by the bfloat16 steps (vdpbf16ps, AMX).
+enum class KvPath { ComputeType, WidenedToFloat, Bf16Pairs };
 
 // Width of a packed bfloat16 V row: Dv rounded up to whole 16-lane vectors.
 inline int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
@@ -41,7 +41,7 @@ inline int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
 // Neither buffer is initialized: a tile is read only once its ready flag is set, and the flags
 // are cleared on the first use (owner_ starts at -1) and whenever the owner changes.
 template <typename T>
-class TileCache {
+class StagedTileCache {
  public:
   void reserve(int64_t tiles, int64_t tile_elems, bool enable) {
     tile_elems_ = tile_elems;
@@ -81,9 +81,9 @@ class TileCache {
 template <typename T>
 struct KvScratch {
   AlignedBuffer<T> kt, vt, stage;  // packed K^T, converted V, converted K before packing
-  TileCache<T> keys, values;
-  AlignedBuffer<uint32_t> kt2, v2;  // bfloat16 pairs of K^T and of V
-  TileCache<uint32_t> keys2, values2;
+  StagedTileCache<T> keys, values;
+  AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
+  StagedTileCache<uint32_t> key_pairs, value_pairs;
 };
 
 // One key tile of an item.
@@ -109,10 +109,11 @@ class OnLayout {
   const E* v_row(const Head& h, int64_t j) const {
     return static_cast<const E*>(layout_.v_row(h, j));
   }
+  // Both operands as rows in place, stored as `elem`.
   template <typename T>
-  void setup_rows(TileStep<T>& s) const {
-    s.k_ld = layout_.k_ld();
-    s.v_ld = layout_.v_ld();
+  void setup_rows(TileStep<T>& s, Elem elem) const {
+    s.key = {KeyForm::Rows, elem, nullptr, layout_.k_ld()};
+    s.value = {ValueForm::Rows, elem, nullptr, layout_.v_ld()};
   }
 
   Layout layout_;
@@ -128,10 +129,10 @@ class NativeRows : public OnLayout<Layout, T> {
   static constexpr bool kStagedQuery = true;
   explicit NativeRows(const Layout& layout) : Base(layout) {}
   void reserve(KvScratch<T>&, int64_t, bool) const {}
-  void setup(TileStep<T>& s) const { this->setup_rows(s); }
+  void setup(TileStep<T>& s) const { this->setup_rows(s, Elem::Compute); }
   void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t, KvScratch<T>&) const {
-    s.k = this->k_row(h, t.j0);
-    s.v = this->v_row(h, t.j0);
+    s.key.data = this->k_row(h, t.j0);
+    s.value.data = this->v_row(h, t.j0);
     s.prefetch_next = t.more;
   }
 };
@@ -149,13 +150,16 @@ class PackedKeys : public OnLayout<Layout, T> {
     sc.kt.allocate(d_ * kTileKeys);
     sc.keys.reserve(tiles, kTileKeys * d_, cache);
   }
-  void setup(TileStep<T>& s) const { this->setup_rows(s); }
+  void setup(TileStep<T>& s) const {
+    this->setup_rows(s, Elem::Compute);
+    s.key = {KeyForm::PackedT, Elem::Compute, nullptr, 0};
+  }
   void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<T>& sc) const {
-    s.kt = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
+    s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
       pack_(this->k_row(h, t.j0), this->layout_.k_ld(), t.cols, d_, dst);
     });
-    s.v = this->v_row(h, t.j0);
+    s.value.data = this->v_row(h, t.j0);
   }
 
  private:
@@ -171,21 +175,18 @@ class HalfRows : public OnLayout<Layout, uint16_t> {
 
  public:
   static constexpr bool kStagedQuery = true;
-  HalfRows(const Layout& layout, bool f16) : Base(layout), f16_(f16) {}
+  HalfRows(const Layout& layout, Elem elem) : Base(layout), elem_(elem) {}
   void reserve(KvScratch<float>&, int64_t, bool) const {}
-  void setup(TileStep<float>& s) const {
-    this->setup_rows(s);
-    s.half_f16 = f16_;
-  }
+  void setup(TileStep<float>& s) const { this->setup_rows(s, elem_); }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>&) const {
-    s.k_rows = this->k_row(h, t.j0);
-    s.v_rows = this->v_row(h, t.j0);
+    s.key.data = this->k_row(h, t.j0);
+    s.value.data = this->v_row(h, t.j0);
     s.prefetch_next = t.more;
   }
 
  private:
-  bool f16_;
+  Elem elem_;  // F16 or Bf16
 };
 
 // Half K and V converted to float32 per key tile (cached): K through the stage, then packed.
@@ -194,7 +195,7 @@ class ConvertedTiles : public OnLayout<Layout, uint16_t> {
   using Base = OnLayout<Layout, uint16_t>;
 
  public:
-  using Convert = void (*)(const uint16_t*, int64_t, int64_t, int64_t, float*);
+  using Convert = decltype(EncodingOps::to_float);
   using Pack = void (*)(const float*, int64_t, int64_t, int64_t, float*);
   static constexpr bool kStagedQuery = false;
   ConvertedTiles(const Layout& layout, Convert convert, Pack pack, int64_t d, int64_t dv)
@@ -207,17 +208,17 @@ class ConvertedTiles : public OnLayout<Layout, uint16_t> {
     sc.values.reserve(tiles, kTileKeys * dv_, cache);
   }
   void setup(TileStep<float>& s) const {
-    this->setup_rows(s);
-    s.v_ld = dv_;  // the converted tile's rows
+    s.key = {KeyForm::PackedT, Elem::Compute, nullptr, 0};
+    s.value = {ValueForm::Rows, Elem::Compute, nullptr, dv_};  // the converted tile's rows
   }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
     const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
-    s.kt = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](float* dst) {
+    s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](float* dst) {
       convert_(this->k_row(h, t.j0), k_ld, t.cols, d_, sc.stage.data());
       pack_(sc.stage.data(), d_, t.cols, d_, dst);
     });
-    s.v = sc.values.get(t.owner, t.j0 / kTileKeys, sc.vt.data(), [&](float* dst) {
+    s.value.data = sc.values.get(t.owner, t.j0 / kTileKeys, sc.vt.data(), [&](float* dst) {
       convert_(this->v_row(h, t.j0), v_ld, t.cols, dv_, dst);
     });
   }
@@ -238,41 +239,42 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
  public:
   static constexpr bool kStagedQuery = true;
   Bf16PairTiles(const Layout& layout, const KernelSet& kernels, int64_t d, int64_t dv,
-                int64_t pairs, bool keys_in_place)
+                int64_t d_pairs, bool keys_in_place)
       : Base(layout), pack_keys_(kernels.pack_bf16_keys), pack_values_(kernels.pack_bf16_values),
-        d_(d), dv_(dv), pairs_(pairs), width_(bf16_values_width(dv)),
+        d_(d), dv_(dv), d_pairs_(d_pairs), width_(bf16_values_width(dv)),
         keys_in_place_(keys_in_place) {}
   void reserve(KvScratch<float>& sc, int64_t tiles, bool cache) const {
     const int64_t v_elems = kTileKeys / 2 * width_;
-    sc.kt2.allocate(pairs_ * kTileKeys);
-    sc.v2.allocate(v_elems);
-    sc.keys2.reserve(tiles, pairs_ * kTileKeys, cache);
-    sc.values2.reserve(tiles, v_elems, cache);
+    sc.kt_pairs.allocate(d_pairs_ * kTileKeys);
+    sc.v_pairs.allocate(v_elems);
+    sc.key_pairs.reserve(tiles, d_pairs_ * kTileKeys, cache);
+    sc.value_pairs.reserve(tiles, v_elems, cache);
   }
   void setup(TileStep<float>& s) const {
-    this->setup_rows(s);
-    s.v2_ld = width_;
+    s.value = {ValueForm::Bf16Pairs, Elem::Bf16, nullptr, width_};
   }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
     const auto* k16 = this->k_row(h, t.j0);
     const auto* v16 = this->v_row(h, t.j0);
     const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
-    const bool in_place = keys_in_place_ && this->layout_.rows_inside(h, t.j0, kTileKeys);
-    s.k_rows = in_place ? k16 : nullptr;
-    if (!in_place) {
-      s.kt2 = sc.keys2.get(t.owner, t.j0 / kTileKeys, sc.kt2.data(),
-                           [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.cols, d_, pairs_, dst); });
+    if (keys_in_place_ && this->layout_.rows_inside(h, t.j0, kTileKeys)) {
+      s.key = {KeyForm::Rows, Elem::Bf16, k16, k_ld};
+    } else {
+      s.key = {KeyForm::Bf16PairsT, Elem::Bf16, nullptr, 0};
+      s.key.data = sc.key_pairs.get(
+          t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(),
+          [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.cols, d_, d_pairs_, dst); });
     }
-    s.v2 = sc.values2.get(t.owner, t.j0 / kTileKeys, sc.v2.data(), [&](uint32_t* dst) {
-      pack_values_(v16, v_ld, t.cols, dv_, width_, dst);
-    });
+    s.value.data = sc.value_pairs.get(
+        t.owner, t.j0 / kTileKeys, sc.v_pairs.data(),
+        [&](uint32_t* dst) { pack_values_(v16, v_ld, t.cols, dv_, width_, dst); });
   }
 
  private:
   decltype(KernelSet::pack_bf16_keys) pack_keys_;
   decltype(KernelSet::pack_bf16_values) pack_values_;
-  int64_t d_, dv_, pairs_, width_;
+  int64_t d_, dv_, d_pairs_, width_;
   bool keys_in_place_;
 };
 
@@ -287,27 +289,27 @@ using KvSourceOn = std::conditional_t<
 template <typename T>
 using KvSource = KvSourceOn<T, DenseLayout>;
 
-// The source for a call on `layout`. how / on_tiles / pairs: the step's choice (AMX tiles,
-// D's padded bfloat16 pairs).
+// The source for a call on `layout`. path / on_amx / d_pairs: the step's choice (AMX tile
+// registers, D's padded bfloat16 pairs).
 template <typename T, typename Layout>
 KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
-                             const Layout& layout, Encoding how, bool on_tiles, int64_t pairs) {
+                             const Layout& layout, KvPath path, bool on_amx, int64_t d_pairs) {
   // A single query tile per head (no packed tile to reuse) of a few rows (decode).
   const bool one_tile = plan.query_tiles_per_head() == 1;
   const bool few_rows = one_tile && plan.rows_per_head_group() <= kInPlaceMaxRows;
   if constexpr (std::is_same_v<T, float>) {
-    if (how == Encoding::Bf16Pairs) {
-      if (few_rows && !on_tiles) return HalfRows<Layout>(layout, false);
+    if (path == KvPath::Bf16Pairs) {
+      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16);
       // AMX takes K rows as they are when D fills whole 32-element chunks and rows go forward.
       const bool keys_in_place =
-          on_tiles && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;
-      return Bf16PairTiles<Layout>(layout, kernels, p.d, p.dv, pairs, keys_in_place);
+          on_amx && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;
+      return Bf16PairTiles<Layout>(layout, kernels, p.d, p.dv, d_pairs, keys_in_place);
     }
-    if (how == Encoding::Converted) {
-      if (few_rows && !p.additive_w) return HalfRows<Layout>(layout, p.kv_dtype == DType::F16);
-      return ConvertedTiles<Layout>(
-          layout, p.kv_dtype == DType::BF16 ? kernels.convert_bf16 : kernels.convert_f16,
-          kernels.pack_f32, p.d, p.dv);
+    if (path == KvPath::WidenedToFloat) {
+      const Elem elem = p.kv_dtype == DType::BF16 ? Elem::Bf16 : Elem::F16;
+      if (few_rows && !p.additive_w) return HalfRows<Layout>(layout, elem);
+      return ConvertedTiles<Layout>(layout, kernels.encodings[int(elem)].to_float, kernels.pack_f32,
+                                    p.d, p.dv);
     }
   }
   if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout);

@@ -34,7 +34,7 @@ class OutputWriter {
   void write_rows(const ItemPos& pos, TileRows<T>& t) const {
     const int64_t rows = pos.rows;
     const OutBase base = out_base(pos);
-    const bool direct = p_.out_dtype == p_.dtype;
+    const bool direct = p_.out_dtype == p_.compute_dtype;
     if (direct) {
       T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + base.out;
       const size_t nb = p_.batch_shape.size();
@@ -110,7 +110,7 @@ class OutputWriter {
     const size_t nb = p_.batch_shape.size();
     const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
     const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
-    if (p_.out_dtype == p_.dtype) {
+    if (p_.out_dtype == p_.compute_dtype) {
       for (int64_t e = 0; e < p_.dv; ++e) static_cast<T*>(out)[base + e] = o[e] * inv;
     } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
       uint16_t* dst = static_cast<uint16_t*>(out) + base;

@@ -77,7 +77,7 @@ class QueryStage {
         q_ld_ = head_stride;
       }
     }
-    in_place_ = q_ld_ != 0 && p.q_dtype == p.dtype && !staged_query && !p.additive_w;
+    in_place_ = q_ld_ != 0 && p.q_dtype == p.compute_dtype && !staged_query && !p.additive_w;
   }
 
   // Rows [pos.r0, pos.r0 + pos.rows) of the item: their positions, heads, keys and diagonal,
@@ -108,7 +108,7 @@ class QueryStage {
         const int64_t src = q_base + row_head[r] * q_head_stride + row_pos[r] * q_pos_stride;
         if (pairs_ >= 0) {
           stage_pairs(src, r, t);
-        } else if (p_.q_dtype == p_.dtype) {
+        } else if (p_.q_dtype == p_.compute_dtype) {
           scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, t.q.data() + r * p_.d);
         } else {
           T* dst = t.q.data() + r * p_.d;

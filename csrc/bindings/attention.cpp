@@ -243,16 +243,16 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.q_dtype = dtype_of("q", q);
   p.kv_dtype = dtype_of("k", k);
   p.out_dtype = dtype_of("out", out);
-  p.dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
+  p.compute_dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
   const bool half_kv = is_half(p.kv_dtype);
   if (dtype_of("v", v) != p.kv_dtype)
     throw py::type_error("_core.attention: k and v dtypes differ");
-  if (half_kv ? p.dtype != cpuattn::DType::F32 ||
+  if (half_kv ? p.compute_dtype != cpuattn::DType::F32 ||
                     (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
-              : p.kv_dtype != p.dtype || p.q_dtype != p.dtype) {
+              : p.kv_dtype != p.compute_dtype || p.q_dtype != p.compute_dtype) {
     throw py::type_error("_core.attention: q, k, v dtypes do not go together");
   }
-  if (p.out_dtype != p.dtype && p.out_dtype != p.q_dtype) {
+  if (p.out_dtype != p.compute_dtype && p.out_dtype != p.q_dtype) {
     throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
   }
 
@@ -285,7 +285,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.out = view_of("out", out, true, true, holds);
 
   if (lse) {
-    if (dtype_of("lse", *lse) != p.dtype)
+    if (dtype_of("lse", *lse) != p.compute_dtype)
       throw py::type_error("_core.attention: lse must have the compute dtype");
     expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
     p.lse = view_of("lse", *lse, false, true, holds);
@@ -293,7 +293,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (mask) {
     if (has_dtype<bool>(*mask)) {
       p.mask_kind = cpuattn::MaskKind::Bool;
-    } else if (dtype_of("mask", *mask) == p.dtype) {
+    } else if (dtype_of("mask", *mask) == p.compute_dtype) {
       p.mask_kind = cpuattn::MaskKind::Additive;
     } else {
       throw py::type_error("_core.attention: mask must be bool or the compute dtype");
@@ -340,7 +340,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
   p.softcap = softcap;
   if (alibi) {
-    if (dtype_of("alibi", *alibi) != p.dtype)
+    if (dtype_of("alibi", *alibi) != p.compute_dtype)
       throw py::type_error("_core.attention: alibi must have the compute dtype");
     std::vector<int64_t> want(p.batch_shape);
     want.push_back(p.hq);
@@ -348,7 +348,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     p.alibi = view_of("alibi", *alibi, false, false, holds);
   }
   if (additive_w) {
-    if (dtype_of("additive_w", *additive_w) != p.dtype)
+    if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
       throw py::type_error("_core.attention: additive_w must have the compute dtype");
     expect_shape("additive_w", *additive_w, {p.d});
     if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");

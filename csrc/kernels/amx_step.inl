@@ -15,7 +15,7 @@ constexpr int64_t kAmxOutColumns = 16;  // float32 in a 64-byte tile row
 // read: a barrier first, so buffers written by plain stores are complete.
 inline void memory_barrier() { __asm__ volatile("" ::: "memory"); }
 
-// Palette 1, all 8 tiles 16 rows x 64 bytes, for this thread (KernelSet::tiles_begin).
+// Palette 1, all 8 tiles 16 rows x 64 bytes, for this thread (KernelSet::amx_begin).
 void configure_tiles() {
   struct alignas(64) Config {
     uint8_t palette, start_row, reserved[14];
@@ -45,7 +45,7 @@ inline void score_block_amx(const cpuattn::TileStep<float>& a, int64_t r0) {
   for (int64_t e = 0; e < a.d_pairs; e += cpuattn::kAmxPairs) {
     _tile_loadd(4, a.q_hi + r0 * a.d_pairs + e, q_stride);
     if constexpr (kSplitQ) _tile_loadd(6, a.q_lo + r0 * a.d_pairs + e, q_stride);
-    const uint32_t* k = a.kt2 + e * W;
+    const uint32_t* k = elements<uint32_t>(a.key) + e * W;
     _tile_loadd(5, k, k_stride);
     _tile_loadd(7, k + 16, k_stride);
     _tile_dpbf16ps(0, 4, 5);
@@ -74,7 +74,7 @@ inline void score_block_amx_in_place(const cpuattn::TileStep<float>& a, int64_t 
   constexpr int64_t W = cpuattn::kTileKeys, P = cpuattn::kAmxPairs;
   alignas(64) uint32_t qt_hi[P][kAmxRows], qt_lo[kSplitQ ? P : 1][kAmxRows];
   alignas(64) float st[W][kAmxRows];
-  const int64_t k_stride = a.k_ld * 2;
+  const int64_t k_stride = a.key.ld * 2;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -89,10 +89,10 @@ inline void score_block_amx_in_place(const cpuattn::TileStep<float>& a, int64_t 
     memory_barrier();
     _tile_loadd(4, qt_hi, kAmxRows * 4);
     if constexpr (kSplitQ) _tile_loadd(6, qt_lo, kAmxRows * 4);
-    const uint16_t* k = a.k_rows + 2 * e;
+    const uint16_t* k = elements<uint16_t>(a.key) + 2 * e;
     for (int kb = 0; kb < 4; ++kb) {
       // Tile numbers are immediates: one branch per output tile.
-      const uint16_t* rows = k + kb * kAmxRows * a.k_ld;
+      const uint16_t* rows = k + kb * kAmxRows * a.key.ld;
       _tile_loadd(5, rows, k_stride);
       switch (kb) {
         case 0:
@@ -138,7 +138,8 @@ template <int NT, bool kSplitP>
 inline void pv_block_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t e0,
                          const uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
                          const uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
-  const int64_t o_stride = a.dv * 4, v_stride = a.v2_ld * 4, p_stride = cpuattn::kTileKeys / 2 * 4;
+  const int64_t o_stride = a.dv * 4, v_stride = a.value.ld * 4,
+                p_stride = cpuattn::kTileKeys / 2 * 4;
   float* o = a.o + r0 * a.dv + e0;
   _tile_loadd(0, o, o_stride);
   if constexpr (NT > 1) _tile_loadd(1, o + 16, o_stride);
@@ -148,7 +149,7 @@ inline void pv_block_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t 
   for (int64_t j = 0; j < key_pairs; j += kAmxRows) {  // 32 keys (16 pairs) a chunk
     _tile_loadd(4, p_hi[0] + j, p_stride);
     if constexpr (kSplitP) _tile_loadd(6, p_lo[0] + j, p_stride);
-    const uint32_t* v = a.v2 + j * a.v2_ld + e0;
+    const uint32_t* v = elements<uint32_t>(a.value) + j * a.value.ld + e0;
     CPUATTN_AMX_PV(0, kSplitP);
     if constexpr (NT > 1) CPUATTN_AMX_PV(1, kSplitP);
     if constexpr (NT > 2) CPUATTN_AMX_PV(2, kSplitP);
@@ -197,7 +198,7 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
   const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
   for (int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) {
     const int64_t n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
-    if (a.k_rows) {
+    if (a.key.form == cpuattn::KeyForm::Rows) {
       if (a.q_lo) {
         score_block_amx_in_place<true>(a, r0, n);
       } else {

@@ -17,9 +17,9 @@ namespace {
 #include "kernels/amx_step.inl"
 constexpr KernelSet amx_kernels() {
   KernelSet k = portable_kernels("avx512_amx");
-  k.step_bf16_tiles = &tile_step_amx;
-  k.tiles_begin = &configure_tiles;
-  k.tiles_end = &release_tiles;
+  k.step_bf16_amx = &tile_step_amx;
+  k.amx_begin = &configure_tiles;
+  k.amx_end = &release_tiles;
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

@@ -41,7 +41,8 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
 #pragma GCC unroll 4
   for (int64_t e = 0; e < pairs; ++e) {
     __m512i kv[CB];
-    for (int c = 0; c < CB; ++c) kv[c] = _mm512_loadu_si512(a.kt2 + e * W + c * L);
+    for (int c = 0; c < CB; ++c)
+      kv[c] = _mm512_loadu_si512(elements<uint32_t>(a.key) + e * W + c * L);
     for (int r = 0; r < RB; ++r) {
       const __m512i qe = _mm512_set1_epi32(static_cast<int>(qh[r * pairs + e]));
       for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], qe, kv[c]);
@@ -109,7 +110,8 @@ inline void pv_block_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int64_t
 #pragma GCC unroll 4
   for (int64_t j = 0; j < key_pairs; ++j) {
     __m512i vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(a.v2 + j * a.v2_ld + e0 + c * L);
+    for (int c = 0; c < CB; ++c)
+      vv[c] = _mm512_loadu_si512(elements<uint32_t>(a.value) + j * a.value.ld + e0 + c * L);
     for (int r = 0; r < RB; ++r) {
       const __m512i p = _mm512_set1_epi32(static_cast<int>(p_hi[r][j]));
       for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], p, vv[c]);
@@ -131,7 +133,7 @@ inline void pv_block_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int64_t
   }
 }
 
-// Packed V rows are a.v2_ld >= dv wide, a whole number of vectors, zero past dv: the last
+// Packed V rows are a.value.ld >= dv wide, a whole number of vectors, zero past dv: the last
 // vector of a row reads padding and only its first dv % 16 lanes are kept.
 template <int RB, bool kSplitP>
 inline void pv_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
@@ -153,7 +155,7 @@ inline void pv_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
 inline bool tile_v2_has_nonfinite(const cpuattn::TileStep<float>& a, int64_t pair_rows) {
   uint32_t found = 0;
   for (int64_t j = 0; j < pair_rows; ++j) {
-    const uint32_t* row = a.v2 + j * a.v2_ld;
+    const uint32_t* row = elements<uint32_t>(a.value) + j * a.value.ld;
     for (int64_t e = 0; e < a.dv; ++e) {
       found |= (row[e] & 0x7f80u) == 0x7f80u;
       found |= (row[e] & 0x7f800000u) == 0x7f800000u;
@@ -173,7 +175,7 @@ inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, in
       const float p = a.s[r * W + j];
       if (p == 0.0f) continue;
       const float p16 = a.split_p ? p : cpuattn::bf16_to_f32(cpuattn::f32_to_bf16(p));
-      const uint32_t* row = a.v2 + (j / 2) * a.v2_ld;
+      const uint32_t* row = elements<uint32_t>(a.value) + (j / 2) * a.value.ld;
       const int shift = j % 2 ? 16 : 0;
       for (int64_t e = 0; e < a.dv; ++e)
         o[e] += p16 * cpuattn::bf16_to_f32(uint16_t(row[e] >> shift));
@@ -184,7 +186,7 @@ inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, in
 // ---- Few query rows (decode): K and V rows read in place, nothing packed ----
 
 // s[r0 + r, :] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K[j, :] from K rows in place
-// (a.k_rows, k_ld apart): pairs along D are consecutive elements of a K row, so each K
+// (a.key, key.ld apart): pairs along D are consecutive elements of a K row, so each K
 // vector feeds vdpbf16ps as loaded; the fold tree of tile_step.inl reduces the per-lane
 // sums. The last D % 32 elements are read with a masked load (nothing past a row). With
 // prefetch_next each K line read asks for the next tile's line (into L2).
@@ -201,7 +203,8 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
       const uint16_t* k[KB];
       for (int n = 0; n < KB; ++n) {
         const int64_t j = jb + g * KB + n;
-        k[n] = a.k_rows + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any row, masked later
+        k[n] = elements<uint16_t>(a.key) +
+               (j < a.cols ? j : 0) * a.key.ld;  // past cols: any row, masked later
       }
       __m512 acc[RB][KB];
       for (int r = 0; r < RB; ++r) {
@@ -223,7 +226,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
         __m512i kv[KB];
         for (int n = 0; n < KB; ++n) {
           kv[n] = _mm512_loadu_si512(k[n] + e);
-          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.k_ld, 0, 1);
+          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.key.ld, 0, 1);
         }
         accumulate(e, kv, false);
       }
@@ -246,7 +249,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
 // place.
 template <int RB>
 inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v_nonfinite) {
-  if (a.k_rows) {
+  if (a.key.form == cpuattn::KeyForm::Rows) {
     if (a.q_lo) {
       score_rows_bf16_in_place<RB, true>(a, r0);
     } else {
@@ -258,8 +261,9 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
     score_rows_bf16<RB, false>(a, r0);
   }
   const bool some_zero = score_epilogue<float, RB>(a, r0);
-  if (a.v_rows) {  // V rows in place: the float step's P.V, widening them as it loads
-    weights_times_values<float, RB, kBf16>(a, r0, some_zero, v_nonfinite);
+  if (a.value.form == cpuattn::ValueForm::Rows) {  // V rows in place: the float step's P.V,
+                                                   // widening them as it loads
+    weights_times_values<float, RB, Elem::Bf16>(a, r0, some_zero, v_nonfinite);
     return;
   }
   if (some_zero) {

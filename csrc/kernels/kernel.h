@@ -21,17 +21,48 @@ struct PrefetchRange {
   int64_t row_lines, stride, first, lines;
 };
 
+// How the elements of K or V rows are stored where a step reads them in place: the compute
+// type, or (float32 compute) float16 / bfloat16, widened as they are loaded. Also the index of
+// KernelSet::encodings.
+enum class Elem : uint8_t { Compute, F16, Bf16 };
+constexpr int kElems = 3;
+
+// The key tile as a step reads it. A staged tile (packed, converted, pairs) is staged once
+// for every query tile of its head, as wide as the head's valid keys allow: columns at or past
+// the step's `cols` may hold later keys (even inf or NaN), and every score path masks them.
+enum class KeyForm : uint8_t {
+  PackedT,     // K^T in the compute type: d x kTileKeys, zero past the staged keys (pack_*)
+  Rows,        // the tile's K rows in place, `ld` elements apart, stored as `elem`
+  Bf16PairsT,  // bfloat16 pairs along D of K^T: d_pairs x kTileKeys, zero past d
+};
+struct KeyOperand {
+  KeyForm form = KeyForm::PackedT;
+  Elem elem = Elem::Compute;
+  const void* data = nullptr;
+  int64_t ld = 0;  // Rows: elements between consecutive keys' rows
+};
+
+// The value tile as a step reads it.
+enum class ValueForm : uint8_t {
+  Rows,       // V rows, `ld` elements apart, stored as `elem` (in place, or a converted tile)
+  Bf16Pairs,  // rows of `ld` pairs: consecutive keys' V (staged keys + 1) / 2, zero past dv
+};
+struct ValueOperand {
+  ValueForm form = ValueForm::Rows;
+  Elem elem = Elem::Compute;
+  const void* data = nullptr;
+  int64_t ld = 0;  // elements (Rows) or pairs (Bf16Pairs) between rows
+};
+
+// One step: `rows` staged query rows against one key tile of `cols` keys.
 template <typename T>
 struct TileStep {
   const T* q;       // rows x d, rows q_ld apart: a packed copy times the scale, or (q_in_place)
                     // the caller's rows as they are, for score_rows only
   int64_t q_ld;
   bool q_in_place;  // q not scaled: score_rows multiplies the scores by dot_scale
-  const T* kt;      // d x kTileKeys, packed K transposed; columns >= cols are zero
-  const T* k;       // or nullptr: K row of the tile's first key, rows k_ld apart, used in
-                    // place of kt (few query rows; never with additive_w)
-  const T* v;       // V row of the tile's first key; rows are v_ld elements apart
-  int64_t v_ld;
+  KeyOperand key;
+  ValueOperand value;
   int64_t rows, cols, d, dv;
   T* s;             // scratch, rows x kTileKeys
   T* o;             // running unnormalized output, rows x dv
@@ -50,31 +81,25 @@ struct TileStep {
   const void* const* mask_rows;  // per row: the mask element of key 0
   int64_t mask_col_stride;       // elements between consecutive keys (0 when broadcast)
 
-  // Only for KernelSet::step_bf16, which reads these instead of q, kt and v: bfloat16 pairs
-  // in uint32 (low half the even element), scores times dot_scale.
+  // The bfloat16 steps (KernelSet::step_bf16, step_bf16_tiles) read q as these instead of q:
+  // bfloat16 pairs in uint32 (low half the even element), scores times dot_scale.
   const uint32_t* q_hi;  // rows x d_pairs, q (unscaled) rounded to bfloat16
   const uint32_t* q_lo;  // rows x d_pairs, q - q_hi rounded, for a float32 q; else nullptr
-  const uint32_t* kt2;   // d_pairs x kTileKeys, pairs along D of K^T; zero past d and cols
-  const uint32_t* v2;    // (cols + 1) / 2 rows of v2_ld: pairs of consecutive keys' V
-  int64_t d_pairs, v2_ld;
-  // Or nullptr: K rows in place (bfloat16, k_ld elements apart), used instead of kt2. For
-  // step_bf16_tiles all kTileKeys rows, d_pairs pairs each, lie inside the array; step_bf16
-  // reads only rows [0, cols), d elements each. step_f32 with k_rows set reads rows [0, cols)
-  // of half K and V (v_rows) in place, float16 if half_f16 else bfloat16: decode on a half
-  // cache where the ISA has no bfloat16 products.
-  const uint16_t* k_rows;
-  int64_t k_ld;  // for k and k_rows
-  // step_bf16 and step_f32, or nullptr: V rows in place (bfloat16, v_ld elements apart), instead
-  // of v2 / v.
-  const uint16_t* v_rows;
-  bool half_f16;
-  T dot_scale;           // scores times this, where q is unscaled (step_bf16, q_in_place)
+  int64_t d_pairs;       // D's bfloat16 pairs, padded as the step needs
+  T dot_scale;           // scores times this, where q is unscaled (bfloat16 steps, q_in_place)
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 
   // This thread's next task (its q, K, V and out), to ask the caches for during this step, a
   // few lines per row block so the requests overlap the arithmetic (all of them at the task's
   // start bought nothing, measured). lines 0: none. The bfloat16 steps ignore them.
   PrefetchRange prefetch[kPrefetchRanges];
+};
+
+// What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):
+// how to stage its rows for the float32 step. Compute-type rows need nothing (nullptr).
+struct EncodingOps {
+  // rows (ld elements apart) -> rows x width floats, contiguous
+  void (*to_float)(const void* src, int64_t ld, int64_t rows, int64_t width, float* dst);
 };
 
 struct KernelSet {
@@ -84,9 +109,7 @@ struct KernelSet {
   // K rows [0, cols), ld elements apart, -> d x kTileKeys transposed tile, zero past cols.
   void (*pack_f32)(const float* k, int64_t ld, int64_t cols, int64_t d, float* kt);
   void (*pack_f64)(const double* k, int64_t ld, int64_t cols, int64_t d, double* kt);
-  // float16 / bfloat16 rows (ld elements apart) -> rows x width floats, contiguous.
-  void (*convert_f16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
-  void (*convert_bf16)(const uint16_t* src, int64_t ld, int64_t rows, int64_t width, float* dst);
+  EncodingOps encodings[kElems];
   // y[i] = x[i] * a, i < n: q rows times the softmax scale into the tile.
   void (*scale_f32)(const float* x, float a, int64_t n, float* y);
   void (*scale_f64)(const double* x, double a, int64_t n, double* y);
@@ -102,16 +125,19 @@ struct KernelSet {
   void (*exp_f64)(const double* x, double* y, int64_t n);
 
   // bfloat16 K and V multiplied as bfloat16 pairs (AVX512-BF16); nullptr where the ISA has no
-  // such instruction, and K and V are then converted to float32 for step_f32.
+  // such instruction, and K and V are then converted to float32 for step_f32. Keys as
+  // Bf16PairsT, or Rows of bfloat16 (every row inside the array: step_bf16_amx reads all
+  // kTileKeys rows, d_pairs pairs each; step_bf16 rows [0, cols), d elements each); values as
+  // Bf16Pairs, or (step_bf16 only) bfloat16 Rows.
   void (*step_bf16)(const TileStep<float>&);
-  // The same on AMX tiles (nullptr where absent): needs Dv % 16 == 0 and d_pairs a multiple
-  // of kAmxPairs, the pairs past D zero. Preferred over step_bf16 where both exist.
-  void (*step_bf16_tiles)(const TileStep<float>&);
-  // Each thread calls tiles_begin before its first step_bf16_tiles of a call and tiles_end
-  // after its last: the tile configuration is per thread state, and other code in the same
-  // thread may use another one between calls.
-  void (*tiles_begin)();
-  void (*tiles_end)();
+  // The same on AMX tile registers (nullptr where absent): needs Dv % 16 == 0 and d_pairs a
+  // multiple of kAmxPairs, the pairs past D zero. Preferred over step_bf16 where both exist.
+  void (*step_bf16_amx)(const TileStep<float>&);
+  // Each thread calls amx_begin before its first step_bf16_amx of a call and amx_end after
+  // its last: the tile register configuration is per thread state, and other code in the
+  // same thread may use another one between calls.
+  void (*amx_begin)();
+  void (*amx_end)();
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);

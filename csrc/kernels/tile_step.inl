@@ -29,10 +29,6 @@ struct Simd {
   static V splat(T x) { return x - V{}; }
 };
 
-// How K and V elements are stored where the step reads them in place: the compute type, or
-// (float compute, decode on a half cache) float16 / bfloat16 rows widened as they are loaded.
-constexpr int kNative = 0, kF16 = 1, kBf16 = 2;
-
 // One float16 as float, exact (subnormals, inf, NaN kept) by bit arithmetic.
 inline float f16_bits_to_float(uint16_t h) {
   const uint32_t magnitude = (h & 0x7fffu) << 13;
@@ -47,11 +43,11 @@ inline float f16_bits_to_float(uint16_t h) {
   return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, f) | ((h & 0x8000u) << 16));
 }
 
-template <int H, typename T, typename E>
+template <Elem Stored, typename T, typename E>
 inline T element(const E* p, int64_t i) {
-  if constexpr (H == kNative) {
+  if constexpr (Stored == Elem::Compute) {
     return p[i];
-  } else if constexpr (H == kBf16) {
+  } else if constexpr (Stored == Elem::Bf16) {
     return __builtin_bit_cast(float, uint32_t(p[i]) << 16);
   } else {
     return f16_bits_to_float(p[i]);
@@ -65,14 +61,14 @@ struct HalfLanes {
 };
 
 // One vector of elements from p; float16 through F16C's vcvtph2ps where the ISA has it.
-template <int H, typename T, typename E>
+template <Elem Stored, typename T, typename E>
 inline typename Simd<T>::V load_elements(const E* p) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
-  if constexpr (H == kNative) {
+  if constexpr (Stored == Elem::Compute) {
     return S::load(p);
-  } else if constexpr (H == kBf16) {
+  } else if constexpr (Stored == Elem::Bf16) {
     typename HalfLanes<L>::Half h;
     __builtin_memcpy(&h, p, sizeof(h));
     return __builtin_bit_cast(V, __builtin_convertvector(h, typename HalfLanes<L>::Wide) << 16);
@@ -93,21 +89,27 @@ inline typename Simd<T>::V load_elements(const E* p) {
   }
 }
 
-// The K and V rows a step reads in place: a.k / a.v, or the half rows a.k_rows / a.v_rows.
-template <int H, typename T>
+// An operand's elements as type E.
+template <typename E, typename Operand>
+inline const E* elements(const Operand& x) {
+  return static_cast<const E*>(x.data);
+}
+
+// The K and V rows a step reads (key.form Rows, value.form Rows): the compute type, or half.
+template <Elem Stored, typename T>
 inline auto key_rows(const cpuattn::TileStep<T>& a) {
-  if constexpr (H == kNative) {
-    return a.k;
+  if constexpr (Stored == Elem::Compute) {
+    return elements<T>(a.key);
   } else {
-    return a.k_rows;
+    return elements<uint16_t>(a.key);
   }
 }
-template <int H, typename T>
+template <Elem Stored, typename T>
 inline auto value_rows(const cpuattn::TileStep<T>& a) {
-  if constexpr (H == kNative) {
-    return a.v;
+  if constexpr (Stored == Elem::Compute) {
+    return elements<T>(a.value);
   } else {
-    return a.v_rows;
+    return elements<uint16_t>(a.value);
   }
 }
 
@@ -186,7 +188,7 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
 #pragma GCC unroll 4
     for (int64_t e = e0; e < e1; ++e) {
       V kv[kColBlock];
-      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
+      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
       for (int r = 0; r < RB; ++r) {
         const V qe = S::splat(q[r * a.q_ld + e]);
         for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
@@ -281,7 +283,7 @@ inline V in_key_order(V v, std::integer_sequence<int, I...>) {
   return __builtin_shufflevector(v, v, bit_reverse(I, log2_of(sizeof...(I)))...);
 }
 
-// Scores from K rows in place (a.k, a.k_ld elements apart), for RB rows: the dot-product
+// Scores from K rows in place (a.key, a.key.ld elements apart), for RB rows: the dot-product
 // form, s[r, j] = q[r, :] . K[j, :], vectorized along D. For a few query rows (decode) this
 // beats packing K^T, which costs a transposing pass over every K tile for only a few rows
 // of products. Keys go L at a time, KB keys x RB rows of accumulators at once, folded part
@@ -289,7 +291,7 @@ inline V in_key_order(V v, std::integer_sequence<int, I...>) {
 // trailing elements are added per score afterwards. With prefetch_next, each K line read
 // asks for the same line of the next tile (into L2): the hardware prefetchers alone left
 // decode at ~60% of the memory bandwidth.
-template <typename T, int RB, int H>
+template <typename T, int RB, Elem Stored>
 inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
   using V = typename S::V;
@@ -298,7 +300,7 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int kGroups = L / KB;
   static_assert(W % L == 0 && (L & (L - 1)) == 0, "whole vectors of keys, lanes a power of 2");
   const T* q = a.q + r0 * a.d;  // packed: q_ld == d
-  const auto* rows = key_rows<H>(a);
+  const auto* rows = key_rows<Stored>(a);
   const int64_t d_main = a.d / L * L;
   for (int64_t jb = 0; jb < a.cols; jb += L) {
     V folded[RB][kGroups];
@@ -306,15 +308,15 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
       decltype(rows) k[KB];
       for (int n = 0; n < KB; ++n) {
         const int64_t j = jb + g * KB + n;
-        k[n] = rows + (j < a.cols ? j : 0) * a.k_ld;  // past cols: any valid row, masked later
+        k[n] = rows + (j < a.cols ? j : 0) * a.key.ld;  // past cols: any valid row, masked later
       }
       V acc[RB][KB] = {};
 #pragma GCC unroll 2
       for (int64_t e = 0; e < d_main; e += L) {
         V kv[KB];
         for (int n = 0; n < KB; ++n) {
-          kv[n] = load_elements<H, T>(k[n] + e);
-          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.k_ld, 0, 1);
+          kv[n] = load_elements<Stored, T>(k[n] + e);
+          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.key.ld, 0, 1);
         }
         for (int r = 0; r < RB; ++r) {
           const V qv = S::load(q + r * a.d + e);
@@ -328,9 +330,9 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
       if (d_main < a.d) {
         for (int i = 0; i < L; ++i) {
-          const auto* kr = rows + (jb + i < a.cols ? jb + i : 0) * a.k_ld;
+          const auto* kr = rows + (jb + i < a.cols ? jb + i : 0) * a.key.ld;
           T tail = 0;
-          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * element<H, T>(kr, e);
+          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * element<Stored, T>(kr, e);
           sums[i] += tail;
         }
       }
@@ -351,7 +353,7 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
     V acc[RB][kColBlock] = {};
     for (int64_t e = 0; e < a.d; ++e) {
       V kv[kColBlock];
-      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(a.kt + e * W + c0 + c * L);
+      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
       const V w = S::splat(a.additive_w[e]);
       for (int r = 0; r < RB; ++r) {
         const V qe = S::splat(q[r * a.d + e]);
@@ -591,12 +593,12 @@ inline bool score_epilogue_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
 // kPrefetch: a.prefetch_next, decided once per block rather than tested per key.
-template <typename T, int RB, int CB, int H, bool kPrefetch>
+template <typename T, int RB, int CB, Elem Stored, bool kPrefetch>
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
-  const auto* rows = value_rows<H>(a);
+  const auto* rows = value_rows<Stored>(a);
   if (a.cols <= 0) return;  // never, but without it GCC keeps acc in a stack array
   V acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
@@ -606,8 +608,8 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
     for (int c = 0; c < CB; ++c) {
-      vv[c] = load_elements<H, T>(rows + j * a.v_ld + e0 + c * L);
-      if (kPrefetch) __builtin_prefetch(rows + (j + W) * a.v_ld + e0 + c * L, 0, 1);
+      vv[c] = load_elements<Stored, T>(rows + j * a.value.ld + e0 + c * L);
+      if (kPrefetch) __builtin_prefetch(rows + (j + W) * a.value.ld + e0 + c * L, 0, 1);
     }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(a.s[(r0 + r) * W + j]);
@@ -621,46 +623,46 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 
 // pv_block over output columns [e0, e1) for RB rows: e0 a multiple of kColBlock vectors, e1
 // too or dv (then blocks of 2 and 1 vectors and single columns finish the row).
-template <typename T, int RB, int H, bool kPrefetch>
+template <typename T, int RB, Elem Stored, bool kPrefetch>
 inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1) {
   constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
   for (; e0 + kColBlock * L <= e1; e0 += kColBlock * L) {
-    pv_block<T, RB, kColBlock, H, kPrefetch>(a, r0, e0);
+    pv_block<T, RB, kColBlock, Stored, kPrefetch>(a, r0, e0);
   }
   if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
-    for (; e0 + 2 * L <= e1; e0 += 2 * L) pv_block<T, RB, 2, H, kPrefetch>(a, r0, e0);
+    for (; e0 + 2 * L <= e1; e0 += 2 * L) pv_block<T, RB, 2, Stored, kPrefetch>(a, r0, e0);
   }
-  for (; e0 + L <= e1; e0 += L) pv_block<T, RB, 1, H, kPrefetch>(a, r0, e0);
+  for (; e0 + L <= e1; e0 += L) pv_block<T, RB, 1, Stored, kPrefetch>(a, r0, e0);
   if (e0 == e1) return;
-  const auto* rows = value_rows<H>(a);
+  const auto* rows = value_rows<Stored>(a);
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
     T* o = a.o + (r0 + r) * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = a.s[(r0 + r) * W + j];
-      const auto* vr = rows + j * a.v_ld;
-      for (int64_t e = e0; e < e1; ++e) o[e] += p * element<H, T>(vr, e);
+      const auto* vr = rows + j * a.value.ld;
+      for (int64_t e = e0; e < e1; ++e) o[e] += p * element<Stored, T>(vr, e);
     }
   }
 }
 
 // Whether V rows [0, cols) hold an inf or NaN (x - x is NaN exactly for those). Vector
 // accumulators: a scalar chain of adds here cost as much as the tile's whole P.V.
-template <typename T, int H>
+template <typename T, Elem Stored>
 inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t L = S::kLanes;
-  const auto* rows = value_rows<H>(a);
+  const auto* rows = value_rows<Stored>(a);
   V acc = V{};
   T tail = 0;
   for (int64_t j = 0; j < a.cols; ++j) {
-    const auto* vr = rows + j * a.v_ld;
+    const auto* vr = rows + j * a.value.ld;
     int64_t e = 0;
     for (; e + L <= a.dv; e += L) {
-      const V x = load_elements<H, T>(vr + e);
+      const V x = load_elements<Stored, T>(vr + e);
       acc += x - x;
     }
-    for (; e < a.dv; ++e) tail += element<H, T>(vr, e) - element<H, T>(vr, e);
+    for (; e < a.dv; ++e) tail += element<Stored, T>(vr, e) - element<Stored, T>(vr, e);
   }
   bool nonfinite = tail != tail;
   for (int64_t i = 0; i < L; ++i) nonfinite |= acc[i] != acc[i];
@@ -669,17 +671,17 @@ inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
 
 // P.V for rows [r0, r1) that skips weights of exactly 0, so an inf or NaN in V reaches only
 // the rows that give its key a weight (0 * inf would be NaN). Rare: only for such tiles.
-template <typename T, int H>
+template <typename T, Elem Stored>
 inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr int64_t W = cpuattn::kTileKeys;
-  const auto* rows = value_rows<H>(a);
+  const auto* rows = value_rows<Stored>(a);
   for (int64_t r = r0; r < r1; ++r) {
     T* o = a.o + r * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = a.s[r * W + j];
       if (p == T(0)) continue;
-      const auto* vr = rows + j * a.v_ld;
-      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * element<H, T>(vr, e);
+      const auto* vr = rows + j * a.value.ld;
+      for (int64_t e = 0; e < a.dv; ++e) o[e] += p * element<Stored, T>(vr, e);
     }
   }
 }
@@ -687,37 +689,37 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
 // o[r0 .. r0 + RB) += p . V from the weights score_epilogue left in a.s (some_zero: its
 // result), V rows read as H says. v_nonfinite: whether the tile's V holds an inf or NaN, -1
 // until a row first needs to know.
-template <typename T, int RB, int H>
+template <typename T, int RB, Elem Stored>
 inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool some_zero,
                                  int& v_nonfinite) {
   if (some_zero) {
-    if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, H>(a);  // once a tile
+    if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, Stored>(a);  // once a tile
     if (v_nonfinite) {
-      pv_rows_skip_zero_weights<T, H>(a, r0, r0 + RB);
+      pv_rows_skip_zero_weights<T, Stored>(a, r0, r0 + RB);
       return;
     }
   }
   if (a.prefetch_next) {
-    pv_columns<T, RB, H, true>(a, r0, 0, a.dv);
+    pv_columns<T, RB, Stored, true>(a, r0, 0, a.dv);
   } else {
-    pv_columns<T, RB, H, false>(a, r0, 0, a.dv);
+    pv_columns<T, RB, Stored, false>(a, r0, 0, a.dv);
   }
 }
 
 // Rows [r0, r0 + RB) against the tile, start to finish: scores, epilogue, P.V. Working a few
 // rows at a time keeps their scores, the packed K tile and the V tile in L1.
-// H: how K and V are read (kNative: packed K^T or K rows in a.k, V rows in a.v; kF16 /
-// kBf16: half K and V rows in place, a.k_rows and a.v_rows).
-template <typename T, int RB, int H>
+// Stored: how the K and V rows read in place are stored (key.form Rows and value.form Rows;
+// a packed K^T is always in the compute type).
+template <typename T, int RB, Elem Stored>
 inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinite) {
-  if (H != kNative || a.k) {
-    score_rows_in_place<T, RB, H>(a, r0);
+  if (Stored != Elem::Compute || a.key.form == cpuattn::KeyForm::Rows) {
+    score_rows_in_place<T, RB, Stored>(a, r0);
   } else if (a.additive_w) {
     additive_score_rows<T, RB>(a, r0);
   } else {
     score_rows<T, RB>(a, r0, 0, a.d, true);
   }
-  weights_times_values<T, RB, H>(a, r0, score_epilogue<T, RB>(a, r0), v_nonfinite);
+  weights_times_values<T, RB, Stored>(a, r0, score_epilogue<T, RB>(a, r0), v_nonfinite);
 }
 
 // Walks a.prefetch over a step's row blocks: each block asks for its even share of every
@@ -777,21 +779,21 @@ inline void for_row_blocks(int64_t rows, F&& f) {
   for (; r < rows; ++r) f(RowBlock<1>{}, r, b++);
 }
 
-// Row block by row block, each start to finish (step_rows): for head dims up to
-// kPhasedMinDims, where a block's K^T and V tiles stay in L1/L2 between blocks.
-template <typename T, int H>
+// Row block by row block, each start to finish (step_rows): K rows in place, additive scores,
+// and d + dv below kPhasedMinDims, where a tile's K^T and V stay in L1/L2 between blocks.
+template <typename T, Elem Stored>
 void tile_step_rows(const cpuattn::TileStep<T>& a) {
   int v_nonfinite = -1;  // unknown until some weight is 0
   Prefetcher prefetch(a, row_blocks(a.rows));
   for_row_blocks(a.rows, [&](auto block, int64_t r, int64_t) {
     prefetch.block();
-    step_rows<T, decltype(block)::kRows, H>(a, r, v_nonfinite);
+    step_rows<T, decltype(block)::kRows, Stored>(a, r, v_nonfinite);
   });
 }
 
 // Large heads take the tile phase by phase, so that each slice of K^T and V is read from L2
 // once for all rows rather than once per row block (at D = 4096 a tile's K^T and V are 1 MiB
-// each, and row-block order streamed them from L3 ten times a tile):
+// each, and row-block order streamed them from L3 once per row block, 11 times a tile):
 // scores with D in slices of kScoreDepth (a kScoreDepth x kTileKeys slice of K^T serves every
 // row block, the partial scores accumulated in a.s: the same FMA chain, the same bits), then
 // the epilogue, then P.V with Dv in slices of kValueWidth columns (kTileKeys x kValueWidth of
@@ -828,8 +830,8 @@ void tile_step_phased(const cpuattn::TileStep<T>& a) {
     some_zero[b] = score_epilogue<T, RB>(a, r);
     // Rows that give a non-finite V row of their tile a weight of 0 skip it (whole rows).
     if (some_zero[b]) {
-      if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, kNative>(a);
-      if (v_nonfinite) pv_rows_skip_zero_weights<T, kNative>(a, r, r + RB);
+      if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, Elem::Compute>(a);
+      if (v_nonfinite) pv_rows_skip_zero_weights<T, Elem::Compute>(a, r, r + RB);
     }
   });
   const bool skipped = v_nonfinite > 0;
@@ -839,31 +841,32 @@ void tile_step_phased(const cpuattn::TileStep<T>& a) {
       constexpr int RB = decltype(block)::kRows;
       if (skipped && some_zero[b]) return;
       if (a.prefetch_next) {
-        pv_columns<T, RB, kNative, true>(a, r, c0, c1);
+        pv_columns<T, RB, Elem::Compute, true>(a, r, c0, c1);
       } else {
-        pv_columns<T, RB, kNative, false>(a, r, c0, c1);
+        pv_columns<T, RB, Elem::Compute, false>(a, r, c0, c1);
       }
     });
   }
 }
 
+// Keys as PackedT or Rows, values as Rows, both stored as the same Elem.
 template <typename T>
 void tile_step(const cpuattn::TileStep<T>& a) {
-  if (a.d + a.dv >= kPhasedMinDims && !a.k && !a.additive_w && !a.k_rows) {
+  if (a.key.form == cpuattn::KeyForm::PackedT && !a.additive_w && a.d + a.dv >= kPhasedMinDims) {
     tile_step_phased(a);
     return;
   }
-  if constexpr (sizeof(T) == 4) {
-    if (a.k_rows) {  // decode on a half cache: its rows in place
-      if (a.half_f16) {
-        tile_step_rows<T, kF16>(a);
-      } else {
-        tile_step_rows<T, kBf16>(a);
-      }
+  if constexpr (sizeof(T) == 4) {  // half K and V rows in place: decode on a half cache
+    if (a.key.elem == Elem::F16) {
+      tile_step_rows<T, Elem::F16>(a);
+      return;
+    }
+    if (a.key.elem == Elem::Bf16) {
+      tile_step_rows<T, Elem::Bf16>(a);
       return;
     }
   }
-  tile_step_rows<T, kNative>(a);
+  tile_step_rows<T, Elem::Compute>(a);
 }
 
 // K rows [0, cols), ld elements apart, -> kt: d x kTileKeys (K transposed, so score columns
@@ -911,8 +914,9 @@ void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
 
 // Half K or V rows -> float rows, dst[j * width + e] = src[j * ld + e]. Branch-free per element
 // so the compiler vectorizes it for this ISA (the same values as convert.h's scalar helpers).
-inline void convert_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t width,
+inline void convert_bf16_rows(const void* rows_in, int64_t ld, int64_t rows, int64_t width,
                               float* dst) {
+  const auto* src = static_cast<const uint16_t*>(rows_in);
   for (int64_t j = 0; j < rows; ++j) {
     const uint16_t* s = src + j * ld;
     uint32_t* d = reinterpret_cast<uint32_t*>(dst + j * width);
@@ -921,8 +925,9 @@ inline void convert_bf16_rows(const uint16_t* src, int64_t ld, int64_t rows, int
 }
 
 // float16: F16C's vcvtph2ps where the ISA has it (8 or 16 a time), bit arithmetic otherwise.
-inline void convert_f16_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t width,
+inline void convert_f16_rows(const void* rows_in, int64_t ld, int64_t rows, int64_t width,
                              float* dst) {
+  const auto* src = static_cast<const uint16_t*>(rows_in);
   for (int64_t j = 0; j < rows; ++j) {
     const uint16_t* s = src + j * ld;
     float* d = dst + j * width;
@@ -991,8 +996,8 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.step_f64 = &tile_step<double>;
   k.pack_f32 = &pack_keys<float>;
   k.pack_f64 = &pack_keys<double>;
-  k.convert_f16 = &convert_f16_rows;
-  k.convert_bf16 = &convert_bf16_rows;
+  k.encodings[int(Elem::F16)].to_float = &convert_f16_rows;
+  k.encodings[int(Elem::Bf16)].to_float = &convert_bf16_rows;
   k.scale_f32 = &scale_array<float>;
   k.scale_f64 = &scale_array<double>;
   k.finish_f32 = &finish_rows<float>;
