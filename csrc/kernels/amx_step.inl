@@ -210,7 +210,8 @@ void tile_step_amx(const cpuattn::TileStep<float>& a) {
       score_block_amx<false>(a, r0);
     }
     // The tile unit stores bare products: the epilogue multiplies them by dot_scale.
-    if (score_epilogue_rows<float, true>(a, r0, r0 + n)) {
+    // split_p: p_lo * inf would be NaN (pv_rows_bf16_skip_zero_weights).
+    if (score_epilogue_rows<float, true>(a, r0, r0 + n) || a.split_p) {
       if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);
       if (v_nonfinite) {
         pv_rows_bf16_skip_zero_weights(a, r0, r0 + n);

@@ -165,7 +165,10 @@ inline bool tile_v2_has_nonfinite(const cpuattn::TileStep<float>& a, int64_t pai
 }
 
 // P.V skipping weights of exactly 0 (see pv_rows_skip_zero_weights), from packed pairs, with
-// p rounded as in the fast path (or kept whole, as the split p_hi + p_lo nearly is).
+// p rounded as in the fast path (or kept whole, as the split p_hi + p_lo nearly is). Taken
+// for a tile whose V holds an inf or NaN when some weight is 0, and with split_p always: the
+// split p_lo is exactly 0 wherever p is a bfloat16 value (the row's largest weight, 1), and
+// the fast path's p_lo * inf would be NaN.
 inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, int64_t r0,
                                            int64_t r1) {
   constexpr int64_t W = cpuattn::kTileKeys;
@@ -266,7 +269,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
     weights_times_values<float, RB, Elem::Bf16>(a, r0, some_zero, v_nonfinite);
     return;
   }
-  if (some_zero) {
+  if (some_zero || a.split_p) {  // split_p: see skip_for_nonfinite_v
     if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
     if (v_nonfinite) {
       pv_rows_bf16_skip_zero_weights(a, r0, r0 + RB);
