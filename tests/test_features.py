@@ -181,6 +181,39 @@ def test_out_aliasing_an_input(attention, rng):
     assert_matches(v2, expected, F32)
 
 
+def test_out_overlapping_itself(attention, rng):
+    """An out whose elements share memory (as_strided) is written as NumPy would write it:
+    computed aside, then copied, so no two threads race on the same bytes."""
+    q, k, v = random_qkv(rng, (), 8, 8, 256, 64, 32)
+    buf = np.zeros(64, F32)
+    out = np.lib.stride_tricks.as_strided(buf, (8, 256, 32), (0, 0, 4))
+    expected = attention(q, k, v)
+    assert attention(q, k, v, out=out) is out
+    aside = np.zeros(64, F32)
+    np.lib.stride_tricks.as_strided(aside, (8, 256, 32), (0, 0, 4))[...] = expected
+    assert np.array_equal(buf, aside)
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides", "overlaps"),
+    [
+        ((2, 3), (12, 4), False),
+        ((2, 3), (4, 8), False),
+        ((2, 3), (8, 4), True),
+        ((4, 1, 3), (0, 4, 4), True),
+        ((1, 5), (0, 4), False),
+        ((0, 5), (0, 4), False),
+        ((3, 2), (-8, 4), False),
+    ],
+)
+def test_self_overlap_test(shape, strides, overlaps):
+    from cpuattn._api import _may_overlap_itself
+
+    buf = np.zeros(64, F32)
+    a = np.lib.stride_tricks.as_strided(buf[32:], shape, strides)
+    assert _may_overlap_itself(a) is overlaps
+
+
 def test_zero_sizes(attention, rng):
     for shape_q, shape_k, dv in [
         ((2, 0, 5, 8), (2, 0, 7, 8), 8),

@@ -185,8 +185,12 @@ def attention(
 def run_request(req, backend: str):
     """Runs a validated request on the chosen backend and shapes the result for the caller."""
     run = _pick_backend(backend)
-    if req.out is not None and _overlaps(req.out, req.q, req.k, req.v, req.mask):
-        # Writing in place would clobber inputs still to be read: compute aside, then copy.
+    if req.out is not None and (
+        _overlaps(req.out, req.q, req.k, req.v, req.mask) or _may_overlap_itself(req.out)
+    ):
+        # Writing in place would clobber inputs still to be read, or (an out whose elements
+        # share memory, from as_strided) have threads race on the same bytes: compute aside,
+        # then copy, as NumPy would.
         result, lse = run(dataclasses.replace(req, out=None))
         req.out[...] = result
         return req.finish(req.out, lse)
@@ -201,6 +205,22 @@ def _pick_backend(backend: str):
 
 def _overlaps(out: np.ndarray, *inputs: np.ndarray | None) -> bool:
     return any(x is not None and np.may_share_memory(out, x) for x in inputs)
+
+
+def _may_overlap_itself(a: np.ndarray) -> bool:
+    """False when no two elements of `a` can share a byte: with axes ordered by |stride|, each
+    stride clears the whole extent of the smaller ones (a sufficient test; exotic interleaved
+    layouts it cannot prove disjoint are treated as overlapping)."""
+    if a.size == 0:
+        return False
+    extent = a.itemsize
+    for stride, n in sorted(
+        (abs(st), n) for st, n in zip(a.strides, a.shape, strict=True) if n > 1
+    ):
+        if stride < extent:
+            return True
+        extent = stride * (n - 1) + extent
+    return False
 
 
 def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
