@@ -48,15 +48,18 @@ class WorkPlan {
 
   int64_t items() const { return items_; }
   int64_t group() const { return group_; }  // query heads per kv head
-  // Rows per (batch, kv head) pair with equal-length sequences: Lq x group.
+  // Rows per (batch, kv head) pair: Lq x group; for packed varlen sequences, the packed
+  // total x group (QueryStage's row stride test relies on it).
   int64_t rows_per_head_group() const { return rows_per_head_group_; }
   bool varlen() const { return p_.cu_seqlens_q != nullptr; }
   // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
   int64_t query_tiles_per_head() const { return seqs_.empty() ? tiles_ : 0; }
   // Keys of the longest sequence: what a thread's packed-K cache must hold.
   int64_t max_keys() const { return max_keys_; }
-  // Keys any item may see: the largest kv_lengths entry, else Lk. Split-KV cuts these, so
-  // that a cache longer than every sequence in it is not cut into chunks of padding.
+  // Keys any item may see: the largest kv_lengths entry, else Lk (packed varlen: the packed
+  // total, unused: varlen never splits). Split-KV cuts these, so that a cache longer than
+  // every sequence in it is not cut into chunks of padding; hence a batch entry's split, and
+  // its bits, may depend on the other entries' lengths (results never depend on threads).
   int64_t valid_keys() const { return valid_keys_; }
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const;

@@ -2,8 +2,10 @@
 // compiled once per ISA with that ISA's vector width (CPUATTN_VEC_BYTES, set by the includer).
 // Include it inside namespace cpuattn::CPUATTN_TARGET and an anonymous namespace there only:
 // every ISA's copy must have internal linkage, or the linker may merge an AVX-512 copy into the
-// scalar path (target.h). No std:: templates here for the same reason. The includer includes
-// kernels/kernel.h first (it brings the standard headers).
+// scalar path (target.h). No std:: function templates here (std::min, std::clamp) for the
+// same reason: their instances are shared between translation units; std:: types and
+// constants (numeric_limits, integer_sequence) emit no code and are fine. The includer
+// includes kernels/kernel.h first (it brings the standard headers).
 #if !defined(CPUATTN_TARGET) || defined(CPUATTN_TARGET_IS_BASELINE)
 #error "a kernel defines CPUATTN_TARGET (its ISA's name) before any include (target.h)"
 #endif
@@ -378,7 +380,7 @@ inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
     T* sr = a.s + r * W;
     const V slope = S::splat(a.slopes[r]);
     const V from_diag = S::splat(T(a.diag[r] - a.j0));
-    for (int64_t c = 0; c < W; c += L) {
+    for (int64_t c = 0; c < a.cols; c += L) {  // mask_rows sets the columns past cols
       const V dist = from_diag - (lane + T(c));
       S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
     }
@@ -554,7 +556,9 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   if (!kDotScale && !cap) return;
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
-    for (int64_t c = 0; c < W; c += L) {
+    // Up to cols in whole vectors: the in-place score paths write no further, and mask_rows
+    // sets the columns past cols.
+    for (int64_t c = 0; c < a.cols; c += L) {
       typename S::V s = S::load(sr + c);
       if constexpr (kDotScale) s *= a.dot_scale;
       S::store(sr + c, cap ? soft_cap(s, a.softcap) : s);
