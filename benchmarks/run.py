@@ -28,6 +28,9 @@ Case = _bench.Case
 FULL = [
     *(Case(f"L={n}", 1, 8, 8, n, n, 64) for n in (512, 1024, 2048, 4096, 8192)),
     Case("D=128", 1, 16, 16, 2048, 2048, 128),
+    # Large heads (issue #17 item 12): the phased tile step.
+    Case("D=1024 L=512, one head", 1, 1, 1, 512, 512, 1024),
+    Case("D=4096 L=512, one head", 1, 1, 1, 512, 512, 4096),
     Case("batch 4", 4, 8, 8, 512, 512, 64),
     Case("MiniLM batch", 32, 12, 12, 128, 128, 32),
     Case("GQA 32/8", 1, 32, 8, 2048, 2048, 128),
