@@ -76,7 +76,7 @@ StepChoice<T> choose_step(const Params& p, const KernelSet& kernels) {
 // two threads.
 template <typename T>
 struct alignas(64) Scratch {
-  TileRows<T> rows;
+  QueryRows<T> rows;
   KvScratch<T> kv;
   AlignedBuffer<T> merged;  // merge's sums for one row (Dv)
 

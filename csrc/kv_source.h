@@ -89,7 +89,8 @@ struct KvScratch {
 // One key tile of an item.
 struct KeyTile {
   int64_t j0;     // first key, a multiple of kTileKeys
-  int64_t cols;   // keys to stage: the whole valid tile, so every query tile can reuse it
+  int64_t staged_keys;  // the whole valid tile (the step may use fewer), so every query tile
+                        // can reuse it
   int64_t owner;  // b * Hkv + kv head: whose staged tiles a thread's cache holds
   bool more;      // another tile of the item follows (sources in place prefetch its rows)
 };
@@ -157,7 +158,7 @@ class PackedKeys : public OnLayout<Layout, T> {
   void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<T>& sc) const {
     s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
-      pack_(this->k_row(h, t.j0), this->layout_.k_ld(), t.cols, d_, dst);
+      pack_(this->k_row(h, t.j0), this->layout_.k_ld(), t.staged_keys, d_, dst);
     });
     s.value.data = this->v_row(h, t.j0);
   }
@@ -215,11 +216,11 @@ class ConvertedTiles : public OnLayout<Layout, uint16_t> {
             KvScratch<float>& sc) const {
     const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
     s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](float* dst) {
-      convert_(this->k_row(h, t.j0), k_ld, t.cols, d_, sc.stage.data());
-      pack_(sc.stage.data(), d_, t.cols, d_, dst);
+      convert_(this->k_row(h, t.j0), k_ld, t.staged_keys, d_, sc.stage.data());
+      pack_(sc.stage.data(), d_, t.staged_keys, d_, dst);
     });
     s.value.data = sc.values.get(t.owner, t.j0 / kTileKeys, sc.vt.data(), [&](float* dst) {
-      convert_(this->v_row(h, t.j0), v_ld, t.cols, dv_, dst);
+      convert_(this->v_row(h, t.j0), v_ld, t.staged_keys, dv_, dst);
     });
   }
 
@@ -264,11 +265,11 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
       s.key = {KeyForm::Bf16PairsT, Elem::Bf16, nullptr, 0};
       s.key.data = sc.key_pairs.get(
           t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(),
-          [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.cols, d_, d_pairs_, dst); });
+          [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.staged_keys, d_, d_pairs_, dst); });
     }
     s.value.data = sc.value_pairs.get(
         t.owner, t.j0 / kTileKeys, sc.v_pairs.data(),
-        [&](uint32_t* dst) { pack_values_(v16, v_ld, t.cols, dv_, width_, dst); });
+        [&](uint32_t* dst) { pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst); });
   }
 
  private:

@@ -31,7 +31,7 @@ class OutputWriter {
 
   // The tile's rows to out (and lse): an out in the compute type is written by the kernel's
   // finish along with the row sums, another type here from those sums.
-  void write_rows(const ItemPos& pos, TileRows<T>& t) const {
+  void write_rows(const ItemPos& pos, QueryRows<T>& t) const {
     const int64_t rows = pos.rows;
     const OutBase base = out_base(pos);
     const bool direct = p_.out_dtype == p_.compute_dtype;
@@ -52,7 +52,7 @@ class OutputWriter {
   }
 
   // The tile's unnormalized state (per row m, l, o) to `partial`, for merge.
-  void write_partial(const ItemPos& pos, TileRows<T>& t, T* partial) const {
+  void write_partial(const ItemPos& pos, QueryRows<T>& t, T* partial) const {
     finish_(t.o.data(), t.l.data(), pos.rows, p_.dv, nullptr, t.sums.data());
     for (int64_t r = 0; r < pos.rows; ++r) {
       T* dst = partial + r * (p_.dv + 2);

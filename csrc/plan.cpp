@@ -22,8 +22,8 @@ WorkPlan::WorkPlan(const Params& p) : p_(p) {
   for (int64_t n : p.batch_shape) batch_ *= n;
   group_ = p.hq / p.hkv;
   rows_per_head_group_ = p.lq * group_;
-  tiles_ = (rows_per_head_group_ + kTileRows - 1) / kTileRows;
-  items_ = batch_ * p.hkv * tiles_;
+  q_tiles_ = (rows_per_head_group_ + kTileRows - 1) / kTileRows;
+  items_ = batch_ * p.hkv * q_tiles_;
   max_keys_ = valid_keys_ = p.lk;
   if (p.cu_seqlens_q) plan_sequences();
   if (p.kv_lengths.data) {
@@ -62,9 +62,9 @@ int64_t WorkPlan::max_tile_rows() const { return std::min(kTileRows, rows_per_he
 ItemPos WorkPlan::locate(int64_t item) const {
   ItemPos pos;
   if (seqs_.empty()) {
-    pos = {item / (tiles_ * p_.hkv),
-           (item / tiles_) % p_.hkv,
-           tiles_ - 1 - item % tiles_,
+    pos = {item / (q_tiles_ * p_.hkv),
+           (item / q_tiles_) % p_.hkv,
+           q_tiles_ - 1 - item % q_tiles_,
            p_.lq,
            p_.lk,
            0,
@@ -89,7 +89,7 @@ ItemPos WorkPlan::locate(int64_t item) const {
            0,
            0};
   }
-  pos.r0 = pos.tile * kTileRows;
+  pos.r0 = pos.q_tile * kTileRows;
   pos.rows = std::min(kTileRows, pos.rows_per_head_group - pos.r0);
   return pos;
 }

@@ -27,7 +27,7 @@ inline int64_t batch_offset(const std::vector<int64_t>& shape, const View& view,
 // head in the GQA group) pairs, ordered by position, so one K/V tile serves every query head
 // of the group.
 struct ItemPos {
-  int64_t b, hk, tile;
+  int64_t b, hk, q_tile;
   int64_t lq, lk;        // this batch entry's query and key counts (before kv_lengths)
   int64_t q_row, k_row;  // its first row in q / out / lse and in k / v (varlen), else 0
   int64_t rows_per_head_group;
@@ -53,7 +53,7 @@ class WorkPlan {
   int64_t rows_per_head_group() const { return rows_per_head_group_; }
   bool varlen() const { return p_.cu_seqlens_q != nullptr; }
   // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
-  int64_t query_tiles_per_head() const { return seqs_.empty() ? tiles_ : 0; }
+  int64_t query_tiles_per_head() const { return seqs_.empty() ? q_tiles_ : 0; }
   // Keys of the longest sequence: what a thread's packed-K cache must hold.
   int64_t max_keys() const { return max_keys_; }
   // Keys any item may see: the largest kv_lengths entry, else Lk (packed varlen: the packed
@@ -80,7 +80,7 @@ class WorkPlan {
   void plan_sequences();
 
   const Params& p_;
-  int64_t batch_ = 1, group_ = 0, rows_per_head_group_ = 0, tiles_ = 0, items_ = 0;
+  int64_t batch_ = 1, group_ = 0, rows_per_head_group_ = 0, q_tiles_ = 0, items_ = 0;
   int64_t max_keys_ = 0, valid_keys_ = 0;
   std::vector<Sequence> seqs_;  // packed varlen sequences only
 };

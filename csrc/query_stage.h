@@ -20,7 +20,7 @@ namespace cpuattn {
 // One thread's rows of the tile in flight. Uninitialized (AlignedBuffer): stage() writes what
 // the step reads.
 template <typename T>
-struct TileRows {
+struct QueryRows {
   AlignedBuffer<T> q, s, o, m, l, sums;  // staged q, scores, running output, max and sums
   AlignedBuffer<uint32_t> q_hi, q_lo;    // q as bfloat16 pairs (bfloat16 steps only)
   AlignedBuffer<int64_t> pos, head, diag;
@@ -32,7 +32,7 @@ struct TileRows {
 
   // pairs: q's bfloat16 pairs per row (padded as the step needs), or -1: q is not staged as
   // pairs.
-  TileRows(int64_t d, int64_t dv, int64_t pairs)
+  QueryRows(int64_t d, int64_t dv, int64_t pairs)
       : q(kTileRows * d), s(kTileRows * kTileKeys), o(kTileRows * dv), m(kTileRows),
         l(kTileRows * kSumSlots), sums(kTileRows), pos(kTileRows), head(kTileRows), diag(kTileRows),
         bounds(kTileRows), mask_rows(kTileRows), slopes(kTileRows), out(kTileRows) {
@@ -60,7 +60,7 @@ class QueryStage {
   // staged_query: the K/V source's step reads q staged, never in place (kv_source.h).
   QueryStage(const Params& p, const KernelSet& kernels, const WorkPlan& plan, int64_t pairs,
              bool staged_query)
-      : p_(p), group_(plan.group()), pairs_(pairs) {
+      : p_(p), group_(plan.group()), q_pairs_(pairs) {
     if constexpr (std::is_same_v<T, float>) {
       scale_ = kernels.scale_f32;
     } else {
@@ -83,7 +83,7 @@ class QueryStage {
   // Rows [pos.r0, pos.r0 + pos.rows) of the item: their positions, heads, keys and diagonal,
   // mask rows and ALiBi slopes, q (copied times the scale, unless read in place), and the
   // running state reset.
-  void stage(const ItemPos& pos, const RowBounds& rb, TileRows<T>& t) const {
+  void stage(const ItemPos& pos, const RowBounds& rb, QueryRows<T>& t) const {
     const int64_t b = pos.b, hk = pos.hk, rows = pos.rows;
     const size_t nb = p_.batch_shape.size();
     const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
@@ -106,7 +106,7 @@ class QueryStage {
     if (!in_place_) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t src = q_base + row_head[r] * q_head_stride + row_pos[r] * q_pos_stride;
-        if (pairs_ >= 0) {
+        if (q_pairs_ >= 0) {
           stage_pairs(src, r, t);
         } else if (p_.q_dtype == p_.compute_dtype) {
           scale_(static_cast<const T*>(p_.q.data) + src, scale, p_.d, t.q.data() + r * p_.d);
@@ -137,7 +137,7 @@ class QueryStage {
   }
 
   // The step's q and per-row fields, pointing into the thread's rows.
-  void point(TileStep<T>& s, TileRows<T>& t, int64_t rows) const {
+  void point(TileStep<T>& s, QueryRows<T>& t, int64_t rows) const {
     s.q = in_place_ ? static_cast<const T*>(p_.q.data) + t.q_first : t.q.data();
     s.q_ld = in_place_ ? q_ld_ : p_.d;
     s.q_in_place = in_place_;
@@ -150,7 +150,7 @@ class QueryStage {
     s.mask_rows = t.mask_rows.data();
     s.slopes = p_.alibi.data ? t.slopes.data() : nullptr;
     s.diag = t.diag.data();
-    if (pairs_ >= 0) {
+    if (q_pairs_ >= 0) {
       s.q_hi = t.q_hi.data();
       s.q_lo = p_.q_dtype == DType::BF16 ? nullptr : t.q_lo.data();
     }
@@ -159,12 +159,12 @@ class QueryStage {
  private:
   // Query row `r` as bfloat16 pairs, unscaled (the step scales the scores): a bfloat16 q as
   // it is, another q split into hi + lo (split_bf16); zero pairs past D.
-  void stage_pairs(int64_t src, int64_t r, TileRows<T>& t) const {
-    if (pairs_ == 0) return;  // D = 0: no pairs, and no buffer to copy into (memcpy to null)
-    uint32_t* hi = t.q_hi.data() + r * pairs_;
-    uint32_t* lo = t.q_lo.data() + r * pairs_;
-    std::fill(hi + p_.d / 2, hi + pairs_, 0u);
-    std::fill(lo + p_.d / 2, lo + pairs_, 0u);
+  void stage_pairs(int64_t src, int64_t r, QueryRows<T>& t) const {
+    if (q_pairs_ == 0) return;  // D = 0: no pairs, and no buffer to copy into (memcpy to null)
+    uint32_t* hi = t.q_hi.data() + r * q_pairs_;
+    uint32_t* lo = t.q_lo.data() + r * q_pairs_;
+    std::fill(hi + p_.d / 2, hi + q_pairs_, 0u);
+    std::fill(lo + p_.d / 2, lo + q_pairs_, 0u);
     // A pair of consecutive bfloat16 is their 4 bytes in memory (little-endian, as x86).
     if (p_.q_dtype == DType::BF16) {
       std::memcpy(hi, static_cast<const uint16_t*>(p_.q.data) + src, p_.d * sizeof(uint16_t));
@@ -180,7 +180,7 @@ class QueryStage {
   }
 
   const Params& p_;
-  int64_t group_, pairs_;
+  int64_t group_, q_pairs_;
   int64_t q_ld_ = 0;  // with in_place_: elements between a tile's q rows (0 = not constant)
   bool in_place_ = false;
   void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a, for q rows
