@@ -9,11 +9,11 @@
 // baseline driver calls, and fault on a CPU without AVX-512. So everything compiled under ISA
 // flags lives in cpuattn::CPUATTN_TARGET (one name per ISA: distinct symbols that say which
 // ISA they are in a profile) and in an anonymous namespace there (local to its object file):
-// the kernel bodies (tile_step.inl, bf16_step.inl, amx_step.inl, and exp.h which tile_step.inl
-// includes) and the helpers of headers shared with the baseline code (convert.h). The other
-// headers a kernel includes define no functions: types.h, tiles.h and kernels/kernel.h hold
-// types, constants and declarations only. .ci/check_symbols checks that a kernel object
-// exports nothing but its KernelSet.
+// the kernel bodies (tile_step.inl with the simd.inl, epilogue.inl, portable_set.inl and
+// exp.h it includes; bf16_step.inl, amx_step.inl) and the helpers of headers shared with the
+// baseline code (convert.h). The other headers a kernel includes define no functions: types.h,
+// tiles.h and kernels/kernel.h hold types, constants and declarations only. .ci/check_symbols
+// checks that a kernel object exports nothing but its KernelSet.
 #pragma once
 
 #ifndef CPUATTN_TARGET
