@@ -60,6 +60,14 @@ class Request:
     softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap); 0 = off
     alibi: np.ndarray | None = None  # (*batch, Hq) slopes in the compute dtype, C-order
     additive_w: np.ndarray | None = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
+    diagonal: int | None = None  # query i sits at key i + diagonal; None: from align
+
+    def offset(self, n_keys: int) -> int:
+        """Query ``i``'s diagonal is key ``i + offset`` (causal, window, ALiBi): the caller's
+        ``diagonal``, else ``n_keys - Lq`` (bottom-right) or ``0`` (top-left)."""
+        if self.diagonal is not None:
+            return self.diagonal
+        return n_keys - self.lq if self.align == "bottom_right" else 0
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -102,6 +110,7 @@ def build_request(
     softcap=None,
     alibi_slopes=None,
     additive_w=None,
+    diagonal=None,
 ) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
@@ -181,6 +190,7 @@ def build_request(
         softcap=_softcap(softcap),
         alibi=_alibi(alibi_slopes, batch_shape, hq, dtype, squeeze_head),
         additive_w=_additive_w(additive_w, d, dtype),
+        diagonal=_diagonal(diagonal),
     )
 
 
@@ -293,6 +303,19 @@ def _window(window) -> tuple[int, int]:
         if value < -1:
             raise ValueError(f"window[{i}]: expected an int >= -1 (-1 = unbounded), got {value}")
     return (left, right)
+
+
+# |diagonal| bound, as the native binding's: i + diagonal +- a window side stays inside int64.
+MAX_DIAGONAL = 2**62
+
+
+def _diagonal(diagonal) -> int | None:
+    if diagonal is None:
+        return None
+    diagonal = as_int("diagonal", diagonal, "an int or None")
+    if not -MAX_DIAGONAL <= diagonal <= MAX_DIAGONAL:
+        raise ValueError(f"diagonal: expected an int in [-2**62, 2**62], got {diagonal}")
+    return diagonal
 
 
 def _scale(scale, d: int) -> float:
