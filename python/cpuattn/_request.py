@@ -414,7 +414,7 @@ def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
         if shape != (hq,):
             expected = f"(Hq,) or (*batch, Hq) = {(hq,)} or {shape}"
         raise ValueError(f"alibi_slopes: expected shape {expected}, got {slopes.shape}")
-    slopes = np.ascontiguousarray(np.broadcast_to(slopes, (*batch_shape, hq)), dtype=dtype)
+    slopes = _aligned(np.broadcast_to(slopes, (*batch_shape, hq)), dtype)
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes: expected finite values")
     return slopes
@@ -428,10 +428,17 @@ def _additive_w(w, d, dtype) -> np.ndarray | None:
         raise TypeError(f"w: expected real numbers, got dtype {w.dtype}")
     if w.shape != (d,):
         raise ValueError(f"w: expected shape (D,) = ({d},), got {w.shape}")
-    w = np.ascontiguousarray(w, dtype=dtype)
+    w = _aligned(w, dtype)
     if not np.isfinite(w).all():
         raise ValueError("w: expected finite values")
     return w
+
+
+def _aligned(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x as a C-contiguous, aligned array of dtype: what the kernel reads in place. Small
+    arrays sent by dask.distributed arrive inline in a message, often misaligned."""
+    x = np.ascontiguousarray(x, dtype=dtype)
+    return x if x.flags.aligned else x.copy()
 
 
 def _num_threads(num_threads) -> int | None:
