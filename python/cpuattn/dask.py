@@ -85,7 +85,8 @@ def attention(
 
     Notes
     -----
-    A (query block, key block) pair wholly outside the causal / window band, or past every
+    ``out=`` and ``return_weights`` of :func:`cpuattn.attention` are not taken: the result is
+    lazy, and the weights are ``Lq x Lk``. A (query block, key block) pair wholly outside the causal / window band, or past every
     ``kv_lengths`` entry of its batch block, creates no task; a pair wholly inside runs with
     no causal or window bounds. Key blocks of one query block are merged in a tree of
     ``split_every``-way merges, in the compute dtype; half-precision output is rounded once,
