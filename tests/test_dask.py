@@ -1,6 +1,8 @@
 """cpuattn.dask on a real dask.distributed cluster (2 worker processes): every chunking gives
 the local call's result (float32 rounding), and bad chunks fail when the graph is built."""
 
+import itertools
+
 import numpy as np
 import pytest
 from reference import assert_matches, dense_attention, random_qkv
@@ -269,3 +271,38 @@ def test_pairs_inside_the_band_run_without_bounds():
             a, c = 16 * qi, 16 * ki
             needed, inside = _band(req, n_keys, a, a + 16, c, c + 16)
             assert (needed, inside) == (ki <= qi, ki < qi)
+
+
+def random_chunks(rng, n: int, unit: int = 1) -> tuple[int, ...]:
+    """Random chunk sizes, multiples of unit, summing to n."""
+    cuts = sorted(set(rng.integers(1, max(n // unit, 2), size=rng.integers(0, 3)).tolist()))
+    edges = [0, *(unit * c for c in cuts if unit * c < n), n]
+    return tuple(b - a for a, b in itertools.pairwise(edges))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_chunkings_and_options(client, seed):
+    """Random chunks on every axis (k and v with batch chunks of their own, rechunked to
+    follow q's) and random options together, against the reference."""
+    rng = np.random.default_rng(seed)
+    hkv, group = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    lq, lk, dv = int(rng.integers(1, 90)), int(rng.integers(2, 90)), int(rng.integers(1, 12))
+    q, k, v = random_qkv(rng, (2, 2), hkv * group, hkv, lq, lk, 8, dv=dv)
+    options = {
+        "causal": [False, True, "top_left"][seed % 3],
+        "window": [None, (int(rng.integers(0, 20)), int(rng.integers(-1, 5)))][seed % 2],
+        "kv_lengths": rng.integers(0, lk + 1, size=(2, 2)) if seed % 3 else None,
+        "alibi_slopes": rng.random(hkv * group) if seed % 4 == 1 else None,
+        "diagonal": int(rng.integers(-10, 10)) if seed == 5 else None,
+        "mask": rng.random((2, 1, lq, lk)) > 0.2 if seed % 2 else None,
+    }
+    heads = random_chunks(rng, hkv * group, group)
+    dq = da.from_array(q, chunks=(random_chunks(rng, 2), (1, 1), heads, random_chunks(rng, lq), 8))
+    kv_chunks = ((2,), random_chunks(rng, 2), (hkv,), random_chunks(rng, lk))
+    dk = da.from_array(k, chunks=(*kv_chunks, 8))
+    dvv = da.from_array(v, chunks=(*kv_chunks, dv))
+    lazy = cdask.attention(dq, dk, dvv, return_lse=True, split_every=2, **options)
+    out, lse = client.compute(lazy, sync=True)
+    ref_out, ref_lse = dense_attention(q, k, v, **options)
+    assert_matches(out, ref_out, F32)
+    assert_matches(lse, ref_lse, F32, "lse")
