@@ -8,8 +8,9 @@ in one process.
 Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
 speed ratio against each baseline (torch and onnxruntime rows appear when they are installed).
 Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
-table: thread scaling, decode K/V bandwidth against the measured read bandwidth, and peak extra
-memory of one call in a fresh process.
+table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
+memory of one call in a fresh process, and (with dask installed) the distributed row of
+benchmarks/dask_cluster.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import sys
 
+import dask_cluster  # benchmarks/dask_cluster.py, next to this script
 import numpy as np
 
 import cpuattn
@@ -262,6 +264,9 @@ def extras(repeats: int, quick: bool) -> dict:
         }
         out["varlen"] = varlen_vs_padded(repeats)
         out["additive"] = additive_vs_numpy(repeats)
+        distributed = dask_cluster.dask_vs_local(repeats)
+        if distributed is not None:
+            out["dask"] = distributed
     return out
 
 
@@ -386,6 +391,8 @@ def extras_markdown(x: dict) -> str:
             f"longest sequence's time scaled by Σ L² / max L² "
             f"({vl['ms_sum_l2']:.1f} ms)"
         )
+    if "dask" in x:
+        lines.append(dask_cluster.markdown(x["dask"]))
     return "\n".join(lines)
 
 
@@ -416,7 +423,9 @@ def main(argv=None) -> int:
     for n, case in enumerate(cases, 1):
         print(f"[{n}/{len(cases)}] {case.name} ...", file=sys.stderr, flush=True)
         rows.append(run_case(case, args.repeats, peak))
-    what = "threads, decode bandwidth" + ("" if args.quick else ", memory, varlen, additive")
+    what = "threads, decode bandwidth" + (
+        "" if args.quick else ", memory, varlen, additive, dask cluster"
+    )
     print(f"[extras] {what} ...", file=sys.stderr, flush=True)
     more = extras(args.repeats, args.quick)
     # The peak again after the cases, the higher of the two kept: a disturbed first reading

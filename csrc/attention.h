@@ -14,6 +14,10 @@ struct View {
   std::vector<int64_t> strides;  // batch dims..., then the trailing dims of the operand
 };
 
+// Bound on |Params::diagonal|: row and key counts fit in 2^48 (addressable memory), so
+// i + diagonal and the window sides added to it stay far inside int64.
+constexpr int64_t kMaxDiagonal = int64_t(1) << 62;
+
 struct Params {
   DType compute_dtype = DType::F32;  // F32 or F64; also lse's and a float mask's
   // Storage types: the compute type, or F16 / BF16 (computed in F32; q may be F32 with half
@@ -32,6 +36,11 @@ struct Params {
   double scale = 1.0;
   bool causal = false;
   Align align = Align::BottomRight;
+  // Query i sits at key position i + diagonal for causal, window and ALiBi, in place of the
+  // offset `align` gives (blocks of one long sequence placed on its global diagonal). The
+  // binding keeps |diagonal| <= kMaxDiagonal, so the diagonal arithmetic cannot overflow.
+  bool has_diagonal = false;
+  int64_t diagonal = 0;
   int64_t window_left = -1, window_right = -1;  // -1 = unbounded on that side
   int num_threads = 0;                          // 0 = OpenMP default
   double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)

@@ -17,7 +17,8 @@ struct KeyChunk {
 
 struct RowBounds {
   int64_t n_keys;   // valid keys for this batch entry (kv_lengths[b] or Lk)
-  int64_t offset;   // diagonal offset: n_keys - Lq (bottom-right) or 0 (top-left)
+  int64_t offset;   // row i's diagonal is key i + offset: n_keys - Lq (bottom-right), 0
+                    // (top-left) or the caller's diagonal
   bool causal;
   int64_t left, right;  // window, -1 = unbounded
 

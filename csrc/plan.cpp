@@ -100,8 +100,10 @@ RowBounds WorkPlan::row_bounds(const ItemPos& pos) const {
           ? static_cast<const int64_t*>(
                 p_.kv_lengths.data)[batch_offset(p_.batch_shape, p_.kv_lengths, pos.b)]
           : pos.lk;
-  return {n_keys, p_.align == Align::BottomRight ? n_keys - pos.lq : 0, p_.causal, p_.window_left,
-          p_.window_right};
+  const int64_t offset = p_.has_diagonal                  ? p_.diagonal
+                         : p_.align == Align::BottomRight ? n_keys - pos.lq
+                                                          : 0;
+  return {n_keys, offset, p_.causal, p_.window_left, p_.window_right};
 }
 
 // Short heads (MiniLM: 16 KiB per operand) are read in bursts too short for the hardware

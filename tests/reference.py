@@ -19,6 +19,7 @@ def dense_attention(
     kv_lengths=None,
     softcap=None,
     alibi_slopes=None,
+    diagonal=None,
 ):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     squeeze = q.ndim == 2
@@ -39,6 +40,8 @@ def dense_attention(
     i = np.arange(lq)[:, None]
     j = np.arange(lk)[None, :]
     off = 0 if causal == "top_left" else n_keys - lq
+    if diagonal is not None:  # query i sits at key i + diagonal
+        off = np.full_like(n_keys, diagonal)
     if softcap:
         s = softcap * np.tanh(s / softcap)
     if alibi_slopes is not None:

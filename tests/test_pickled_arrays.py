@@ -45,3 +45,36 @@ def test_pickled_dtypes_are_equal_not_identical():
     assert x.dtype == np.float32
     # What made the native backend refuse them: dtype objects compared by identity.
     assert x.dtype is not np.dtype(np.float32)
+
+
+def misaligned(x: np.ndarray) -> np.ndarray:
+    """A copy of x at an address one byte off its alignment (as dask.distributed delivers
+    small arrays sent inline in a message)."""
+    raw = np.zeros(x.nbytes + 1, np.uint8)
+    y = np.frombuffer(raw.data, x.dtype, x.size, offset=1).reshape(x.shape)
+    y[...] = x
+    assert not y.flags.aligned
+    return y
+
+
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_misaligned_small_arrays_compute_like_aligned_ones(rng, backend):
+    q, k, v = (rng.standard_normal((2, 4, 9, 16)).astype(np.float32) for _ in range(3))
+    slopes = rng.random((2, 4)).astype(np.float32)
+    lengths = np.array([9, 4])
+    expected = cpuattn.attention(
+        q, k, v, alibi_slopes=slopes, kv_lengths=lengths, causal=True, backend=backend
+    )
+    got = cpuattn.attention(
+        *(misaligned(x) for x in (q, k, v)),
+        alibi_slopes=misaligned(slopes),
+        kv_lengths=misaligned(lengths),
+        causal=True,
+        backend=backend,
+    )
+    np.testing.assert_array_equal(got, expected)
+    w = rng.standard_normal(16).astype(np.float32)
+    expected = cpuattn.additive_attention(q, k, v, w, backend=backend)
+    np.testing.assert_array_equal(
+        cpuattn.additive_attention(q, k, v, misaligned(w), backend=backend), expected
+    )

@@ -234,7 +234,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                int64_t window_left, int64_t window_right, int num_threads, double softcap,
                const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
                const std::optional<py::array>& cu_seqlens_q,
-               const std::optional<py::array>& cu_seqlens_k) {
+               const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal) {
   cpuattn::Params p;
   Holds holds;  // the arrays' owners and buffers, until the call returns
   // Private copies of the offsets the driver reads (copy_int64).
@@ -322,8 +322,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (cu_seqlens_q || cu_seqlens_k) {
     if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
     if (nb != 0) fail("packed sequences take q, k, v as (H, total, D)");
-    if (mask || kv_lengths || additive_w)
-      fail("packed sequences take no mask, kv_lengths or additive_w");
+    if (mask || kv_lengths || additive_w || diagonal)
+      fail("packed sequences take no mask, kv_lengths, additive_w or diagonal");
     cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, holds);
     cu_k = offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, holds);
     if (cu_q.size() != cu_k.size()) fail("cu_seqlens_q and cu_seqlens_k differ in length");
@@ -357,9 +357,17 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.scale = scale;
   p.causal = causal;
   p.align = static_cast<cpuattn::Align>(align);
-  // A window side longer than any query-key distance (< Lq + Lk) keeps the same keys as an
-  // unbounded one; as -1 it cannot overflow the diagonal arithmetic of mask.h.
-  const auto bounded = [&](int64_t side) { return side > p.lq + p.lk ? int64_t(-1) : side; };
+  if (diagonal) {
+    if (*diagonal < -cpuattn::kMaxDiagonal || *diagonal > cpuattn::kMaxDiagonal)
+      fail("diagonal must lie in [-2**62, 2**62]");
+    p.has_diagonal = true;
+    p.diagonal = *diagonal;
+  }
+  // A window side longer than any distance between a key and a diagonal (< Lq + Lk, plus
+  // |diagonal|) keeps the same keys as an unbounded one; as -1 it cannot overflow the diagonal
+  // arithmetic of mask.h.
+  const int64_t farthest = p.lq + p.lk + (p.diagonal < 0 ? -p.diagonal : p.diagonal);
+  const auto bounded = [&](int64_t side) { return side > farthest ? int64_t(-1) : side; };
   p.window_left = bounded(window_left);
   p.window_right = bounded(window_right);
   p.num_threads = num_threads;
@@ -379,6 +387,7 @@ void register_attention(py::module_& m) {
         py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
         py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
+        py::arg("diagonal") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
 }

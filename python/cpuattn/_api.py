@@ -33,6 +33,7 @@ def attention(
     softcap=None,
     alibi_slopes=None,
     return_weights=False,
+    diagonal=None,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
@@ -107,6 +108,15 @@ def attention(
         dtype: 0 where a key is not kept, all 0 for a query that keeps none. For inspection and
         plots (:func:`cpuattn.plot.attention_heatmap`): this costs O(Lq x Lk) memory and
         recomputes the scores.
+    diagonal : int, optional
+        Places the queries on the keys: query ``i`` sits at key position ``i + diagonal``, the
+        ``off`` of causal, window and ALiBi above, in place of ``Lk_b - Lq`` or ``0`` (so
+        ``"bottom_right"`` / ``"top_left"`` then make no difference, and ``kv_lengths`` only
+        bounds the keys). For a block of one long sequence: queries ``[a, b)`` against keys
+        ``[c, e)`` of a call with ``Lq`` queries and ``Lk`` keys is
+        ``attention(q[..., a:b, :], k[..., c:e, :], v[..., c:e, :], causal=True,
+        diagonal=a - c + Lk - Lq)``, exactly that block of the whole call (merge the key
+        blocks with :func:`merge`). ``|diagonal| <= 2**62``.
 
     Returns
     -------
@@ -171,6 +181,7 @@ def attention(
         out_dtype=out_dtype,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        diagonal=diagonal,
     )
     if return_weights:
         result = run_request(dataclasses.replace(req, return_lse=True), backend)

@@ -104,6 +104,7 @@ def _call_core(
         additive_w,
         cu_seqlens_q,
         cu_seqlens_k,
+        req.diagonal,
     )
 
 

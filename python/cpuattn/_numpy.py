@@ -51,11 +51,11 @@ def _attend_all(req: Request, out: np.ndarray, lse: np.ndarray | None, g: int) -
 def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
     """Half-open key range [lo, hi) each query position keeps under causal / window / length.
 
-    The diagonal of position i is key ``i + off``: ``off = n_keys - Lq`` when aligned
-    bottom-right (the last query sees the last valid key), ``0`` when aligned top-left.
-    Both ends are non-decreasing in i.
+    The diagonal of position i is key ``i + off`` (``Request.offset``): ``off = n_keys - Lq``
+    when aligned bottom-right (the last query sees the last valid key), ``0`` when aligned
+    top-left, or the caller's ``diagonal``. Both ends are non-decreasing in i.
     """
-    diag = positions + (n_keys - req.lq if req.align == "bottom_right" else 0)
+    diag = positions + req.offset(n_keys)
     left, right = req.window
     lo = np.zeros_like(positions)
     hi = np.full_like(positions, n_keys)
@@ -131,7 +131,7 @@ def _score_mods(req: Request, s, b, heads: slice, positions, keys, n_keys: int):
     if req.softcap:
         s = req.softcap * np.tanh(s / req.softcap)
     if req.alibi is not None:
-        diag = positions + (n_keys - req.lq if req.align == "bottom_right" else 0)
+        diag = positions + req.offset(n_keys)
         distance = np.abs(diag[:, None] - keys[None, :]).astype(req.dtype)  # (r, c)
         s = s - req.alibi[b][heads][:, None, None] * distance
     return s

@@ -60,6 +60,14 @@ class Request:
     softcap: float = 0.0  # > 0: scores become softcap * tanh(score / softcap); 0 = off
     alibi: np.ndarray | None = None  # (*batch, Hq) slopes in the compute dtype, C-order
     additive_w: np.ndarray | None = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
+    diagonal: int | None = None  # query i sits at key i + diagonal; None: from align
+
+    def offset(self, n_keys: int) -> int:
+        """Query ``i``'s diagonal is key ``i + offset`` (causal, window, ALiBi): the caller's
+        ``diagonal``, else ``n_keys - Lq`` (bottom-right) or ``0`` (top-left)."""
+        if self.diagonal is not None:
+            return self.diagonal
+        return n_keys - self.lq if self.align == "bottom_right" else 0
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -102,6 +110,7 @@ def build_request(
     softcap=None,
     alibi_slopes=None,
     additive_w=None,
+    diagonal=None,
 ) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
@@ -181,6 +190,7 @@ def build_request(
         softcap=_softcap(softcap),
         alibi=_alibi(alibi_slopes, batch_shape, hq, dtype, squeeze_head),
         additive_w=_additive_w(additive_w, d, dtype),
+        diagonal=_diagonal(diagonal),
     )
 
 
@@ -295,6 +305,19 @@ def _window(window) -> tuple[int, int]:
     return (left, right)
 
 
+# |diagonal| bound, as the native binding's: i + diagonal +- a window side stays inside int64.
+MAX_DIAGONAL = 2**62
+
+
+def _diagonal(diagonal) -> int | None:
+    if diagonal is None:
+        return None
+    diagonal = as_int("diagonal", diagonal, "an int or None")
+    if not -MAX_DIAGONAL <= diagonal <= MAX_DIAGONAL:
+        raise ValueError(f"diagonal: expected an int in [-2**62, 2**62], got {diagonal}")
+    return diagonal
+
+
 def _scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d) if d > 0 else 1.0
@@ -391,7 +414,7 @@ def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
         if shape != (hq,):
             expected = f"(Hq,) or (*batch, Hq) = {(hq,)} or {shape}"
         raise ValueError(f"alibi_slopes: expected shape {expected}, got {slopes.shape}")
-    slopes = np.ascontiguousarray(np.broadcast_to(slopes, (*batch_shape, hq)), dtype=dtype)
+    slopes = _aligned(np.broadcast_to(slopes, (*batch_shape, hq)), dtype)
     if not np.isfinite(slopes).all():
         raise ValueError("alibi_slopes: expected finite values")
     return slopes
@@ -405,10 +428,17 @@ def _additive_w(w, d, dtype) -> np.ndarray | None:
         raise TypeError(f"w: expected real numbers, got dtype {w.dtype}")
     if w.shape != (d,):
         raise ValueError(f"w: expected shape (D,) = ({d},), got {w.shape}")
-    w = np.ascontiguousarray(w, dtype=dtype)
+    w = _aligned(w, dtype)
     if not np.isfinite(w).all():
         raise ValueError("w: expected finite values")
     return w
+
+
+def _aligned(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """x as a C-contiguous, aligned array of dtype: what the kernel reads in place. Small
+    arrays sent by dask.distributed arrive inline in a message, often misaligned."""
+    x = np.ascontiguousarray(x, dtype=dtype)
+    return x if x.flags.aligned else x.copy()
 
 
 def _num_threads(num_threads) -> int | None:
