@@ -2,6 +2,8 @@
 plus its contract: empty rows and unreached keys give 0, half dtypes, strides, 2-D inputs,
 varlen, determinism and errors that name the argument. torch: tests/test_backward_torch.py."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -338,3 +340,21 @@ def test_tiles_outside_the_band_are_skipped(rng, monkeypatch):
         assert j0 <= i0 + bq - 1
         assert i0 - 63 <= j0 + bk - 1
     assert len(visited) < (1024 // bq) * (1024 // bk) / 2
+
+
+def test_training_example_loss_goes_down(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    from train_numpy import train
+
+    losses = train(steps=100)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_docstring_examples():
+    import doctest
+
+    from cpuattn import _backward
+
+    failures, tried = doctest.testmod(_backward, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried >= 2
+    assert failures == 0
