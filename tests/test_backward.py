@@ -324,13 +324,13 @@ def test_bad_varlen_inputs_name_the_argument(rng):
 def test_tiles_outside_the_band_are_skipped(rng, monkeypatch):
     """A causal sliding window of 64 keys over 1024 positions visits only the band's tiles."""
     visited = []
-    weights = _numpy_backward._weights
+    weights = _numpy_backward._recompute_weights
 
     def counting(req, b, heads, rows, cols, *args):
         visited.append((rows.start, cols.start))
         return weights(req, b, heads, rows, cols, *args)
 
-    monkeypatch.setattr(_numpy_backward, "_weights", counting)
+    monkeypatch.setattr(_numpy_backward, "_recompute_weights", counting)
     q, k, v = random_qkv(rng, (), 1, 1, 1024, 1024, 8)
     options = {"causal": True, "window": (63, 0)}
     out, lse = cpuattn.attention(q, k, v, return_lse=True, **options)
@@ -358,3 +358,37 @@ def test_docstring_examples():
     failures, tried = doctest.testmod(_backward, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried >= 2
     assert failures == 0
+
+
+@pytest.mark.parametrize("how", ["bool_mask", "float_mask", "causal", "kv_lengths"])
+def test_nan_in_keys_not_kept_never_reaches_a_gradient(tiles, rng, how):
+    """As in the forward: a query and a key that are not kept exchange nothing, even NaN/inf.
+    The gradients equal those with the dropped keys' K/V (and an empty row's q) zeroed."""
+    q, k, v = random_qkv(rng, (2,), 4, 2, 20, 30, 8)
+    dropped = np.zeros(30, bool)
+    dropped[[0, 7, 8, 29]] = True
+    options = {
+        "bool_mask": {"mask": ~dropped},
+        "float_mask": {"mask": np.where(dropped, -np.inf, 0.25).astype(np.float32)},
+        "causal": {"causal": "top_left"},  # rows see keys j <= i < 20: keys 20.. dropped
+        "kv_lengths": {"kv_lengths": np.array([20, 20])},
+    }[how]
+    if how in ("causal", "kv_lengths"):
+        dropped = np.arange(30) >= 20
+    clean = [x.copy() for x in (q, k, v)]
+    clean[1][..., dropped, :] = 0
+    clean[2][..., dropped, :] = 0
+    dirty = [x.copy() for x in clean]
+    dirty[1][..., dropped, :] = np.nan
+    dirty[2][..., dropped, :] = np.inf
+    if how == "bool_mask":  # and a query row that keeps nothing holds NaN
+        options["mask"] = np.broadcast_to(options["mask"], (20, 30)).copy()
+        options["mask"][5] = False
+        clean[0][..., 5, :] = 0
+        dirty[0][..., 5, :] = np.nan
+    out, lse = cpuattn.attention(*clean, return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    expected = cpuattn.attention_backward(dout, *clean, out, lse, **options)
+    got = cpuattn.attention_backward(dout, *dirty, out, lse, **options)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g, e)

@@ -78,6 +78,10 @@ def attention_backward(
     constants here: no gradient is returned for them. Results are deterministic: the same
     inputs give the same bits.
 
+    NaN and inf: as in the forward, a query and a key that are not kept (bool mask, ``-inf``
+    float mask, causal, window, ``kv_lengths``) exchange nothing, whatever their q, K and V
+    rows hold. A non-finite value in a kept pair makes the gradients it reaches non-finite.
+
     Examples
     --------
     >>> import numpy as np, cpuattn

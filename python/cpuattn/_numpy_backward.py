@@ -75,22 +75,23 @@ def _head_backward(req: Request, b, hk: int, heads: slice, n_keys: int, dout, ou
         for i0 in range(i_first - i_first % BLOCK_Q, i_last, BLOCK_Q):
             rows = slice(i0, min(i0 + BLOCK_Q, req.lq))
             q = req.q[b][heads, rows].astype(ct, copy=False) * req.scale  # as the forward
-            p, raw = _weights(req, b, heads, rows, cols, n_keys, (lo, hi), q, k, row_lse)
+            p, raw = _recompute_weights(req, b, heads, rows, cols, n_keys, (lo, hi), q, k, row_lse)
             dv_acc += _sum_over_heads(p, do[:, rows])  # P^T dO
             dp = do[:, rows] @ v.T
-            # Where P is 0 the gradient is 0: a non-finite dP there must not leak in.
-            ds = np.where(p > 0, p * (dp - delta[:, rows, None]), 0)
+            ds = p * (dp - delta[:, rows, None])
             if req.softcap:
                 # d/dx c tanh(x / c) = 1 - tanh(x / c)^2, at the capped score's argument.
                 ds *= 1 - np.tanh(raw / req.softcap) ** 2
-            dq_acc[:, rows] += (ds @ k) * req.scale
+            # Where P is 0 the gradient is 0, even if a pair not kept made dP or raw inf / NaN.
+            ds = np.where(p != 0, ds, 0)
+            dq_acc[:, rows] += _matmul(ds, k) * req.scale
             dk_acc += _sum_over_heads(ds, q)  # scale dS^T Q, q already scaled
         dk[b][hk, cols] = dk_acc  # rounded once, to k's dtype
         dv[b][hk, cols] = dv_acc
     dq[b][heads] = dq_acc
 
 
-def _weights(req: Request, b, heads, rows, cols, n_keys, bounds, q, k, row_lse):
+def _recompute_weights(req: Request, b, heads, rows, cols, n_keys, bounds, q, k, row_lse):
     """``(P, raw)`` of one tile: the forward's weights ``exp(s - lse)`` (0 for pairs not
     kept) and the unmodified scores ``scale <q, k>`` that softcap's derivative needs."""
     positions = np.arange(rows.start, rows.stop)
@@ -107,4 +108,18 @@ def _weights(req: Request, b, heads, rows, cols, n_keys, bounds, q, k, row_lse):
 
 def _sum_over_heads(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum_g a[g]^T b[g]`` as one matmul: (group, r, c), (group, r, n) -> (c, n)."""
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    n = a.shape[0] * a.shape[1]  # not -1: a head dim of 0 leaves it undetermined
+    return _matmul(a.reshape(n, a.shape[-1]).T, b.reshape(n, b.shape[-1]))
+
+
+def _matmul(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``w @ x``, except that a weight of exactly 0 ignores its row of ``x`` even if inf or
+    NaN (IEEE's 0 * inf is NaN): a query and a key that are not kept exchange nothing, as in
+    the forward. A non-finite ``x`` met by a non-zero weight makes that result NaN."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return w @ x
+    out = w @ np.where(finite, x, 0)
+    reached = (w != 0).astype(w.dtype) @ (~finite).astype(w.dtype) > 0
+    out[reached] = np.nan
+    return out
