@@ -392,3 +392,26 @@ def test_nan_in_keys_not_kept_never_reaches_a_gradient(tiles, rng, how):
     got = cpuattn.attention_backward(dout, *dirty, out, lse, **options)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5, 7, 0, 4), (3, 0, 7, 4, 4), (3, 5, 0, 4, 4), (0, 5, 7, 4, 4), (3, 5, 7, 4, 0)],
+    ids=["d=0", "lq=0", "lk=0", "no_heads", "dv=0"],  # (H, Lq, Lk, D, Dv)
+)
+def test_empty_dimensions(rng, shape):
+    """Zero-sized axes: gradients of the right shapes. D = 0 makes every score 0: uniform
+    weights over the kept keys, so dv = P^T dout."""
+    h, lq, lk, d, dv = shape
+    q, k, v = random_qkv(rng, (2,), h, h, lq, lk, d, dv)
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = cpuattn.attention_backward(dout, q, k, v, out, lse, causal=True)
+    for g, x in zip(grads, (q, k, v), strict=True):
+        assert g.shape == x.shape
+    if dv == 0 or lq == 0:
+        assert not any(np.any(g) for g in grads)
+    if d == 0:  # bottom-right causal, Lk - Lq = 2: query i keeps keys 0 .. i + 2
+        keep = np.arange(lk) <= np.arange(lq)[:, None] + 2
+        p = keep / keep.sum(axis=-1, keepdims=True)
+        np.testing.assert_allclose(grads[2], p.T @ dout, rtol=1e-6)
