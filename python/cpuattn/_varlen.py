@@ -6,6 +6,7 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _pick_backend, attention
+from ._backward import attention_backward, check_saved, pick_backward
 from ._request import _alibi, build_request, check_choice
 
 
@@ -57,31 +58,21 @@ def attention_varlen(
     """
     check_choice("backend", backend, BACKENDS)
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 3:
-            raise ValueError(f"{name}: expected (total, H, D) for varlen, got shape {x.shape}")
-    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-    if len(cu_q) != len(cu_k):
-        raise ValueError(
-            f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q (B + 1), got {len(cu_k)}"
-        )
-    batch = len(cu_q) - 1
-    hq = q.shape[1]
-
-    # Validates dtypes, heads and head dims once, on the packed arrays seen as one sequence.
-    req = build_request(
-        q.swapaxes(0, 1),
-        k.swapaxes(0, 1),
-        v.swapaxes(0, 1),
-        scale=scale,
+    req, cu_q, cu_k, slopes = packed_request(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
         causal=causal,
         window=window,
+        scale=scale,
         softcap=softcap,
+        alibi_slopes=alibi_slopes,
         num_threads=num_threads,
         return_lse=return_lse,
     )
-    slopes = _alibi(alibi_slopes, (batch,), hq, req.dtype, squeeze_head=False)  # (B, Hq)
+    batch, hq = len(cu_q) - 1, req.hq
     out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
     if _pick_backend(backend) is _native.attention:
         lse = _native.attention_packed(
@@ -109,6 +100,97 @@ def attention_varlen(
         if lse is not None:
             lse[:, qs:qe] = result[1]
     return (out, lse) if return_lse else out
+
+
+def attention_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    causal=False,
+    window=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    num_threads: int | None = None,
+    backend="auto",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`attention_varlen` with respect to ``q``, ``k`` and ``v``.
+
+    Parameters
+    ----------
+    dout, out : arrays ``(total_q, Hq, Dv)``
+        The loss's gradient at the output, and the forward's output; q's dtype or the
+        compute dtype, any strides.
+    q, k, v, cu_seqlens_q, cu_seqlens_k
+        The forward's inputs, as for :func:`attention_varlen`.
+    lse : array ``(Hq, total_q)``
+        The forward's lse (``return_lse=True``), in the compute dtype.
+    causal, window, scale, softcap, alibi_slopes, num_threads, backend
+        As for :func:`attention_backward`: the forward's values; only the NumPy backend
+        computes gradients for now (``"native"`` raises ``NotImplementedError``).
+
+    Returns
+    -------
+    (dq, dk, dv) : ndarrays shaped and typed like ``q``, ``k``, ``v``
+        Each sequence's gradients, computed as :func:`attention_backward` computes them,
+        one sequence after another.
+    """
+    check_choice("backend", backend, BACKENDS)
+    pick_backward(backend)  # before any work: "native" has no backward yet
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    options = {"causal": causal, "window": window, "scale": scale, "softcap": softcap}
+    req, cu_q, cu_k, slopes = packed_request(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=alibi_slopes, **options
+    )
+    out_shape = (q.shape[0], req.hq, req.dv)
+    dout = check_saved("dout", dout, req, out_shape, "(total_q, Hq, Dv)")
+    out = check_saved("out", out, req, out_shape, "(total_q, Hq, Dv)")
+    lse = check_saved("lse", lse, req, (req.hq, q.shape[0]), "(Hq, total_q)")
+
+    dq, dk, dv = np.zeros(q.shape, q.dtype), np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        grads = attention_backward(
+            dout[qs:qe].swapaxes(0, 1),
+            q[qs:qe].swapaxes(0, 1),
+            k[ks:ke].swapaxes(0, 1),
+            v[ks:ke].swapaxes(0, 1),
+            out[qs:qe].swapaxes(0, 1),
+            lse[:, qs:qe],
+            alibi_slopes=None if slopes is None else slopes[b],
+            num_threads=num_threads,
+            backend=backend,
+            **options,
+        )
+        for whole, part, (start, stop) in zip(
+            (dq, dk, dv), grads, ((qs, qe), (ks, ke), (ks, ke)), strict=True
+        ):
+            whole[start:stop] = part.swapaxes(0, 1)
+    return dq, dk, dv
+
+
+def packed_request(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **options):
+    """Validates packed ``(total, H, D)`` arrays and their offsets once: ``(req, cu_q, cu_k,
+    slopes)``, ``req`` seeing the packed arrays as one sequence (dtypes, heads, head dims and
+    the keywords in ``options``), ``slopes`` ``(B, Hq)`` or None."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 3:
+            raise ValueError(f"{name}: expected (total, H, D) for varlen, got shape {x.shape}")
+    cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(
+            f"cu_seqlens_k: expected {len(cu_q)} entries like cu_seqlens_q (B + 1), got {len(cu_k)}"
+        )
+    req = build_request(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), **options)
+    slopes = _alibi(alibi_slopes, (len(cu_q) - 1,), req.hq, req.dtype, squeeze_head=False)
+    return req, cu_q, cu_k, slopes
 
 
 def _cu_seqlens(name: str, cu, total: int) -> list[int]:
