@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <variant>
 
 #include "aligned_buffer.h"
@@ -52,22 +53,30 @@ class StagedTileCache {
     }
   }
 
+  // The staged tile: cached, or filled now. fill(dst) stages it into dst.
   template <typename Fill>
   const T* get(int64_t owner, int64_t tile, T* spare, const Fill& fill) {
-    if (ready_.size() == 0) {
-      fill(spare);
-      return spare;
-    }
+    return get_flagged(owner, tile, spare,
+                       [&](T* dst) {
+                         fill(dst);
+                         return uint8_t(1);
+                       })
+        .first;
+  }
+
+  // The same for a fill that returns a nonzero byte to keep with the tile (what it found
+  // while staging); returned with the tile, cached or not.
+  template <typename Fill>
+  std::pair<const T*, uint8_t> get_flagged(int64_t owner, int64_t tile, T* spare,
+                                           const Fill& fill) {
+    if (ready_.size() == 0) return {spare, fill(spare)};
     if (owner != owner_) {
       std::fill(ready_.data(), ready_.data() + ready_.size(), uint8_t(0));
       owner_ = owner;
     }
     T* dst = data_.data() + tile * tile_elems_;
-    if (!ready_[tile]) {
-      fill(dst);
-      ready_[tile] = 1;
-    }
-    return dst;
+    if (!ready_[tile]) ready_[tile] = fill(dst);
+    return {dst, ready_[tile]};
   }
 
  private:
@@ -267,9 +276,13 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
           t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(),
           [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.staged_keys, d_, d_pairs_, dst); });
     }
-    s.value.data = sc.value_pairs.get(
-        t.owner, t.j0 / kTileKeys, sc.v_pairs.data(),
-        [&](uint32_t* dst) { pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst); });
+    // 2: the staged V holds an inf or NaN (the step's zero-weight-skipping P.V needs to know).
+    const auto [values, state] = sc.value_pairs.get_flagged(
+        t.owner, t.j0 / kTileKeys, sc.v_pairs.data(), [&](uint32_t* dst) {
+          return uint8_t(pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst) ? 2 : 1);
+        });
+    s.value.data = values;
+    s.value.nonfinite = state == 2;
   }
 
  private:

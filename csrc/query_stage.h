@@ -40,6 +40,10 @@ struct QueryRows {
       q_hi.allocate(kTileRows * pairs);
       q_lo.allocate(kTileRows * pairs);
     }
+    // The one buffer read where no step wrote: the epilogue works on whole tile rows, and the
+    // in-place score paths write only the columns of their keys (16 KiB; mask_rows then sets
+    // the rest to -inf, so only their being finite matters).
+    std::fill(s.data(), s.data() + s.size(), T(0));
   }
 };
 

@@ -134,9 +134,9 @@ def test_backends_agree_on_non_finite_outputs(attention, rng, value):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("lq", "lk"), [(64, 64), (1, 2000), (70, 130)], ids=str)
+@pytest.mark.parametrize(("lq", "lk", "dv"), [(64, 64, 32), (1, 2000, 40), (70, 130, 48)], ids=str)
 @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
-def test_inf_value_kept_by_every_row_is_inf_with_half_kv(attention, rng, lq, lk, out_dtype):
+def test_inf_value_kept_by_every_row_is_inf_with_half_kv(attention, rng, lq, lk, dv, out_dtype):
     """Every row keeps every key, so an inf in V is inf in its column of every row, on every
     ISA: the bfloat16 steps split a float32 row's weights as p_hi + p_lo, and p_lo is exactly
     0 for the row's largest weight (0 * inf would be NaN)."""
@@ -145,10 +145,11 @@ def test_inf_value_kept_by_every_row_is_inf_with_half_kv(attention, rng, lq, lk,
     bf16 = ml_dtypes.bfloat16
     q = rng.standard_normal((2, 4, lq, 64)).astype(F32 if out_dtype == "float32" else bf16)
     k = rng.standard_normal((2, 2, lk, 64)).astype(bf16)
-    v = rng.standard_normal((2, 2, lk, 32)).astype(bf16)
-    v[1, 0, 3, 5] = np.inf
+    v = rng.standard_normal((2, 2, lk, dv)).astype(bf16)
+    col = dv - 1  # in the packing's 32-column blocks for dv = 32, past them otherwise
+    v[1, 0, 3, col] = np.inf
     out = np.asarray(attention(q, k, v), dtype=np.float64)
-    assert np.all(out[1, :2, :, 5] == np.inf)
-    assert np.isfinite(np.delete(out[1, :2], 5, axis=-1)).all()
+    assert np.all(out[1, :2, :, col] == np.inf)
+    assert np.isfinite(np.delete(out[1, :2], col, axis=-1)).all()
     assert np.isfinite(out[0]).all()
     assert np.isfinite(out[1, 2:]).all()

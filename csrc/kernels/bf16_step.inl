@@ -284,7 +284,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
 }
 
 inline void tile_step_bf16(const cpuattn::TileStep<float>& a) {
-  int v_nonfinite = -1;
+  int v_nonfinite = a.value.nonfinite;  // -1: unknown until needed
   int64_t r = 0;
   for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows_bf16<kRowBlock>(a, r, v_nonfinite);
   for (; r + 4 <= a.rows; r += 4) step_rows_bf16<4>(a, r, v_nonfinite);
@@ -318,9 +318,13 @@ void pack_bf16_keys(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int6
 
 // V rows [0, cols) (bfloat16, ld elements apart) -> pairs of consecutive keys:
 // vt[(j / 2) * width + e] holds V[j, e] in its low (even j) or high (odd j) half; zero past
-// dv (to width) and past cols, to a whole 16 pairs (the rows one AMX tile reads).
-void pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
+// dv (to width) and past cols, to a whole 16 pairs (the rows one AMX tile reads). Returns
+// whether V rows [0, cols) hold an inf or NaN (exponent bits all ones), found on the way.
+bool pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
                       uint32_t* vt) {
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  __mmask32 nonfinite = 0;
+  uint32_t tail_nonfinite = 0;
   const int64_t key_pairs = (cols + 1) / 2, padded = (key_pairs + 15) / 16 * 16;
   for (int64_t i = key_pairs * width; i < padded * width; ++i) vt[i] = 0;
   for (int64_t j = 0; j < key_pairs; ++j) {
@@ -331,6 +335,8 @@ void pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, i
     for (; e + 32 <= dv; e += 32) {  // interleave 32 columns of the two rows
       const __m512i x = _mm512_loadu_si512(even + e);
       const __m512i y = odd ? _mm512_loadu_si512(odd + e) : _mm512_setzero_si512();
+      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exponent), exponent) |
+                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(y, exponent), exponent);
       const __m512i lo_idx =
           _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -338,7 +344,12 @@ void pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, i
       _mm512_storeu_si512(dst + e, _mm512_permutex2var_epi16(x, lo_idx, y));
       _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
     }
-    for (; e < dv; ++e) dst[e] = uint32_t(even[e]) | (odd ? uint32_t(odd[e]) << 16 : 0u);
+    for (; e < dv; ++e) {
+      dst[e] = uint32_t(even[e]) | (odd ? uint32_t(odd[e]) << 16 : 0u);
+      tail_nonfinite |= (dst[e] & 0x7f80u) == 0x7f80u;
+      tail_nonfinite |= (dst[e] & 0x7f800000u) == 0x7f800000u;
+    }
     for (; e < width; ++e) dst[e] = 0;
   }
+  return nonfinite != 0 || tail_nonfinite != 0;
 }

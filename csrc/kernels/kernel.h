@@ -52,6 +52,9 @@ struct ValueOperand {
   Elem elem = Elem::Compute;
   const void* data = nullptr;
   int64_t ld = 0;  // elements (Rows) or pairs (Bf16Pairs) between rows
+  // Whether the tile holds an inf or NaN, where the source knows it (staged pairs: found while
+  // packing, so the step need not scan); -1: unknown, the step scans when it must.
+  int8_t nonfinite = -1;
 };
 
 // One step: `rows` staged query rows against one key tile of `cols` keys.
@@ -142,8 +145,8 @@ struct KernelSet {
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);
   // V rows [0, cols) -> (cols + 1) / 2 rows of `width` (>= dv) pairs, zero past dv and past
-  // cols up to a whole kAmxPairs rows.
-  void (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
+  // cols up to a whole kAmxPairs rows. Returns whether those rows hold an inf or NaN.
+  bool (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
                            uint32_t* vt);
 };
 
