@@ -53,6 +53,12 @@ def dask_vs_local(repeats: int, length: int = SHAPE[2]) -> dict | None:
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
     chunks = (1, shape[1], length // CHUNKS, shape[3])
+    # Worker-to-worker copies on one host run at GB/s; with dask's 100 MB/s default estimate
+    # its work stealing left the causal graph's first K/V blocks' worker with most of the work
+    # (docs/guide/distributed.rst).
+    import dask
+
+    dask.config.set({"distributed.scheduler.bandwidth": "5GB"})
     with (
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
