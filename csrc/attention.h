@@ -14,9 +14,9 @@ struct View {
   std::vector<int64_t> strides;  // batch dims..., then the trailing dims of the operand
 };
 
-// Bound on |Params::diagonal|: row and key counts fit in 2^48 (addressable memory), so
-// i + diagonal and the window sides added to it stay far inside int64.
-constexpr int64_t kMaxDiagonal = int64_t(1) << 62;
+// Bound on |Params::diagonal|: with the window sides bounded by Lq + Lk + |diagonal| (the
+// binding), i + diagonal -+ a side + 1 stays below 2^62 + 2^61 + Lq + Lk, inside int64.
+constexpr int64_t kMaxDiagonal = int64_t(1) << 61;
 
 struct Params {
   DType compute_dtype = DType::F32;  // F32 or F64; also lse's and a float mask's
@@ -38,7 +38,7 @@ struct Params {
   Align align = Align::BottomRight;
   // Query i sits at key position i + diagonal for causal, window and ALiBi, in place of the
   // offset `align` gives (blocks of one long sequence placed on its global diagonal). The
-  // binding keeps |diagonal| <= kMaxDiagonal, so the diagonal arithmetic cannot overflow.
+  // binding keeps |diagonal| <= kMaxDiagonal and bounds the window sides (kMaxDiagonal).
   bool has_diagonal = false;
   int64_t diagonal = 0;
   int64_t window_left = -1, window_right = -1;  // -1 = unbounded on that side

@@ -37,10 +37,11 @@ enum class KvPath { ComputeType, WidenedToFloat, Bf16Pairs };
 inline int64_t bf16_values_width(int64_t dv) { return (dv + 15) / 16 * 16; }
 
 // Tiles of one (batch, kv head) prepared once and reused by the later query tiles of that
-// head: packed K^T, or V converted from half. Without caching (one query tile, as in decode,
-// or past the element cap) a tile is prepared into the caller's spare buffer every time.
-// Neither buffer is initialized: a tile is read only once its ready flag is set, and the flags
-// are cleared on the first use (owner_ starts at -1) and whenever the owner changes.
+// head: packed K^T, V converted from half, bfloat16 pairs of K^T or V (with what packing found,
+// get_flagged). Without caching (one query tile, as in decode, or past the element cap) a tile
+// is prepared into the caller's spare buffer every time. Neither buffer is initialized: a tile
+// is read only once its ready byte is set (nonzero), and the bytes are cleared on the first use
+// (owner_ starts at -1) and whenever the owner changes.
 template <typename T>
 class StagedTileCache {
  public:
@@ -276,13 +277,13 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
           t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(),
           [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.staged_keys, d_, d_pairs_, dst); });
     }
-    // 2: the staged V holds an inf or NaN (the step's zero-weight-skipping P.V needs to know).
+    // Kept with the tile: 1 + (the first key whose V row holds an inf or NaN, + 1), 1 if none.
     const auto [values, state] = sc.value_pairs.get_flagged(
         t.owner, t.j0 / kTileKeys, sc.v_pairs.data(), [&](uint32_t* dst) {
-          return uint8_t(pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst) ? 2 : 1);
+          return uint8_t(2 + pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst));
         });
     s.value.data = values;
-    s.value.nonfinite = state == 2;
+    s.value.first_nonfinite_key = state == 1 ? int32_t(kTileKeys) : int32_t(state - 2);
   }
 
  private:

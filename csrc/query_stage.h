@@ -29,6 +29,7 @@ struct QueryRows {
   AlignedBuffer<T> slopes;
   AlignedBuffer<T*> out;  // per row: where its output goes, when out has the compute type
   int64_t q_first = 0;    // element offset of the tile's first q row
+  bool s_written = false;  // s zeroed (stage(), on the thread's first tile)
 
   // pairs: q's bfloat16 pairs per row (padded as the step needs), or -1: q is not staged as
   // pairs.
@@ -40,10 +41,6 @@ struct QueryRows {
       q_hi.allocate(kTileRows * pairs);
       q_lo.allocate(kTileRows * pairs);
     }
-    // The one buffer read where no step wrote: the epilogue works on whole tile rows, and the
-    // in-place score paths write only the columns of their keys (16 KiB; mask_rows then sets
-    // the rest to -inf, so only their being finite matters).
-    std::fill(s.data(), s.data() + s.size(), T(0));
   }
 };
 
@@ -88,6 +85,13 @@ class QueryStage {
   // mask rows and ALiBi slopes, q (copied times the scale, unless read in place), and the
   // running state reset.
   void stage(const ItemPos& pos, const RowBounds& rb, QueryRows<T>& t) const {
+    if (!t.s_written) {
+      // The one buffer read where no step wrote: the epilogue works on whole tile rows, and the
+      // in-place score paths write only the columns of their keys (mask_rows then sets the rest
+      // to -inf). Zeroed once, here, by the thread that uses it: never an uninitialized read.
+      std::fill(t.s.data(), t.s.data() + t.s.size(), T(0));
+      t.s_written = true;
+    }
     const int64_t b = pos.b, hk = pos.hk, rows = pos.rows;
     const size_t nb = p_.batch_shape.size();
     const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];

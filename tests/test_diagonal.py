@@ -117,7 +117,7 @@ def test_return_weights_use_the_diagonal(attention, rng):
     assert_matches(weights @ v, out, F32)
 
 
-@pytest.mark.parametrize("diagonal", [2**62, -(2**62)], ids=["far_right", "far_left"])
+@pytest.mark.parametrize("diagonal", [2**61, -(2**61)], ids=["far_right", "far_left"])
 def test_extreme_diagonals_keep_exact_keys(attention, rng, diagonal):
     """Far past every key: a window keeps nothing (the binding must not treat a long window
     side as unbounded), causal keeps all or nothing, ALiBi distances stay finite."""
@@ -130,6 +130,26 @@ def test_extreme_diagonals_keep_exact_keys(attention, rng, diagonal):
         q, k, v, alibi_slopes=np.array([0.0, 0.0]), diagonal=diagonal, return_lse=True
     )
     assert_matches(out, dense_attention(q, k, v)[0], F32)
+
+
+@pytest.mark.parametrize(
+    ("window", "diagonal"),
+    [
+        ((-1, 2**61), 2**61),
+        ((2**61 + 5, -1), -(2**61)),
+        ((-1, 2**63 - 1), None),
+        ((2**62, 2**62), 0),
+    ],
+    ids=str,
+)
+def test_huge_window_sides_keep_every_key(attention, rng, window, diagonal):
+    """A side past every key is unbounded: no backend adds it to a diagonal (int64 overflow
+    dropped every key, found by review)."""
+    q, k, v = random_qkv(rng, (), 1, 1, 4, 6, 8)
+    out, lse = attention(q, k, v, window=window, diagonal=diagonal, return_lse=True)
+    assert np.all(np.isfinite(lse))
+    ref = attention(q, k, v, window=None if diagonal is None else (-1, -1), diagonal=diagonal)
+    assert np.array_equal(out, ref)
 
 
 def test_window_side_longer_than_the_sequence_is_still_a_bound(attention, rng):
@@ -146,7 +166,7 @@ def test_window_side_longer_than_the_sequence_is_still_a_bound(attention, rng):
         (True, TypeError, "diagonal: expected an int"),
         ("3", TypeError, "diagonal: expected an int"),
         (np.array([1, 2]), TypeError, "diagonal: expected an int"),
-        (2**62 + 1, ValueError, r"diagonal: expected an int in \[-2\*\*62, 2\*\*62\]"),
+        (2**61 + 1, ValueError, r"diagonal: expected an int in \[-2\*\*61, 2\*\*61\]"),
         (-(2**70), ValueError, "diagonal: expected an int in"),
     ],
     ids=["float", "integral_float", "bool", "str", "array", "too_far", "far_too_far"],

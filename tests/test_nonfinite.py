@@ -153,3 +153,29 @@ def test_inf_value_kept_by_every_row_is_inf_with_half_kv(attention, rng, lq, lk,
     assert np.isfinite(np.delete(out[1, :2], col, axis=-1)).all()
     assert np.isfinite(out[0]).all()
     assert np.isfinite(out[1, 2:]).all()
+
+
+@pytest.mark.parametrize("q_dtype", ["float32", "bfloat16"])
+def test_inf_value_of_an_unread_key_leaves_rows_bitwise_with_half_kv(attention, rng, q_dtype):
+    """Key 126's V row holds inf; causal rows i < 66 never keep it, and its tile is staged for
+    the rows that do: the query tile of rows 0-63 must come out bit for bit as without the inf
+    (the bfloat16 steps once sent every step on that staged tile down their inf-safe path,
+    found by review). Rows 64 and 65 share a step with rows that keep key 126, and AMX reads
+    V in 32-key chunks (key 126 is in one every step of this key tile reads): there the
+    bfloat16 steps' inf-safe path rounds the weights differently (the float step's does not),
+    so those rows match to rounding only (docs/guide/errors.rst)."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    q = rng.standard_normal((2, 70, 64)).astype(F32 if q_dtype == "float32" else bf16)
+    k = rng.standard_normal((2, 130, 64)).astype(bf16)
+    v = rng.standard_normal((2, 130, 32)).astype(bf16)
+    vd = v.copy()
+    vd[:, 126, 3] = np.inf
+    amx = attention.keywords["backend"] == "native" and cpuattn._native._core.isa() == "avx512_amx"
+    bitwise = 0 if amx else 64  # bottom-right: row i keeps keys j <= i + 60
+    rows = np.zeros((2, 70), bool)
+    rows[:, :bitwise] = True
+    out, _ = clean_rows_match(attention, (q, k, vd), (q, k, v), rows, causal=True)
+    ref = attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out[:, :66], ref[:, :66], rtol=1e-2, atol=1e-2)

@@ -359,7 +359,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.align = static_cast<cpuattn::Align>(align);
   if (diagonal) {
     if (*diagonal < -cpuattn::kMaxDiagonal || *diagonal > cpuattn::kMaxDiagonal)
-      fail("diagonal must lie in [-2**62, 2**62]");
+      fail("diagonal must lie in [-2**61, 2**61]");
     p.has_diagonal = true;
     p.diagonal = *diagonal;
   }

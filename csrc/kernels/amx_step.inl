@@ -193,9 +193,11 @@ inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n
 void release_tiles() { _tile_release(); }
 
 void tile_step_amx(const cpuattn::TileStep<float>& a) {
-  int v_nonfinite = a.value.nonfinite;  // -1: unknown until needed
   // V pair rows the tile unit reads: whole 16-pair chunks (pack_bf16_values zero-fills them).
   const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
+  // Whether those rows hold an inf or NaN: -1, unknown until needed, unless the source knows.
+  int v_nonfinite =
+      a.value.first_nonfinite_key < 0 ? -1 : a.value.first_nonfinite_key < 2 * pair_rows;
   for (int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) {
     const int64_t n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
     if (a.key.form == cpuattn::KeyForm::Rows) {

@@ -269,7 +269,7 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
     weights_times_values<float, RB, Elem::Bf16>(a, r0, some_zero, v_nonfinite);
     return;
   }
-  if (some_zero || a.split_p) {  // split_p: see skip_for_nonfinite_v
+  if (some_zero || a.split_p) {  // split_p: see pv_rows_bf16_skip_zero_weights
     if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, (a.cols + 1) / 2);
     if (v_nonfinite) {
       pv_rows_bf16_skip_zero_weights(a, r0, r0 + RB);
@@ -284,7 +284,10 @@ inline void step_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0, int& v
 }
 
 inline void tile_step_bf16(const cpuattn::TileStep<float>& a) {
-  int v_nonfinite = a.value.nonfinite;  // -1: unknown until needed
+  // Whether the V rows of the keys it reads, (cols + 1) / 2 pairs, hold an inf or NaN: -1,
+  // unknown until needed, unless the source knows.
+  int v_nonfinite =
+      a.value.first_nonfinite_key < 0 ? -1 : a.value.first_nonfinite_key < (a.cols + 1) / 2 * 2;
   int64_t r = 0;
   for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows_bf16<kRowBlock>(a, r, v_nonfinite);
   for (; r + 4 <= a.rows; r += 4) step_rows_bf16<4>(a, r, v_nonfinite);
@@ -318,25 +321,26 @@ void pack_bf16_keys(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int6
 
 // V rows [0, cols) (bfloat16, ld elements apart) -> pairs of consecutive keys:
 // vt[(j / 2) * width + e] holds V[j, e] in its low (even j) or high (odd j) half; zero past
-// dv (to width) and past cols, to a whole 16 pairs (the rows one AMX tile reads). Returns
-// whether V rows [0, cols) hold an inf or NaN (exponent bits all ones), found on the way.
-bool pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
-                      uint32_t* vt) {
+// dv (to width) and past cols, to a whole 16 pairs (the rows one AMX tile reads). Returns the
+// first key whose V row holds an inf or NaN (exponent bits all ones), or -1, found on the way.
+int64_t pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
+                         uint32_t* vt) {
   const __m512i exponent = _mm512_set1_epi16(0x7f80);
-  __mmask32 nonfinite = 0;
-  uint32_t tail_nonfinite = 0;
+  const auto nonfinite = [](uint16_t x) { return (x & 0x7f80u) == 0x7f80u; };
+  int64_t first = -1;
   const int64_t key_pairs = (cols + 1) / 2, padded = (key_pairs + 15) / 16 * 16;
   for (int64_t i = key_pairs * width; i < padded * width; ++i) vt[i] = 0;
   for (int64_t j = 0; j < key_pairs; ++j) {
     const uint16_t* even = v + 2 * j * ld;
     const uint16_t* odd = 2 * j + 1 < cols ? even + ld : nullptr;
     uint32_t* dst = vt + j * width;
+    __mmask32 bad_even = 0, bad_odd = 0;
     int64_t e = 0;
     for (; e + 32 <= dv; e += 32) {  // interleave 32 columns of the two rows
       const __m512i x = _mm512_loadu_si512(even + e);
       const __m512i y = odd ? _mm512_loadu_si512(odd + e) : _mm512_setzero_si512();
-      nonfinite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exponent), exponent) |
-                   _mm512_cmpeq_epi16_mask(_mm512_and_si512(y, exponent), exponent);
+      bad_even |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, exponent), exponent);
+      bad_odd |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(y, exponent), exponent);
       const __m512i lo_idx =
           _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                            6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -345,11 +349,13 @@ bool pack_bf16_values(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, i
       _mm512_storeu_si512(dst + e + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
     }
     for (; e < dv; ++e) {
-      dst[e] = uint32_t(even[e]) | (odd ? uint32_t(odd[e]) << 16 : 0u);
-      tail_nonfinite |= (dst[e] & 0x7f80u) == 0x7f80u;
-      tail_nonfinite |= (dst[e] & 0x7f800000u) == 0x7f800000u;
+      const uint16_t lo = even[e], hi = odd ? odd[e] : uint16_t(0);
+      dst[e] = uint32_t(lo) | uint32_t(hi) << 16;
+      bad_even |= nonfinite(lo);
+      bad_odd |= nonfinite(hi);
     }
     for (; e < width; ++e) dst[e] = 0;
+    if (first < 0 && (bad_even || bad_odd)) first = bad_even ? 2 * j : 2 * j + 1;
   }
-  return nonfinite != 0 || tail_nonfinite != 0;
+  return first;
 }

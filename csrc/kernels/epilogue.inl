@@ -209,8 +209,8 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
     // The whole tile width, a constant trip count: bounded by cols, the AMX bfloat16 step took
-    // 1.13-1.3x the time (measured). Columns past the ones the step wrote hold finite stale
-    // scores (the scratch starts zeroed, QueryRows) and mask_rows sets them to -inf.
+    // 1.13-1.3x the time (measured). Columns past the ones the step wrote hold stale values
+    // (the scratch starts zeroed, QueryStage::stage), which mask_rows sets to -inf.
     for (int64_t c = 0; c < W; c += L) {
       typename S::V s = S::load(sr + c);
       if constexpr (kDotScale) s *= a.dot_scale;

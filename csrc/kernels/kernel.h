@@ -52,9 +52,10 @@ struct ValueOperand {
   Elem elem = Elem::Compute;
   const void* data = nullptr;
   int64_t ld = 0;  // elements (Rows) or pairs (Bf16Pairs) between rows
-  // Whether the tile holds an inf or NaN, where the source knows it (staged pairs: found while
-  // packing, so the step need not scan); -1: unknown, the step scans when it must.
-  int8_t nonfinite = -1;
+  // The first staged key whose V row holds an inf or NaN (kTileKeys: none), where the source
+  // knows it (bfloat16 pairs: found while packing, so the step need not scan); -1: unknown,
+  // the step scans when it must. A step compares it with the keys it reads.
+  int32_t first_nonfinite_key = -1;
 };
 
 // One step: `rows` staged query rows against one key tile of `cols` keys.
@@ -84,7 +85,7 @@ struct TileStep {
   const void* const* mask_rows;  // per row: the mask element of key 0
   int64_t mask_col_stride;       // elements between consecutive keys (0 when broadcast)
 
-  // The bfloat16 steps (KernelSet::step_bf16, step_bf16_tiles) read q as these instead of q:
+  // The bfloat16 steps (KernelSet::step_bf16, step_bf16_amx) read q as these instead of q:
   // bfloat16 pairs in uint32 (low half the even element), scores times dot_scale.
   const uint32_t* q_hi;  // rows x d_pairs, q (unscaled) rounded to bfloat16
   const uint32_t* q_lo;  // rows x d_pairs, q - q_hi rounded, for a float32 q; else nullptr
@@ -144,10 +145,11 @@ struct KernelSet {
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);
-  // V rows [0, cols) -> (cols + 1) / 2 rows of `width` (>= dv) pairs, zero past dv and past
-  // cols up to a whole kAmxPairs rows. Returns whether those rows hold an inf or NaN.
-  bool (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv, int64_t width,
-                           uint32_t* vt);
+  // V rows [0, cols) (cols: the staged keys) -> (cols + 1) / 2 rows of `width` (>= dv) pairs,
+  // zero past dv and past cols up to a whole kAmxPairs rows. Returns the first of those keys
+  // whose V row holds an inf or NaN, or -1.
+  int64_t (*pack_bf16_values)(const uint16_t* v, int64_t ld, int64_t cols, int64_t dv,
+                              int64_t width, uint32_t* vt);
 };
 
 // Kernels compiled into this build, best last. Only those the CPU supports are ever called.

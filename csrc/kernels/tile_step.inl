@@ -251,7 +251,7 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
 }
 
 // o[r0 .. r0 + RB) += p . V from the weights score_epilogue left in a.s (some_zero: its
-// result), V rows read as H says. v_nonfinite: whether the tile's V holds an inf or NaN, -1
+// result), V rows read as Stored says. v_nonfinite: whether the tile's V holds an inf or NaN, -1
 // until a row first needs to know.
 template <typename T, int RB, Elem Stored>
 inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool some_zero,

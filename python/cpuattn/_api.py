@@ -116,7 +116,7 @@ def attention(
         ``[c, e)`` of a call with ``Lq`` queries and ``Lk`` keys is
         ``attention(q[..., a:b, :], k[..., c:e, :], v[..., c:e, :], causal=True,
         diagonal=a - c + Lk - Lq)``, exactly that block of the whole call (merge the key
-        blocks with :func:`merge`). ``|diagonal| <= 2**62``.
+        blocks with :func:`merge`). ``|diagonal| <= 2**61``.
 
     Returns
     -------

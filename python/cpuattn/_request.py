@@ -179,7 +179,7 @@ def build_request(
         mask=_mask(mask, full_mask_shape, dtype, squeeze_head),
         causal=causal_flag,
         align=align,
-        window=_window(window),
+        window=_bounded(_window(window), lq, lk, _diagonal(diagonal)),
         kv_lengths=_kv_lengths(kv_lengths, batch_shape, lk),
         scale=_scale(scale, d),
         return_lse=bool(return_lse),
@@ -305,8 +305,18 @@ def _window(window) -> tuple[int, int]:
     return (left, right)
 
 
-# |diagonal| bound, as the native binding's: i + diagonal +- a window side stays inside int64.
-MAX_DIAGONAL = 2**62
+# |diagonal| bound, as the native binding's. With window sides bounded too (_bounded),
+# i + diagonal -+ a side + 1 stays below 2**62 + 2**61 + Lq + Lk: inside int64 in both backends.
+MAX_DIAGONAL = 2**61
+
+
+def _bounded(window: tuple[int, int], lq: int, lk: int, diagonal: int | None) -> tuple[int, int]:
+    """A window side past every key a row could reach (farther than Lq + Lk + |diagonal| from
+    any diagonal) keeps what an unbounded side keeps: -1, so no backend adds it to a diagonal
+    (int64 overflow would drop every key)."""
+    farthest = lq + lk + abs(diagonal or 0)
+    left, right = window
+    return (-1 if left > farthest else left, -1 if right > farthest else right)
 
 
 def _diagonal(diagonal) -> int | None:
@@ -314,7 +324,7 @@ def _diagonal(diagonal) -> int | None:
         return None
     diagonal = as_int("diagonal", diagonal, "an int or None")
     if not -MAX_DIAGONAL <= diagonal <= MAX_DIAGONAL:
-        raise ValueError(f"diagonal: expected an int in [-2**62, 2**62], got {diagonal}")
+        raise ValueError(f"diagonal: expected an int in [-2**61, 2**61], got {diagonal}")
     return diagonal
 
 

@@ -22,7 +22,7 @@ except ImportError as exc:
 from ._api import BACKENDS
 from ._dask_tasks import attend_pair, empty_block, merge_parts
 from ._numpy import key_bounds
-from ._request import Request, as_int, build_request, check_choice
+from ._request import MAX_DIAGONAL, Request, as_int, build_request, check_choice
 
 __all__ = ["attention"]
 
@@ -125,6 +125,12 @@ def attention(
         alibi_slopes=None if alibi_slopes is None else np.asarray(alibi_slopes),
         diagonal=diagonal,
     )
+    if req.diagonal is not None and abs(req.diagonal) + req.lq + req.lk > MAX_DIAGONAL:
+        # Each block pair's call takes diagonal + (its first query - its first key).
+        raise ValueError(
+            f"diagonal: expected |diagonal| + Lq + Lk <= 2**61 for blocks of it to be valid "
+            f"calls, got {req.diagonal} with Lq = {req.lq}, Lk = {req.lk}"
+        )
     if req.squeeze_head:
         q, k, v = q[None], k[None], v[None]
     q, k, v = _check_chunks(req, q, k, v)
