@@ -152,6 +152,19 @@ def test_huge_window_sides_keep_every_key(attention, rng, window, diagonal):
     assert np.array_equal(out, ref)
 
 
+@pytest.mark.parametrize("diagonal", [2**24 + 1, 2**25 + 3, 2**40 + 7, -(2**33) + 5], ids=str)
+def test_alibi_far_from_the_diagonal_matches_numpy(native, rng, diagonal):
+    """ALiBi distances past 2**24 are not exact in float32: the native step takes them in
+    int64 first, as NumPy does, rather than rounding the row's distance and then subtracting
+    the key's (0.26 apart at 2**25, found by review)."""
+    q = np.zeros((1, 1, 3, 8), F32)
+    k = np.zeros((1, 1, 64, 8), F32)
+    v = rng.standard_normal((1, 1, 64, 8)).astype(F32)
+    kw = {"alibi_slopes": np.array([0.5]), "diagonal": diagonal}
+    expected = cpuattn.attention(q, k, v, backend="numpy", **kw)
+    np.testing.assert_allclose(native(q, k, v, **kw), expected, atol=1e-6)
+
+
 def test_window_side_longer_than_the_sequence_is_still_a_bound(attention, rng):
     q, k, v = random_qkv(rng, (), 1, 1, 8, 8, 4)
     check(attention, q, k, v, window=(20, -1), diagonal=40)  # keys [20, ...) of 8: none

@@ -58,10 +58,23 @@ inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   V lane;
   for (int i = 0; i < L; ++i) lane[i] = T(i);
+  // Distances stay exact in float while below 2^24 (the NumPy backend rounds the exact int64
+  // distance once); a row farther from its diagonal (diagonal= can put it anywhere) takes
+  // each distance in int64 first.
+  constexpr int64_t kExact = (int64_t(1) << 24) - W;
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
+    const int64_t base = a.diag[r] - a.j0;
+    if (base > kExact || base < -kExact) {
+      const T slope = a.slopes[r];
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t dist = base - c;
+        sr[c] -= slope * T(dist < 0 ? -dist : dist);
+      }
+      continue;
+    }
     const V slope = S::splat(a.slopes[r]);
-    const V from_diag = S::splat(T(a.diag[r] - a.j0));
+    const V from_diag = S::splat(T(base));
     for (int64_t c = 0; c < W; c += L) {
       const V dist = from_diag - (lane + T(c));
       S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
