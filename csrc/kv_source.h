@@ -1,10 +1,12 @@
 // How K and V reach the step: one K/V source per storage kind, chosen once per call
 // (choose_kv_source). A source finds a key tile's rows through its layout (kv_layout.h) and
 // gives the step either those rows in place or a staged tile (packed K^T, V converted from
-// half, bfloat16 pairs), cached per thread for the head's later query tiles. The driver calls
-// it once per key tile and never branches on the storage kind itself: a new storage kind is
-// one source type here, its alternative in KvSourceOn and its case in choose_kv_source; a new
-// layout is one type in kv_layout.h, added to KvSourceOn's layouts.
+// half, bfloat16 pairs), cached per thread for the head's later query tiles, as the step's
+// KeyOperand / ValueOperand (kernels/kernel.h). The driver calls it once per key tile and never
+// branches on the storage kind itself: a new storage kind is one source type here, its
+// alternative in KvSourceOn and its case in choose_kv_source (and, for a new element encoding,
+// an Elem value and its KernelSet::encodings entry per ISA); a new layout is one type in
+// kv_layout.h, added to KvSourceOn's layouts.
 //
 // A source has:
 //   static constexpr bool kStagedQuery    its step reads q staged (copied and scaled, or as
