@@ -221,7 +221,7 @@ def plot(rows, path: str, peak: float) -> None:
 
 
 SCALING_CASE = Case("L=4096", 1, 8, 8, 4096, 4096, 64)
-DECODE_CASE = FULL[12]
+DECODE_CASE = next(c for c in FULL if c.name == "decode GQA")
 MEMORY_CASE = Case("L=32768", 1, 8, 8, 32768, 32768, 64)
 
 
