@@ -140,6 +140,18 @@ def attention_varlen_backward(
     (dq, dk, dv) : ndarrays shaped and typed like ``q``, ``k``, ``v``
         Each sequence's gradients, computed as :func:`attention_backward` computes them,
         one sequence after another.
+
+    Examples
+    --------
+    >>> import numpy as np, cpuattn
+    >>> rng = np.random.default_rng(0)
+    >>> cu = np.array([0, 3, 8])                       # two sequences: 3 and 5 tokens
+    >>> q, k, v = (rng.standard_normal((8, 2, 16)) for _ in range(3))
+    >>> out, lse = cpuattn.attention_varlen(q, k, v, cu, cu, causal=True, return_lse=True)
+    >>> dout = rng.standard_normal(out.shape)
+    >>> dq, dk, dv = cpuattn.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, causal=True)
+    >>> dq.shape, dk.shape, dv.shape
+    ((8, 2, 16), (8, 2, 16), (8, 2, 16))
     """
     check_choice("backend", backend, BACKENDS)
     pick_backward(backend)  # before any work: "native" has no backward yet
