@@ -9,8 +9,9 @@ Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm 
 speed ratio against each baseline (torch and onnxruntime rows appear when they are installed).
 Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
 table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
-memory of one call in a fresh process, and (with dask installed) the distributed row of
-benchmarks/dask_cluster.py.
+memory of one call in a fresh process, (with dask installed) the distributed row of
+benchmarks/dask_cluster.py, and the backward against torch's (benchmarks/backward.py; alone
+with --backward).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import dataclasses
 import json
 import sys
 
-import dask_cluster  # benchmarks/dask_cluster.py, next to this script
+import backward  # benchmarks/backward.py and dask_cluster.py, next to this script
+import dask_cluster
 import numpy as np
 
 import cpuattn
@@ -401,6 +403,7 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--backward", action="store_true", help="the backward rows only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument(
@@ -418,6 +421,9 @@ def main(argv=None) -> int:
         f"# cpuattn {facts['version']} isa={facts['isa']} threads={facts['max_threads']}",
         file=sys.stderr,
     )
+    if args.backward:
+        print(backward.markdown(backward.rows(args.repeats, peak), peak))
+        return 0
     rows = []
     cases = QUICK if args.quick else FULL
     for n, case in enumerate(cases, 1):
@@ -428,12 +434,17 @@ def main(argv=None) -> int:
     )
     print(f"[extras] {what} ...", file=sys.stderr, flush=True)
     more = extras(args.repeats, args.quick)
+    if not args.quick:
+        print("[backward] ...", file=sys.stderr, flush=True)
+        more["backward"] = backward.rows(args.repeats, peak)
     # The peak again after the cases, the higher of the two kept: a disturbed first reading
     # would inflate every % of peak.
     peak = max(peak, _bench.sgemm_gflops())
     for row, case in zip(rows, cases, strict=True):
         finish_row(row, case, peak)
     sections = [markdown(rows, peak), variants_markdown(rows), half_markdown(rows)]
+    if "backward" in more:
+        sections.append(backward.markdown(more["backward"], peak))
     print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:

@@ -82,9 +82,10 @@ class QueryStage {
   }
 
   // Rows [pos.r0, pos.r0 + pos.rows) of the item: their positions, heads, keys and diagonal,
-  // mask rows and ALiBi slopes, q (copied times the scale, unless read in place), and the
-  // running state reset.
-  void stage(const ItemPos& pos, const RowBounds& rb, QueryRows<T>& t) const {
+  // mask rows and ALiBi slopes, q (copied times the scale, unless read in place), and, with
+  // reset_state (the forward's online softmax; not the backward), the running state reset.
+  void stage(const ItemPos& pos, const RowBounds& rb, QueryRows<T>& t,
+             bool reset_state = true) const {
     if (!t.s_written) {
       // The one buffer read where no step wrote: the epilogue works on whole tile rows, and the
       // in-place score paths write only the columns of their keys (mask_rows then sets the rest
@@ -140,6 +141,7 @@ class QueryStage {
         t.mask_rows[r] = mask + (row_head[r] * head_stride + row_pos[r] * pos_stride) * item;
       }
     }
+    if (!reset_state) return;
     std::fill(t.l.data(), t.l.data() + rows * kSumSlots, T(0));
     std::fill(t.o.data(), t.o.data() + rows * p_.dv, T(0));
   }

@@ -43,6 +43,29 @@ def native(request):
         core.select_isa(previous)
 
 
+@pytest.fixture(params=["numpy-tiny-tiles", "numpy"] + [f"native-{isa}" for isa in ISAS])
+def backward(request, monkeypatch):
+    """cpuattn.attention_backward pinned to one backend: NumPy with tiles of 3 queries x 4
+    keys (small shapes cross tile edges and skip whole tiles) and its default tiles, and
+    native on each supported ISA's kernels."""
+    name = request.param
+    if name.startswith("numpy"):
+        if name == "numpy-tiny-tiles":
+            from cpuattn import _numpy_backward
+
+            monkeypatch.setattr(_numpy_backward, "BLOCK_Q", 3)
+            monkeypatch.setattr(_numpy_backward, "BLOCK_K", 4)
+        yield functools.partial(cpuattn.attention_backward, backend="numpy")
+        return
+    core = _native._core
+    previous = core.isa()
+    core.select_isa(name.split("-", 1)[1])
+    try:
+        yield functools.partial(cpuattn.attention_backward, backend="native")
+    finally:
+        core.select_isa(previous)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,5 +1,6 @@
-"""``attention_backward`` against torch autograd of the math SDPA (skipped without torch), on
-shapes that span several tiles so tile skipping under causal / window / kv_lengths is exercised."""
+"""``attention_backward`` (each backend and ISA) against torch autograd of the math SDPA
+(skipped without torch), on shapes that span several tiles so tile skipping under causal /
+window / kv_lengths is exercised."""
 
 import numpy as np
 import pytest
@@ -61,12 +62,12 @@ CASES = {
 
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_matches_torch_autograd(rng, options, dtype):
+def test_matches_torch_autograd(backward, rng, options, dtype):
     q, k, v = random_qkv(rng, (2,), 4, 2, 200, 300, 16, dv=24, dtype=dtype)
     q = q * 2  # peaked weights
     out, lse = cpuattn.attention(q, k, v, return_lse=True, **options)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    got = cpuattn.attention_backward(dout, q, k, v, out, lse, **options)
+    got = backward(dout, q, k, v, out, lse, **options)
 
     mask_options = {x: options[x] for x in ("causal", "window", "alibi_slopes") if x in options}
     lengths = options.get("kv_lengths", np.array([300, 300]))
@@ -79,7 +80,7 @@ def test_matches_torch_autograd(rng, options, dtype):
         assert err <= tolerance * np.abs(e).max(), f"d{name}: error {err:.3g}"
 
 
-def test_mask_matches_torch_autograd(rng):
+def test_mask_matches_torch_autograd(backward, rng):
     """A bool mask (every row keeps a key, as torch needs) and a float mask, with GQA."""
     q, k, v = random_qkv(rng, (2,), 4, 1, 150, 280, 8, dtype=np.float64)
     keep = rng.random((2, 4, 150, 280)) < 0.5
@@ -88,6 +89,6 @@ def test_mask_matches_torch_autograd(rng):
     for mask, bias in ((keep, np.where(keep, 0.0, -np.inf)), (float_mask, float_mask)):
         out, lse = cpuattn.attention(q, k, v, mask=mask, return_lse=True)
         dout = rng.standard_normal(out.shape)
-        got = cpuattn.attention_backward(dout, q, k, v, out, lse, mask=mask)
+        got = backward(dout, q, k, v, out, lse, mask=mask)
         for g, e in zip(got, torch_grads(q, k, v, dout, bias), strict=True):
             np.testing.assert_allclose(g, e, rtol=0, atol=1e-12 * np.abs(e).max())

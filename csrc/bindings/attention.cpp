@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "backward.h"
 
 namespace py = pybind11;
 
@@ -228,37 +229,25 @@ std::vector<int64_t> offsets_of(const char* name, const py::array& a, int64_t to
 
 bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn::DType::BF16; }
 
-void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
-               const std::optional<py::array>& lse, const std::optional<py::array>& mask,
-               const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
-               int64_t window_left, int64_t window_right, int num_threads, double softcap,
-               const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
-               const std::optional<py::array>& cu_seqlens_q,
-               const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal) {
+// A call's Params and what they point to: the arrays' owners and buffers and the private
+// copies of the offsets the driver reads (copy_int64), held until the call returns.
+struct Call {
   cpuattn::Params p;
-  Holds holds;  // the arrays' owners and buffers, until the call returns
-  // Private copies of the offsets the driver reads (copy_int64).
+  Holds holds;
   std::vector<int64_t> lengths, cu_q, cu_k;
-  // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
-  p.q_dtype = dtype_of("q", q);
-  p.kv_dtype = dtype_of("k", k);
-  p.out_dtype = dtype_of("out", out);
-  p.compute_dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
-  const bool half_kv = is_half(p.kv_dtype);
-  if (dtype_of("v", v) != p.kv_dtype)
-    throw py::type_error("_core.attention: k and v dtypes differ");
-  if (half_kv ? p.compute_dtype != cpuattn::DType::F32 ||
-                    (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
-              : p.kv_dtype != p.compute_dtype || p.q_dtype != p.compute_dtype) {
-    throw py::type_error("_core.attention: q, k, v dtypes do not go together");
-  }
-  if (p.out_dtype != p.compute_dtype && p.out_dtype != p.q_dtype) {
-    throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
-  }
 
+  std::vector<int64_t> with_batch(std::initializer_list<int64_t> tail) const {
+    std::vector<int64_t> s(p.batch_shape);
+    s.insert(s.end(), tail);
+    return s;
+  }
+};
+
+// q, k, v: the dimensions and their views (dtypes are the caller's to check).
+void read_qkv(Call& c, const py::array& q, const py::array& k, const py::array& v) {
+  cpuattn::Params& p = c.p;
   const py::ssize_t n = q.ndim();
-  if (n < 3 || k.ndim() != n || v.ndim() != n || out.ndim() != n)
-    fail("q, k, v, out must share ndim >= 3");
+  if (n < 3 || k.ndim() != n || v.ndim() != n) fail("q, k, v must share ndim >= 3");
   const size_t nb = static_cast<size_t>(n - 3);
   const std::vector<int64_t> qs = shape_of(q), ks = shape_of(k), vs = shape_of(v);
   p.batch_shape.assign(qs.begin(), qs.begin() + nb);
@@ -268,28 +257,26 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.hkv = ks[nb];
   p.lk = ks[nb + 1];
   p.dv = vs[nb + 2];
-
-  auto with_batch = [&](std::initializer_list<int64_t> tail) {
-    std::vector<int64_t> s(p.batch_shape);
-    s.insert(s.end(), tail);
-    return s;
-  };
-  expect_shape("k", k, with_batch({p.hkv, p.lk, p.d}));
-  expect_shape("v", v, with_batch({p.hkv, p.lk, p.dv}));
-  expect_shape("out", out, with_batch({p.hq, p.lq, p.dv}));
+  expect_shape("k", k, c.with_batch({p.hkv, p.lk, p.d}));
+  expect_shape("v", v, c.with_batch({p.hkv, p.lk, p.dv}));
   if (p.hkv == 0 ? p.hq != 0 : p.hq % p.hkv != 0) fail("Hq must be a multiple of Hkv");
+  p.q = view_of("q", q, true, false, c.holds);
+  p.k = view_of("k", k, true, false, c.holds);
+  p.v = view_of("v", v, true, false, c.holds);
+}
 
-  p.q = view_of("q", q, true, false, holds);
-  p.k = view_of("k", k, true, false, holds);
-  p.v = view_of("v", v, true, false, holds);
-  p.out = view_of("out", out, true, true, holds);
+// An lse-shaped (*batch, Hq, Lq) array in the compute type.
+cpuattn::View row_values(Call& c, const char* name, const py::array& a, bool writable) {
+  if (dtype_of(name, a) != c.p.compute_dtype)
+    throw py::type_error(std::string("_core.attention: ") + name + " must have the compute dtype");
+  expect_shape(name, a, c.with_batch({c.p.hq, c.p.lq}));
+  return view_of(name, a, false, writable, c.holds);
+}
 
-  if (lse) {
-    if (dtype_of("lse", *lse) != p.compute_dtype)
-      throw py::type_error("_core.attention: lse must have the compute dtype");
-    expect_shape("lse", *lse, with_batch({p.hq, p.lq}));
-    p.lse = view_of("lse", *lse, false, true, holds);
-  }
+void read_mask_and_lengths(Call& c, const std::optional<py::array>& mask,
+                           const std::optional<py::array>& kv_lengths) {
+  cpuattn::Params& p = c.p;
+  const size_t nb = p.batch_shape.size();
   if (mask) {
     if (has_dtype<bool>(*mask)) {
       p.mask_kind = cpuattn::MaskKind::Bool;
@@ -298,45 +285,33 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     } else {
       throw py::type_error("_core.attention: mask must be bool or the compute dtype");
     }
-    expect_shape("mask", *mask, with_batch({p.hq, p.lq, p.lk}));
-    p.mask = view_of("mask", *mask, false, false, holds);
+    expect_shape("mask", *mask, c.with_batch({p.hq, p.lq, p.lk}));
+    p.mask = view_of("mask", *mask, false, false, c.holds);
   }
   if (kv_lengths) {
     if (!is_int64(*kv_lengths)) throw py::type_error("_core.attention: kv_lengths must be int64");
     expect_shape("kv_lengths", *kv_lengths, p.batch_shape);
-    lengths = copy_int64("kv_lengths", *kv_lengths, holds);
-    for (int64_t n_keys : lengths) {
+    c.lengths = copy_int64("kv_lengths", *kv_lengths, c.holds);
+    for (int64_t n_keys : c.lengths) {
       if (n_keys < 0 || n_keys > p.lk) fail("kv_lengths values must lie in [0, Lk]");
     }
     // The copy, row-major over *batch (an empty batch has no work item that reads it).
-    p.kv_lengths.data = lengths.data();
+    p.kv_lengths.data = c.lengths.data();
     p.kv_lengths.strides.assign(nb, 1);
     for (size_t dim = nb; dim-- > 1;) {
       p.kv_lengths.strides[dim - 1] = p.kv_lengths.strides[dim] * p.batch_shape[dim];
     }
   }
+}
+
+// The scalar options and ALiBi slopes, after the batch shape is final (packed sequences).
+void read_options(Call& c, double scale, bool causal, int align, int64_t window_left,
+                  int64_t window_right, int num_threads, double softcap,
+                  const std::optional<py::array>& alibi, std::optional<int64_t> diagonal) {
+  cpuattn::Params& p = c.p;
   if (align != 0 && align != 1) fail("align must be 0 (bottom-right) or 1 (top-left)");
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
   if (num_threads < 0) fail("num_threads must be >= 0");
-
-  if (cu_seqlens_q || cu_seqlens_k) {
-    if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
-    if (nb != 0) fail("packed sequences take q, k, v as (H, total, D)");
-    if (mask || kv_lengths || additive_w || diagonal)
-      fail("packed sequences take no mask, kv_lengths, additive_w or diagonal");
-    cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, holds);
-    cu_k = offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, holds);
-    if (cu_q.size() != cu_k.size()) fail("cu_seqlens_q and cu_seqlens_k differ in length");
-    p.cu_seqlens_q = cu_q.data();
-    p.cu_seqlens_k = cu_k.data();
-    const auto batch = static_cast<int64_t>(cu_q.size()) - 1;
-    // Sequences are the batch: stride 0, each found by its row offsets.
-    p.batch_shape = {batch};
-    for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse}) {
-      if (view->data) view->strides.insert(view->strides.begin(), 0);
-    }
-  }
-
   if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
   p.softcap = softcap;
   if (alibi) {
@@ -345,14 +320,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     std::vector<int64_t> want(p.batch_shape);
     want.push_back(p.hq);
     expect_shape("alibi", *alibi, want);
-    p.alibi = view_of("alibi", *alibi, false, false, holds);
-  }
-  if (additive_w) {
-    if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
-      throw py::type_error("_core.attention: additive_w must have the compute dtype");
-    expect_shape("additive_w", *additive_w, {p.d});
-    if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
-    p.additive_w = view_of("additive_w", *additive_w, true, false, holds).data;
+    p.alibi = view_of("alibi", *alibi, false, false, c.holds);
   }
   p.scale = scale;
   p.causal = causal;
@@ -371,12 +339,122 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   p.window_left = bounded(window_left);
   p.window_right = bounded(window_right);
   p.num_threads = num_threads;
+}
+
+void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+               const std::optional<py::array>& lse, const std::optional<py::array>& mask,
+               const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
+               int64_t window_left, int64_t window_right, int num_threads, double softcap,
+               const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
+               const std::optional<py::array>& cu_seqlens_q,
+               const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal) {
+  Call c;
+  cpuattn::Params& p = c.p;
+  // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
+  p.q_dtype = dtype_of("q", q);
+  p.kv_dtype = dtype_of("k", k);
+  p.out_dtype = dtype_of("out", out);
+  p.compute_dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
+  const bool half_kv = is_half(p.kv_dtype);
+  if (dtype_of("v", v) != p.kv_dtype)
+    throw py::type_error("_core.attention: k and v dtypes differ");
+  if (half_kv ? p.compute_dtype != cpuattn::DType::F32 ||
+                    (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
+              : p.kv_dtype != p.compute_dtype || p.q_dtype != p.compute_dtype) {
+    throw py::type_error("_core.attention: q, k, v dtypes do not go together");
+  }
+  if (p.out_dtype != p.compute_dtype && p.out_dtype != p.q_dtype) {
+    throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
+  }
+
+  read_qkv(c, q, k, v);
+  if (out.ndim() != q.ndim()) fail("q, k, v, out must share ndim >= 3");
+  expect_shape("out", out, c.with_batch({p.hq, p.lq, p.dv}));
+  p.out = view_of("out", out, true, true, c.holds);
+  if (lse) p.lse = row_values(c, "lse", *lse, true);
+  read_mask_and_lengths(c, mask, kv_lengths);
+
+  if (cu_seqlens_q || cu_seqlens_k) {
+    if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
+    if (!p.batch_shape.empty()) fail("packed sequences take q, k, v as (H, total, D)");
+    if (mask || kv_lengths || additive_w || diagonal)
+      fail("packed sequences take no mask, kv_lengths, additive_w or diagonal");
+    c.cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, c.holds);
+    c.cu_k = offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, c.holds);
+    if (c.cu_q.size() != c.cu_k.size()) fail("cu_seqlens_q and cu_seqlens_k differ in length");
+    p.cu_seqlens_q = c.cu_q.data();
+    p.cu_seqlens_k = c.cu_k.data();
+    const auto batch = static_cast<int64_t>(c.cu_q.size()) - 1;
+    // Sequences are the batch: stride 0, each found by its row offsets.
+    p.batch_shape = {batch};
+    for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse}) {
+      if (view->data) view->strides.insert(view->strides.begin(), 0);
+    }
+  }
+
+  read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
+               diagonal);
+  if (additive_w) {
+    if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
+      throw py::type_error("_core.attention: additive_w must have the compute dtype");
+    expect_shape("additive_w", *additive_w, {p.d});
+    if (!(additive_w->flags() & py::array::c_style)) fail("additive_w must be contiguous");
+    p.additive_w = view_of("additive_w", *additive_w, true, false, c.holds).data;
+  }
 
   // Safe without the GIL: every view lies inside memory that `holds` keeps alive (and exported,
   // for buffer objects) until the call returns, the driver only touches the memory described
   // by the views checked above, and the offsets it reads are private copies, validated here.
   py::gil_scoped_release release;
   cpuattn::attention(p);
+}
+
+// The backward pass: q, k, v, dout, lse and delta in the compute type (the Python layer
+// converts half inputs), dq / dk / dv shaped like q / k / v, writable, dk and dv zero.
+void attention_backward(const py::array& q, const py::array& k, const py::array& v,
+                        const py::array& dout, const py::array& lse, const py::array& delta,
+                        const py::array& dq, const py::array& dk, const py::array& dv,
+                        const std::optional<py::array>& mask,
+                        const std::optional<py::array>& kv_lengths, double scale, bool causal,
+                        int align, int64_t window_left, int64_t window_right, int num_threads,
+                        double softcap, const std::optional<py::array>& alibi,
+                        std::optional<int64_t> diagonal) {
+  Call c;
+  cpuattn::BackwardParams bp;
+  cpuattn::Params& p = c.p;
+  const cpuattn::DType t = dtype_of("q", q);
+  if (t != cpuattn::DType::F32 && t != cpuattn::DType::F64)
+    throw py::type_error("_core.attention_backward: q must be float32 or float64");
+  const char* names[] = {"k", "v", "dout", "dq", "dk", "dv"};
+  const py::array* arrays[] = {&k, &v, &dout, &dq, &dk, &dv};
+  for (int i = 0; i < 6; ++i) {
+    if (dtype_of(names[i], *arrays[i]) != t)
+      throw py::type_error(std::string("_core.attention_backward: ") + names[i] +
+                           " must have q's dtype");
+  }
+  p.q_dtype = p.kv_dtype = p.out_dtype = p.compute_dtype = t;
+  read_qkv(c, q, k, v);
+  for (const py::array* a : {&dout, &dq, &dk, &dv}) {
+    if (a->ndim() != q.ndim()) fail("dout, dq, dk, dv must have q's ndim");
+  }
+  expect_shape("dout", dout, c.with_batch({p.hq, p.lq, p.dv}));
+  expect_shape("dq", dq, c.with_batch({p.hq, p.lq, p.d}));
+  expect_shape("dk", dk, c.with_batch({p.hkv, p.lk, p.d}));
+  expect_shape("dv", dv, c.with_batch({p.hkv, p.lk, p.dv}));
+  bp.dout = view_of("dout", dout, true, false, c.holds);
+  bp.dq = view_of("dq", dq, true, true, c.holds);
+  bp.dk = view_of("dk", dk, true, true, c.holds);
+  bp.dv = view_of("dv", dv, true, true, c.holds);
+  p.lse = row_values(c, "lse", lse, false);
+  bp.delta = row_values(c, "delta", delta, false);
+  read_mask_and_lengths(c, mask, kv_lengths);
+  read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
+               diagonal);
+  bp.fwd = p;
+
+  // Safe without the GIL, as attention() above.
+  py::gil_scoped_release release;
+  cpuattn::attention_backward(bp);
 }
 
 }  // namespace
@@ -390,4 +468,11 @@ void register_attention(py::module_& m) {
         py::arg("diagonal") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
+  m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),
+        py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
+        py::arg("softcap"), py::arg("alibi"), py::arg("diagonal"),
+        "Gradients of attention into dq, dk, dv (dk and dv zero on entry). Arguments must "
+        "already be validated and canonical: see cpuattn._native.");
 }

@@ -99,6 +99,32 @@ struct TileStep {
   PrefetchRange prefetch[kPrefetchRanges];
 };
 
+// One (query tile x key tile) pair of FlashAttention-2's backward (backward.cpp), in the
+// compute type. The step recomputes the weights P = exp(S - lse) from `scores` (the
+// forward's fields: q staged times the scale or in place, key PackedT, s scratch, rows, cols,
+// j0 and the epilogue's softcap, ALiBi, mask and bounds), then dP = dO V^T, dS = P (dP -
+// delta) (times softcap's derivative), and adds dV += P^T dO, dK += dS^T q, dQ += dS K (the
+// driver applies the scale to dQ, and to dK where q is read in place, once at the end).
+// Where P is 0 the pair exchanges nothing, even if dP or an operand row is inf or NaN.
+template <typename T>
+struct BackwardStep {
+  TileStep<T> scores;
+  const T* dout;      // rows x dv, dout_ld elements apart
+  int64_t dout_ld;
+  const T* vt;        // V^T packed: dv x kTileKeys, zero past cols
+  const T* k;         // K rows [0, cols), k_ld elements apart
+  int64_t k_ld;
+  const T* lse;       // per row; +inf for a row that kept no key (its weights are all 0)
+  const T* delta;     // per row: rowsum(dout * out)
+  T* dp;              // scratch, rows x kTileKeys: dP, then dS
+  T* cap_grad;        // scratch, rows x kTileKeys (softcap only)
+  T* dq;              // rows x d accumulators
+  T* dk;              // cols x d accumulators
+  T* dv;              // cols x dv accumulators
+  bool rows_nonfinite;  // some staged q or dout element is inf or NaN
+  bool keys_nonfinite;  // some K element of the tile is inf or NaN
+};
+
 // What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):
 // how to stage its rows for the float32 step. Compute-type rows need nothing (nullptr).
 struct EncodingOps {
@@ -127,6 +153,9 @@ struct KernelSet {
   // y[i] = the kernel's exp(x[i]): exposed so tests can hold it to np.exp.
   void (*exp_f32)(const float* x, float* y, int64_t n);
   void (*exp_f64)(const double* x, double* y, int64_t n);
+  // One pair of the backward pass (BackwardStep).
+  void (*backward_f32)(const BackwardStep<float>&);
+  void (*backward_f64)(const BackwardStep<double>&);
 
   // bfloat16 K and V multiplied as bfloat16 pairs (AVX512-BF16); nullptr where the ISA has no
   // such instruction, and K and V are then converted to float32 for step_f32. Keys as

@@ -140,5 +140,7 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.finish_f64 = &finish_rows<double>;
   k.exp_f32 = &exp_array<float>;
   k.exp_f64 = &exp_array<double>;
+  k.backward_f32 = &backward_step<float>;
+  k.backward_f64 = &backward_step<double>;
   return k;
 }

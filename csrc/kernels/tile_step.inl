@@ -155,9 +155,17 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
+// The weight of output row r and summed index j in a.s: row-major for P.V (s[r][j]) or, with
+// kTransposed, column-major (the backward's P^T dO and dS^T q read P and dS as they are).
+template <bool kTransposed, typename T>
+inline T weight(const cpuattn::TileStep<T>& a, int64_t r, int64_t j) {
+  constexpr int64_t W = cpuattn::kTileKeys;
+  return kTransposed ? a.s[j * W + r] : a.s[r * W + j];
+}
+
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
 // kPrefetch: a.prefetch_next, decided once per block rather than tested per key.
-template <typename T, int RB, int CB, Elem Stored, bool kPrefetch>
+template <typename T, int RB, int CB, Elem Stored, bool kPrefetch, bool kTransposed = false>
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
@@ -176,7 +184,7 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
       if (kPrefetch) __builtin_prefetch(rows + (j + W) * a.value.ld + e0 + c * L, 0, 1);
     }
     for (int r = 0; r < RB; ++r) {
-      const V p = S::splat(a.s[(r0 + r) * W + j]);
+      const V p = S::splat(weight<kTransposed>(a, r0 + r, j));
       for (int c = 0; c < CB; ++c) acc[r][c] += p * vv[c];
     }
   }
@@ -187,22 +195,24 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 
 // pv_block over output columns [e0, e1) for RB rows: e0 a multiple of kColBlock vectors, e1
 // too or dv (then blocks of 2 and 1 vectors and single columns finish the row).
-template <typename T, int RB, Elem Stored, bool kPrefetch>
+template <typename T, int RB, Elem Stored, bool kPrefetch, bool kTransposed = false>
 inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1) {
-  constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
+  constexpr int64_t L = Simd<T>::kLanes;
   for (; e0 + kColBlock * L <= e1; e0 += kColBlock * L) {
-    pv_block<T, RB, kColBlock, Stored, kPrefetch>(a, r0, e0);
+    pv_block<T, RB, kColBlock, Stored, kPrefetch, kTransposed>(a, r0, e0);
   }
   if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
-    for (; e0 + 2 * L <= e1; e0 += 2 * L) pv_block<T, RB, 2, Stored, kPrefetch>(a, r0, e0);
+    for (; e0 + 2 * L <= e1; e0 += 2 * L) {
+      pv_block<T, RB, 2, Stored, kPrefetch, kTransposed>(a, r0, e0);
+    }
   }
-  for (; e0 + L <= e1; e0 += L) pv_block<T, RB, 1, Stored, kPrefetch>(a, r0, e0);
+  for (; e0 + L <= e1; e0 += L) pv_block<T, RB, 1, Stored, kPrefetch, kTransposed>(a, r0, e0);
   if (e0 == e1) return;
   const auto* rows = value_rows<Stored>(a);
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
     T* o = a.o + (r0 + r) * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
-      const T p = a.s[(r0 + r) * W + j];
+      const T p = weight<kTransposed>(a, r0 + r, j);
       const auto* vr = rows + j * a.value.ld;
       for (int64_t e = e0; e < e1; ++e) o[e] += p * element<Stored, T>(vr, e);
     }
@@ -235,14 +245,13 @@ inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
 
 // P.V for rows [r0, r1) that skips weights of exactly 0, so an inf or NaN in V reaches only
 // the rows that give its key a weight (0 * inf would be NaN). Rare: only for such tiles.
-template <typename T, Elem Stored>
+template <typename T, Elem Stored, bool kTransposed = false>
 inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
-  constexpr int64_t W = cpuattn::kTileKeys;
   const auto* rows = value_rows<Stored>(a);
   for (int64_t r = r0; r < r1; ++r) {
     T* o = a.o + r * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
-      const T p = a.s[r * W + j];
+      const T p = weight<kTransposed>(a, r, j);
       if (p == T(0)) continue;
       const auto* vr = rows + j * a.value.ld;
       for (int64_t e = 0; e < a.dv; ++e) o[e] += p * element<Stored, T>(vr, e);
@@ -433,4 +442,5 @@ void tile_step(const cpuattn::TileStep<T>& a) {
   tile_step_rows<T, Elem::Compute>(a);
 }
 
+#include "kernels/backward_step.inl"
 #include "kernels/portable_set.inl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _numpy_backward
+from . import _native, _numpy_backward
 from ._api import BACKENDS
 from ._request import Request, build_request, check_choice
 
@@ -51,9 +51,8 @@ def attention_backward(
         The forward's keywords, validated by the same rules (and errors) as in
         :func:`attention`. Pass the values the forward used.
     backend : "auto", "native" or "numpy"
-        Only the NumPy backend computes gradients for now: ``"auto"`` uses it, and
-        ``"native"`` raises ``NotImplementedError`` until the native backward kernel is built
-        (issue #19, next step).
+        "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy. Both
+        compute the same thing; the native backward is tested against the NumPy one.
 
     Returns
     -------
@@ -67,8 +66,8 @@ def attention_backward(
     TypeError, ValueError
         As :func:`attention`, plus ``dout``, ``out`` or ``lse`` of the wrong dtype or shape;
         every message starts with the argument's name.
-    NotImplementedError
-        ``backend="native"``.
+    RuntimeError
+        ``backend="native"`` where the extension failed to import.
 
     Notes
     -----
@@ -76,7 +75,7 @@ def attention_backward(
     ``-inf``) gets ``dq = 0``, never NaN. ``softcap`` is differentiated through
     ``c * tanh(s / c)``. A float ``mask``, ``alibi_slopes``, ``scale`` and ``softcap`` are
     constants here: no gradient is returned for them. Results are deterministic: the same
-    inputs give the same bits.
+    inputs give the same bits, for any ``num_threads``.
 
     NaN and inf: as in the forward, a query and a key that are not kept (bool mask, ``-inf``
     float mask, causal, window, ``kv_lengths``) exchange nothing, whatever their q, K and V
@@ -124,13 +123,12 @@ def attention_backward(
 
 
 def pick_backward(backend: str):
-    """The backward of a backend; ``"auto"`` is NumPy until the native kernel exists."""
-    if backend == "native":
-        raise NotImplementedError(
-            "backend='native': the native backward kernel is not built yet (issue #19); "
-            "use backend='numpy' or 'auto' (NumPy for now)"
-        )
-    return _numpy_backward.attention_backward
+    """The backward of a backend: ``"auto"`` is the native one when the extension imported;
+    ``"native"`` without it raises RuntimeError here, before any work."""
+    if backend == "numpy" or (backend == "auto" and not _native.available()):
+        return _numpy_backward.attention_backward
+    _native.require_core()
+    return _native.attention_backward
 
 
 def _user_shape(req: Request, shape: tuple[int, ...]) -> tuple[int, ...]:

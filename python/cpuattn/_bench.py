@@ -266,6 +266,28 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
     return run
 
 
+def torch_flash_backward_runner(dout, q, k, v, out, lse, causal=False):
+    """A zero-argument callable running torch's CPU flash-attention backward
+    (``aten._scaled_dot_product_flash_attention_for_cpu_backward``, what SDPA's autograd calls
+    on CPU) on these float32 arrays and cpuattn's saved ``out`` and ``lse``, returning
+    ``(dq, dk, dv)``; None without torch. Same Hq and Hkv only (no GQA there); causal is
+    top-left, the same as bottom-right for the square shapes timed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if q.shape[-3] != k.shape[-3]:
+        return None
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in (dout, q, k, v, out, lse)]
+
+    def run():
+        with torch.inference_mode():
+            return backward(*tensors, 0.0, causal)
+
+    return run
+
+
 def onnxruntime_runner(q, k, v, causal=False, window=None):
     """A zero-argument callable running onnxruntime on these inputs, or None without it.
 

@@ -26,6 +26,28 @@ def attention(
     cu_seqlens_k: np.ndarray | None = None,
     diagonal: int | None = None,
 ) -> None: ...
+def attention_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray,
+    lse: np.ndarray,
+    delta: np.ndarray,
+    dq: np.ndarray,
+    dk: np.ndarray,
+    dv: np.ndarray,
+    mask: np.ndarray | None,
+    kv_lengths: np.ndarray | None,
+    scale: float,
+    causal: bool,
+    align: int,
+    window_left: int,
+    window_right: int,
+    num_threads: int,
+    softcap: float,
+    alibi: np.ndarray | None,
+    diagonal: int | None,
+) -> None: ...
 def isa() -> str: ...
 def supported_isas() -> list[str]: ...
 def select_isa(name: str) -> None: ...

@@ -27,7 +27,7 @@ def available() -> bool:
 
 
 def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
-    _require_core()
+    require_core()
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
 
@@ -53,7 +53,7 @@ def attention_packed(
     mask, kv_lengths or additive w), the offsets are validated int64 ``(B + 1,)``, ``alibi``
     ``(B, Hq)`` in the compute dtype or None, ``out`` ``(total_q, Hq, Dv)`` C-ordered.
     Returns lse ``(Hq, total_q)`` when ``req.return_lse``."""
-    _require_core()
+    require_core()
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     _call_core(
@@ -62,7 +62,53 @@ def attention_packed(
     return lse
 
 
-def _require_core() -> None:
+def attention_backward(
+    req: Request, dout: np.ndarray, out: np.ndarray, lse: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The native backward, with the NumPy one's contract (``_numpy_backward``): arrays in
+    canonical shape, gradients returned in the dtypes of q, k, v. Half inputs are converted to
+    float32 here, once each (O(L D) against the kernel's O(Lq Lk D)); ``delta =
+    rowsum(dout * out)`` is computed here too, in the compute dtype."""
+    require_core()
+    ct = req.dtype
+    q, k, v, dout_c = (
+        _kernel_ready(x.astype(ct, copy=False), unit_last=True) for x in (req.q, req.k, req.v, dout)
+    )
+    lse = _kernel_ready(lse, unit_last=False)
+    delta = np.einsum("...i,...i->...", dout_c, out.astype(ct, copy=False))
+    mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
+    dq = np.empty(q.shape, ct)
+    dk = np.zeros(k.shape, ct)  # keys no query keeps stay 0
+    dv = np.zeros(v.shape, ct)
+    left, right = req.window
+    _core.attention_backward(
+        q,
+        k,
+        v,
+        dout_c,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        mask,
+        req.kv_lengths,
+        req.scale,
+        req.causal,
+        0 if req.align == "bottom_right" else 1,
+        left,
+        right,
+        min(req.num_threads or 0, 2**31 - 1),
+        req.softcap,
+        req.alibi,
+        req.diagonal,
+    )
+    dtypes = (req.q.dtype, req.k.dtype, req.v.dtype)
+    dq, dk, dv = (g.astype(t, copy=False) for g, t in zip((dq, dk, dv), dtypes, strict=True))
+    return dq, dk, dv
+
+
+def require_core() -> None:
     if _core is None:
         raise RuntimeError(
             f"backend='native': the cpuattn extension failed to import ({IMPORT_ERROR})"

@@ -132,8 +132,7 @@ def attention_varlen_backward(
     lse : array ``(Hq, total_q)``
         The forward's lse (``return_lse=True``), in the compute dtype.
     causal, window, scale, softcap, alibi_slopes, num_threads, backend
-        As for :func:`attention_backward`: the forward's values; only the NumPy backend
-        computes gradients for now (``"native"`` raises ``NotImplementedError``).
+        As for :func:`attention_backward`: the forward's values.
 
     Returns
     -------
@@ -154,7 +153,7 @@ def attention_varlen_backward(
     ((8, 2, 16), (8, 2, 16), (8, 2, 16))
     """
     check_choice("backend", backend, BACKENDS)
-    pick_backward(backend)  # before any work: "native" has no backward yet
+    pick_backward(backend)  # before any work: "native" without the extension raises here
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     options = {"causal": causal, "window": window, "scale": scale, "softcap": softcap}
     req, cu_q, cu_k, slopes = packed_request(

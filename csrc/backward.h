@@ -1,0 +1,24 @@
+// The backward pass's contract: the forward's Params (q, k, v, lse and the options), the
+// upstream gradient, and where the gradients go. Knows nothing about Python.
+#pragma once
+#include "attention.h"
+
+namespace cpuattn {
+
+struct BackwardParams {
+  // q, k, v in the compute type (the binding converts half inputs), lse, mask, kv_lengths,
+  // ALiBi and the scalar options as for attention(); out, additive_w and cu_seqlens unused.
+  Params fwd;
+  View dout;   // (*batch, Hq, Lq, Dv), compute type, unit stride on the last axis
+  View delta;  // (*batch, Hq, Lq), compute type: rowsum(dout * out), any strides
+  View dq;  // (*batch, Hq, Lq, D), compute type, unit last stride, writable: every row written
+  // (*batch, Hkv, Lk, D | Dv), compute type, unit last stride, writable and zero on entry: keys
+  // that no query keeps are not written.
+  View dk, dv;
+};
+
+// FlashAttention-2's backward (backward.cpp): the gradients of attention(p.fwd) for upstream
+// p.dout. Bitwise identical for any thread count. Thread-safe, no GIL needed.
+void attention_backward(const BackwardParams& p);
+
+}  // namespace cpuattn
