@@ -1,17 +1,22 @@
 // The backward driver: FlashAttention-2's backward (Dao 2023, arXiv 2307.08691, Algorithm 2)
-// over the forward's work plan. A task is one key chunk of one (batch, kv head) pair: for
-// each key tile of the chunk, every query tile that keeps some of its keys is staged (as the
-// forward stages it, query_stage.h) and the kernel's backward step recomputes the weights from
-// the saved lse and adds that pair's share to the tile's dK and dV (whole in this task, so
-// written once at the end of the tile) and to a dQ partial of the chunk. dQ is then the sum of
-// the chunks' partials, in chunk order. No atomics, no sum whose order depends on the threads:
-// the results are bitwise identical for any thread count, and a single long head still gives
-// every core work (its keys are cut into chunks).
+// over the forward's work plan. Each (batch, kv head) pair's keys are cut into chunks and its
+// query tiles into row blocks (one or the other, from the shape), and a task is one (pair,
+// chunk, row block): for each key tile of its chunk, every query tile of its row block that
+// keeps some of the keys is staged (as the forward stages it, query_stage.h) and the kernel's
+// backward step recomputes the weights from the saved lse and adds that pair's share to the
+// key tile's dK and dV and to the chunk's dQ partial. A key tile's dK and dV are complete at
+// the end of its task when the rows are not cut (written then), else summed over the row
+// blocks' partials at the end; dQ is the sum of the chunks' partials, in chunk order. No
+// atomics, no sum whose order depends on the threads: the results are bitwise identical for
+// any thread count, and a single long head (keys cut) or a wide GQA group (rows cut) still
+// gives every core work.
 #include "backward.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <stdexcept>
 #include <vector>
 
@@ -30,56 +35,71 @@
 namespace cpuattn {
 namespace {
 
-// Tasks a call is cut into at least (when the keys allow): pairs x chunks. From the shape only,
-// never the thread count (the chunks decide the order of dQ's sums); 32 keep 16 cores busy
-// with causal tasks of unequal cost.
+// Tasks a call is cut into at least (when the shape allows): pairs x chunks x row blocks. From
+// the shape only, never the thread count (the cuts decide the order of the sums); 32 keep 16
+// cores busy with causal tasks of unequal cost.
 constexpr int64_t kBackwardMinTasks = 32;
-// Bytes of dQ partials (chunks x dQ in the compute type) past which the keys are cut into
-// fewer chunks.
+// Bytes of partials (chunks x dQ, or row blocks x (dK + dV), in the compute type) past which
+// fewer cuts are made.
 constexpr int64_t kMaxPartialBytes = int64_t(1) << 28;
 
-struct ChunkPlan {
-  int64_t pairs = 0, chunks = 1, chunk_keys = kTileKeys;
+// How a call's work is cut: each pair's keys into `chunks` ranges of chunk_keys (tile-aligned)
+// and its query tiles into `row_blocks` runs of block_tiles; one task per (pair, chunk, row
+// block).
+struct BackwardPlan {
+  int64_t pairs = 0, chunks = 1, chunk_keys = kTileKeys, row_blocks = 1, block_tiles = 1;
+  int64_t tasks() const { return pairs * chunks * row_blocks; }
 };
 
+// Cuts the side whose partials cost less: the keys when dQ is the smaller (chunks x dQ), else
+// the query rows (row blocks x (dK + dV): a wide GQA group's dQ dwarfs its kv head's dK, dV).
 template <typename T>
-ChunkPlan plan_chunks(const WorkPlan& plan, const Params& p) {
-  ChunkPlan c;
+BackwardPlan plan_backward(const WorkPlan& plan, const Params& p) {
+  BackwardPlan c;
   int64_t batch = 1;
   for (int64_t n : p.batch_shape) batch *= n;
   c.pairs = batch * p.hkv;
-  const int64_t keys = plan.valid_keys();
-  const int64_t key_tiles = (keys + kTileKeys - 1) / kTileKeys;
-  int64_t chunks = 1;
-  if (c.pairs < kBackwardMinTasks) {
-    chunks = std::min(key_tiles, (kBackwardMinTasks + c.pairs - 1) / c.pairs);
-  }
-  const int64_t dq_elems = c.pairs * plan.rows_per_head_group() * p.d;
-  if (dq_elems > 0) {
-    chunks = std::min(chunks, kMaxPartialBytes / int64_t(sizeof(T)) / dq_elems);
+  const int64_t keys = plan.valid_keys(), key_tiles = (keys + kTileKeys - 1) / kTileKeys;
+  const int64_t q_tiles = plan.query_tiles_per_head();
+  int64_t chunks = 1, row_blocks = 1;
+  if (c.pairs > 0 && c.pairs < kBackwardMinTasks) {
+    const int64_t cuts = (kBackwardMinTasks + c.pairs - 1) / c.pairs;
+    const int64_t budget = kMaxPartialBytes / int64_t(sizeof(T));
+    const int64_t dq_elems = c.pairs * plan.rows_per_head_group() * p.d;
+    const int64_t dkv_elems = c.pairs * p.lk * (p.d + p.dv);
+    if (dq_elems <= dkv_elems) {
+      chunks = std::min(cuts, key_tiles);
+      if (dq_elems > 0) chunks = std::min(chunks, budget / dq_elems);
+    } else {
+      row_blocks = std::min(cuts, q_tiles);
+      if (dkv_elems > 0) row_blocks = std::min(row_blocks, budget / dkv_elems);
+    }
   }
   chunks = std::max<int64_t>(chunks, 1);
   c.chunk_keys = std::max<int64_t>((key_tiles + chunks - 1) / chunks, 1) * kTileKeys;
   c.chunks = std::max<int64_t>((keys + c.chunk_keys - 1) / c.chunk_keys, 1);
+  row_blocks = std::max<int64_t>(row_blocks, 1);
+  c.block_tiles = std::max<int64_t>((q_tiles + row_blocks - 1) / row_blocks, 1);
+  c.row_blocks = std::max<int64_t>((q_tiles + c.block_tiles - 1) / c.block_tiles, 1);
   return c;
 }
 
-// Whether rows x width elements (ld apart) hold an inf or NaN: x - x is NaN exactly for those.
-// Eight sums, so that the adds do not wait on each other.
+// Whether rows x width elements (ld apart) hold an inf or NaN: an exponent of all ones. On the
+// bits, so that the compiler vectorizes the test (an OR of integer compares).
 template <typename T>
 bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t width) {
-  T acc[8] = {};
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  Bits found = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = x + r * ld;
-    int64_t e = 0;
-    for (; e + 8 <= width; e += 8) {
-      for (int i = 0; i < 8; ++i) acc[i] += row[e + i] - row[e + i];
+    for (int64_t e = 0; e < width; ++e) {
+      Bits b;
+      std::memcpy(&b, row + e, sizeof(b));
+      found |= Bits((b & kExponent) == kExponent);
     }
-    for (; e < width; ++e) acc[0] += row[e] - row[e];
   }
-  T all = 0;
-  for (T a : acc) all += a;
-  return all != all;
+  return found != 0;
 }
 
 // Per-thread buffers, allocated before the parallel region; each written before it is read.
@@ -97,12 +117,21 @@ struct alignas(64) BackwardScratch {
         tile_nonfinite(q_tiles) {}
 };
 
+// Where a key tile's finished dK or dV rows go: the caller's array (rows ld apart, times
+// scale), or a row block's partial.
+template <typename T>
+struct KeyRowsOut {
+  T* rows;
+  int64_t ld;
+  T scale;
+};
+
 template <typename T>
 class BackwardDriver {
  public:
   BackwardDriver(const BackwardParams& bp, const KernelSet& kernels, const WorkPlan& plan,
-                 const ChunkPlan& chunks)
-      : bp_(bp), p_(bp.fwd), plan_(plan), chunks_(chunks), group_(plan.group()),
+                 const BackwardPlan& cut)
+      : bp_(bp), p_(bp.fwd), plan_(plan), cut_(cut), group_(plan.group()),
         rows_per_pair_(plan.rows_per_head_group()), q_tiles_(plan.query_tiles_per_head()),
         query_(bp.fwd, kernels, plan, -1, false) {
     if constexpr (std::is_same_v<T, float>) {
@@ -121,6 +150,11 @@ class BackwardDriver {
     proto_.softcap = static_cast<T>(p_.softcap);
     proto_.key.form = KeyForm::PackedT;
     proto_.key.elem = Elem::Compute;
+    // dK = dS^T (scale q): the scale is in a staged q, and applied to dK for one read in place.
+    dk_scale_ = query_.in_place() ? static_cast<T>(p_.scale) : T(1);
+    // One chunk and no GQA group: a pair's dQ rows are one head's, accumulated in dq itself
+    // when they are D apart (scaled in place at the end), with no partial to allocate.
+    dq_in_place_ = cut.chunks == 1 && group_ == 1 && bp.dq.strides[nb + 1] == p_.d;
     // dout rows read in place when a tile's rows are a constant stride apart (as QueryStage
     // decides for q): positions of one head, or heads of one position, or a (B, L, H, D) view.
     const int64_t head_stride = bp.dout.strides[nb], pos_stride = bp.dout.strides[nb + 1];
@@ -132,55 +166,97 @@ class BackwardDriver {
   }
 
   int64_t q_tiles() const { return q_tiles_; }
-  int64_t tasks() const { return chunks_.pairs * chunks_.chunks; }
-  int64_t partial_elems() const { return rows_per_pair_ * p_.d; }  // one pair's dQ
+  bool dq_in_place() const { return dq_in_place_; }
+  int64_t key_tiles() const { return (p_.lk + kTileKeys - 1) / kTileKeys; }
+  int64_t dq_elems() const { return rows_per_pair_ * p_.d; }  // one pair's dQ
+  int64_t dk_elems() const { return p_.lk * p_.d; }           // one pair's dK
+  int64_t dv_elems() const { return p_.lk * p_.dv; }
 
-  // Task `task`: chunk task / pairs of pair task % pairs (chunk 0, the costliest under causal
-  // masks, of every pair first). Its dQ partial is partials[task].
-  void run_task(int64_t task, BackwardScratch<T>& sc, T* partials) const {
-    const int64_t pair = task % chunks_.pairs, chunk = task / chunks_.pairs;
-    T* dq = partials + task * partial_elems();
-    std::fill(dq, dq + partial_elems(), T(0));
-    std::fill(sc.tile_nonfinite.data(), sc.tile_nonfinite.data() + q_tiles_, int8_t(-1));
+  // The task's chunk, row block and pair: every pair's last row block and first chunk first
+  // (the costliest under causal masks). Its dQ rows go to dq_parts[chunk][pair]; with the rows
+  // cut, its dK and dV to dk_parts, dv_parts[row block][pair].
+  void run_task(int64_t task, BackwardScratch<T>& sc, T* dq_parts, T* dk_parts, T* dv_parts) const {
+    const int64_t pair = task % cut_.pairs, rest = task / cut_.pairs;
+    const int64_t chunk = rest % cut_.chunks, block = cut_.row_blocks - 1 - rest / cut_.chunks;
+    const int64_t t_begin = block * cut_.block_tiles;
+    const int64_t t_end = std::min(t_begin + cut_.block_tiles, q_tiles_);
+    const int64_t r_end = std::min(t_end * kTileRows, rows_per_pair_);
     const ItemPos head = plan_.locate(pair * q_tiles_);
+    T* dq = dq_in_place_ ? dq_rows_of(head) : dq_parts + (chunk * cut_.pairs + pair) * dq_elems();
+    std::fill(dq + t_begin * kTileRows * p_.d, dq + r_end * p_.d, T(0));
+    std::fill(sc.tile_nonfinite.data(), sc.tile_nonfinite.data() + q_tiles_, int8_t(-1));
+
     const RowBounds rb = plan_.row_bounds(head);
-    const int64_t k_begin = chunk * chunks_.chunk_keys;
-    const int64_t k_end = std::min(k_begin + chunks_.chunk_keys, rb.n_keys);
+    const int64_t k_begin = chunk * cut_.chunk_keys;
+    const int64_t k_end = std::min(k_begin + cut_.chunk_keys, rb.n_keys);
+    KeyRowsOut<T> dk, dv;
+    if (cut_.row_blocks == 1) {
+      dk = key_rows_of(bp_.dk, head, dk_scale_);
+      dv = key_rows_of(bp_.dv, head, T(1));
+    } else {
+      const int64_t part = block * cut_.pairs + pair;
+      dk = {dk_parts + part * dk_elems(), p_.d, T(1)};
+      dv = {dv_parts + part * dv_elems(), p_.dv, T(1)};
+      // Every key row the sums read: those this task skips are 0 (the chunk's, up to Lk).
+      const int64_t zero_end = chunk + 1 == cut_.chunks ? p_.lk : k_begin + cut_.chunk_keys;
+      std::fill(dk.rows + k_begin * p_.d, dk.rows + zero_end * p_.d, T(0));
+      std::fill(dv.rows + k_begin * p_.dv, dv.rows + zero_end * p_.dv, T(0));
+    }
+    const int64_t i_first = t_begin * kTileRows / group_, i_last = (r_end - 1) / group_;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kTileKeys) {
       const int64_t j1 = std::min(j0 + kTileKeys, k_end);
-      if (classify_tile(rb, 0, head.lq - 1, j0, j1) == TileKind::Skip) continue;
-      run_key_tile(head, rb, pair, j0, j1, sc, dq);
+      if (classify_tile(rb, i_first, i_last, j0, j1) == TileKind::Skip) continue;
+      run_key_tile(head, rb, pair, j0, j1, t_begin, t_end, sc, dq, dk, dv);
     }
   }
 
   // dQ = scale x the sum of the chunks' partials, in chunk order, for the rows of query tile
-  // `tile` (pair x q_tiles + tile in the head).
-  void finish_dq(int64_t tile, const T* partials) const {
+  // `tile` (pair x q_tiles + tile in the head); dQ accumulated in place is scaled.
+  void finish_dq(int64_t tile, const T* dq_parts) const {
     const int64_t pair = tile / q_tiles_, r0 = (tile % q_tiles_) * kTileRows;
     const int64_t rows = std::min(kTileRows, rows_per_pair_ - r0);
     const ItemPos head = plan_.locate(pair * q_tiles_);
+    if (dq_in_place_) {
+      T* dq = dq_rows_of(head) + r0 * p_.d;
+      const T scale = static_cast<T>(p_.scale);
+      for (int64_t e = 0; e < rows * p_.d; ++e) dq[e] *= scale;
+      return;
+    }
     const size_t nb = p_.batch_shape.size();
     T* dq = static_cast<T*>(const_cast<void*>(bp_.dq.data)) +
             batch_offset(p_.batch_shape, bp_.dq, head.b);
     const T scale = static_cast<T>(p_.scale);
-    const int64_t d = p_.d, stride = chunks_.pairs * partial_elems();
+    const int64_t d = p_.d, stride = cut_.pairs * dq_elems();
     for (int64_t r = r0; r < r0 + rows; ++r) {
       const int64_t i = r / group_, h = head.hk * group_ + r % group_;
       T* out = dq + h * bp_.dq.strides[nb] + i * bp_.dq.strides[nb + 1];
-      const T* first = partials + pair * partial_elems() + r * d;
+      const T* first = dq_parts + pair * dq_elems() + r * d;
       for (int64_t e = 0; e < d; ++e) {
         T sum = first[e];
-        for (int64_t c = 1; c < chunks_.chunks; ++c) sum += first[c * stride + e];
+        for (int64_t c = 1; c < cut_.chunks; ++c) sum += first[c * stride + e];
         out[e] = sum * scale;
       }
     }
   }
 
+  // With the rows cut: dK and dV of key tile `tile` (pair x key_tiles + tile) = the sum of the
+  // row blocks' partials, in block order.
+  void finish_dkv(int64_t tile, const T* dk_parts, const T* dv_parts) const {
+    const int64_t pair = tile / key_tiles(), j0 = (tile % key_tiles()) * kTileKeys;
+    const int64_t j1 = std::min(j0 + kTileKeys, p_.lk);
+    const ItemPos head = plan_.locate(pair * q_tiles_);
+    sum_key_rows(key_rows_of(bp_.dk, head, dk_scale_), dk_parts + pair * dk_elems(), dk_elems(),
+                 p_.d, j0, j1);
+    sum_key_rows(key_rows_of(bp_.dv, head, T(1)), dv_parts + pair * dv_elems(), dv_elems(), p_.dv,
+                 j0, j1);
+  }
+
  private:
-  // Keys [j0, j1) of the pair against every query tile that keeps some of them; their dK and
-  // dV, complete afterwards, are written to dk and dv.
+  // Keys [j0, j1) of the pair against the query tiles [t_begin, t_end) that keep some of them;
+  // their dK and dV, complete for these rows afterwards, go to dk and dv.
   void run_key_tile(const ItemPos& head, const RowBounds& rb, int64_t pair, int64_t j0, int64_t j1,
-                    BackwardScratch<T>& sc, T* dq) const {
+                    int64_t t_begin, int64_t t_end, BackwardScratch<T>& sc, T* dq,
+                    const KeyRowsOut<T>& dk, const KeyRowsOut<T>& dv) const {
     const size_t nb = p_.batch_shape.size();
     const int64_t cols = j1 - j0;
     const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
@@ -193,9 +269,8 @@ class BackwardDriver {
     std::fill(sc.dk.data(), sc.dk.data() + cols * p_.d, T(0));
     std::fill(sc.dv.data(), sc.dv.data() + cols * p_.dv, T(0));
     const bool keys_nonfinite = any_nonfinite(k, k_ld, cols, p_.d);
-    bool q_in_place = false;  // the same for every tile of the call
 
-    for (int64_t t = 0; t < q_tiles_; ++t) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * kTileRows;
       const int64_t rows = std::min(kTileRows, rows_per_pair_ - r0);
       const TileKind kind = classify_tile(rb, r0 / group_, (r0 + rows - 1) / group_, j0, j1);
@@ -210,7 +285,6 @@ class BackwardDriver {
         sc.tile_nonfinite[t] = any_nonfinite(b.scores.q, b.scores.q_ld, rows, p_.d) ||
                                any_nonfinite(b.dout, b.dout_ld, rows, p_.dv);
       }
-      q_in_place = b.scores.q_in_place;
       b.scores.key.data = sc.kt.data();
       b.scores.cols = cols;
       b.scores.j0 = j0;
@@ -229,10 +303,8 @@ class BackwardDriver {
       b.keys_nonfinite = keys_nonfinite;
       step_(b);
     }
-    // dK = dS^T (scale q): the scale is in a staged q, and applied here to one read in place.
-    write_key_rows(bp_.dk, head, j0, cols, p_.d, sc.dk.data(),
-                   q_in_place ? static_cast<T>(p_.scale) : T(1));
-    write_key_rows(bp_.dv, head, j0, cols, p_.dv, sc.dv.data(), T(1));
+    write_key_rows(dk, j0, cols, p_.d, sc.dk.data());
+    write_key_rows(dv, j0, cols, p_.dv, sc.dv.data());
   }
 
   // The tile's dout rows (in place, or copied), lse (+inf for a row that kept no key: all its
@@ -266,28 +338,58 @@ class BackwardDriver {
     }
   }
 
-  // Rows [j0, j0 + cols) of a (*batch, Hkv, Lk, width) gradient, from the tile's accumulators.
-  void write_key_rows(const View& to, const ItemPos& head, int64_t j0, int64_t cols, int64_t width,
-                      const T* acc, T scale) const {
+  // The pair's dQ rows (dq_in_place_: its one head's), D apart.
+  T* dq_rows_of(const ItemPos& head) const {
+    const size_t nb = p_.batch_shape.size();
+    return static_cast<T*>(const_cast<void*>(bp_.dq.data)) +
+           batch_offset(p_.batch_shape, bp_.dq, head.b) + head.hk * bp_.dq.strides[nb];
+  }
+
+  // The pair's rows of a (*batch, Hkv, Lk, width) gradient.
+  KeyRowsOut<T> key_rows_of(const View& to, const ItemPos& head, T scale) const {
     const size_t nb = p_.batch_shape.size();
     T* base = static_cast<T*>(const_cast<void*>(to.data)) +
               batch_offset(p_.batch_shape, to, head.b) + head.hk * to.strides[nb];
+    return {base, to.strides[nb + 1], scale};
+  }
+
+  // Rows [j0, j0 + cols) of `to`, from the tile's accumulators.
+  static void write_key_rows(const KeyRowsOut<T>& to, int64_t j0, int64_t cols, int64_t width,
+                             const T* acc) {
     for (int64_t j = 0; j < cols; ++j) {
-      T* row = base + (j0 + j) * to.strides[nb + 1];
-      for (int64_t e = 0; e < width; ++e) row[e] = acc[j * width + e] * scale;
+      T* row = to.rows + (j0 + j) * to.ld;
+      for (int64_t e = 0; e < width; ++e) row[e] = acc[j * width + e] * to.scale;
+    }
+  }
+
+  // Rows [j0, j1) of `to` = the sum over row blocks of parts (the first block's; `stride`
+  // apart), in block order.
+  void sum_key_rows(const KeyRowsOut<T>& to, const T* parts, int64_t stride, int64_t width,
+                    int64_t j0, int64_t j1) const {
+    const int64_t block_stride = cut_.pairs * stride;
+    for (int64_t j = j0; j < j1; ++j) {
+      T* row = to.rows + j * to.ld;
+      const T* first = parts + j * width;
+      for (int64_t e = 0; e < width; ++e) {
+        T sum = first[e];
+        for (int64_t blk = 1; blk < cut_.row_blocks; ++blk) sum += first[blk * block_stride + e];
+        row[e] = sum * to.scale;
+      }
     }
   }
 
   const BackwardParams& bp_;
   const Params& p_;
   const WorkPlan& plan_;
-  ChunkPlan chunks_;
+  BackwardPlan cut_;
   int64_t group_, rows_per_pair_, q_tiles_;
-  int64_t dout_ld_ = 0;  // elements between a tile's dout rows read in place; 0: copied
   QueryStage<T> query_;
   void (*step_)(const BackwardStep<T>&) = nullptr;
   void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;
   TileStep<T> proto_{};
+  T dk_scale_ = 1;
+  bool dq_in_place_ = false;
+  int64_t dout_ld_ = 0;  // elements between a tile's dout rows read in place; 0: copied
 };
 
 template <typename T>
@@ -296,9 +398,10 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
   const WorkPlan plan(p);
   if (plan.items() == 0) return;
-  const ChunkPlan chunks = plan_chunks<T>(plan, p);
-  const BackwardDriver<T> driver(bp, kernels, plan, chunks);
-  const int64_t tasks = driver.tasks(), q_tiles = chunks.pairs * driver.q_tiles();
+  const BackwardPlan cut = plan_backward<T>(plan, p);
+  const BackwardDriver<T> driver(bp, kernels, plan, cut);
+  const int64_t tasks = cut.tasks(), q_tiles = cut.pairs * driver.q_tiles();
+  const int64_t key_tiles = cut.row_blocks > 1 ? cut.pairs * driver.key_tiles() : 0;
 
   const CallInFlight call;
   const int64_t wanted = threads_for_call(p.num_threads, call.count());
@@ -307,20 +410,36 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   std::vector<BackwardScratch<T>> scratch;
   scratch.reserve(threads);
   for (int t = 0; t < threads; ++t) scratch.emplace_back(p, driver.q_tiles());
-  const AlignedBuffer<T> partials(tasks * driver.partial_elems());  // each zeroed by its task
+  // Partials, each zeroed by the task that writes it where the sums read it.
+  const AlignedBuffer<T> dq_parts(
+      driver.dq_in_place() ? 0 : cut.chunks * cut.pairs * driver.dq_elems());
+  const int64_t kv_parts = cut.row_blocks > 1 ? cut.row_blocks * cut.pairs : 0;
+  const AlignedBuffer<T> dk_parts(kv_parts * driver.dk_elems()),
+      dv_parts(kv_parts * driver.dv_elems());
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
     BackwardScratch<T>& sc = scratch[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) driver.run_task(task, sc, partials.data());
+    for (int64_t task = 0; task < tasks; ++task) {
+      driver.run_task(task, sc, dq_parts.data(), dk_parts.data(), dv_parts.data());
+    }
+#pragma omp for schedule(static) nowait
+    for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, dq_parts.data());
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, partials.data());
+    for (int64_t tile = 0; tile < key_tiles; ++tile) {
+      driver.finish_dkv(tile, dk_parts.data(), dv_parts.data());
+    }
   }
 #else
-  for (int64_t task = 0; task < tasks; ++task) driver.run_task(task, scratch[0], partials.data());
-  for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, partials.data());
+  for (int64_t task = 0; task < tasks; ++task) {
+    driver.run_task(task, scratch[0], dq_parts.data(), dk_parts.data(), dv_parts.data());
+  }
+  for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, dq_parts.data());
+  for (int64_t tile = 0; tile < key_tiles; ++tile) {
+    driver.finish_dkv(tile, dk_parts.data(), dv_parts.data());
+  }
 #endif
 }
 

@@ -146,6 +146,9 @@ class QueryStage {
     std::fill(t.o.data(), t.o.data() + rows * p_.dv, T(0));
   }
 
+  // Whether steps read q in place, unscaled (they scale the scores by dot_scale).
+  bool in_place() const { return in_place_; }
+
   // The step's q and per-row fields, pointing into the thread's rows.
   void point(TileStep<T>& s, QueryRows<T>& t, int64_t rows) const {
     s.q = in_place_ ? static_cast<const T*>(p_.q.data) + t.q_first : t.q.data();

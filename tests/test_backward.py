@@ -216,8 +216,10 @@ def test_huge_logits_stay_finite_and_accurate(backward, rng):
 
 @pytest.mark.parametrize(
     ("batch", "hq", "hkv", "lq", "lk"),
-    [((2,), 4, 1, 200, 300), ((), 1, 1, 700, 900), ((), 2, 2, 40, 3000)],
-    ids=["gqa", "one_long_head", "keys_in_chunks"],  # the last two: dQ summed over key chunks
+    [((2,), 4, 1, 200, 300), ((), 1, 1, 700, 900), ((), 2, 2, 40, 3000), ((), 16, 1, 300, 200)],
+    # one_long_head, keys_in_chunks: dQ summed over key chunks (native); wide_group: dK and dV
+    # summed over blocks of query rows
+    ids=["gqa", "one_long_head", "keys_in_chunks", "wide_group"],
 )
 def test_deterministic_for_any_thread_count(backward, rng, batch, hq, hkv, lq, lk):
     q, k, v = random_qkv(rng, batch, hq, hkv, lq, lk, 16)
