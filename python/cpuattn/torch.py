@@ -1,0 +1,282 @@
+"""PyTorch bridge: cpuattn's kernels as torch custom ops, with autograd and torch.compile.
+
+    >>> import torch, cpuattn.torch
+    >>> q = k = v = torch.randn(2, 8, 128, 64, requires_grad=True)
+    >>> out = cpuattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> out.sum().backward()                      # gradients from cpuattn.attention_backward
+
+:func:`scaled_dot_product_attention` has ``torch.nn.functional.scaled_dot_product_attention``'s
+semantics; :func:`attention` takes every option of :func:`cpuattn.attention`. Both run the
+``cpuattn::attention`` custom op (``torch.library``): its fake implementation lets
+``torch.compile(fullgraph=True)`` trace it without a graph break, and its autograd formula is
+``cpuattn::attention_backward``. CPU tensors of float32, float64, float16 and bfloat16 are
+handed to the kernels as NumPy views of their memory: no copy when the last dimension is
+contiguous. torch is imported here only: ``import cpuattn`` never needs it.
+:func:`register_transformers` makes ``attn_implementation="cpuattn"`` available to Hugging
+Face transformers models. See :doc:`guide/torch`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _api, _backward
+from ._request import BF16
+
+__all__ = ["attention", "register_transformers", "scaled_dot_product_attention"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The custom op's `causal` argument (a string: a schema has no str-or-bool type).
+_CAUSAL = {
+    False: "none",
+    True: "bottom_right",
+    "bottom_right": "bottom_right",
+    "top_left": "top_left",
+}
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory (bfloat16 through its bits)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BF16)
+    return t.numpy()
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    """A tensor sharing an array's memory (bfloat16 through its bits)."""
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _optional(t: Tensor | None) -> np.ndarray | None:
+    return None if t is None else _numpy(t)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _keywords(causal, window_left, window_right, diagonal, scale, kv_lengths, softcap, alibi):
+    return {
+        "causal": False if causal == "none" else causal,
+        "window": None if window_left == window_right == -1 else (window_left, window_right),
+        "diagonal": diagonal,
+        "scale": scale,
+        "kv_lengths": _optional(kv_lengths),
+        "softcap": softcap,
+        "alibi_slopes": _optional(alibi),
+    }
+
+
+@torch.library.custom_op("cpuattn::attention", mutates_args=())
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: str,
+    window_left: int,
+    window_right: int,
+    diagonal: int | None,
+    scale: float | None,
+    kv_lengths: Tensor | None,
+    softcap: float | None,
+    alibi: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of cpuattn.attention on the tensors' memory."""
+    options = _keywords(
+        causal, window_left, window_right, diagonal, scale, kv_lengths, softcap, alibi
+    )
+    out, lse = _api.attention(
+        _numpy(q), _numpy(k), _numpy(v), mask=_optional(mask), return_lse=True, **options
+    )
+    return _tensor(out), _tensor(lse)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, mask, causal, window_left, window_right, diagonal, scale, *rest):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out, q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("cpuattn::attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    causal: str,
+    window_left: int,
+    window_right: int,
+    diagonal: int | None,
+    scale: float | None,
+    kv_lengths: Tensor | None,
+    softcap: float | None,
+    alibi: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of cpuattn.attention_backward on the tensors' memory."""
+    options = _keywords(
+        causal, window_left, window_right, diagonal, scale, kv_lengths, softcap, alibi
+    )
+    grads = _backward.attention_backward(
+        *(_numpy(t) for t in (dout, q, k, v, out, lse)), mask=_optional(mask), **options
+    )
+    return tuple(_tensor(g) for g in grads)  # type: ignore[return-value]
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7])  # kv_lengths, alibi
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_grad(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, kv_lengths, alibi = ctx.saved_tensors
+    causal, left, right, diagonal, scale, _, softcap, _ = ctx.options
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.cpuattn.attention_backward(
+        dout, q, k, v, out, lse, mask, causal, left, right, diagonal, scale, kv_lengths, softcap,
+        alibi,
+    )  # fmt: skip
+    return dq, dk, dv, *([None] * 9)
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
+
+
+def _check_tensors(**tensors: Tensor | None) -> None:
+    """CPU tensors; q, k and v of a supported dtype, the others with no gradient."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: cpuattn runs on CPU tensors, got one on {t.device}")
+        if name in ("query", "key", "value", "q", "k", "v"):
+            if t.dtype not in _DTYPES:
+                raise TypeError(
+                    f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}"
+                )
+        elif t.requires_grad:
+            raise ValueError(f"{name}: requires grad, but cpuattn gives no gradient for it")
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on cpuattn's kernels.
+
+    The same arguments and semantics: ``query (..., Hq, Lq, E)``, ``key (..., Hkv, Lk, E)``,
+    ``value (..., Hkv, Lk, Ev)`` CPU tensors of one dtype (float32, float64, float16 or
+    bfloat16); ``attn_mask`` broadcastable to ``(..., Hq, Lq, Lk)``, bool (True = attend) or
+    float (added to the scores); ``is_causal`` top-left (query ``i`` keeps keys ``j <= i``);
+    ``scale`` default ``1 / sqrt(E)``; ``Hq != Hkv`` only with ``enable_gqa=True`` (K and V are
+    read in place, never repeated). Differentiable in query, key and value.
+
+    Differences: ``dropout_p`` must be 0 (a ``ValueError`` otherwise: cpuattn has no dropout);
+    a query row that keeps no key gives 0 (torch's math backend gives NaN); half inputs are
+    computed in float32.
+    """
+    _check_tensors(query=query, key=key, value=value, attn_mask=attn_mask)
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p: cpuattn has no dropout, expected 0.0, got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
+    if query.dim() >= 3 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        raise ValueError(
+            f"key: {key.shape[-3]} heads against query's {query.shape[-3]}: pass "
+            "enable_gqa=True for grouped-query attention (as in torch)"
+        )
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name}: expected query's dtype {query.dtype}, got {t.dtype}")
+    out, _ = torch.ops.cpuattn.attention(
+        query,
+        key,
+        value,
+        attn_mask,
+        "top_left" if is_causal else "none",
+        -1,
+        -1,
+        None,
+        scale,
+        None,
+        None,
+        None,
+    )
+    return out
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool | str = False,
+    window: tuple[int, int] | None = None,
+    diagonal: int | None = None,
+    scale: float | None = None,
+    kv_lengths: Tensor | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`cpuattn.attention` on CPU tensors, differentiable in ``q``, ``k`` and ``v``.
+
+    The arguments and semantics of :func:`cpuattn.attention` (``causal=True`` is bottom-right
+    there; ``kv_lengths`` an int tensor, ``alibi_slopes`` a float tensor). With
+    ``return_lse=True``, ``(out, lse)``: lse is in float32 (float64 for float64 inputs) and
+    has no gradient.
+    """
+    _check_tensors(q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes)
+    if causal not in _CAUSAL:  # bool or one of the two strings, checked before the op
+        raise ValueError(
+            f'causal: expected False, True, "bottom_right" or "top_left", got {causal!r}'
+        )
+    left, right = (-1, -1) if window is None else window
+    out, lse = torch.ops.cpuattn.attention(
+        q,
+        k,
+        v,
+        mask,
+        _CAUSAL[causal],
+        int(left),
+        int(right),
+        diagonal,
+        scale,
+        kv_lengths,
+        softcap,
+        alibi_slopes,
+    )
+    return (out, lse) if return_lse else out
+
+
+def register_transformers(name: str = "cpuattn") -> str:
+    """Registers cpuattn with Hugging Face transformers as ``attn_implementation=name``."""
+    from ._transformers import register
+
+    return register(name)

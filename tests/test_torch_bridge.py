@@ -1,0 +1,199 @@
+"""cpuattn.torch: the custom ops against torch's SDPA (math backend, float64) and cpuattn's own
+NumPy results, forward and backward, plus torch.compile, opcheck, zero-copy views and errors.
+Skipped without torch."""
+
+import numpy as np
+import pytest
+
+import cpuattn
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+ct = pytest.importorskip("cpuattn.torch")
+
+DTYPES = {
+    "float32": (torch.float32, 2e-6),
+    "float64": (torch.float64, 1e-12),
+    "float16": (torch.float16, 3e-3),
+    "bfloat16": (torch.bfloat16, 2e-2),
+}
+
+
+def leaves(*shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes
+    ]
+
+
+def reference(q, k, v, **kw):
+    """torch's math SDPA in float64 on the same (rounded) values: out and the leaves' grads."""
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        kw = {**kw, "attn_mask": mask.double()}
+    out = F.scaled_dot_product_attention(*wide, **kw)
+    return out, wide
+
+
+def assert_close(got, expected, tol, what):
+    got, expected = got.detach(), expected.detach()
+    err = float((got.double() - expected.double()).abs().max())
+    assert err <= tol * max(1.0, float(expected.abs().max())), f"{what}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("name", DTYPES)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "causal_lq<lk",
+        "causal_lq>lk",
+        "gqa",
+        "bool_mask",
+        "float_mask",
+        "scale",
+        "3d",
+        "5d",
+    ],
+)
+def test_sdpa_matches_torch(name, case):
+    dtype, tol = DTYPES[name]
+    shapes = {"3d": ((6, 40, 16), (6, 50, 16), (6, 50, 8)), "5d": ((2, 3, 2, 40, 16),) * 3}
+    q, k, v = leaves(
+        *shapes.get(case, ((2, 4, 40, 16), (2, 4, 70, 16), (2, 4, 70, 24))), dtype=dtype
+    )
+    kw: dict = {}
+    if case == "causal_lq<lk":
+        kw["is_causal"] = True
+    elif case == "causal_lq>lk":
+        q, k, v = leaves((2, 4, 70, 16), (2, 4, 40, 16), (2, 4, 40, 16), dtype=dtype)
+        kw["is_causal"] = True  # top-left: every row keeps key 0
+    elif case == "gqa":
+        q, k, v = leaves((2, 8, 40, 16), (2, 2, 70, 16), (2, 2, 70, 16), dtype=dtype)
+        kw["enable_gqa"] = True
+    elif case == "bool_mask":
+        keep = torch.rand(4, 40, 70, generator=torch.Generator().manual_seed(1)) < 0.6
+        keep[..., 0] = True  # torch's math SDPA gives NaN for a row that keeps nothing
+        kw["attn_mask"] = keep
+    elif case == "float_mask":
+        kw["attn_mask"] = torch.randn(40, 70, dtype=torch.float64).to(dtype)
+    elif case == "scale":
+        kw["scale"] = 0.3
+    out = ct.scaled_dot_product_attention(q, k, v, **kw)
+    assert out.dtype == dtype
+    assert out.shape == (*q.shape[:-1], v.shape[-1])
+    expected, wide = reference(q, k, v, **kw)
+    assert_close(out, expected, tol, "out")
+    dout = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    out.backward(dout)
+    expected.backward(dout.double())
+    for name_, t, w in zip("qkv", (q, k, v), wide, strict=True):
+        assert t.grad.dtype == dtype
+        assert_close(t.grad, w.grad, tol, f"d{name_}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"causal": True, "window": (20, 0)},
+        {"causal": "top_left", "softcap": 5.0},
+        {"kv_lengths": [30, 0]},
+        {"alibi_slopes": [0.5, 0.25, 0.1, 0.05], "causal": True},
+        {"diagonal": 5, "causal": True},
+    ],
+    ids=["window", "softcap", "kv_lengths", "alibi", "diagonal"],
+)
+def test_attention_keywords_match_cpuattn(options):
+    q, k, v = leaves((2, 4, 40, 16), (2, 2, 50, 16), (2, 2, 50, 16), dtype=torch.float64)
+    tensor_options = {
+        key: torch.from_numpy(np.array(val)) if isinstance(val, list) else val
+        for key, val in options.items()
+    }
+    out, lse = ct.attention(q, k, v, return_lse=True, **tensor_options)
+    arrays = [t.detach().numpy() for t in (q, k, v)]
+    np_options = {
+        key: np.array(val) if isinstance(val, list) else val for key, val in options.items()
+    }
+    exp_out, exp_lse = cpuattn.attention(*arrays, return_lse=True, **np_options)
+    np.testing.assert_array_equal(out.detach().numpy(), exp_out)
+    np.testing.assert_array_equal(lse.numpy(), exp_lse)
+    assert not lse.requires_grad
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(dout)
+    expected = cpuattn.attention_backward(dout.numpy(), *arrays, exp_out, exp_lse, **np_options)
+    for t, e in zip((q, k, v), expected, strict=True):
+        np.testing.assert_array_equal(t.grad.numpy(), e)
+
+
+def test_fully_masked_rows_give_zero():
+    q, k, v = leaves((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8))
+    keep = torch.ones(5, 6, dtype=torch.bool)
+    keep[2] = False
+    out = ct.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert torch.all(out[:, :, 2] == 0)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert torch.all(q.grad[:, :, 2] == 0)
+
+
+def test_views_share_memory_bfloat16_included():
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.randn(3, 8, 16, dtype=torch.float32).to(dtype).transpose(0, 1)  # strided
+        a = ct._numpy(t)
+        assert a.shape == tuple(t.shape)
+        assert a.__array_interface__["data"][0] == t.data_ptr()
+        assert np.array_equal(np.asarray(a, np.float32), t.float().numpy())
+
+
+def test_compile_fullgraph_forward_and_backward():
+    def loss(q, k, v):
+        return ct.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum()
+
+    q, k, v = leaves((2, 4, 64, 32), (2, 4, 64, 32), (2, 4, 64, 32))
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(q, k, v).backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    loss(q, k, v).backward()
+    for g, t in zip(got, (q, k, v), strict=True):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_opcheck_both_ops():
+    from torch.library import opcheck
+
+    q, k, v = leaves((2, 4, 33, 16), (2, 2, 40, 16), (2, 2, 40, 8))
+    lengths = torch.tensor([40, 17])
+    args = (q, k, v, None, "bottom_right", 10, 0, None, 0.2, lengths, 3.0, None)
+    for result in opcheck(torch.ops.cpuattn.attention.default, args).values():
+        assert result == "SUCCESS"
+    out, lse = torch.ops.cpuattn.attention(*args)
+    dout = torch.randn(out.shape)
+    back = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:])
+    for result in opcheck(torch.ops.cpuattn.attention_backward.default, back).values():
+        assert result == "SUCCESS"
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = leaves((2, 4, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16))
+    sdpa = ct.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="^dropout_p"):
+        sdpa(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="^key: 2 heads .* enable_gqa=True"):
+        sdpa(q, k, v)
+    with pytest.raises(ValueError, match="^attn_mask: must be None when is_causal"):
+        sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="^attn_mask: requires grad"):
+        sdpa(q, q, q, attn_mask=torch.zeros(8, 8, requires_grad=True))
+    with pytest.raises(ValueError, match="^query: cpuattn runs on CPU tensors"):
+        sdpa(q.detach().to("meta"), q, q)
+    with pytest.raises(TypeError, match="^query: expected float32"):
+        sdpa(torch.ones(2, 8, 4, dtype=torch.int32), q, q)
+    with pytest.raises(TypeError, match="^key: expected query's dtype"):
+        sdpa(q, q.double(), q)
+    with pytest.raises(ValueError, match="^causal"):
+        ct.attention(q, q, q, causal="up")
+    with pytest.raises(ValueError, match="^k: expected"):  # cpuattn's own validation
+        ct.attention(q, k[..., :4], v)
