@@ -1,5 +1,6 @@
-"""The built documentation documents every public name: each of cpuattn.__all__ and of
-cpuattn.plot's public functions has an entry in the HTML's general index."""
+"""The built documentation documents every public name: each of cpuattn.__all__, of
+cpuattn.plot's public functions and (with torch installed) of cpuattn.torch.__all__ has an
+entry in the HTML's general index."""
 
 import inspect
 import sys
@@ -16,6 +17,12 @@ public += [
     for name, obj in vars(cpuattn.plot).items()
     if not name.startswith("_") and inspect.isfunction(obj) and obj.__module__ == "cpuattn.plot"
 ]
+try:
+    import cpuattn.torch
+except ImportError:  # no torch: its page documents stand-ins
+    pass
+else:
+    public += [f"cpuattn.torch.{name}" for name in cpuattn.torch.__all__]
 # An index entry links to the object's anchor, whatever page holds it: href="...#cpuattn.name".
 missing = [name for name in public if f'#{name}"' not in index]
 assert not missing, f"not in the docs' index: {missing}"

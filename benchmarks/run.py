@@ -10,8 +10,9 @@ speed ratio against each baseline (torch and onnxruntime rows appear when they a
 Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
 table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
 memory of one call in a fresh process, (with dask installed) the distributed row of
-benchmarks/dask_cluster.py, and the backward against torch's (benchmarks/backward.py; alone
-with --backward).
+benchmarks/dask_cluster.py, the backward against torch's (benchmarks/backward.py; alone
+with --backward), and transformers models with attn_implementation="cpuattn" against "sdpa"
+(benchmarks/models.py; alone with --models).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import dataclasses
 import json
 import sys
 
-import backward  # benchmarks/backward.py and dask_cluster.py, next to this script
+import backward  # benchmarks/backward.py, dask_cluster.py and models.py, next to this script
 import dask_cluster
+import models
 import numpy as np
 
 import cpuattn
@@ -404,6 +406,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--backward", action="store_true", help="the backward rows only")
+    parser.add_argument("--models", action="store_true", help="the transformers rows only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument(
@@ -424,6 +427,9 @@ def main(argv=None) -> int:
     if args.backward:
         print(backward.markdown(backward.rows(args.repeats, peak), peak))
         return 0
+    if args.models:
+        print(models.markdown(models.rows(args.repeats), models.op_overhead()))
+        return 0
     rows = []
     cases = QUICK if args.quick else FULL
     for n, case in enumerate(cases, 1):
@@ -437,6 +443,9 @@ def main(argv=None) -> int:
     if not args.quick:
         print("[backward] ...", file=sys.stderr, flush=True)
         more["backward"] = backward.rows(args.repeats, peak)
+        print("[models] ...", file=sys.stderr, flush=True)
+        more["models"] = models.rows(min(args.repeats, 3))
+        more["op_overhead"] = models.op_overhead()
     # The peak again after the cases, the higher of the two kept: a disturbed first reading
     # would inflate every % of peak.
     peak = max(peak, _bench.sgemm_gflops())
@@ -445,6 +454,7 @@ def main(argv=None) -> int:
     sections = [markdown(rows, peak), variants_markdown(rows), half_markdown(rows)]
     if "backward" in more:
         sections.append(backward.markdown(more["backward"], peak))
+        sections.append(models.markdown(more["models"], more["op_overhead"]))
     print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:

@@ -189,3 +189,14 @@ def test_minilm_sentence_transformers_matches_default(monkeypatch):
         str(path), device="cpu", model_kwargs={"attn_implementation": NAME}
     ).encode(sentences)
     assert abs(ours - default).max() <= 1e-5
+
+
+def test_example_script_generates_the_same_tokens(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    from transformers_cpuattn import main
+
+    result = main(["--prompt-length", "64", "--new-tokens", "8"])
+    assert result["same_tokens"]
+    assert abs(result["loss"] - result["loss_sdpa"]) <= 1e-4 * abs(result["loss_sdpa"])

@@ -1,9 +1,9 @@
-"""PyTorch bridge: cpuattn's kernels as torch custom ops, with autograd and torch.compile.
+"""PyTorch bridge: cpuattn's kernels as torch custom ops, with autograd and torch.compile::
 
-    >>> import torch, cpuattn.torch
-    >>> q = k = v = torch.randn(2, 8, 128, 64, requires_grad=True)
-    >>> out = cpuattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)
-    >>> out.sum().backward()                      # gradients from cpuattn.attention_backward
+    import torch, cpuattn.torch
+    q = k = v = torch.randn(2, 8, 128, 64, requires_grad=True)
+    out = cpuattn.torch.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.sum().backward()                          # gradients from cpuattn.attention_backward
 
 :func:`scaled_dot_product_attention` has ``torch.nn.functional.scaled_dot_product_attention``'s
 semantics; :func:`attention` takes every option of :func:`cpuattn.attention`. Both run the
