@@ -197,3 +197,26 @@ def test_bad_inputs_raise_clear_errors():
         ct.attention(q, q, q, causal="up")
     with pytest.raises(ValueError, match="^k: expected"):  # cpuattn's own validation
         ct.attention(q, k[..., :4], v)
+
+
+def test_untracked_calls_skip_the_op_dispatch_with_the_same_results():
+    """No gradient to track (inference): the kernel is called straight away, same bits; and
+    compiled code records the op even then (fullgraph: a NumPy call would break the graph)."""
+    q, k, v = leaves((2, 4, 30, 16), (2, 2, 50, 16), (2, 2, 50, 16))
+    tracked, lse = ct.attention(q, k, v, causal=True, softcap=4.0, return_lse=True)
+    with torch.no_grad():
+        plain, plain_lse = ct.attention(q, k, v, causal=True, softcap=4.0, return_lse=True)
+        sdpa = ct.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        compiled = torch.compile(
+            lambda q, k, v: ct.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            fullgraph=True,
+            backend="aot_eager",
+        )(q, k, v)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, tracked.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain_lse, lse, rtol=0, atol=0)
+    expected = ct.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(sdpa, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        compiled, ct.scaled_dot_product_attention(q, k, v, enable_gqa=True).detach()
+    )

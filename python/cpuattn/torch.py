@@ -159,6 +159,21 @@ def _attention_grad(ctx, dout, _dlse):
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
 
 
+def _call(q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse):
+    """The custom op, or in eager code with no gradient to track the kernel straight away:
+    the op's dispatch (autograd wrapper, schema) costs ~0.1 ms a call, a tenth of a decode
+    step's attention (measured, (1, 32, 1, 128) on 4096 keys). Traced code (torch.compile)
+    always records the op. Returns (out, lse or None)."""
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if tracked or torch.compiler.is_compiling():
+        args = (q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
+        return torch.ops.cpuattn.attention(*args)
+    options = _keywords(causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
+    arrays = [_numpy(t) for t in (q, k, v)]
+    result = _api.attention(*arrays, mask=_optional(mask), return_lse=lse, **options)
+    return (_tensor(result[0]), _tensor(result[1])) if lse else (_tensor(result), None)
+
+
 def _check_tensors(**tensors: Tensor | None) -> None:
     """CPU tensors; q, k and v of a supported dtype, the others with no gradient."""
     for name, t in tensors.items():
@@ -213,19 +228,9 @@ def scaled_dot_product_attention(
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
             raise TypeError(f"{name}: expected query's dtype {query.dtype}, got {t.dtype}")
-    out, _ = torch.ops.cpuattn.attention(
-        query,
-        key,
-        value,
-        attn_mask,
-        "top_left" if is_causal else "none",
-        -1,
-        -1,
-        None,
-        scale,
-        None,
-        None,
-        None,
+    causal = "top_left" if is_causal else "none"
+    out, _ = _call(
+        query, key, value, attn_mask, causal, -1, -1, None, scale, None, None, None, False
     )
     return out
 
@@ -258,20 +263,10 @@ def attention(
             f'causal: expected False, True, "bottom_right" or "top_left", got {causal!r}'
         )
     left, right = (-1, -1) if window is None else window
-    out, lse = torch.ops.cpuattn.attention(
-        q,
-        k,
-        v,
-        mask,
-        _CAUSAL[causal],
-        int(left),
-        int(right),
-        diagonal,
-        scale,
-        kv_lengths,
-        softcap,
-        alibi_slopes,
-    )
+    out, lse = _call(
+        q, k, v, mask, _CAUSAL[causal], int(left), int(right), diagonal, scale, kv_lengths,
+        softcap, alibi_slopes, return_lse,
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
