@@ -181,7 +181,7 @@ def test_bad_inputs_raise_clear_errors():
     sdpa = ct.scaled_dot_product_attention
     with pytest.raises(ValueError, match="^dropout_p"):
         sdpa(q, q, q, dropout_p=0.1)
-    with pytest.raises(ValueError, match="^key: 2 heads .* enable_gqa=True"):
+    with pytest.raises(ValueError, match="^key: 2 heads, expected query's 4 or 1; pass enable_gqa"):
         sdpa(q, k, v)
     with pytest.raises(ValueError, match="^attn_mask: must be None when is_causal"):
         sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
@@ -195,6 +195,14 @@ def test_bad_inputs_raise_clear_errors():
         sdpa(q, q.double(), q)
     with pytest.raises(ValueError, match="^causal"):
         ct.attention(q, q, q, causal="up")
+    with pytest.raises(TypeError, match="^causal"):
+        ct.attention(q, q, q, causal=1)
+    with pytest.raises(TypeError, match=r"^window\[0\]"):
+        ct.attention(q, q, q, window=(2.7, 0))
+    with pytest.raises(ValueError, match="^window: expected"):
+        ct.attention(q, q, q, window=(1, 2, 3))
+    with pytest.raises(ValueError, match="^query, key, value: batch dims do not broadcast"):
+        sdpa(q, torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16))
     with pytest.raises(ValueError, match="^k: expected"):  # cpuattn's own validation
         ct.attention(q, k[..., :4], v)
 
@@ -220,3 +228,57 @@ def test_untracked_calls_skip_the_op_dispatch_with_the_same_results():
     torch.testing.assert_close(
         compiled, ct.scaled_dot_product_attention(q, k, v, enable_gqa=True).detach()
     )
+
+
+def test_batch_dims_broadcast_as_in_torch():
+    """Batch dims of size 1 broadcast (as expanded views), and one kv head is a broadcast too,
+    with or without enable_gqa."""
+    q, k, v = leaves((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8), dtype=torch.float64)
+    torch.testing.assert_close(
+        ct.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    )
+    q, k, v = leaves((3, 2, 4, 5, 8), (3, 1, 1, 6, 8), (3, 1, 1, 6, 8), dtype=torch.float64)
+    out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert k.grad.shape == k.shape
+
+
+def test_mask_requiring_grad_is_fine_without_grad_mode():
+    q = torch.randn(1, 2, 4, 8)
+    bias = torch.zeros(4, 4, requires_grad=True)
+    with torch.no_grad():
+        ct.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+
+
+def test_autocast_runs_in_bfloat16_like_torch():
+    """Under autocast a model's rotary code hands over float32 q and k beside bfloat16 v."""
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
+    v = torch.randn(2, 4, 16, 8).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ct.scaled_dot_product_attention(q, k, v, is_causal=True)
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jit.trace / jit.script
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks
+def test_tracers_record_the_op_not_a_constant():
+    """jit.trace with no gradient: the graph calls the op, so new inputs give new results;
+    forward AD has no formula: an error, never a silent None tangent."""
+    q = torch.randn(1, 2, 6, 8)
+
+    def f(q):
+        return ct.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(f, (q,))
+    assert "cpuattn::attention" in str(traced.graph)
+    other = torch.randn(1, 2, 6, 8)
+    torch.testing.assert_close(traced(other), f(other))
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        f(fwad.make_dual(q, torch.ones_like(q)))

@@ -200,3 +200,57 @@ def test_example_script_generates_the_same_tokens(monkeypatch):
     result = main(["--prompt-length", "64", "--new-tokens", "8"])
     assert result["same_tokens"]
     assert abs(result["loss"] - result["loss_sdpa"]) <= 1e-4 * abs(result["loss_sdpa"])
+
+
+def test_local_and_chunked_windows_keep_their_masks():
+    """A bidirectional local window (ModernBERT) is not a causal sliding window: its mask is
+    built and used, as for sdpa."""
+    config = transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, local_attention=8, global_attn_every_n_layers=2,
+        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ModernBertModel(config).eval()
+    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(4))
+    states = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            states[impl] = model(ids).last_hidden_state
+    torch.testing.assert_close(states[NAME], states["eager"], rtol=0, atol=2e-5)
+
+
+def test_score_keywords_cpuattn_lacks_are_errors():
+    model = causal_lm("llama")
+    model.set_attn_implementation(NAME)
+    layer = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    fn = transformers.AttentionInterface()[NAME]
+    with pytest.raises(NotImplementedError, match="^position_bias: cpuattn's attention"):
+        fn(layer, q, q[:, :2], q[:, :2], None, position_bias=torch.zeros(1, 4, 5, 5))
+
+
+def test_packed_rows_past_the_last_sequence_and_their_weights():
+    """cu_seq_lens ending before the packed row does: those rows give 0; output_attentions
+    gives each sequence's block of weights, 0 across sequences."""
+    fn = transformers.AttentionInterface()[NAME]
+    layer = causal_lm("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 10, 16, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    out, weights = fn(
+        layer, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, output_attentions=True
+    )
+    assert out.shape == (1, 10, 4, 16)
+    assert torch.all(out[:, 7:] == 0)
+    torch.testing.assert_close(
+        out[:, 3:7],
+        ct.attention(q[..., 3:7, :], k[..., 3:7, :], v[..., 3:7, :], causal="top_left").transpose(
+            1, 2
+        ),
+    )
+    assert torch.all(weights[..., :3, 3:] == 0)
+    assert torch.all(weights[..., 3:7, :3] == 0)
+    torch.testing.assert_close(weights[..., 3:7, 3:7].sum(-1), torch.ones(1, 4, 4))

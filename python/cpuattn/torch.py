@@ -20,26 +20,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _api, _backward
-from ._request import BF16
+from ._request import BF16, _causal_mode, _window
 
 __all__ = ["attention", "register_transformers", "scaled_dot_product_attention"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The custom op's `causal` argument (a string: a schema has no str-or-bool type).
-_CAUSAL = {
-    False: "none",
-    True: "bottom_right",
-    "bottom_right": "bottom_right",
-    "top_left": "top_left",
-}
 
 
 def _numpy(t: Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor's memory (bfloat16 through its bits)."""
-    t = t.detach()
+    """A NumPy view of a CPU tensor's memory (bfloat16 through its bits; a negated or
+    conjugated view materialized first)."""
+    t = t.detach().resolve_neg().resolve_conj()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BF16)
     return t.numpy()
@@ -159,19 +154,43 @@ def _attention_grad(ctx, dout, _dlse):
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
 
 
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """Whether these are plain tensors in plain eager code: no gradient to track, nothing
+    recording or transforming the call (torch.compile, jit.trace, make_fx and other dispatch
+    modes, forward AD, vmap / jvp wrappers, autocast)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or _forward_ad._current_level >= 0:
+        return False
+    return all(
+        t is None or (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+        for t in tensors
+    )
+
+
 def _call(q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse):
-    """The custom op, or in eager code with no gradient to track the kernel straight away:
-    the op's dispatch (autograd wrapper, schema) costs ~0.1 ms a call, a tenth of a decode
-    step's attention (measured, (1, 32, 1, 128) on 4096 keys). Traced code (torch.compile)
-    always records the op. Returns (out, lse or None)."""
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if tracked or torch.compiler.is_compiling():
+    """The custom op, or in plain eager code with no gradient to track the kernel straight
+    away: the op's dispatch (autograd wrapper, schema) costs ~0.1 ms a call, a tenth of a
+    decode step's attention (measured, (1, 32, 1, 128) on 4096 keys). Anything that records,
+    transforms or differentiates the call gets the op. Returns (out, lse or None)."""
+    if _forward_ad._current_level >= 0 and any(
+        _forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)
+    ):
+        raise NotImplementedError("cpuattn has no forward-mode AD formula (reverse mode only)")
+    if not _plain_eager(q, k, v, mask, kv_lengths, alibi):
         args = (q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
         return torch.ops.cpuattn.attention(*args)
     options = _keywords(causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
     arrays = [_numpy(t) for t in (q, k, v)]
     result = _api.attention(*arrays, mask=_optional(mask), return_lse=lse, **options)
     return (_tensor(result[0]), _tensor(result[1])) if lse else (_tensor(result), None)
+
+
+# Under autocast the op runs in bfloat16, its floating inputs cast (as torch's SDPA does):
+# models' rotary code hands it float32 q and k beside a bfloat16 v.
+torch.library.register_autocast("cpuattn::attention", "cpu", torch.bfloat16)
 
 
 def _check_tensors(**tensors: Tensor | None) -> None:
@@ -188,7 +207,7 @@ def _check_tensors(**tensors: Tensor | None) -> None:
                 raise TypeError(
                     f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}"
                 )
-        elif t.requires_grad:
+        elif t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: requires grad, but cpuattn gives no gradient for it")
 
 
@@ -220,19 +239,43 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p: cpuattn has no dropout, expected 0.0, got {dropout_p}")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
-    if query.dim() >= 3 and query.shape[-3] != key.shape[-3] and not enable_gqa:
-        raise ValueError(
-            f"key: {key.shape[-3]} heads against query's {query.shape[-3]}: pass "
-            "enable_gqa=True for grouped-query attention (as in torch)"
-        )
-    for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
-            raise TypeError(f"{name}: expected query's dtype {query.dtype}, got {t.dtype}")
+    if not torch.is_autocast_enabled("cpu"):  # autocast casts them to one dtype
+        for name, t in (("key", key), ("value", value)):
+            if t.dtype != query.dtype:
+                raise TypeError(f"{name}: expected query's dtype {query.dtype}, got {t.dtype}")
+    query, key, value = _broadcast(query, key, value, enable_gqa)
     causal = "top_left" if is_causal else "none"
     out, _ = _call(
         query, key, value, attn_mask, causal, -1, -1, None, scale, None, None, None, False
     )
     return out
+
+
+def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """torch's batch broadcasting: every dim before the last two broadcasts, as expanded views
+    (stride 0, no copy), except that dim -3 (heads) of key and value may also divide query's
+    with enable_gqa, or be 1 (the same as a broadcast). Raises torch's errors, by name."""
+    if query.dim() < 3:
+        return query, key, value
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            f"key, value: expected query's {query.dim()} dims, got {key.dim()} and {value.dim()}"
+        )
+    hq, hkv = query.shape[-3], key.shape[-3]
+    if value.shape[-3] != hkv:
+        raise ValueError(f"value: {value.shape[-3]} heads against key's {hkv}")
+    if hkv != hq and hkv != 1 and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+        also = f", or a divisor of {hq}" if enable_gqa else "; pass enable_gqa=True for GQA"
+        raise ValueError(f"key: {hkv} heads, expected query's {hq} or 1{also} (as in torch)")
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    except RuntimeError as exc:
+        raise ValueError(f"query, key, value: batch dims do not broadcast ({exc})") from None
+    return (
+        query.expand(*batch, *query.shape[-3:]),
+        key.expand(*batch, *key.shape[-3:]),
+        value.expand(*batch, *value.shape[-3:]),
+    )
 
 
 def attention(
@@ -258,14 +301,11 @@ def attention(
     has no gradient.
     """
     _check_tensors(q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes)
-    if causal not in _CAUSAL:  # bool or one of the two strings, checked before the op
-        raise ValueError(
-            f'causal: expected False, True, "bottom_right" or "top_left", got {causal!r}'
-        )
-    left, right = (-1, -1) if window is None else window
+    causal_on, alignment = _causal_mode(causal)  # cpuattn's checks and errors
+    left, right = _window(window)
     out, lse = _call(
-        q, k, v, mask, _CAUSAL[causal], int(left), int(right), diagonal, scale, kv_lengths,
-        softcap, alibi_slopes, return_lse,
+        q, k, v, mask, alignment if causal_on else "none", left, right, diagonal, scale,
+        kv_lengths, softcap, alibi_slopes, return_lse,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
