@@ -89,7 +89,8 @@ def attention_forward(
     if dropout:
         raise ValueError(
             f"dropout: cpuattn has no attention dropout, got {dropout} (call model.eval(), or "
-            "set the config's attention_dropout to 0 for training)"
+            "set the config's attention dropout to 0 for training: attention_dropout, "
+            "attention_probs_dropout_prob for BERT)"
         )
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)

@@ -164,6 +164,8 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or _forward_ad._current_level >= 0:
         return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap, grad, jvp
+        return False
     return all(
         t is None or (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
         for t in tensors
@@ -226,19 +228,19 @@ def scaled_dot_product_attention(
     The same arguments and semantics: ``query (..., Hq, Lq, E)``, ``key (..., Hkv, Lk, E)``,
     ``value (..., Hkv, Lk, Ev)`` CPU tensors of one dtype (float32, float64, float16 or
     bfloat16); ``attn_mask`` broadcastable to ``(..., Hq, Lq, Lk)``, bool (True = attend) or
-    float (added to the scores); ``is_causal`` top-left (query ``i`` keeps keys ``j <= i``);
+    float (added to the scores); ``is_causal`` top-left (query ``i`` keeps keys ``j <= i``;
+    with a mask too, both apply);
     ``scale`` default ``1 / sqrt(E)``; ``Hq != Hkv`` only with ``enable_gqa=True`` (K and V are
     read in place, never repeated). Differentiable in query, key and value.
 
     Differences: ``dropout_p`` must be 0 (a ``ValueError`` otherwise: cpuattn has no dropout);
     a query row that keeps no key gives 0 (torch's math backend gives NaN); half inputs are
-    computed in float32.
+    computed in float32; the output is contiguous ``(..., Hq, Lq, Ev)`` whatever query's
+    layout; no double backward and no forward-mode AD (torch.func's grad and jacrev included).
     """
     _check_tensors(query=query, key=key, value=value, attn_mask=attn_mask)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p: cpuattn has no dropout, expected 0.0, got {dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
     if not torch.is_autocast_enabled("cpu"):  # autocast casts them to one dtype
         for name, t in (("key", key), ("value", value)):
             if t.dtype != query.dtype:
