@@ -45,6 +45,8 @@ struct Params {
   int num_threads = 0;                          // 0 = OpenMP default
   double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)
   View alibi;             // (*batch, Hq) slopes in the compute type, or data == nullptr
+  View sinks;  // (*batch, Hq) sink logits in the compute type (added to each row's softmax
+               // denominator only), or data == nullptr
   const void* additive_w = nullptr;  // (D,) compute type: scores sum_d w tanh(q + k), or dot
 
   // Packed variable-length sequences (flash-attn's varlen), or nullptr: batch_shape is {B},

@@ -34,7 +34,7 @@ class OutputWriter {
   void write_rows(const ItemPos& pos, QueryRows<T>& t) const {
     const int64_t rows = pos.rows;
     const OutBase base = out_base(pos);
-    const bool direct = p_.out_dtype == p_.compute_dtype;
+    const bool direct = p_.out_dtype == p_.compute_dtype && !p_.sinks.data;
     if (direct) {
       T* out = static_cast<T*>(const_cast<void*>(p_.out.data)) + base.out;
       const size_t nb = p_.batch_shape.size();
@@ -46,8 +46,9 @@ class OutputWriter {
     finish_(t.o.data(), t.l.data(), rows, p_.dv, direct ? t.out.data() : nullptr, t.sums.data());
     if (direct && !p_.lse.data) return;
     for (int64_t r = 0; r < rows; ++r) {
-      if (!direct) write_out_row(base, t.pos[r], t.head[r], t.o.data() + r * p_.dv, t.sums[r]);
-      write_lse(base, t.pos[r], t.head[r], t.m[r], t.sums[r]);
+      const Finish f = finish_row(base, t.head[r], t.m[r], t.sums[r]);
+      if (!direct) write_out_row(base, t.pos[r], t.head[r], t.o.data() + r * p_.dv, f.inv);
+      write_lse(base, t.pos[r], t.head[r], f.lse);
     }
   }
 
@@ -85,8 +86,9 @@ class OutputWriter {
         for (int64_t e = 0; e < dv; ++e) acc[e] += part[2 + e] * w;
       }
       const int64_t i = (pos.r0 + r) / group_, h = pos.hk * group_ + (pos.r0 + r) % group_;
-      write_out_row(base, i, h, acc, l);
-      write_lse(base, i, h, m, l);
+      const Finish f = finish_row(base, h, m, l);
+      write_out_row(base, i, h, acc, f.inv);
+      write_lse(base, i, h, f.lse);
     }
   }
 
@@ -94,22 +96,43 @@ class OutputWriter {
   // Element offsets of an item's batch entry (and first row, for packed sequences) in out
   // and lse (lse: -1 when not requested), computed once per work item rather than per row.
   struct OutBase {
-    int64_t out, lse;
+    int64_t out, lse, sinks;  // sinks: -1 without them
   };
   OutBase out_base(const ItemPos& pos) const {
     const size_t nb = p_.batch_shape.size();
     return {batch_offset(p_.batch_shape, p_.out, pos.b) + pos.q_row * p_.out.strides[nb + 1],
             p_.lse.data
                 ? batch_offset(p_.batch_shape, p_.lse, pos.b) + pos.q_row * p_.lse.strides[nb + 1]
-                : -1};
+                : -1,
+            p_.sinks.data ? batch_offset(p_.batch_shape, p_.sinks, pos.b) : -1};
   }
 
-  // out = o / l for query i of head h, in out's type; a row that kept no key (l = 0) gets 0.
-  void write_out_row(const OutBase& at, int64_t i, int64_t h, const T* o, T l) const {
+  // A finished row of head h (running max m, sum l): the factor its o is multiplied by, and
+  // its lse. 1 / l and a = m + log l; with a sink logit in the denominator, e^(a - lse) / l and
+  // lse = log(e^a + e^sink), computed from the larger of the two so that neither overflows. A
+  // row that kept no key: 0, and -inf or the sink. NaN stays NaN.
+  struct Finish {
+    T inv, lse;
+  };
+  Finish finish_row(const OutBase& at, int64_t h, T m, T l) const {
+    const T* sink = nullptr;
+    if (at.sinks >= 0) {
+      sink = static_cast<const T*>(p_.sinks.data) + at.sinks +
+             h * p_.sinks.strides[p_.batch_shape.size()];
+    }
+    if (l == T(0)) return {T(0), sink ? *sink : -std::numeric_limits<T>::infinity()};
+    const T a = m + std::log(l);
+    if (!sink) return {T(1) / l, a};
+    const T hi = a < *sink ? *sink : a, lo = a < *sink ? a : *sink;
+    const T lse = hi + std::log1p(std::exp(lo - hi));
+    return {std::exp(a - lse) / l, lse};
+  }
+
+  // out = o x inv (finish_row) for query i of head h, in out's type.
+  void write_out_row(const OutBase& at, int64_t i, int64_t h, const T* o, T inv) const {
     void* out = const_cast<void*>(p_.out.data);
     const size_t nb = p_.batch_shape.size();
     const int64_t base = at.out + h * p_.out.strides[nb] + i * p_.out.strides[nb + 1];
-    const T inv = l == T(0) ? T(0) : T(1) / l;  // NaN stays NaN
     if (p_.out_dtype == p_.compute_dtype) {
       for (int64_t e = 0; e < p_.dv; ++e) static_cast<T*>(out)[base + e] = o[e] * inv;
     } else if (p_.out_dtype == DType::BF16) {  // one loop per type: no type test per element
@@ -120,13 +143,12 @@ class OutputWriter {
     }
   }
 
-  // lse = m + log(l), when asked for; -inf for a row that kept no key.
-  void write_lse(const OutBase& at, int64_t i, int64_t h, T m, T l) const {
+  // The row's lse (finish_row), when asked for.
+  void write_lse(const OutBase& at, int64_t i, int64_t h, T value) const {
     if (!p_.lse.data) return;
     const size_t nb = p_.batch_shape.size();
     T* lse = static_cast<T*>(const_cast<void*>(p_.lse.data)) + at.lse;
-    lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] =
-        l == T(0) ? -std::numeric_limits<T>::infinity() : m + std::log(l);
+    lse[h * p_.lse.strides[nb] + i * p_.lse.strides[nb + 1]] = value;
   }
 
   const Params& p_;

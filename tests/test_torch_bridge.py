@@ -174,12 +174,13 @@ def test_opcheck_both_ops():
 
     q, k, v = leaves((2, 4, 33, 16), (2, 2, 40, 16), (2, 2, 40, 8))
     lengths = torch.tensor([40, 17])
-    args = (q, k, v, None, "bottom_right", 10, 0, None, 0.2, lengths, 3.0, None)
+    sinks = torch.randn(4, requires_grad=True)
+    args = (q, k, v, None, "bottom_right", 10, 0, None, 0.2, lengths, 3.0, None, sinks)
     for result in opcheck(torch.ops.cpuattn.attention.default, args).values():
         assert result == "SUCCESS"
     out, lse = torch.ops.cpuattn.attention(*args)
     dout = torch.randn(out.shape)
-    back = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:])
+    back = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args[3:12])
     for result in opcheck(torch.ops.cpuattn.attention_backward.default, back).values():
         assert result == "SUCCESS"
 
@@ -288,3 +289,26 @@ def test_tracers_record_the_op_not_a_constant():
 
     with fwad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
         f(fwad.make_dual(q, torch.ones_like(q)))
+
+
+def test_sinks_and_their_gradient_match_the_formula():
+    """gpt-oss's sink: a logit per head beside the keys, dropped after the softmax."""
+    q, k, v = leaves((2, 4, 9, 8), (2, 2, 11, 8), (2, 2, 11, 8), dtype=torch.float64)
+    (sinks,) = leaves((4,), dtype=torch.float64)
+    out = ct.attention(q, k, v, causal=True, sinks=sinks)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(dout)
+    got = [t.grad.clone() for t in (q, k, v, sinks)]
+
+    wide = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+    kk, vv = (x.repeat_interleave(2, dim=1) for x in wide[1:3])
+    s = wide[0] @ kk.transpose(-1, -2) / 8**0.5
+    keep = torch.ones(9, 11, dtype=torch.bool).tril(diagonal=2)  # bottom-right
+    s = s.masked_fill(~keep, -torch.inf)
+    column = wide[3].reshape(1, 4, 1, 1).expand(2, 4, 9, 1)
+    p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1]
+    expected = p @ vv
+    expected.backward(dout)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    for name, g, w in zip(("q", "k", "v", "sinks"), got, wide, strict=True):
+        torch.testing.assert_close(g, w.grad, msg=name)

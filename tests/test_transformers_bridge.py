@@ -254,3 +254,27 @@ def test_packed_rows_past_the_last_sequence_and_their_weights():
     assert torch.all(weights[..., :3, 3:] == 0)
     assert torch.all(weights[..., 3:7, :3] == 0)
     torch.testing.assert_close(weights[..., 3:7, 3:7].sum(-1), torch.ones(1, 4, 4))
+
+
+def test_gpt_oss_sinks_match_eager():
+    """gpt-oss passes its learned sinks as s_aux: the same logits and tokens as eager."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=16, attention_dropout=0.0,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2)  # sinks that matter
+    ids, mask = padded_batch()
+    got, expected = logits(model, NAME, ids, mask), logits(model, "eager", ids, mask)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[0, PAD:], expected[0, PAD:], rtol=0, atol=2e-5)
+    tokens = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        tokens[impl] = model.generate(ids[1:], max_new_tokens=12, do_sample=False)
+    assert torch.equal(tokens[NAME], tokens["eager"])

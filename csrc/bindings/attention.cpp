@@ -347,7 +347,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                int64_t window_left, int64_t window_right, int num_threads, double softcap,
                const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
                const std::optional<py::array>& cu_seqlens_q,
-               const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal) {
+               const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal,
+               const std::optional<py::array>& sinks) {
   Call c;
   cpuattn::Params& p = c.p;
   // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
@@ -394,6 +395,15 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
 
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
                diagonal);
+  if (sinks) {
+    if (p.cu_seqlens_q) fail("packed sequences take no sinks");
+    if (dtype_of("sinks", *sinks) != p.compute_dtype)
+      throw py::type_error("_core.attention: sinks must have the compute dtype");
+    std::vector<int64_t> want(p.batch_shape);
+    want.push_back(p.hq);
+    expect_shape("sinks", *sinks, want);
+    p.sinks = view_of("sinks", *sinks, false, false, c.holds);
+  }
   if (additive_w) {
     if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
       throw py::type_error("_core.attention: additive_w must have the compute dtype");
@@ -465,7 +475,7 @@ void register_attention(py::module_& m) {
         py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
         py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
-        py::arg("diagonal") = py::none(),
+        py::arg("diagonal") = py::none(), py::arg("sinks") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"),

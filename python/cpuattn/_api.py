@@ -34,6 +34,7 @@ def attention(
     alibi_slopes=None,
     return_weights=False,
     diagonal=None,
+    sinks=None,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
@@ -117,6 +118,11 @@ def attention(
         ``attention(q[..., a:b, :], k[..., c:e, :], v[..., c:e, :], causal=True,
         diagonal=a - c + Lk - Lq)``, exactly that block of the whole call (merge the key
         blocks with :func:`merge`). ``|diagonal| <= 2**61``.
+    sinks : array of shape ``(Hq,)`` or ``(*batch, Hq)``, optional
+        Attention sinks as learned logits (gpt-oss; transformers' ``s_aux``): per head a logit
+        in the softmax's denominator only, ``out_i = sum_j e^(s_ij) v_j / (sum_j e^(s_ij) +
+        e^sink)``; ``lse`` includes it, so a query that keeps no key gets out 0 and
+        ``lse = sink``. With :func:`merge`, give the sinks to one of the parts only.
 
     Returns
     -------
@@ -182,6 +188,7 @@ def attention(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         diagonal=diagonal,
+        sinks=sinks,
     )
     if return_weights:
         result = run_request(dataclasses.replace(req, return_lse=True), backend)

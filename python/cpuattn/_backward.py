@@ -25,6 +25,7 @@ def attention_backward(
     kv_lengths=None,
     softcap=None,
     alibi_slopes=None,
+    sinks=None,
     num_threads=None,
     backend="auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,9 +48,11 @@ def attention_backward(
         What ``attention(q, k, v, return_lse=True, ...)`` returned for the same keywords:
         ``out`` like ``dout``; ``lse`` of shape ``(*batch, Hq, Lq)`` in the compute dtype
         (float64 for float64 inputs, float32 otherwise).
-    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, num_threads
+    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, sinks, num_threads
         The forward's keywords, validated by the same rules (and errors) as in
-        :func:`attention`. Pass the values the forward used.
+        :func:`attention`. Pass the values the forward used. ``sinks`` enter through ``lse``
+        (which includes them); no gradient is returned for them (:mod:`cpuattn.torch` gives
+        one).
     backend : "auto", "native" or "numpy"
         "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy. Both
         compute the same thing; the native backward is tested against the NumPy one.
@@ -105,6 +108,7 @@ def attention_backward(
         kv_lengths=kv_lengths,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
         num_threads=num_threads,
     )
     layout = "(Lq, Dv)" if req.squeeze_head else "(*batch, Hq, Lq, Dv)"

@@ -25,6 +25,7 @@ def attention(
     cu_seqlens_q: np.ndarray | None = None,
     cu_seqlens_k: np.ndarray | None = None,
     diagonal: int | None = None,
+    sinks: np.ndarray | None = None,
 ) -> None: ...
 def attention_backward(
     q: np.ndarray,

@@ -35,7 +35,9 @@ def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     if out is None or not _is_kernel_ready(out, unit_last=True):
         out = np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
-    _call_core(req, q, k, v, out, lse, mask, req.kv_lengths, req.alibi, req.additive_w)
+    _call_core(
+        req, q, k, v, out, lse, mask, req.kv_lengths, req.alibi, req.additive_w, sinks=req.sinks
+    )
     if req.out is not None and out is not req.out:
         req.out[...] = out
         out = req.out
@@ -128,6 +130,7 @@ def _call_core(
     additive_w: np.ndarray | None,
     cu_seqlens_q: np.ndarray | None = None,
     cu_seqlens_k: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
 ) -> None:
     """_core.attention with the request's scalar options in the binding's form."""
     left, right = req.window
@@ -151,6 +154,7 @@ def _call_core(
         cu_seqlens_q,
         cu_seqlens_k,
         req.diagonal,
+        sinks,
     )
 
 

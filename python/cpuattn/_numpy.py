@@ -107,7 +107,13 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     # A row that kept no key: output 0, lse -inf (never 0/0).
     empty = l == 0
     safe_l = np.where(empty, 1, l)
-    return o / safe_l[..., None], np.where(empty, neg_inf, m + np.log(safe_l))
+    lse = np.where(empty, neg_inf, m + np.log(safe_l))
+    if req.sinks is None:
+        return o / safe_l[..., None], lse
+    # A sink logit joins the denominator only: lse' = log(e^lse + e^sink), and the weights of
+    # the keys shrink by e^(lse - lse') (a row with no key: out 0, lse' = sink).
+    total = np.logaddexp(lse, req.sinks[b][heads][:, None])
+    return o / safe_l[..., None] * np.exp(lse - total)[..., None], total
 
 
 def apply_mask(s, keep, mask):

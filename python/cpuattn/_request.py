@@ -61,6 +61,7 @@ class Request:
     alibi: np.ndarray | None = None  # (*batch, Hq) slopes in the compute dtype, C-order
     additive_w: np.ndarray | None = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
     diagonal: int | None = None  # query i sits at key i + diagonal; None: from align
+    sinks: np.ndarray | None = None  # (*batch, Hq) sink logits in the compute dtype, C-order
 
     def offset(self, n_keys: int) -> int:
         """Query ``i``'s diagonal is key ``i + offset`` (causal, window, ALiBi): the caller's
@@ -111,6 +112,7 @@ def build_request(
     alibi_slopes=None,
     additive_w=None,
     diagonal=None,
+    sinks=None,
 ) -> Request:
     q = _as_float_array("q", q)
     k = _as_float_array("k", k)
@@ -191,6 +193,7 @@ def build_request(
         alibi=_alibi(alibi_slopes, batch_shape, hq, dtype, squeeze_head),
         additive_w=_additive_w(additive_w, d, dtype),
         diagonal=_diagonal(diagonal),
+        sinks=_per_head("sinks", sinks, batch_shape, hq, dtype, squeeze_head),
     )
 
 
@@ -413,21 +416,27 @@ def _softcap(softcap) -> float:
 
 
 def _alibi(slopes, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
-    if slopes is None:
+    return _per_head("alibi_slopes", slopes, batch_shape, hq, dtype, squeeze_head)
+
+
+def _per_head(name, values, batch_shape, hq, dtype, squeeze_head) -> np.ndarray | None:
+    """One finite number per query head, ``(Hq,)`` or ``(*batch, Hq)``, as a C-ordered
+    ``(*batch, Hq)`` array in the compute dtype (ALiBi slopes, sink logits)."""
+    if values is None:
         return None
-    slopes = np.asarray(slopes)
-    if slopes.dtype.kind not in "fiu" and slopes.dtype != BF16:
-        raise TypeError(f"alibi_slopes: expected real numbers, got dtype {slopes.dtype}")
+    values = np.asarray(values)
+    if values.dtype.kind not in "fiu" and values.dtype != BF16:
+        raise TypeError(f"{name}: expected real numbers, got dtype {values.dtype}")
     shape = (hq,) if squeeze_head else (*batch_shape, hq)
-    if slopes.shape not in ((hq,), shape):
+    if values.shape not in ((hq,), shape):
         expected = f"(Hq,) = {shape}"  # no batch: that is the only shape
         if shape != (hq,):
             expected = f"(Hq,) or (*batch, Hq) = {(hq,)} or {shape}"
-        raise ValueError(f"alibi_slopes: expected shape {expected}, got {slopes.shape}")
-    slopes = _aligned(np.broadcast_to(slopes, (*batch_shape, hq)), dtype)
-    if not np.isfinite(slopes).all():
-        raise ValueError("alibi_slopes: expected finite values")
-    return slopes
+        raise ValueError(f"{name}: expected shape {expected}, got {values.shape}")
+    values = _aligned(np.broadcast_to(values, (*batch_shape, hq)), dtype)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name}: expected finite values")
+    return values
 
 
 def _additive_w(w, d, dtype) -> np.ndarray | None:

@@ -31,7 +31,7 @@ def register(name: str) -> str:
 
 # Keywords some models pass that change the scores, which cpuattn does not take: an error,
 # never a silently different result.
-UNSUPPORTED = ("position_bias", "s_aux", "sinks", "head_mask")
+UNSUPPORTED = ("position_bias", "head_mask")
 
 
 def mask(*args, local_size=None, config=None, **kwargs):
@@ -95,7 +95,9 @@ def attention_forward(
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     lq = query.shape[-2]
-    options: dict = {"scale": scaling, "softcap": softcap}
+    # Learned sink logits (gpt-oss passes them as s_aux): one per head, in the denominator.
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    options: dict = {"scale": scaling, "softcap": softcap, "sinks": sinks}
     if attention_mask is not None:
         options["mask"] = attention_mask  # causal, window and padding are all in it
     elif is_causal:

@@ -81,13 +81,20 @@ def _attention_op(
     kv_lengths: Tensor | None,
     softcap: float | None,
     alibi: Tensor | None,
+    sinks: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of cpuattn.attention on the tensors' memory."""
     options = _keywords(
         causal, window_left, window_right, diagonal, scale, kv_lengths, softcap, alibi
     )
     out, lse = _api.attention(
-        _numpy(q), _numpy(k), _numpy(v), mask=_optional(mask), return_lse=True, **options
+        _numpy(q),
+        _numpy(k),
+        _numpy(v),
+        mask=_optional(mask),
+        sinks=_optional(sinks),
+        return_lse=True,
+        **options,
     )
     return _tensor(out), _tensor(lse)
 
@@ -132,15 +139,16 @@ def _attention_backward_fake(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *options = inputs
+    q, k, v, mask, *options, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7])  # kv_lengths, alibi
+    # options[5], options[7]: kv_lengths, alibi
+    ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7], sinks)
     ctx.options = options
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, kv_lengths, alibi = ctx.saved_tensors
+    q, k, v, out, lse, mask, kv_lengths, alibi, sinks = ctx.saved_tensors
     causal, left, right, diagonal, scale, _, softcap, _ = ctx.options
     if dout is None:
         dout = torch.zeros_like(out)
@@ -148,7 +156,14 @@ def _attention_grad(ctx, dout, _dlse):
         dout, q, k, v, out, lse, mask, causal, left, right, diagonal, scale, kv_lengths, softcap,
         alibi,
     )  # fmt: skip
-    return dq, dk, dv, *([None] * 9)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[-1]:
+        # The sink's weight in row i is e^(sink - lse_i), and dO_i . O_i its rate:
+        # d sink = -sum_i e^(sink - lse_i) (dO_i . O_i), over every row of the head.
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        per_row = torch.exp(sinks.to(lse.dtype)[..., None] - lse) * delta  # (*batch, Hq, Lq)
+        dsinks = (-per_row.sum(-1)).sum_to_size(sinks.shape).to(sinks.dtype)
+    return dq, dk, dv, *([None] * 9), dsinks
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
@@ -172,7 +187,9 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     )
 
 
-def _call(q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse):
+def _call(
+    q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse, sinks=None
+):
     """The custom op, or in plain eager code with no gradient to track the kernel straight
     away: the op's dispatch (autograd wrapper, schema) costs ~0.1 ms a call, a tenth of a
     decode step's attention (measured, (1, 32, 1, 128) on 4096 keys). Anything that records,
@@ -181,12 +198,14 @@ def _call(q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softc
         _forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)
     ):
         raise NotImplementedError("cpuattn has no forward-mode AD formula (reverse mode only)")
-    if not _plain_eager(q, k, v, mask, kv_lengths, alibi):
+    if not _plain_eager(q, k, v, mask, kv_lengths, alibi, sinks):
         args = (q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
-        return torch.ops.cpuattn.attention(*args)
+        return torch.ops.cpuattn.attention(*args, sinks)
     options = _keywords(causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
     arrays = [_numpy(t) for t in (q, k, v)]
-    result = _api.attention(*arrays, mask=_optional(mask), return_lse=lse, **options)
+    result = _api.attention(
+        *arrays, mask=_optional(mask), sinks=_optional(sinks), return_lse=lse, **options
+    )
     return (_tensor(result[0]), _tensor(result[1])) if lse else (_tensor(result), None)
 
 
@@ -209,6 +228,9 @@ def _check_tensors(**tensors: Tensor | None) -> None:
                 raise TypeError(
                     f"{name}: expected float32, float64, float16 or bfloat16, got {t.dtype}"
                 )
+        elif name == "sinks":  # differentiable
+            if not t.is_floating_point():
+                raise TypeError(f"sinks: expected a floating tensor, got {t.dtype}")
         elif t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: requires grad, but cpuattn gives no gradient for it")
 
@@ -295,21 +317,25 @@ def attention(
     kv_lengths: Tensor | None = None,
     softcap: float | None = None,
     alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`cpuattn.attention` on CPU tensors, differentiable in ``q``, ``k`` and ``v``.
 
     The arguments and semantics of :func:`cpuattn.attention` (``causal=True`` is bottom-right
-    there; ``kv_lengths`` an int tensor, ``alibi_slopes`` a float tensor). With
-    ``return_lse=True``, ``(out, lse)``: lse is in float32 (float64 for float64 inputs) and
-    has no gradient.
+    there; ``kv_lengths`` an int tensor, ``alibi_slopes`` and ``sinks`` float tensors).
+    Differentiable in ``q``, ``k``, ``v`` and ``sinks`` (gpt-oss's learned sink logits). With
+    ``return_lse=True``, ``(out, lse)``: lse is in float32 (float64 for float64 inputs) and has
+    no gradient.
     """
-    _check_tensors(q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes)
+    _check_tensors(
+        q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes, sinks=sinks
+    )
     causal_on, alignment = _causal_mode(causal)  # cpuattn's checks and errors
     left, right = _window(window)
     out, lse = _call(
         q, k, v, mask, alignment if causal_on else "none", left, right, diagonal, scale,
-        kv_lengths, softcap, alibi_slopes, return_lse,
+        kv_lengths, softcap, alibi_slopes, return_lse, sinks,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
