@@ -25,9 +25,10 @@ def _models():
     return torch, transformers, ct
 
 
-def _llama(transformers, torch, **extra):
-    """Llama-style: hidden 1024, 16 heads of 64, 4 kv heads, 2 layers, random weights."""
-    config = transformers.LlamaConfig(
+def _model(transformers, torch, family: str, **extra):
+    """Llama-style sizes: hidden 1024, 16 heads of 64, 4 kv heads, 2 layers, random weights;
+    family "Llama" or "Mistral" (with extra={"sliding_window": W})."""
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=1000,
         hidden_size=1024,
         intermediate_size=2816,
@@ -38,22 +39,7 @@ def _llama(transformers, torch, **extra):
         **extra,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _mistral(transformers, torch, window: int):
-    config = transformers.MistralConfig(
-        vocab_size=1000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=2,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        sliding_window=window,
-        max_position_embeddings=16384,
-    )
-    torch.manual_seed(0)
-    return transformers.MistralForCausalLM(config).eval()
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
 
 
 def _medians(runners: dict, repeats: int) -> dict:
@@ -93,11 +79,11 @@ def rows(repeats: int = 3) -> list[dict] | None:
         t = _medians(_impl_runners(model, run), reps)
         out.append({"case": name, "s": t, "x_sdpa": t["sdpa"] / t["cpuattn"]})
 
-    llama = _llama(transformers, torch)
+    llama = _model(transformers, torch, "Llama")
     ids = torch.randint(0, 1000, (1, 4096), generator=g)
     with torch.inference_mode():
         row("Llama-style prefill L=4096", llama, lambda: llama(ids))
-    mistral = _mistral(transformers, torch, window=1024)
+    mistral = _model(transformers, torch, "Mistral", sliding_window=1024)
     long_ids = torch.randint(0, 1000, (1, 8192), generator=g)
     with torch.inference_mode():
         row("Mistral-style window 1024 prefill L=8192", mistral, lambda: mistral(long_ids))

@@ -101,15 +101,7 @@ class Driver {
         query_(p, kernels, plan, choice.q_pairs(),
                std::visit([](const auto& s) { return s.kStagedQuery; }, source_)),
         output_(p, kernels, plan) {
-    // The step's fields that hold for the whole call.
-    const size_t nb = p.batch_shape.size();
-    proto_.d = p.d;
-    proto_.dv = p.dv;
-    proto_.dot_scale = static_cast<T>(p.scale);
-    proto_.mask_kind = p.mask_kind;
-    proto_.mask_col_stride = p.mask.data ? p.mask.strides[nb + 2] : 0;
-    proto_.softcap = static_cast<T>(p.softcap);
-    proto_.additive_w = static_cast<const T*>(p.additive_w);
+    proto_ = call_step<T>(p);
     if (choice.path == KvPath::Bf16Pairs) {
       proto_.d_pairs = choice.d_pairs;
       proto_.split_p = p.out_dtype != DType::BF16;  // full float32 accuracy for a float32 out

@@ -142,12 +142,7 @@ class BackwardDriver {
       pack_ = kernels.pack_f64;
     }
     const size_t nb = p_.batch_shape.size();
-    proto_.d = p_.d;
-    proto_.dv = p_.dv;
-    proto_.dot_scale = static_cast<T>(p_.scale);
-    proto_.mask_kind = p_.mask_kind;
-    proto_.mask_col_stride = p_.mask.data ? p_.mask.strides[nb + 2] : 0;
-    proto_.softcap = static_cast<T>(p_.softcap);
+    proto_ = call_step<T>(p_);
     proto_.key.form = KeyForm::PackedT;
     proto_.key.elem = Elem::Compute;
     // dK = dS^T (scale q): the scale is in a staged q, and applied to dK for one read in place.

@@ -54,6 +54,22 @@ inline void split_bf16(float x, uint32_t& hi, uint32_t& lo) {
   lo = std::isfinite(x) ? f32_to_bf16(x - bf16_to_f32(h)) : 0;
 }
 
+// A step's fields that hold for a whole call (the forward's and the backward's): head dims,
+// the score scale, the mask's kind and key stride, softcap, additive weights.
+template <typename T>
+TileStep<T> call_step(const Params& p) {
+  TileStep<T> s{};
+  const size_t nb = p.batch_shape.size();
+  s.d = p.d;
+  s.dv = p.dv;
+  s.dot_scale = static_cast<T>(p.scale);
+  s.mask_kind = p.mask_kind;
+  s.mask_col_stride = p.mask.data ? p.mask.strides[nb + 2] : 0;
+  s.softcap = static_cast<T>(p.softcap);
+  s.additive_w = static_cast<const T*>(p.additive_w);
+  return s;
+}
+
 template <typename T>
 class QueryStage {
  public:

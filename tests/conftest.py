@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import os
 
@@ -15,6 +16,18 @@ def pytest_report_header(config):
     return f"cpuattn {cpuattn.__version__}: {cpuattn.info()}"
 
 
+@contextlib.contextmanager
+def pinned_isa(isa: str):
+    """The native kernels of one ISA for the duration, the previous choice restored after."""
+    core = _native._core
+    previous = core.isa()
+    core.select_isa(isa)
+    try:
+        yield
+    finally:
+        core.select_isa(previous)
+
+
 @pytest.fixture(params=BACKENDS)
 def attention(request):
     """cpuattn.attention pinned to one backend, and for native to one ISA's kernels."""
@@ -22,25 +35,15 @@ def attention(request):
     if name == "numpy":
         yield functools.partial(cpuattn.attention, backend="numpy")
         return
-    core = _native._core
-    previous = core.isa()
-    core.select_isa(name.split("-", 1)[1])
-    try:
+    with pinned_isa(name.split("-", 1)[1]):
         yield functools.partial(cpuattn.attention, backend="native")
-    finally:
-        core.select_isa(previous)
 
 
 @pytest.fixture(params=ISAS or [pytest.param(None, marks=pytest.mark.skip("no native"))])
 def native(request):
     """cpuattn.attention on the native backend, pinned to each supported ISA."""
-    core = _native._core
-    previous = core.isa()
-    core.select_isa(request.param)
-    try:
+    with pinned_isa(request.param):
         yield functools.partial(cpuattn.attention, backend="native")
-    finally:
-        core.select_isa(previous)
 
 
 @pytest.fixture(params=["numpy-tiny-tiles", "numpy"] + [f"native-{isa}" for isa in ISAS])
@@ -57,13 +60,8 @@ def backward(request, monkeypatch):
             monkeypatch.setattr(_numpy_backward, "BLOCK_K", 4)
         yield functools.partial(cpuattn.attention_backward, backend="numpy")
         return
-    core = _native._core
-    previous = core.isa()
-    core.select_isa(name.split("-", 1)[1])
-    try:
+    with pinned_isa(name.split("-", 1)[1]):
         yield functools.partial(cpuattn.attention_backward, backend="native")
-    finally:
-        core.select_isa(previous)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ non-finite values where no kept pair reads them."""
 
 import numpy as np
 import pytest
+from conftest import pinned_isa
 from reference import random_qkv
 
 import cpuattn
@@ -16,11 +17,8 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    core = _native._core
-    previous = core.isa()
-    core.select_isa(request.param)
-    yield request.param
-    core.select_isa(previous)
+    with pinned_isa(request.param):
+        yield request.param
 
 
 def compare(q, k, v, rng, atol=None, **options):
