@@ -16,8 +16,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -192,17 +193,23 @@ class BackwardDriver {
       const int64_t part = block * cut_.pairs + pair;
       dk = {dk_parts + part * dk_elems(), p_.d, T(1)};
       dv = {dv_parts + part * dv_elems(), p_.dv, T(1)};
-      // Every key row the sums read: those this task skips are 0 (the chunk's, up to Lk).
-      const int64_t zero_end = chunk + 1 == cut_.chunks ? p_.lk : k_begin + cut_.chunk_keys;
-      std::fill(dk.rows + k_begin * p_.d, dk.rows + zero_end * p_.d, T(0));
-      std::fill(dv.rows + k_begin * p_.dv, dv.rows + zero_end * p_.dv, T(0));
     }
+    // Every key row of the chunk is written: a tile's dK and dV, or 0 for a tile no query of
+    // the block keeps and for keys past the valid ones (to Lk, by the last chunk).
     const int64_t i_first = t_begin * kTileRows / group_, i_last = (r_end - 1) / group_;
     for (int64_t j0 = k_begin; j0 < k_end; j0 += kTileKeys) {
       const int64_t j1 = std::min(j0 + kTileKeys, k_end);
-      if (classify_tile(rb, i_first, i_last, j0, j1) == TileKind::Skip) continue;
+      if (classify_tile(rb, i_first, i_last, j0, j1) == TileKind::Skip) {
+        zero_key_rows(dk, j0, j1, p_.d);
+        zero_key_rows(dv, j0, j1, p_.dv);
+        continue;
+      }
       run_key_tile(head, rb, pair, j0, j1, t_begin, t_end, sc, dq, dk, dv);
     }
+    const int64_t zero_end =
+        chunk + 1 == cut_.chunks ? p_.lk : std::min(k_begin + cut_.chunk_keys, p_.lk);
+    zero_key_rows(dk, std::max(k_begin, k_end), zero_end, p_.d);
+    zero_key_rows(dv, std::max(k_begin, k_end), zero_end, p_.dv);
   }
 
   // dQ = scale x the sum of the chunks' partials, in chunk order, for the rows of query tile
@@ -348,6 +355,12 @@ class BackwardDriver {
     return {base, to.strides[nb + 1], scale};
   }
 
+  // Rows [j0, j1) of `to` set to 0.
+  static void zero_key_rows(const KeyRowsOut<T>& to, int64_t j0, int64_t j1, int64_t width) {
+    for (int64_t j = j0; j < j1; ++j)
+      std::fill(to.rows + j * to.ld, to.rows + j * to.ld + width, T(0));
+  }
+
   // Rows [j0, j0 + cols) of `to`, from the tile's accumulators.
   static void write_key_rows(const KeyRowsOut<T>& to, int64_t j0, int64_t cols, int64_t width,
                              const T* acc) {
@@ -387,10 +400,34 @@ class BackwardDriver {
   int64_t dout_ld_ = 0;  // elements between a tile's dout rows read in place; 0: copied
 };
 
+// No query at all (Hq or Lq = 0): every key's dK and dV is 0.
+template <typename T>
+void zero_key_gradients(const BackwardParams& bp) {
+  const Params& p = bp.fwd;
+  const size_t nb = p.batch_shape.size();
+  int64_t batch = 1;
+  for (int64_t n : p.batch_shape) batch *= n;
+  for (const auto& [to, width] : {std::pair{&bp.dk, p.d}, std::pair{&bp.dv, p.dv}}) {
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t hk = 0; hk < p.hkv; ++hk) {
+        T* head = static_cast<T*>(const_cast<void*>(to->data)) +
+                  batch_offset(p.batch_shape, *to, b) + hk * to->strides[nb];
+        for (int64_t j = 0; j < p.lk; ++j) {
+          std::fill(head + j * to->strides[nb + 1], head + j * to->strides[nb + 1] + width, T(0));
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
-  if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
+  if (p.hkv == 0) return;
+  if (p.hq == 0 || p.lq == 0) {
+    zero_key_gradients<T>(bp);
+    return;
+  }
   const WorkPlan plan(p);
   if (plan.items() == 0) return;
   const BackwardPlan cut = plan_backward<T>(plan, p);

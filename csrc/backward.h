@@ -12,8 +12,8 @@ struct BackwardParams {
   View dout;   // (*batch, Hq, Lq, Dv), compute type, unit stride on the last axis
   View delta;  // (*batch, Hq, Lq), compute type: rowsum(dout * out), any strides
   View dq;  // (*batch, Hq, Lq, D), compute type, unit last stride, writable: every row written
-  // (*batch, Hkv, Lk, D | Dv), compute type, unit last stride, writable and zero on entry: keys
-  // that no query keeps are not written.
+  // (*batch, Hkv, Lk, D | Dv), compute type, unit last stride, writable: every row written
+  // (0 for keys no query keeps).
   View dk, dv;
 };
 

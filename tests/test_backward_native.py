@@ -123,3 +123,26 @@ def test_non_finite_values_where_nothing_reads_them(isa, rng):
     got = cpuattn.attention_backward(dout, *dirty, out, lse, backend="native", **options)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("lq", [0, 90])
+def test_every_key_gradient_is_written(lq):
+    """The kernel writes every element of dk and dv (0 for keys no query keeps: skipped
+    tiles, keys past kv_lengths, no queries at all), whatever the arrays held before."""
+    rng = np.random.default_rng(3)
+    q, k, v = random_qkv(rng, (2,), 2, 1, lq, 300, 16)
+    lengths = np.array([100, 300])
+    options = {"causal": True, "window": (20, 0), "kv_lengths": lengths}
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, **options)
+    delta = np.einsum("...i,...i->...", out, out)
+    grads = [np.full(x.shape, np.nan, np.float32) for x in (q, k, v)]
+    left, right = 20, 0
+    _native._core.attention_backward(
+        q, k, v, out, lse, delta, *grads, None, lengths, 0.25, True, 0, left, right, 0, 0.0,
+        None, None,
+    )  # fmt: skip
+    expected = cpuattn.attention_backward(
+        out, q, k, v, out, lse, backend="numpy", scale=0.25, **options
+    )
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=0, atol=3e-5 * max(1.0, np.abs(e).max(initial=0)))

@@ -420,7 +420,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
 }
 
 // The backward pass: q, k, v, dout, lse and delta in the compute type (the Python layer
-// converts half inputs), dq / dk / dv shaped like q / k / v, writable, dk and dv zero.
+// converts half inputs), dq / dk / dv shaped like q / k / v, writable (every element written).
 void attention_backward(const py::array& q, const py::array& k, const py::array& v,
                         const py::array& dout, const py::array& lse, const py::array& delta,
                         const py::array& dq, const py::array& dk, const py::array& dv,
@@ -483,6 +483,6 @@ void register_attention(py::module_& m) {
         py::arg("dv"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),
         py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
         py::arg("softcap"), py::arg("alibi"), py::arg("diagonal"),
-        "Gradients of attention into dq, dk, dv (dk and dv zero on entry). Arguments must "
+        "Gradients of attention into dq, dk, dv (every element written). Arguments must "
         "already be validated and canonical: see cpuattn._native.");
 }

@@ -79,9 +79,9 @@ def attention_backward(
     lse = _kernel_ready(lse, unit_last=False)
     delta = np.einsum("...i,...i->...", dout_c, out.astype(ct, copy=False))
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
-    dq = np.empty(q.shape, ct)
-    dk = np.zeros(k.shape, ct)  # keys no query keeps stay 0
-    dv = np.zeros(v.shape, ct)
+    # Every element is written (0 for keys no query keeps): np.empty, not np.zeros, whose
+    # fresh zero pages would fault on the kernel's first write on every call.
+    dq, dk, dv = np.empty(q.shape, ct), np.empty(k.shape, ct), np.empty(v.shape, ct)
     left, right = req.window
     _core.attention_backward(
         q,
