@@ -116,3 +116,23 @@ def test_bad_sinks_name_the_argument():
         cpuattn.attention(q, q, q, sinks=np.array([0, np.inf, 0, 0]))
     with pytest.raises(TypeError, match="^sinks: expected real numbers"):
         cpuattn.attention(q, q, q, sinks=np.array(["a"] * 4))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+def test_varlen_sequences_each_with_the_sinks(backend):
+    rng = np.random.default_rng(4)
+    lengths = [5, 0, 40, 3]
+    cu = np.cumsum([0, *lengths])
+    q, k, v = (rng.standard_normal((cu[-1], h, 8)) for h in (4, 2, 2))
+    sinks = rng.standard_normal(4)
+    out, lse = cpuattn.attention_varlen(
+        q, k, v, cu, cu, causal=True, sinks=sinks, return_lse=True, backend=backend
+    )
+    for b in range(4):
+        rows = slice(cu[b], cu[b + 1])
+        parts = [x[rows].swapaxes(0, 1) for x in (q, k, v)]
+        expected, expected_lse = cpuattn.attention(
+            *parts, causal=True, sinks=sinks, return_lse=True, backend="numpy"
+        )
+        np.testing.assert_allclose(out[rows].swapaxes(0, 1), expected, atol=1e-12)
+        np.testing.assert_allclose(lse[:, rows], expected_lse, atol=1e-12)

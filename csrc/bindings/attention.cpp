@@ -375,6 +375,14 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   if (lse) p.lse = row_values(c, "lse", *lse, true);
   read_mask_and_lengths(c, mask, kv_lengths);
 
+  if (sinks) {  // (*batch, Hq); packed sequences share one (Hq,)
+    if (dtype_of("sinks", *sinks) != p.compute_dtype)
+      throw py::type_error("_core.attention: sinks must have the compute dtype");
+    std::vector<int64_t> want(p.batch_shape);
+    want.push_back(p.hq);
+    expect_shape("sinks", *sinks, want);
+    p.sinks = view_of("sinks", *sinks, false, false, c.holds);
+  }
   if (cu_seqlens_q || cu_seqlens_k) {
     if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
     if (!p.batch_shape.empty()) fail("packed sequences take q, k, v as (H, total, D)");
@@ -388,22 +396,13 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
     const auto batch = static_cast<int64_t>(c.cu_q.size()) - 1;
     // Sequences are the batch: stride 0, each found by its row offsets.
     p.batch_shape = {batch};
-    for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse}) {
+    for (cpuattn::View* view : {&p.q, &p.k, &p.v, &p.out, &p.lse, &p.sinks}) {
       if (view->data) view->strides.insert(view->strides.begin(), 0);
     }
   }
 
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
                diagonal);
-  if (sinks) {
-    if (p.cu_seqlens_q) fail("packed sequences take no sinks");
-    if (dtype_of("sinks", *sinks) != p.compute_dtype)
-      throw py::type_error("_core.attention: sinks must have the compute dtype");
-    std::vector<int64_t> want(p.batch_shape);
-    want.push_back(p.hq);
-    expect_shape("sinks", *sinks, want);
-    p.sinks = view_of("sinks", *sinks, false, false, c.holds);
-  }
   if (additive_w) {
     if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
       throw py::type_error("_core.attention: additive_w must have the compute dtype");

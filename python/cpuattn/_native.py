@@ -59,7 +59,19 @@ def attention_packed(
     q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
     _call_core(
-        req, q, k, v, out.swapaxes(0, 1), lse, None, None, alibi, None, cu_seqlens_q, cu_seqlens_k
+        req,
+        q,
+        k,
+        v,
+        out.swapaxes(0, 1),
+        lse,
+        None,
+        None,
+        alibi,
+        None,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        sinks=req.sinks,
     )
     return lse
 

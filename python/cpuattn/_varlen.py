@@ -25,6 +25,7 @@ def attention_varlen(
     return_lse=False,
     num_threads: int | None = None,
     backend="auto",
+    sinks=None,
 ):
     """Attention over B sequences packed end to end, with no padding anywhere.
 
@@ -41,6 +42,8 @@ def attention_varlen(
         ``total_k``.
     alibi_slopes : array ``(Hq,)`` or ``(B, Hq)``, optional
         ALiBi slopes, per sequence when ``(B, Hq)``.
+    sinks : array ``(Hq,)``, optional
+        Sink logits (:func:`attention`), the same for every sequence.
     causal, window, scale, softcap, return_lse, num_threads, backend
         As for :func:`attention`.
 
@@ -71,6 +74,7 @@ def attention_varlen(
         alibi_slopes=alibi_slopes,
         num_threads=num_threads,
         return_lse=return_lse,
+        sinks=sinks,
     )
     batch, hq = len(cu_q) - 1, req.hq
     out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
@@ -96,6 +100,7 @@ def attention_varlen(
             out=out[qs:qe].swapaxes(0, 1),
             num_threads=num_threads,
             backend=backend,
+            sinks=req.sinks,
         )
         if lse is not None:
             lse[:, qs:qe] = result[1]
