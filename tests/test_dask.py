@@ -308,3 +308,19 @@ def test_random_chunkings_and_options(client, seed):
     ref_out, ref_lse = dense_attention(q, k, v, **options)
     assert_matches(out, ref_out, F32)
     assert_matches(lse, ref_lse, F32, "lse")
+
+
+@pytest.mark.parametrize(
+    ("chunks_q", "chunks_kv"), [((1, 2, 32, 16), (1, 2, 45, 16)), ((1, 2, 20, 16), (1, 2, 200, 16))]
+)
+def test_sinks_join_each_query_block_once(client, rng, chunks_q, chunks_kv):
+    """Sink logits merge once per row whatever the key blocks: the local call's results,
+    rows with no key included (out 0, lse = the sink)."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 90, 60, 16)
+    sinks = np.array([0.5, -1.0])
+    got, local = run(client, q, k, v, chunks_q, chunks_kv, causal=True, sinks=sinks)
+    (out, lse), (local_out, local_lse) = got, local
+    assert_matches(out, local_out, F32)
+    assert_matches(lse, local_lse, F32, "lse")
+    assert np.all(out[:, :, :30] == 0)  # bottom-right, Lq > Lk: the first 30 rows keep nothing
+    np.testing.assert_allclose(lse[0, :, :30], np.broadcast_to(sinks[:, None], (2, 30)))

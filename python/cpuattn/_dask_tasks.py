@@ -76,3 +76,9 @@ def merge_parts(*parts, out_dtype=None):
 def empty_block(out_shape, out_dtype, lse_dtype):
     """A query block that keeps no key at all (every key block outside the band): 0, -inf."""
     return np.zeros(out_shape, out_dtype), np.full(out_shape[:-1], -np.inf, lse_dtype)
+
+
+def sink_part(out_shape, sinks, dtype):
+    """Sink logits ``(*batch, heads)`` as a merge part: out 0, lse the head's sink on each row."""
+    lse = np.broadcast_to(np.asarray(sinks, dtype)[..., None], out_shape[:-1]).copy()
+    return np.zeros(out_shape, dtype), lse

@@ -20,7 +20,7 @@ except ImportError as exc:
     raise ImportError(f'cpuattn.dask needs dask: pip install "cpuattn[dask]" ({exc})') from exc
 
 from ._api import BACKENDS
-from ._dask_tasks import attend_pair, empty_block, merge_parts
+from ._dask_tasks import attend_pair, empty_block, merge_parts, sink_part
 from ._numpy import key_bounds
 from ._request import MAX_DIAGONAL, Request, as_int, build_request, check_choice
 
@@ -45,6 +45,7 @@ def attention(
     alibi_slopes=None,
     diagonal=None,
     split_every=8,
+    sinks=None,
 ):
     """:func:`cpuattn.attention` over dask arrays, as lazy dask arrays.
 
@@ -58,10 +59,11 @@ def attention(
     mask : dask or NumPy array broadcastable to ``(*batch, Hq, Lq, Lk)``, optional
         Rechunked alongside q (batch, heads, queries) and k (keys); broadcast axes stay one
         chunk.
-    causal, window, scale, kv_lengths, out_dtype, softcap, alibi_slopes, diagonal, backend
+    causal, window, scale, kv_lengths, out_dtype, softcap, alibi_slopes, diagonal, sinks, backend
         As for :func:`cpuattn.attention`, for the whole arrays (positions are global).
-        ``kv_lengths`` and ``alibi_slopes`` are small and are read when the graph is built
-        (a dask array there is computed).
+        ``kv_lengths``, ``alibi_slopes`` and ``sinks`` are small and are read when the graph
+        is built (a dask array there is computed). The sinks join each query block's merge
+        once, as one more part (out 0, lse = sink).
     return_lse : bool
         Also return the lse, a lazy ``(*batch, Hq, Lq)`` array.
     num_threads : int, optional
@@ -124,6 +126,7 @@ def attention(
         softcap=softcap,
         alibi_slopes=None if alibi_slopes is None else np.asarray(alibi_slopes),
         diagonal=diagonal,
+        sinks=None if sinks is None else np.asarray(sinks),
     )
     if req.diagonal is not None and abs(req.diagonal) + req.lq + req.lk > MAX_DIAGONAL:
         # Each block pair's call takes diagonal + (its first query - its first key).
@@ -267,13 +270,17 @@ class _Graph:
             needed, inside = _band(req, n_keys, a, b, c, e)
             if needed:
                 pairs.append((ki, c, e, inside))
-        if not pairs:
+        sink = self._sink(index, batch, shape)
+        if not pairs and sink is None:
             return delayed(empty_block, nout=2, pure=True)(shape, req.out_dtype, req.dtype)
-        single = len(pairs) == 1  # no merge: compute straight into the output dtype
+        # One pair and no sink: no merge, computed straight into the output dtype.
+        single = len(pairs) == 1 and sink is None
         parts = [
             self._pair(index, batch, n_keys, a, ki, c, e, inside, single)
             for ki, c, e, inside in pairs
         ]
+        if sink is not None:
+            parts.append(sink)
         while len(parts) > self.split_every:
             parts = [
                 delayed(merge_parts, nout=2, pure=True)(*parts[i : i + self.split_every])
@@ -282,6 +289,15 @@ class _Graph:
         if single:
             return parts[0]
         return delayed(merge_parts, nout=2, pure=True)(*parts, out_dtype=req.out_dtype)
+
+    def _sink(self, index, batch, shape):
+        """The block's sink logits as one more merge part (out 0, lse = sink), or None: merged
+        once per query row, whatever the number of key blocks."""
+        if self.req.sinks is None:
+            return None
+        heads = _span(self.head_chunks, index[-2])
+        entries = tuple(slice(*s) for s in batch) + (slice(*heads),)
+        return delayed(sink_part, nout=2, pure=True)(shape, self.req.sinks[entries], self.req.dtype)
 
     def _pair(self, index, batch, n_keys, a, ki, c, e, inside, single):
         req = self.req
