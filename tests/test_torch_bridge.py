@@ -312,3 +312,11 @@ def test_sinks_and_their_gradient_match_the_formula():
     torch.testing.assert_close(out.detach(), expected.detach())
     for name, g, w in zip(("q", "k", "v", "sinks"), got, wide, strict=True):
         torch.testing.assert_close(g, w.grad, msg=name)
+
+
+def test_docstring_examples():
+    import doctest
+
+    failures, tried = doctest.testmod(ct, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried >= 8
+    assert failures == 0

@@ -259,6 +259,20 @@ def scaled_dot_product_attention(
     a query row that keeps no key gives 0 (torch's math backend gives NaN); half inputs are
     computed in float32; the output is contiguous ``(..., Hq, Lq, Ev)`` whatever query's
     layout; no double backward and no forward-mode AD (torch.func's grad and jacrev included).
+
+    Examples
+    --------
+    >>> import torch, cpuattn.torch
+    >>> q = torch.randn(2, 8, 64, 32, requires_grad=True)
+    >>> kv = torch.randn(2, 2, 64, 32)                         # 2 kv heads: GQA
+    >>> out = cpuattn.torch.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    >>> ref = torch.nn.functional.scaled_dot_product_attention(
+    ...     q, kv, kv, is_causal=True, enable_gqa=True)
+    >>> bool(torch.allclose(out, ref, atol=1e-5))
+    True
+    >>> out.sum().backward()
+    >>> q.grad.shape
+    torch.Size([2, 8, 64, 32])
     """
     _check_tensors(query=query, key=key, value=value, attn_mask=attn_mask)
     if dropout_p != 0.0:
@@ -327,6 +341,15 @@ def attention(
     Differentiable in ``q``, ``k``, ``v`` and ``sinks`` (gpt-oss's learned sink logits). With
     ``return_lse=True``, ``(out, lse)``: lse is in float32 (float64 for float64 inputs) and has
     no gradient.
+
+    Examples
+    --------
+    >>> import torch, cpuattn.torch
+    >>> q = k = v = torch.randn(1, 4, 100, 16)
+    >>> out, lse = cpuattn.torch.attention(
+    ...     q, k, v, causal=True, window=(31, 0), sinks=torch.zeros(4), return_lse=True)
+    >>> out.shape, lse.shape
+    (torch.Size([1, 4, 100, 16]), torch.Size([1, 4, 100]))
     """
     _check_tensors(
         q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes, sinks=sinks
@@ -341,7 +364,16 @@ def attention(
 
 
 def register_transformers(name: str = "cpuattn") -> str:
-    """Registers cpuattn with Hugging Face transformers as ``attn_implementation=name``."""
+    """Registers cpuattn with Hugging Face transformers as ``attn_implementation=name``: an
+    attention function and its mask function (see :doc:`guide/torch`). Returns the name.
+
+    Examples
+    --------
+    >>> import cpuattn.torch
+    >>> cpuattn.torch.register_transformers()                 # doctest: +SKIP
+    'cpuattn'
+    >>> model.set_attn_implementation("cpuattn")              # doctest: +SKIP
+    """
     from ._transformers import register
 
     return register(name)
