@@ -96,10 +96,13 @@ class Driver {
   Driver(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
          const StepChoice<T>& choice)
       : p_(p), plan_(plan), step_(choice.step),
-        source_(choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.path, choice.on_amx,
-                                    choice.d_pairs)),
+        source_(p.paged.block_table
+                    ? choose_kv_source<T>(p, kernels, plan, PagedLayout(p), choice.path,
+                                          choice.on_amx, choice.d_pairs)
+                    : choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.path,
+                                          choice.on_amx, choice.d_pairs)),
         query_(p, kernels, plan, choice.q_pairs(),
-               std::visit([](const auto& s) { return s.kStagedQuery; }, source_)),
+               std::visit([](const auto& s) { return s.staged_query(); }, source_)),
         output_(p, kernels, plan) {
     proto_ = call_step<T>(p);
     if (choice.path == KvPath::Bf16Pairs) {
@@ -161,8 +164,10 @@ class Driver {
       step.j0 = j0;
       step.apply_bounds = kind == TileKind::Partial;
       // Stage the whole valid tile (up to n_keys) so every query tile can reuse it.
-      source.tile(step, head, KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, j1 < j_end},
-                  sc.kv);
+      source.tile(
+          step, head,
+          KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, std::min(kTileKeys, j_end - j1)},
+          sc.kv);
       step_(step);
     }
     if (partial) {

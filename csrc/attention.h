@@ -18,15 +18,31 @@ struct View {
 // binding), i + diagonal -+ a side + 1 stays below 2^62 + 2^61 + Lq + Lk, inside int64.
 constexpr int64_t kMaxDiagonal = int64_t(1) << 61;
 
+// K and V in blocks of `block_size` keys (flash-attn's and vLLM's paged layout): k and v are
+// (num_blocks, block_size, Hkv, D|Dv) caches, their views' strides [block, row, kv head, 1]
+// (k_scale, v_scale: [block, row, kv head]); key j of batch entry b is row j % block_size of
+// block block_table[b * table_ld + j / block_size]. batch_shape is {B}, lk = table_ld x
+// block_size, and kv_lengths (or, for packed queries, cu_seqlens_k's differences) bound the
+// keys read: the binding has checked that the entries they reach name blocks of the cache.
+struct PagedKv {
+  const int32_t* block_table = nullptr;
+  int64_t table_ld = 0, block_size = 0;
+};
+
 struct Params {
   DType compute_dtype = DType::F32;  // F32 or F64; also lse's and a float mask's
   // Storage types: the compute type, or F16 / BF16 (computed in F32; q may be F32 with half
-  // k and v; out is q's type or F32).
+  // k and v; out is q's type or F32), or I8 k and v (F32 compute, q F32 or half) with scales.
   DType q_dtype = DType::F32, kv_dtype = DType::F32, out_dtype = DType::F32;
   std::vector<int64_t> batch_shape;  // *batch, possibly empty
   int64_t hq = 0, hkv = 0, lq = 0, lk = 0, d = 0, dv = 0;
 
   View q, k, v;           // (*batch, H, L, D|Dv), unit stride on the last axis
+  // I8 k and v: float32 scales (*batch, Hkv, Lk), key j's row of k or v times its scale;
+  // else data == nullptr.
+  View k_scale, v_scale;
+  // Paged k and v (caches of fixed-size blocks), or block_table == nullptr.
+  PagedKv paged;
   View out;               // (*batch, Hq, Lq, Dv), unit stride on the last axis, writable
   View lse;               // (*batch, Hq, Lq) or data == nullptr when not requested
   View mask;              // (*batch, Hq, Lq, Lk), any strides, or data == nullptr

@@ -9,7 +9,7 @@
 // kv_layout.h, added to KvSourceOn's layouts.
 //
 // A source has:
-//   static constexpr bool kStagedQuery    its step reads q staged (copied and scaled, or as
+//   bool staged_query()                   its step reads q staged (copied and scaled, or as
 //                                         pairs), never the caller's rows in place
 //   void reserve(KvScratch&, tiles, cache)  a thread's buffers, before the parallel region
 //   void setup(TileStep&)                 the step's K/V fields that hold for the whole call
@@ -18,6 +18,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -93,10 +94,19 @@ class StagedTileCache {
 template <typename T>
 struct KvScratch {
   AlignedBuffer<T> kt, vt, stage;  // packed K^T, converted V, converted K before packing
+  // A key tile's K and V rows copied run by run where the layout splits the tile (paged
+  // caches whose blocks are shorter than a tile), for sources that read rows as one run.
+  AlignedBuffer<unsigned char> gathered_k, gathered_v;
   StagedTileCache<T> keys, values;
   AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
   StagedTileCache<uint32_t> key_pairs, value_pairs;
 };
+
+// The lines of `bytes` bytes from `at`, into the caches.
+inline void prefetch_lines(const void* at, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64)
+    __builtin_prefetch(static_cast<const char*>(at) + b, 0, 3);
+}
 
 // One key tile of an item.
 struct KeyTile {
@@ -104,7 +114,7 @@ struct KeyTile {
   int64_t staged_keys;  // the whole valid tile (the step may use fewer), so every query tile
                         // can reuse it
   int64_t owner;  // b * Hkv + kv head: whose staged tiles a thread's cache holds
-  bool more;      // another tile of the item follows (sources in place prefetch its rows)
+  int64_t next_keys;  // keys of the item's next tile (0: none), whose rows sources prefetch
 };
 
 // What every source has: its layout, and K and V rows of storage type E found through it.
@@ -116,11 +126,67 @@ class OnLayout {
   Head head(const ItemPos& pos) const { return layout_.head(pos); }
 
  protected:
+  // A tile's rows as one run, `ld` elements apart: in place, or copied into scratch.
+  struct Rows {
+    const E* data;
+    int64_t ld;
+  };
+
   const E* k_row(const Head& h, int64_t j) const {
     return static_cast<const E*>(layout_.k_row(h, j));
   }
   const E* v_row(const Head& h, int64_t j) const {
     return static_cast<const E*>(layout_.v_row(h, j));
+  }
+
+  // fn(j, n) for each run of keys [j, j + n) that covers [j0, j0 + keys), in order.
+  template <typename Fn>
+  void for_each_run(int64_t j0, int64_t keys, const Fn& fn) const {
+    for (int64_t j = j0, end = j0 + keys; j < end;) {
+      const int64_t n = std::min(layout_.run_end(j), end) - j;
+      fn(j, n);
+      j += n;
+    }
+  }
+  // Whether keys [j0, j0 + keys) lie in one run.
+  bool one_run(int64_t j0, int64_t keys) const {
+    return Layout::kOneRun || layout_.run_end(j0) >= j0 + keys;
+  }
+  // Whether the run [j, j + n) of tile t has its counterpart in the next tile, kTileKeys on:
+  // rows that exist, in one run, so a source can prefetch them as it reads these.
+  bool ahead(const KeyTile& t, int64_t j, int64_t n) const {
+    return j - t.j0 + n <= t.next_keys && one_run(j + kTileKeys, n);
+  }
+  // Gather buffers for the tiles that are not one run: none for a layout of one run per head.
+  void reserve_gather(KvScratch<float>& sc, int64_t d, int64_t dv) const {
+    reserve_gather_bytes(sc.gathered_k, sc.gathered_v, d, dv);
+  }
+  void reserve_gather(KvScratch<double>& sc, int64_t d, int64_t dv) const {
+    reserve_gather_bytes(sc.gathered_k, sc.gathered_v, d, dv);
+  }
+  // K's (V's) rows of tile t's staged keys, `width` elements each: in place when they lie in
+  // one run, else copied run by run into `gathered`.
+  Rows k_tile(const Head& h, const KeyTile& t, int64_t width,
+              AlignedBuffer<unsigned char>& gathered) const {
+    return tile_rows(t, width, layout_.k_ld(), gathered, [&](int64_t j) { return k_row(h, j); });
+  }
+  Rows v_tile(const Head& h, const KeyTile& t, int64_t width,
+              AlignedBuffer<unsigned char>& gathered) const {
+    return tile_rows(t, width, layout_.v_ld(), gathered, [&](int64_t j) { return v_row(h, j); });
+  }
+  // The step's K and V rows for a source that reads them in place: one run each (gathered
+  // where the layout splits the tile). Rows in place ask for the next tile's rows ahead where
+  // that tile follows in the same run.
+  template <typename T>
+  void rows_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc, int64_t d,
+                     int64_t dv) const {
+    const Rows k = k_tile(h, t, d, sc.gathered_k);
+    const Rows v = v_tile(h, t, dv, sc.gathered_v);
+    s.key.data = k.data;
+    s.key.ld = k.ld;
+    s.value.data = v.data;
+    s.value.ld = v.ld;
+    s.prefetch_next = t.next_keys > 0 && one_run(t.j0, 2 * kTileKeys);
   }
   // Both operands as rows in place, stored as `elem`.
   template <typename T>
@@ -130,6 +196,32 @@ class OnLayout {
   }
 
   Layout layout_;
+
+ private:
+  void reserve_gather_bytes(AlignedBuffer<unsigned char>& k, AlignedBuffer<unsigned char>& v,
+                            int64_t d, int64_t dv) const {
+    if (Layout::kOneRun) return;
+    k.allocate(kTileKeys * d * int64_t(sizeof(E)));
+    v.allocate(kTileKeys * dv * int64_t(sizeof(E)));
+  }
+  // next_keys: the next tile's keys, whose rows are prefetched while these are copied.
+  template <typename RowAt>
+  Rows tile_rows(const KeyTile& t, int64_t width, int64_t ld,
+                 AlignedBuffer<unsigned char>& gathered, const RowAt& row_at) const {
+    if (one_run(t.j0, t.staged_keys)) return {row_at(t.j0), ld};
+    E* dst = reinterpret_cast<E*>(gathered.data());
+    const int64_t bytes = width * int64_t(sizeof(E));
+    for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
+      const E* src = row_at(j);
+      const char* next =
+          ahead(t, j, n) ? reinterpret_cast<const char*>(row_at(j + kTileKeys)) : nullptr;
+      for (int64_t r = 0; r < n; ++r) {
+        if (next) prefetch_lines(next + r * ld * int64_t(sizeof(E)), bytes);
+        std::memcpy(dst + (j - t.j0 + r) * width, src + r * ld, size_t(bytes));
+      }
+    });
+    return {dst, width};
+  }
 };
 
 // K and V in the compute type, rows in place: scores as dot products with K rows. For few
@@ -139,15 +231,17 @@ class NativeRows : public OnLayout<Layout, T> {
   using Base = OnLayout<Layout, T>;
 
  public:
-  static constexpr bool kStagedQuery = true;
-  explicit NativeRows(const Layout& layout) : Base(layout) {}
-  void reserve(KvScratch<T>&, int64_t, bool) const {}
+  bool staged_query() const { return true; }
+  NativeRows(const Layout& layout, int64_t d, int64_t dv) : Base(layout), d_(d), dv_(dv) {}
+  void reserve(KvScratch<T>& sc, int64_t, bool) const { this->reserve_gather(sc, d_, dv_); }
   void setup(TileStep<T>& s) const { this->setup_rows(s, Elem::Compute); }
-  void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t, KvScratch<T>&) const {
-    s.key.data = this->k_row(h, t.j0);
-    s.value.data = this->v_row(h, t.j0);
-    s.prefetch_next = t.more;
+  void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<T>& sc) const {
+    this->rows_in_place(s, h, t, sc, d_, dv_);
   }
+
+ private:
+  int64_t d_, dv_;
 };
 
 // K and V in the compute type: K^T packed per key tile (cached), V rows in place.
@@ -157,11 +251,13 @@ class PackedKeys : public OnLayout<Layout, T> {
 
  public:
   using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
-  static constexpr bool kStagedQuery = false;
-  PackedKeys(const Layout& layout, Pack pack, int64_t d) : Base(layout), pack_(pack), d_(d) {}
+  bool staged_query() const { return false; }
+  PackedKeys(const Layout& layout, Pack pack, int64_t d, int64_t dv)
+      : Base(layout), pack_(pack), d_(d), dv_(dv) {}
   void reserve(KvScratch<T>& sc, int64_t tiles, bool cache) const {
     sc.kt.allocate(d_ * kTileKeys);
     sc.keys.reserve(tiles, kTileKeys * d_, cache);
+    this->reserve_gather(sc, d_, dv_);
   }
   void setup(TileStep<T>& s) const {
     this->setup_rows(s, Elem::Compute);
@@ -170,14 +266,17 @@ class PackedKeys : public OnLayout<Layout, T> {
   void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<T>& sc) const {
     s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
-      pack_(this->k_row(h, t.j0), this->layout_.k_ld(), t.staged_keys, d_, dst);
+      const auto k = this->k_tile(h, t, d_, sc.gathered_k);
+      pack_(k.data, k.ld, t.staged_keys, d_, dst);
     });
-    s.value.data = this->v_row(h, t.j0);
+    const auto v = this->v_tile(h, t, dv_, sc.gathered_v);
+    s.value.data = v.data;
+    s.value.ld = v.ld;
   }
 
  private:
   Pack pack_;
-  int64_t d_;
+  int64_t d_, dv_;
 };
 
 // Half K and V rows in place, widened by the step as it loads them (decode on a half cache):
@@ -187,57 +286,90 @@ class HalfRows : public OnLayout<Layout, uint16_t> {
   using Base = OnLayout<Layout, uint16_t>;
 
  public:
-  static constexpr bool kStagedQuery = true;
-  HalfRows(const Layout& layout, Elem elem) : Base(layout), elem_(elem) {}
-  void reserve(KvScratch<float>&, int64_t, bool) const {}
+  bool staged_query() const { return true; }
+  HalfRows(const Layout& layout, Elem elem, int64_t d, int64_t dv)
+      : Base(layout), elem_(elem), d_(d), dv_(dv) {}
+  void reserve(KvScratch<float>& sc, int64_t, bool) const { this->reserve_gather(sc, d_, dv_); }
   void setup(TileStep<float>& s) const { this->setup_rows(s, elem_); }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
-            KvScratch<float>&) const {
-    s.key.data = this->k_row(h, t.j0);
-    s.value.data = this->v_row(h, t.j0);
-    s.prefetch_next = t.more;
+            KvScratch<float>& sc) const {
+    this->rows_in_place(s, h, t, sc, d_, dv_);
   }
 
  private:
   Elem elem_;  // F16 or Bf16
+  int64_t d_, dv_;
 };
 
-// Half K and V converted to float32 per key tile (cached): K through the stage, then packed.
+// Half or int8 K and V converted to float32 per key tile by their encoding (int8 rows times
+// their scales), run by run, so a paged tile needs no separate gather. K is then packed as
+// K^T (cached for the head's later query tiles) or, for a few query rows (decode), kept as
+// rows: packing K^T for one query tile costs as much as the product it saves.
 template <typename Layout>
-class ConvertedTiles : public OnLayout<Layout, uint16_t> {
-  using Base = OnLayout<Layout, uint16_t>;
+class ConvertedTiles : public OnLayout<Layout, unsigned char> {
+  using Base = OnLayout<Layout, unsigned char>;
 
  public:
   using Convert = decltype(EncodingOps::to_float);
   using Pack = void (*)(const float*, int64_t, int64_t, int64_t, float*);
-  static constexpr bool kStagedQuery = false;
-  ConvertedTiles(const Layout& layout, Convert convert, Pack pack, int64_t d, int64_t dv)
-      : Base(layout), convert_(convert), pack_(pack), d_(d), dv_(dv) {}
+  // K as rows (no pack) is read by score_rows, from a staged q.
+  bool staged_query() const { return pack_ == nullptr; }
+  // pack: nullptr to keep K as rows.
+  ConvertedTiles(const Layout& layout, Convert convert, bool scaled, Pack pack, int64_t d,
+                 int64_t dv)
+      : Base(layout), convert_(convert), scaled_(scaled), pack_(pack), d_(d), dv_(dv) {}
   void reserve(KvScratch<float>& sc, int64_t tiles, bool cache) const {
-    sc.kt.allocate(d_ * kTileKeys);
     sc.stage.allocate(kTileKeys * d_);
     sc.vt.allocate(kTileKeys * dv_);
-    sc.keys.reserve(tiles, kTileKeys * d_, cache);
     sc.values.reserve(tiles, kTileKeys * dv_, cache);
+    if (pack_) {
+      sc.kt.allocate(d_ * kTileKeys);
+      sc.keys.reserve(tiles, kTileKeys * d_, cache);
+    }
   }
   void setup(TileStep<float>& s) const {
-    s.key = {KeyForm::PackedT, Elem::Compute, nullptr, 0};
+    s.key = pack_ ? KeyOperand{KeyForm::PackedT, Elem::Compute, nullptr, 0}
+                  : KeyOperand{KeyForm::Rows, Elem::Compute, nullptr, d_};
     s.value = {ValueForm::Rows, Elem::Compute, nullptr, dv_};  // the converted tile's rows
   }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
-    const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
-    s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](float* dst) {
-      convert_(this->k_row(h, t.j0), k_ld, t.staged_keys, d_, sc.stage.data());
-      pack_(sc.stage.data(), d_, t.staged_keys, d_, dst);
-    });
-    s.value.data = sc.values.get(t.owner, t.j0 / kTileKeys, sc.vt.data(), [&](float* dst) {
-      convert_(this->v_row(h, t.j0), v_ld, t.staged_keys, dv_, dst);
+    const int64_t tile = t.j0 / kTileKeys;
+    const auto& lay = this->layout_;
+    const auto convert_keys = [&](float* dst) {
+      this->for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
+        const bool ahead = this->ahead(t, j, n);
+        const float* scales = scaled_ ? lay.k_scale(h, j) : nullptr;
+        if (scaled_ && ahead)
+          prefetch_lines(lay.k_scale(h, j + kTileKeys), n * lay.k_scale_ld() * 4);
+        convert_(this->k_row(h, j), lay.k_ld(), scales, lay.k_scale_ld(), n, d_,
+                 dst + (j - t.j0) * d_, ahead ? this->k_row(h, j + kTileKeys) : nullptr);
+      });
+    };
+    if (pack_) {
+      s.key.data = sc.keys.get(t.owner, tile, sc.kt.data(), [&](float* dst) {
+        convert_keys(sc.stage.data());
+        pack_(sc.stage.data(), d_, t.staged_keys, d_, dst);
+      });
+    } else {
+      convert_keys(sc.stage.data());
+      s.key.data = sc.stage.data();
+    }
+    s.value.data = sc.values.get(t.owner, tile, sc.vt.data(), [&](float* dst) {
+      this->for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
+        const bool ahead = this->ahead(t, j, n);
+        const float* scales = scaled_ ? lay.v_scale(h, j) : nullptr;
+        if (scaled_ && ahead)
+          prefetch_lines(lay.v_scale(h, j + kTileKeys), n * lay.v_scale_ld() * 4);
+        convert_(this->v_row(h, j), lay.v_ld(), scales, lay.v_scale_ld(), n, dv_,
+                 dst + (j - t.j0) * dv_, ahead ? this->v_row(h, j + kTileKeys) : nullptr);
+      });
     });
   }
 
  private:
   Convert convert_;
+  bool scaled_;  // int8: rows times the layout's scales
   Pack pack_;
   int64_t d_, dv_;
 };
@@ -250,7 +382,7 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
   using Base = OnLayout<Layout, uint16_t>;
 
  public:
-  static constexpr bool kStagedQuery = true;
+  bool staged_query() const { return true; }
   Bf16PairTiles(const Layout& layout, const KernelSet& kernels, int64_t d, int64_t dv,
                 int64_t d_pairs, bool keys_in_place)
       : Base(layout), pack_keys_(kernels.pack_bf16_keys), pack_values_(kernels.pack_bf16_values),
@@ -262,27 +394,28 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
     sc.v_pairs.allocate(v_elems);
     sc.key_pairs.reserve(tiles, d_pairs_ * kTileKeys, cache);
     sc.value_pairs.reserve(tiles, v_elems, cache);
+    this->reserve_gather(sc, d_, dv_);
   }
   void setup(TileStep<float>& s) const {
     s.value = {ValueForm::Bf16Pairs, Elem::Bf16, nullptr, width_};
   }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
-    const auto* k16 = this->k_row(h, t.j0);
-    const auto* v16 = this->v_row(h, t.j0);
-    const int64_t k_ld = this->layout_.k_ld(), v_ld = this->layout_.v_ld();
     if (keys_in_place_ && this->layout_.rows_inside(h, t.j0, kTileKeys)) {
-      s.key = {KeyForm::Rows, Elem::Bf16, k16, k_ld};
+      s.key = {KeyForm::Rows, Elem::Bf16, this->k_row(h, t.j0), this->layout_.k_ld()};
     } else {
       s.key = {KeyForm::Bf16PairsT, Elem::Bf16, nullptr, 0};
-      s.key.data = sc.key_pairs.get(
-          t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(),
-          [&](uint32_t* dst) { pack_keys_(k16, k_ld, t.staged_keys, d_, d_pairs_, dst); });
+      s.key.data =
+          sc.key_pairs.get(t.owner, t.j0 / kTileKeys, sc.kt_pairs.data(), [&](uint32_t* dst) {
+            const auto k = this->k_tile(h, t, d_, sc.gathered_k);
+            pack_keys_(k.data, k.ld, t.staged_keys, d_, d_pairs_, dst);
+          });
     }
     // Kept with the tile: 1 + (the first key whose V row holds an inf or NaN, + 1), 1 if none.
     const auto [values, state] = sc.value_pairs.get_flagged(
         t.owner, t.j0 / kTileKeys, sc.v_pairs.data(), [&](uint32_t* dst) {
-          return uint8_t(2 + pack_values_(v16, v_ld, t.staged_keys, dv_, width_, dst));
+          const auto v = this->v_tile(h, t, dv_, sc.gathered_v);
+          return uint8_t(2 + pack_values_(v.data, v.ld, t.staged_keys, dv_, width_, dst));
         });
     s.value.data = values;
     s.value.first_nonfinite_key = state == 1 ? int32_t(kTileKeys) : int32_t(state - 2);
@@ -296,7 +429,7 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
 };
 
 // The sources a call may use, on each layout: the five storage kinds for float32 compute,
-// the native two for float64 (half storage is computed in float32 only).
+// the native two for float64 (half and int8 storage are computed in float32 only).
 template <typename T, typename... Layouts>
 using KvSourceOn = std::conditional_t<
     std::is_same_v<T, float>,
@@ -304,7 +437,7 @@ using KvSourceOn = std::conditional_t<
                  ConvertedTiles<Layouts>..., Bf16PairTiles<Layouts>...>,
     std::variant<NativeRows<double, Layouts>..., PackedKeys<double, Layouts>...>>;
 template <typename T>
-using KvSource = KvSourceOn<T, DenseLayout>;
+using KvSource = KvSourceOn<T, DenseLayout, PagedLayout>;
 
 // The source for a call on `layout`. path / on_amx / d_pairs: the step's choice (AMX tile
 // registers, D's padded bfloat16 pairs).
@@ -316,24 +449,27 @@ KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const Wo
   const bool few_rows = one_tile && plan.rows_per_head_group() <= kInPlaceMaxRows;
   if constexpr (std::is_same_v<T, float>) {
     if (path == KvPath::Bf16Pairs) {
-      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16);
+      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16, p.d, p.dv);
       // AMX takes K rows as they are when D fills whole 32-element chunks and rows go forward.
       const bool keys_in_place =
           on_amx && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;
       return Bf16PairTiles<Layout>(layout, kernels, p.d, p.dv, d_pairs, keys_in_place);
     }
     if (path == KvPath::WidenedToFloat) {
-      const Elem elem = p.kv_dtype == DType::BF16 ? Elem::Bf16 : Elem::F16;
-      if (few_rows && !p.additive_w) return HalfRows<Layout>(layout, elem);
-      return ConvertedTiles<Layout>(layout, kernels.encodings[int(elem)].to_float, kernels.pack_f32,
-                                    p.d, p.dv);
+      const Elem elem = p.kv_dtype == DType::BF16 ? Elem::Bf16
+                        : p.kv_dtype == DType::I8 ? Elem::I8
+                                                  : Elem::F16;
+      const bool rows = few_rows && !p.additive_w;
+      if (rows && elem != Elem::I8) return HalfRows<Layout>(layout, elem, p.d, p.dv);
+      return ConvertedTiles<Layout>(layout, kernels.encodings[int(elem)].to_float, elem == Elem::I8,
+                                    rows ? nullptr : kernels.pack_f32, p.d, p.dv);
     }
   }
-  if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout);
+  if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout, p.d, p.dv);
   if constexpr (std::is_same_v<T, float>) {
-    return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d);
+    return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d, p.dv);
   } else {
-    return PackedKeys<double, Layout>(layout, kernels.pack_f64, p.d);
+    return PackedKeys<double, Layout>(layout, kernels.pack_f64, p.d, p.dv);
   }
 }
 

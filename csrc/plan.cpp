@@ -5,9 +5,6 @@
 namespace cpuattn {
 namespace {
 
-// Bytes per element of a storage type.
-int64_t dtype_bytes(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
-
 // Split-KV: how many key chunks each work item is cut into, from the shape alone (never the
 // thread count, so results stay bitwise identical for any number of threads).
 int64_t key_chunks(int64_t items, int64_t keys) {
@@ -145,8 +142,10 @@ TaskRanges WorkPlan::head_ranges(int64_t item) const {
     bytes += runs * run * item_bytes;
   };
   range(p_.q, p_.q_dtype, pos.hk * group_, group_, pos.lq, p_.d, 0);
-  range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
-  range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
+  if (!p_.paged.block_table) {  // a paged head lies in blocks: no few runs to name
+    range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
+    range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
+  }
   range(p_.out, p_.out_dtype, pos.hk * group_, group_, pos.lq, p_.dv, 3);
   if (bytes > kPrefetchHeadBytes) return {};
   return in;

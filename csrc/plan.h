@@ -13,6 +13,11 @@
 
 namespace cpuattn {
 
+// Bytes per element of a storage type.
+inline int64_t dtype_bytes(DType t) {
+  return t == DType::F64 ? 8 : t == DType::F32 ? 4 : t == DType::I8 ? 1 : 2;
+}
+
 // Element offset of batch entry `b` (row-major over batch_shape) in a view.
 inline int64_t batch_offset(const std::vector<int64_t>& shape, const View& view, int64_t b) {
   int64_t off = 0;

@@ -5,7 +5,8 @@
 
 namespace cpuattn {
 
-enum class DType { F32, F64, F16, BF16 };
+// I8: symmetric int8 K and V with one float32 scale per row (key, kv head), computed in F32.
+enum class DType { F32, F64, F16, BF16, I8 };
 enum class MaskKind { None, Bool, Additive };
 // Which end the causal diagonal (and a window) is anchored to; see DESIGN §1.
 enum class Align { BottomRight = 0, TopLeft = 1 };

@@ -196,6 +196,7 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
     return cpuattn::DType::F16;
   if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16")
     return cpuattn::DType::BF16;
+  if (has_dtype<int8_t>(a)) return cpuattn::DType::I8;
   throw py::type_error(std::string("_core.attention: unsupported dtype for ") + name);
 }
 
@@ -229,12 +230,39 @@ std::vector<int64_t> offsets_of(const char* name, const py::array& a, int64_t to
 
 bool is_half(cpuattn::DType t) { return t == cpuattn::DType::F16 || t == cpuattn::DType::BF16; }
 
+// The storage and compute types of q, k, v and out. The compute type is F64 for float64 q,
+// else F32: half or int8 k and v are computed in F32, with q float32 or (half k, v) q's own
+// type or (int8 k, v) either half type; out is q's type or the compute type.
+void read_dtypes(cpuattn::Params& p, const py::array& q, const py::array& k, const py::array& v,
+                 const py::array& out) {
+  using cpuattn::DType;
+  p.q_dtype = dtype_of("q", q);
+  p.kv_dtype = dtype_of("k", k);
+  p.out_dtype = dtype_of("out", out);
+  p.compute_dtype = p.q_dtype == DType::F64 ? DType::F64 : DType::F32;
+  if (dtype_of("v", v) != p.kv_dtype)
+    throw py::type_error("_core.attention: k and v dtypes differ");
+  bool fits;
+  if (is_half(p.kv_dtype)) {
+    fits = p.compute_dtype == DType::F32 && (p.q_dtype == DType::F32 || p.q_dtype == p.kv_dtype);
+  } else if (p.kv_dtype == DType::I8) {
+    fits = p.compute_dtype == DType::F32;
+  } else {
+    fits = p.kv_dtype == p.compute_dtype && p.q_dtype == p.compute_dtype;
+  }
+  if (!fits) throw py::type_error("_core.attention: q, k, v dtypes do not go together");
+  if (p.out_dtype != p.compute_dtype && p.out_dtype != p.q_dtype) {
+    throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
+  }
+}
+
 // A call's Params and what they point to: the arrays' owners and buffers and the private
 // copies of the offsets the driver reads (copy_int64), held until the call returns.
 struct Call {
   cpuattn::Params p;
   Holds holds;
   std::vector<int64_t> lengths, cu_q, cu_k;
+  std::vector<int32_t> table;  // a paged call's block table
 
   std::vector<int64_t> with_batch(std::initializer_list<int64_t> tail) const {
     std::vector<int64_t> s(p.batch_shape);
@@ -341,6 +369,34 @@ void read_options(Call& c, double scale, bool causal, int align, int64_t window_
   p.num_threads = num_threads;
 }
 
+// int8 k and v's float32 scales, shaped `shape` (k's without D): both with int8 k and v,
+// neither otherwise.
+void read_scales(Call& c, const std::optional<py::array>& k_scale,
+                 const std::optional<py::array>& v_scale, const std::vector<int64_t>& shape) {
+  const bool int8 = c.p.kv_dtype == cpuattn::DType::I8;
+  if (int8 != bool(k_scale) || int8 != bool(v_scale))
+    fail("k_scale and v_scale go with int8 k and v, and only with them");
+  if (!int8) return;
+  const char* names[] = {"k_scale", "v_scale"};
+  const py::array* arrays[] = {&*k_scale, &*v_scale};
+  cpuattn::View* views[] = {&c.p.k_scale, &c.p.v_scale};
+  for (int i = 0; i < 2; ++i) {
+    if (!has_dtype<float>(*arrays[i]))
+      throw py::type_error(std::string("_core.attention: ") + names[i] + " must be float32");
+    expect_shape(names[i], *arrays[i], shape);
+    *views[i] = view_of(names[i], *arrays[i], false, false, c.holds);
+  }
+}
+
+// Sink logits (*batch, Hq) in the compute type; packed sequences share one (Hq,).
+void read_sinks(Call& c, const std::optional<py::array>& sinks) {
+  if (!sinks) return;
+  if (dtype_of("sinks", *sinks) != c.p.compute_dtype)
+    throw py::type_error("_core.attention: sinks must have the compute dtype");
+  expect_shape("sinks", *sinks, c.with_batch({c.p.hq}));
+  c.p.sinks = view_of("sinks", *sinks, false, false, c.holds);
+}
+
 void attention(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
                const std::optional<py::array>& lse, const std::optional<py::array>& mask,
                const std::optional<py::array>& kv_lengths, double scale, bool causal, int align,
@@ -348,46 +404,25 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                const std::optional<py::array>& alibi, const std::optional<py::array>& additive_w,
                const std::optional<py::array>& cu_seqlens_q,
                const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal,
-               const std::optional<py::array>& sinks) {
+               const std::optional<py::array>& sinks, const std::optional<py::array>& k_scale,
+               const std::optional<py::array>& v_scale) {
   Call c;
   cpuattn::Params& p = c.p;
-  // Storage types; the compute type is F64 for float64 q, else F32 (half inputs included).
-  p.q_dtype = dtype_of("q", q);
-  p.kv_dtype = dtype_of("k", k);
-  p.out_dtype = dtype_of("out", out);
-  p.compute_dtype = p.q_dtype == cpuattn::DType::F64 ? cpuattn::DType::F64 : cpuattn::DType::F32;
-  const bool half_kv = is_half(p.kv_dtype);
-  if (dtype_of("v", v) != p.kv_dtype)
-    throw py::type_error("_core.attention: k and v dtypes differ");
-  if (half_kv ? p.compute_dtype != cpuattn::DType::F32 ||
-                    (p.q_dtype != cpuattn::DType::F32 && p.q_dtype != p.kv_dtype)
-              : p.kv_dtype != p.compute_dtype || p.q_dtype != p.compute_dtype) {
-    throw py::type_error("_core.attention: q, k, v dtypes do not go together");
-  }
-  if (p.out_dtype != p.compute_dtype && p.out_dtype != p.q_dtype) {
-    throw py::type_error("_core.attention: out must be q's dtype or the compute dtype");
-  }
-
+  read_dtypes(p, q, k, v, out);
   read_qkv(c, q, k, v);
+  read_scales(c, k_scale, v_scale, c.with_batch({p.hkv, p.lk}));
   if (out.ndim() != q.ndim()) fail("q, k, v, out must share ndim >= 3");
   expect_shape("out", out, c.with_batch({p.hq, p.lq, p.dv}));
   p.out = view_of("out", out, true, true, c.holds);
   if (lse) p.lse = row_values(c, "lse", *lse, true);
   read_mask_and_lengths(c, mask, kv_lengths);
 
-  if (sinks) {  // (*batch, Hq); packed sequences share one (Hq,)
-    if (dtype_of("sinks", *sinks) != p.compute_dtype)
-      throw py::type_error("_core.attention: sinks must have the compute dtype");
-    std::vector<int64_t> want(p.batch_shape);
-    want.push_back(p.hq);
-    expect_shape("sinks", *sinks, want);
-    p.sinks = view_of("sinks", *sinks, false, false, c.holds);
-  }
+  read_sinks(c, sinks);
   if (cu_seqlens_q || cu_seqlens_k) {
     if (!cu_seqlens_q || !cu_seqlens_k) fail("cu_seqlens_q and cu_seqlens_k go together");
     if (!p.batch_shape.empty()) fail("packed sequences take q, k, v as (H, total, D)");
-    if (mask || kv_lengths || additive_w || diagonal)
-      fail("packed sequences take no mask, kv_lengths, additive_w or diagonal");
+    if (mask || kv_lengths || additive_w || diagonal || k_scale)
+      fail("packed sequences take no mask, kv_lengths, additive_w, diagonal or k_scale");
     c.cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, c.holds);
     c.cu_k = offsets_of("cu_seqlens_k", *cu_seqlens_k, p.lk, c.holds);
     if (c.cu_q.size() != c.cu_k.size()) fail("cu_seqlens_q and cu_seqlens_k differ in length");
@@ -404,6 +439,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
                diagonal);
   if (additive_w) {
+    if (p.kv_dtype == cpuattn::DType::I8) fail("additive_w takes no int8 k and v");
     if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
       throw py::type_error("_core.attention: additive_w must have the compute dtype");
     expect_shape("additive_w", *additive_w, {p.d});
@@ -414,6 +450,111 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   // Safe without the GIL: every view lies inside memory that `holds` keeps alive (and exported,
   // for buffer objects) until the call returns, the driver only touches the memory described
   // by the views checked above, and the offsets it reads are private copies, validated here.
+  py::gil_scoped_release release;
+  cpuattn::attention(p);
+}
+
+// Attention over paged caches: k_cache (num_blocks, block_size, Hkv, D), v_cache (..., Dv),
+// their scales (num_blocks, block_size, Hkv) for int8; block_table int32 (B, max_blocks) and
+// kv_lengths int64 (B,), both copied, every block a sequence's length reaches checked to be
+// one of the cache's. q (B, Hq, Lq, D), or packed (Hq, total, D) with cu_seqlens_q (B + 1);
+// out and lse shaped like q; alibi and sinks (B, Hq).
+void attention_paged(const py::array& q, const py::array& k_cache, const py::array& v_cache,
+                     const py::array& block_table, const py::array& kv_lengths,
+                     const py::array& out, const std::optional<py::array>& lse, double scale,
+                     bool causal, int64_t window_left, int64_t window_right, int num_threads,
+                     double softcap, const std::optional<py::array>& alibi,
+                     const std::optional<py::array>& sinks, const std::optional<py::array>& k_scale,
+                     const std::optional<py::array>& v_scale,
+                     const std::optional<py::array>& cu_seqlens_q,
+                     std::optional<int64_t> diagonal) {
+  Call c;
+  cpuattn::Params& p = c.p;
+  read_dtypes(p, q, k_cache, v_cache, out);
+  if (k_cache.ndim() != 4 || v_cache.ndim() != 4)
+    fail("k_cache and v_cache must be (num_blocks, block_size, Hkv, D)");
+  const std::vector<int64_t> ks = shape_of(k_cache);
+  const int64_t num_blocks = ks[0], block_size = ks[1];
+  p.hkv = ks[2];
+  p.d = ks[3];
+  p.dv = v_cache.shape(3);
+  expect_shape("v_cache", v_cache, {num_blocks, block_size, p.hkv, p.dv});
+  if (block_size < 1) fail("block_size must be >= 1");
+
+  if (block_table.dtype().num() != py::dtype::of<int32_t>().num() ||
+      block_table.dtype().byteorder() == '>' || block_table.dtype().byteorder() == '<')
+    throw py::type_error("_core.attention_paged: block_table must be int32");
+  if (block_table.ndim() != 2) fail("block_table must be (B, max_blocks)");
+  if (!(block_table.flags() & py::array::c_style)) fail("block_table must be C-contiguous");
+  check_inside_owner("block_table", block_table, c.holds);
+  const int64_t batch = block_table.shape(0), table_ld = block_table.shape(1);
+  const auto* table = static_cast<const int32_t*>(block_table.data());
+  c.table.assign(table, table + batch * table_ld);
+  p.lk = table_ld * block_size;
+  if (!is_int64(kv_lengths))
+    throw py::type_error("_core.attention_paged: kv_lengths must be int64");
+  expect_shape("kv_lengths", kv_lengths, {batch});
+  c.lengths = copy_int64("kv_lengths", kv_lengths, c.holds);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n_keys = c.lengths[size_t(b)];
+    if (n_keys < 0 || n_keys > p.lk)
+      fail("kv_lengths values must lie in [0, max_blocks x block_size]");
+    for (int64_t i = 0; i < (n_keys + block_size - 1) / block_size; ++i) {
+      const int32_t id = c.table[size_t(b * table_ld + i)];
+      if (id < 0 || id >= num_blocks)
+        fail("block_table names a block outside the cache for keys below kv_lengths");
+    }
+  }
+  p.batch_shape = {batch};
+  p.paged = {c.table.data(), table_ld, block_size};
+  p.k = view_of("k_cache", k_cache, true, false, c.holds);
+  p.v = view_of("v_cache", v_cache, true, false, c.holds);
+  read_scales(c, k_scale, v_scale, {num_blocks, block_size, p.hkv});
+
+  const bool packed = bool(cu_seqlens_q);
+  if (q.ndim() != (packed ? 3 : 4) || out.ndim() != q.ndim())
+    fail(packed ? "packed q and out must be (Hq, total, D)" : "q and out must be (B, Hq, Lq, D)");
+  const size_t nb = packed ? 0 : 1;
+  if (!packed && q.shape(0) != batch) fail("q's batch must match block_table's");
+  p.hq = q.shape(nb);
+  p.lq = q.shape(nb + 1);
+  if (q.shape(nb + 2) != p.d) fail("q's D must match k_cache's");
+  if (p.hkv == 0 ? p.hq != 0 : p.hq % p.hkv != 0) fail("Hq must be a multiple of Hkv");
+  const std::vector<int64_t> rows =
+      packed ? std::vector<int64_t>{p.hq, p.lq} : std::vector<int64_t>{batch, p.hq, p.lq};
+  std::vector<int64_t> out_shape(rows);
+  out_shape.push_back(p.dv);
+  expect_shape("out", out, out_shape);
+  p.q = view_of("q", q, true, false, c.holds);
+  p.out = view_of("out", out, true, true, c.holds);
+  if (lse) {
+    if (dtype_of("lse", *lse) != p.compute_dtype)
+      throw py::type_error("_core.attention_paged: lse must have the compute dtype");
+    expect_shape("lse", *lse, rows);
+    p.lse = view_of("lse", *lse, false, true, c.holds);
+  }
+  if (packed) {
+    // Sequences are the batch: q, out and lse rows found by cu_seqlens_q, keys by offsets that
+    // stand for kv_lengths (the paged layout reads only their differences).
+    c.cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, c.holds);
+    if (int64_t(c.cu_q.size()) != batch + 1) fail("cu_seqlens_q must hold B + 1 offsets");
+    c.cu_k.assign(1, 0);
+    for (int64_t n_keys : c.lengths) c.cu_k.push_back(c.cu_k.back() + n_keys);
+    p.cu_seqlens_q = c.cu_q.data();
+    p.cu_seqlens_k = c.cu_k.data();
+    p.lk = c.cu_k.back();
+    for (cpuattn::View* view : {&p.q, &p.out, &p.lse}) {
+      if (view->data) view->strides.insert(view->strides.begin(), 0);
+    }
+  } else {
+    p.kv_lengths.data = c.lengths.data();
+    p.kv_lengths.strides = {1};
+  }
+  read_sinks(c, sinks);
+  read_options(c, scale, causal, /*align=*/0, window_left, window_right, num_threads, softcap,
+               alibi, diagonal);
+
+  // Safe without the GIL, as attention() above; block ids and lengths are private copies.
   py::gil_scoped_release release;
   cpuattn::attention(p);
 }
@@ -475,8 +616,16 @@ void register_attention(py::module_& m) {
         py::arg("softcap"), py::arg("alibi"), py::arg("additive_w"),
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         py::arg("diagonal") = py::none(), py::arg("sinks") = py::none(),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
+  m.def("attention_paged", &attention_paged, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("block_table"), py::arg("kv_lengths"), py::arg("out"), py::arg("lse"),
+        py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"), py::arg("sinks"),
+        py::arg("k_scale"), py::arg("v_scale"), py::arg("cu_seqlens_q"), py::arg("diagonal"),
+        "Attention over paged K/V caches into `out` (and `lse`). Arguments must already be "
+        "validated and canonical: see cpuattn._native.");
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("dout"), py::arg("lse"), py::arg("delta"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),

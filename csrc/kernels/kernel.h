@@ -21,11 +21,12 @@ struct PrefetchRange {
   int64_t row_lines, stride, first, lines;
 };
 
-// How the elements of K or V rows are stored where a step reads them in place: the compute
-// type, or (float32 compute) float16 / bfloat16, widened as they are loaded. Also the index of
-// KernelSet::encodings.
-enum class Elem : uint8_t { Compute, F16, Bf16 };
-constexpr int kElems = 3;
+// How the elements of K or V rows are stored: the compute type, or (float32 compute) float16 /
+// bfloat16, which a step may read in place and widen as it loads them, or int8 times a
+// per-row scale, which only reaches a step staged (dequantized by its encoding). Also the
+// index of KernelSet::encodings.
+enum class Elem : uint8_t { Compute, F16, Bf16, I8 };
+constexpr int kElems = 4;
 
 // The key tile as a step reads it. A staged tile (packed, converted, pairs) is staged once
 // for every query tile of its head, as wide as the head's valid keys allow: columns at or past
@@ -128,8 +129,12 @@ struct BackwardStep {
 // What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):
 // how to stage its rows for the float32 step. Compute-type rows need nothing (nullptr).
 struct EncodingOps {
-  // rows (ld elements apart) -> rows x width floats, contiguous
-  void (*to_float)(const void* src, int64_t ld, int64_t rows, int64_t width, float* dst);
+  // rows (ld elements apart) -> rows x width floats, contiguous; row j times scales[j *
+  // scale_ld] for an encoding with scales (int8), which the others ignore (nullptr). ahead:
+  // nullptr, or the rows (ld apart) to ask the caches for as these are converted (the next
+  // key tile's), so that memory works while the step computes.
+  void (*to_float)(const void* src, int64_t ld, const float* scales, int64_t scale_ld, int64_t rows,
+                   int64_t width, float* dst, const void* ahead);
 };
 
 struct KernelSet {

@@ -50,10 +50,18 @@ void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
 
 // Half K or V rows -> float rows, dst[j * width + e] = src[j * ld + e]. Branch-free per element
 // so the compiler vectorizes it for this ISA (the same values as convert.h's scalar helpers).
-inline void convert_bf16_rows(const void* rows_in, int64_t ld, int64_t rows, int64_t width,
-                              float* dst) {
+// The lines of row j of `ahead` (rows ld apart, `bytes` long), into the caches.
+inline void prefetch_row(const void* ahead, int64_t ld, int64_t j, int64_t bytes) {
+  if (!ahead) return;
+  const char* row = static_cast<const char*>(ahead) + j * ld;
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
+
+inline void convert_bf16_rows(const void* rows_in, int64_t ld, const float*, int64_t, int64_t rows,
+                              int64_t width, float* dst, const void* ahead) {
   const auto* src = static_cast<const uint16_t*>(rows_in);
   for (int64_t j = 0; j < rows; ++j) {
+    prefetch_row(ahead, ld * 2, j, width * 2);
     const uint16_t* s = src + j * ld;
     uint32_t* d = reinterpret_cast<uint32_t*>(dst + j * width);
     for (int64_t e = 0; e < width; ++e) d[e] = uint32_t(s[e]) << 16;
@@ -61,10 +69,11 @@ inline void convert_bf16_rows(const void* rows_in, int64_t ld, int64_t rows, int
 }
 
 // float16: F16C's vcvtph2ps where the ISA has it (8 or 16 a time), bit arithmetic otherwise.
-inline void convert_f16_rows(const void* rows_in, int64_t ld, int64_t rows, int64_t width,
-                             float* dst) {
+inline void convert_f16_rows(const void* rows_in, int64_t ld, const float*, int64_t, int64_t rows,
+                             int64_t width, float* dst, const void* ahead) {
   const auto* src = static_cast<const uint16_t*>(rows_in);
   for (int64_t j = 0; j < rows; ++j) {
+    prefetch_row(ahead, ld * 2, j, width * 2);
     const uint16_t* s = src + j * ld;
     float* d = dst + j * width;
     int64_t e = 0;
@@ -82,6 +91,21 @@ inline void convert_f16_rows(const void* rows_in, int64_t ld, int64_t rows, int6
     }
 #endif
     for (; e < width; ++e) d[e] = f16_bits_to_float(s[e]);
+  }
+}
+
+// int8 rows times their scales -> float rows (branch-free: the compiler vectorizes it, sign
+// extension and conversion, for this ISA). The product is exact in float32 (a 24-bit scale
+// times an 8-bit integer), so every ISA gives the same bits.
+inline void convert_i8_rows(const void* rows_in, int64_t ld, const float* scales, int64_t scale_ld,
+                            int64_t rows, int64_t width, float* dst, const void* ahead) {
+  const auto* src = static_cast<const int8_t*>(rows_in);
+  for (int64_t j = 0; j < rows; ++j) {
+    prefetch_row(ahead, ld, j, width);
+    const int8_t* s = src + j * ld;
+    const float scale = scales[j * scale_ld];
+    float* d = dst + j * width;
+    for (int64_t e = 0; e < width; ++e) d[e] = float(s[e]) * scale;
   }
 }
 
@@ -134,6 +158,7 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.pack_f64 = &pack_keys<double>;
   k.encodings[int(Elem::F16)].to_float = &convert_f16_rows;
   k.encodings[int(Elem::Bf16)].to_float = &convert_bf16_rows;
+  k.encodings[int(Elem::I8)].to_float = &convert_i8_rows;
   k.scale_f32 = &scale_array<float>;
   k.scale_f64 = &scale_array<double>;
   k.finish_f32 = &finish_rows<float>;

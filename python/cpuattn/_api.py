@@ -35,6 +35,8 @@ def attention(
     return_weights=False,
     diagonal=None,
     sinks=None,
+    k_scale=None,
+    v_scale=None,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
@@ -48,7 +50,8 @@ def attention(
     k : array, shape ``(*batch, Hkv, Lk, D)`` (or ``(Lk, D)``).
     v : array, shape ``(*batch, Hkv, Lk, Dv)`` (or ``(Lk, Dv)``).
         One dtype for all three: float32, float64, float16 or ``ml_dtypes.bfloat16``; or a
-        float32 ``q`` with float16/bfloat16 ``k`` and ``v`` (a half KV cache). Anything else
+        float32 ``q`` with float16/bfloat16 ``k`` and ``v`` (a half KV cache); or int8 ``k``
+        and ``v`` with ``k_scale`` and ``v_scale`` (below) and any q but float64. Anything else
         (integer, complex, other mixes) is a ``TypeError``. Half inputs are computed in float32
         (scores, softmax, accumulation); max error against float64 on the same rounded
         inputs, tested up to L = 4096: 2e-3 x max|v| (float16 output), 1e-2 x max|v|
@@ -123,6 +126,12 @@ def attention(
         in the softmax's denominator only, ``out_i = sum_j e^(s_ij) v_j / (sum_j e^(s_ij) +
         e^sink)``; ``lse`` includes it, so a query that keeps no key gets out 0 and
         ``lse = sink``. With :func:`merge`, give the sinks to one of the parts only.
+    k_scale, v_scale : float32 arrays shaped like k and v without the last axis, optional
+        For int8 ``k`` and ``v`` (an int8 KV cache, :func:`quantize_int8`), and only for them:
+        key ``j``'s rows stand for ``k[..., j, :] * k_scale[..., j]`` and ``v[..., j, :] *
+        v_scale[..., j]``. Computed in float32 (q float32, float16 or bfloat16): the result
+        is float64 attention on those dequantized rows, to float32 accuracy. See
+        :doc:`guide/serving`.
 
     Returns
     -------
@@ -189,6 +198,8 @@ def attention(
         alibi_slopes=alibi_slopes,
         diagonal=diagonal,
         sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     if return_weights:
         result = run_request(dataclasses.replace(req, return_lse=True), backend)

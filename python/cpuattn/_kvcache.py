@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._request import BF16, SUPPORTED_DTYPES, as_int
+from ._quantize import I8, _quantize, as_floats
+from ._request import BF16, F32, SUPPORTED_DTYPES, as_int
 
 
 class KVCache:
@@ -23,8 +24,20 @@ class KVCache:
         cache.append(k_new, v_new)                     # (1, 8, T, 128) each
         out = cpuattn.attention(q_new, cache.k, cache.v, kv_lengths=cache.lengths, causal=True)
 
+    An int8 cache reads a quarter of float32's bytes (plus a scale per key): ``k`` and ``v`` are
+    int8 and ``k_scale``, ``v_scale`` (float32, ``(batch, num_kv_heads, max_len)``) hold one
+    scale per position and head (``append`` quantizes with :func:`quantize_int8`); pass the
+    scales along::
+
+        cache = cpuattn.KVCache(1, 8, 4096, 128, dtype=np.int8)
+        cache.append(k_new, v_new)                     # float k_new, v_new
+        out = cpuattn.attention(q_new, cache.k, cache.v, k_scale=cache.k_scale,
+                                v_scale=cache.v_scale, kv_lengths=cache.lengths, causal=True)
+
+    For the other dtypes ``k_scale`` and ``v_scale`` are None.
+
     Sizes are ints (NumPy ints and 0-d integer arrays too; a float or bool is a TypeError, a
-    negative size a ValueError); ``dtype`` is float32, float64, float16 or bfloat16.
+    negative size a ValueError); ``dtype`` is float32, float64, float16, bfloat16 or int8.
     """
 
     def __init__(
@@ -49,14 +62,16 @@ class KVCache:
             if sizes[name] < 0:
                 raise ValueError(f"KVCache: {name} must be >= 0, got {sizes[name]}")
         dtype = np.dtype(dtype)
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in (*SUPPORTED_DTYPES, I8):
             raise TypeError(
-                f"KVCache: dtype must be float32, float64, float16 or bfloat16, got {dtype}"
+                f"KVCache: dtype must be float32, float64, float16, bfloat16 or int8, got {dtype}"
             )
         b, h, n = sizes["batch"], sizes["num_kv_heads"], sizes["max_len"]
         self.k = np.zeros((b, h, n, sizes["head_dim"]), dtype)
         self.v = np.zeros((b, h, n, sizes["value_dim"]), dtype)
         self.lengths = np.zeros(b, np.int64)
+        self.k_scale = np.zeros((b, h, n), F32) if dtype == I8 else None
+        self.v_scale = np.zeros((b, h, n), F32) if dtype == I8 else None
 
     @property
     def max_len(self) -> int:
@@ -66,10 +81,11 @@ class KVCache:
         """Writes ``T`` new positions after each sequence's valid ones.
 
         ``k``: ``(batch, num_kv_heads, T, head_dim)``, ``v``: ``(..., T, value_dim)``, any
-        strides, real numbers cast to the cache dtype. Everything is checked before anything
-        is written, so a failing append changes nothing: TypeError for k or v that are not
-        real numbers (complex, strings), ValueError if the shapes do not match or a sequence
-        would pass ``max_len``.
+        strides, real numbers cast to the cache dtype (quantized for an int8 cache, which also
+        writes ``k_scale`` and ``v_scale``). Everything is checked before anything is written,
+        so a failing append changes nothing: TypeError for k or v that are not real numbers
+        (complex, strings), ValueError if the shapes do not match, a sequence would pass
+        ``max_len`` or, for an int8 cache, k or v holds a non-finite value.
         """
         k = np.asarray(k)
         v = np.asarray(v)
@@ -93,6 +109,12 @@ class KVCache:
                 f"KVCache.append: {t} new positions after "
                 f"{int(self.lengths.max())} would pass max_len = {self.max_len}"
             )
+        if self.k_scale is not None and self.v_scale is not None:  # int8: quantize, then write
+            k, k_scale = _quantize("KVCache.append: k", as_floats(k))
+            v, v_scale = _quantize("KVCache.append: v", as_floats(v))
+            for i, n in enumerate(self.lengths):
+                self.k_scale[i, :, n : n + t] = k_scale[i]
+                self.v_scale[i, :, n : n + t] = v_scale[i]
         for i, n in enumerate(self.lengths):
             self.k[i, :, n : n + t] = k[i]
             self.v[i, :, n : n + t] = v[i]

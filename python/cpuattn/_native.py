@@ -146,6 +146,7 @@ def _call_core(
 ) -> None:
     """_core.attention with the request's scalar options in the binding's form."""
     left, right = req.window
+    scales = (req.k_scale, req.v_scale)
     _core.attention(
         q,
         k,
@@ -167,6 +168,7 @@ def _call_core(
         cu_seqlens_k,
         req.diagonal,
         sinks,
+        *(None if s is None else _kernel_ready(s, unit_last=False) for s in scales),
     )
 
 

@@ -24,6 +24,20 @@ BLOCK_K = 512
 _LOG_TINY = {np.dtype(t): t(np.log(np.finfo(t).tiny)) for t in (np.float32, np.float64)}
 
 
+def key_rows(req: Request, b, hk: int, j0: int, j1: int) -> np.ndarray:
+    """Keys [j0, j1) of kv head hk in the compute dtype: half upcast, int8 times its scales."""
+    return _rows(req.k, req.k_scale, req.dtype, b, hk, j0, j1)
+
+
+def value_rows(req: Request, b, hk: int, j0: int, j1: int) -> np.ndarray:
+    return _rows(req.v, req.v_scale, req.dtype, b, hk, j0, j1)
+
+
+def _rows(x, scale, dtype, b, hk, j0, j1) -> np.ndarray:
+    rows = x[b][hk, j0:j1].astype(dtype, copy=False)
+    return rows if scale is None else rows * scale[b][hk, j0:j1, None]
+
+
 def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     out = req.out if req.out is not None else np.empty(req.out_shape, req.out_dtype)
     lse = np.empty(req.lse_shape, req.dtype) if req.return_lse else None
@@ -83,8 +97,8 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
     for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
         j1 = min(j0 + BLOCK_K, int(hi[-1]))
-        k = req.k[b][hk, j0:j1].astype(req.dtype, copy=False)  # half: upcast per block
-        v = req.v[b][hk, j0:j1].astype(req.dtype, copy=False)
+        k = key_rows(req, b, hk, j0, j1)
+        v = value_rows(req, b, hk, j0, j1)
         s = q @ k.T if req.additive_w is None else _additive_scores(q, k, req.additive_w)
         keys = np.arange(j0, j1)
         s = _score_mods(req, s, b, heads, positions, keys, n_keys)

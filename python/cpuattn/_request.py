@@ -21,6 +21,7 @@ import numpy as np
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 F16, BF16 = np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
+I8 = np.dtype(np.int8)
 HALF_DTYPES = (F16, BF16)
 SUPPORTED_DTYPES = (F32, F64, F16, BF16)
 CAUSAL_MODES = ("bottom_right", "top_left")
@@ -62,6 +63,9 @@ class Request:
     additive_w: np.ndarray | None = None  # (D,): scores sum_d w[d] tanh(q + k), not q . k
     diagonal: int | None = None  # query i sits at key i + diagonal; None: from align
     sinks: np.ndarray | None = None  # (*batch, Hq) sink logits in the compute dtype, C-order
+    # int8 k and v: float32 scales (*batch, Hkv, Lk), row j of k (v) times k_scale[..., j]
+    k_scale: np.ndarray | None = None
+    v_scale: np.ndarray | None = None
 
     def offset(self, n_keys: int) -> int:
         """Query ``i``'s diagonal is key ``i + offset`` (causal, window, ALiBi): the caller's
@@ -113,10 +117,12 @@ def build_request(
     additive_w=None,
     diagonal=None,
     sinks=None,
+    k_scale=None,
+    v_scale=None,
 ) -> Request:
     q = _as_float_array("q", q)
-    k = _as_float_array("k", k)
-    v = _as_float_array("v", v)
+    k = _as_kv_array("k", k, k_scale)
+    v = _as_kv_array("v", v, v_scale)
     dtype, out_dtype = _dtypes(q.dtype, k.dtype, v.dtype, out_dtype)
 
     if q.ndim < 2:
@@ -194,6 +200,8 @@ def build_request(
         additive_w=_additive_w(additive_w, d, dtype),
         diagonal=_diagonal(diagonal),
         sinks=_per_head("sinks", sinks, batch_shape, hq, dtype, squeeze_head),
+        k_scale=_kv_scale("k_scale", k_scale, k),
+        v_scale=_kv_scale("v_scale", v_scale, v),
     )
 
 
@@ -256,12 +264,54 @@ def _as_float_array(name: str, x) -> np.ndarray:
     return arr
 
 
+def _as_kv_array(name: str, x, scale) -> np.ndarray:
+    """k or v: a float array, or int8 with its scales (``k_scale`` / ``v_scale``)."""
+    arr = np.asarray(x)
+    if arr.dtype == I8:
+        if scale is None:
+            raise TypeError(
+                f"{name}: an int8 {name} needs {name}_scale (float32, {name}'s shape without "
+                "the last axis), as cpuattn.quantize_int8 returns"
+            )
+        return arr
+    if scale is not None:
+        raise TypeError(f"{name}_scale: given for a {arr.dtype} {name}; scales go with int8 only")
+    return _as_float_array(name, arr)
+
+
+def _kv_scale(name: str, scale, x: np.ndarray) -> np.ndarray | None:
+    """int8 k's (v's) scales as a float32 view or copy, shaped like x without its last axis
+    (x is already canonical: a 2-D call's scales (Lk,) gain the head axis too)."""
+    if scale is None:
+        return None
+    scale = np.asarray(scale)
+    if scale.dtype.kind != "f" and scale.dtype != BF16:
+        raise TypeError(f"{name}: expected float32 scales, got dtype {scale.dtype}")
+    want = x.shape[:-1]
+    if scale.shape != want and (1, *scale.shape) != want:
+        raise ValueError(
+            f"{name}: expected shape {want} ({name[0]}'s shape without its last axis), "
+            f"got {scale.shape}"
+        )
+    scale = scale.reshape(want).astype(F32, copy=False)
+    if not np.isfinite(scale).all():
+        raise ValueError(f"{name}: expected finite scales")
+    return scale
+
+
 def _dtypes(q, k, v, out_dtype) -> tuple[np.dtype, np.dtype]:
     """(compute dtype, output dtype). k and v share a dtype; q has it too, or is float32 with
-    half k/v (a half KV cache). Half inputs compute in float32."""
+    half k/v (a half KV cache), or any float but float64 with int8 k/v (with scales). Half and
+    int8 inputs compute in float32."""
     if v != k:
         raise TypeError(f"v: dtype {v} differs from k's {k}; k and v must share one dtype")
-    if q != k and not (q == F32 and k in HALF_DTYPES):
+    if k == I8:
+        if q == F64:
+            raise TypeError(
+                "k: int8 k and v compute in float32: q must be float32, float16 or bfloat16, "
+                "got float64"
+            )
+    elif q != k and not (q == F32 and k in HALF_DTYPES):
         raise TypeError(
             f"k: dtype {k} does not go with q's {q}: q, k and v share one dtype, "
             "except float32 q with float16/bfloat16 k and v"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numpy import _score_mods, apply_mask, key_bounds
+from ._numpy import _score_mods, apply_mask, key_bounds, key_rows
 from ._request import Request
 
 
@@ -26,7 +26,7 @@ def attention_weights(req: Request, lse: np.ndarray) -> np.ndarray:
             for hk in range(req.hkv):
                 heads = slice(hk * g, (hk + 1) * g)
                 q = req.q[b][heads].astype(req.dtype, copy=False) * req.scale
-                s = q @ req.k[b][hk].astype(req.dtype, copy=False).T  # (group, Lq, Lk)
+                s = q @ key_rows(req, b, hk, 0, req.lk).T  # (group, Lq, Lk)
                 s = _score_mods(req, s, b, heads, positions, keys, n_keys)
                 keep = np.broadcast_to(bounds, s.shape)
                 if req.mask is not None:

@@ -1,0 +1,329 @@
+"""Attention over paged K/V caches (vLLM's and flash-attn's block tables), read in place."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _native
+from ._api import BACKENDS, _may_overlap_itself, _overlaps, _pick_backend, attention
+from ._request import F32, I8, Request, _per_head, build_request, check_choice
+from ._varlen import _cu_seqlens
+
+
+def attention_paged(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    kv_lengths,
+    *,
+    causal=True,
+    window=None,
+    diagonal=None,
+    scale=None,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    cu_seqlens_q=None,
+    return_lse=False,
+    out=None,
+    out_dtype=None,
+    num_threads=None,
+    backend="auto",
+):
+    """Attention of each sequence's queries to its keys in a paged cache.
+
+    The cache holds fixed-size blocks of ``block_size`` positions, handed out to sequences on
+    demand (vLLM's CPU backend, flash-attn's ``block_table``, continuous batching): key ``j``
+    of sequence ``b`` is row ``j % block_size`` of block ``block_table[b, j // block_size]``.
+    Blocks are read where they lie, never gathered into a contiguous copy, through the same
+    tiles, split-KV and GQA sharing as :func:`attention` (see :doc:`guide/serving`).
+    :class:`PagedKVCache` manages the blocks.
+
+    Parameters
+    ----------
+    q : array ``(B, Hq, Lq, D)``, or ``(total_q, Hq, D)`` with ``cu_seqlens_q``
+        The new queries of each sequence: ``Lq = 1`` for decode, a chunk for prefill. With
+        ``cu_seqlens_q`` (``B + 1`` offsets), sequence ``b``'s queries are rows
+        ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``: some sequences decoding one token and
+        others prefilling a chunk in one call. float32, float16 or bfloat16 (float64 with a
+        float64 cache).
+    k_cache, v_cache : arrays ``(num_blocks, block_size, Hkv, D)`` and ``(..., Dv)``
+        One dtype: float32, float64, float16, bfloat16, or int8 with ``k_scale`` and
+        ``v_scale``. ``Hq % Hkv == 0`` (GQA). Any ``block_size >= 1``; tiles of 64 keys lie in
+        one block when it is a multiple of 64, else each tile's rows are read block by block.
+    block_table : int array ``(B, max_blocks)``
+        Each sequence's blocks in order; entries past a sequence's last block are never read
+        (any value). Every entry its length reaches must be a block of the cache.
+    kv_lengths : int array ``(B,)``
+        Valid positions per sequence, in ``[0, max_blocks * block_size]``.
+    causal : bool or "bottom_right"
+        Bottom-right, against each sequence's cache: query ``i`` of ``Lq_b`` new ones sits at
+        position ``kv_lengths[b] - Lq_b + i`` (the new tokens are already appended).
+    window, diagonal, scale, softcap, return_lse, out, out_dtype, num_threads, backend
+        As for :func:`attention`, per sequence; ``out`` shaped like the result.
+    alibi_slopes, sinks : arrays ``(Hq,)`` or ``(B, Hq)``, optional
+        As for :func:`attention`.
+    k_scale, v_scale : float32 arrays ``(num_blocks, block_size, Hkv)``
+        The int8 caches' scales (:func:`quantize_int8`), only with int8 caches.
+
+    Returns
+    -------
+    out : ndarray ``(B, Hq, Lq, Dv)`` (``(total_q, Hq, Dv)`` packed), q's dtype or
+        ``out_dtype``; ``(out, lse)`` with ``return_lse=True``, lse ``(B, Hq, Lq)`` (packed:
+        ``(Hq, total_q)``, as :func:`attention_varlen`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`attention` does, naming the argument; a block table entry outside the
+        cache for positions below ``kv_lengths`` is a ``ValueError``: never read out of
+        bounds.
+
+    Examples
+    --------
+    >>> import numpy as np, cpuattn
+    >>> rng = np.random.default_rng(0)
+    >>> k_cache = rng.standard_normal((8, 16, 2, 64), dtype=np.float32)  # 8 blocks of 16
+    >>> v_cache = rng.standard_normal((8, 16, 2, 64), dtype=np.float32)
+    >>> table = np.array([[3, 0, 5], [1, 7, 0]], np.int32)  # sequence 1 uses 2 blocks
+    >>> lengths = np.array([40, 20])
+    >>> q = rng.standard_normal((2, 8, 1, 64), dtype=np.float32)  # decode: 1 query each
+    >>> cpuattn.attention_paged(q, k_cache, v_cache, table, lengths).shape
+    (2, 8, 1, 64)
+    """
+    check_choice("backend", backend, BACKENDS)
+    q, k_cache, v_cache = np.asarray(q), np.asarray(k_cache), np.asarray(v_cache)
+    num_blocks, block_size, hkv, d, dv = _cache_shape(k_cache, v_cache)
+    table = _block_table(block_table)
+    batch, max_blocks = table.shape
+    lengths = _lengths(kv_lengths, batch, max_blocks * block_size)
+    _check_blocks(table, lengths, block_size, num_blocks)
+    scales = [_cache_scale(n, s, k_cache) for n, s in (("k_scale", k_scale), ("v_scale", v_scale))]
+
+    packed = cu_seqlens_q is not None
+    if packed:
+        if q.ndim != 3:
+            raise ValueError(f"q: expected (total_q, Hq, D) with cu_seqlens_q, got {q.shape}")
+        cu_q = np.asarray(_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0]), np.int64)
+        if len(cu_q) != batch + 1:
+            raise ValueError(
+                f"cu_seqlens_q: expected B + 1 = {batch + 1} offsets (block_table's B = "
+                f"{batch}), got {len(cu_q)}"
+            )
+        q_view = q.swapaxes(0, 1)  # (Hq, total_q, D): one sequence to build_request
+    else:
+        if q.ndim != 4 or q.shape[0] != batch:
+            raise ValueError(
+                f"q: expected (B, Hq, Lq, D) with B = {batch} (block_table's rows), got {q.shape}"
+            )
+        q_view = q
+    if isinstance(causal, str) and causal == "top_left":
+        raise ValueError("causal: a paged cache aligns queries bottom-right (True), not top_left")
+    kv_shape = (*q_view.shape[:-3], hkv, int(lengths.max(initial=0)), d)
+    req = build_request(
+        q_view,
+        np.broadcast_to(np.zeros((), k_cache.dtype), kv_shape),  # dtypes and heads only
+        np.broadcast_to(np.zeros((), v_cache.dtype), (*kv_shape[:-1], dv)),
+        causal=causal,
+        window=window,
+        scale=scale,
+        num_threads=num_threads,
+        out_dtype=out_dtype,
+        softcap=softcap,
+        diagonal=diagonal,
+        return_lse=return_lse,
+        **(
+            {"k_scale": np.ones(kv_shape[:-1], F32), "v_scale": np.ones(kv_shape[:-1], F32)}
+            if k_cache.dtype == I8
+            else {}
+        ),
+    )
+    alibi = _per_head("alibi_slopes", alibi_slopes, (batch,), req.hq, req.dtype, False)
+    sink_logits = _per_head("sinks", sinks, (batch,), req.hq, req.dtype, False)
+    out_shape = (q.shape[0], req.hq, dv) if packed else (batch, req.hq, req.lq, dv)
+    result = _out(out, out_shape, req.out_dtype)
+    # Into the caller's out only when the kernel can write it directly and it overlaps
+    # nothing it reads (else computed aside, then copied, as NumPy would).
+    in_place = result is not None and not (
+        _overlaps(result, q, k_cache, v_cache)
+        or _may_overlap_itself(result)
+        or not _native._is_kernel_ready(result, unit_last=True)
+    )
+    target = result if in_place else np.empty(out_shape, req.out_dtype)
+    lse_shape = (req.hq, q.shape[0]) if packed else (batch, req.hq, req.lq)
+    lse = np.empty(lse_shape, req.dtype) if return_lse else None
+    cu_q = cu_q if packed else None
+
+    if _pick_backend(backend) is _native.attention:
+        _native.require_core()
+        ready = _native._kernel_ready
+        left, right = req.window
+        _native._core.attention_paged(
+            ready(q_view, unit_last=True),
+            ready(k_cache, unit_last=True),
+            ready(v_cache, unit_last=True),
+            table,
+            lengths,
+            target.swapaxes(0, 1) if packed else target,
+            lse,
+            req.scale,
+            req.causal,
+            left,
+            right,
+            min(req.num_threads or 0, 2**31 - 1),
+            req.softcap,
+            alibi,
+            sink_logits,
+            *(None if s is None else ready(s, unit_last=False) for s in scales),
+            cu_q,
+            req.diagonal,
+        )
+    else:
+        per_seq = {"alibi": alibi, "sinks": sink_logits, "window": window}
+        _numpy_paged(req, q, k_cache, v_cache, table, lengths, scales, cu_q, per_seq, target, lse)
+    if result is not None and target is not result:
+        result[...] = target
+    final = target if result is None else result
+    return (final, lse) if return_lse else final
+
+
+def _numpy_paged(
+    req: Request, q, k_cache, v_cache, table, lengths, scales, cu_q, per_seq, out, lse
+) -> None:
+    """The NumPy backend: each sequence's blocks gathered (a copy: this is the reference the
+    native backend is tested against), then :func:`attention` on NumPy, one sequence at a
+    time."""
+    block_size = k_cache.shape[1]
+    for b in range(len(lengths)):
+        n = int(lengths[b])
+        blocks = table[b, : -(-n // block_size)]
+
+        def gather(x, n=n, blocks=blocks):  # (blocks, block_size, Hkv, ...) -> (Hkv, n, ...)
+            rows = x[blocks].reshape(-1, *x.shape[2:])[:n]
+            return np.moveaxis(rows, 0, 1)
+
+        k_scale, v_scale = (None if s is None else gather(s) for s in scales)
+        if cu_q is None:
+            q_b, out_b = q[b], out[b]
+        else:
+            q_b, out_b = (
+                q[cu_q[b] : cu_q[b + 1]].swapaxes(0, 1),
+                out[cu_q[b] : cu_q[b + 1]].swapaxes(0, 1),
+            )
+        result = attention(
+            q_b,
+            gather(k_cache),
+            gather(v_cache),
+            causal=req.causal,
+            window=per_seq["window"],
+            diagonal=req.diagonal,
+            scale=req.scale,
+            softcap=req.softcap or None,
+            alibi_slopes=None if per_seq["alibi"] is None else per_seq["alibi"][b],
+            sinks=None if per_seq["sinks"] is None else per_seq["sinks"][b],
+            k_scale=k_scale,
+            v_scale=v_scale,
+            return_lse=lse is not None,
+            out=out_b,
+            out_dtype=req.out_dtype,
+            backend="numpy",
+        )
+        if lse is not None:
+            if cu_q is None:
+                lse[b] = result[1]
+            else:
+                lse[:, cu_q[b] : cu_q[b + 1]] = result[1]
+
+
+def _cache_shape(k_cache: np.ndarray, v_cache: np.ndarray) -> tuple[int, int, int, int, int]:
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name}: expected (num_blocks, block_size, Hkv, D), got shape {x.shape}"
+            )
+    num_blocks, block_size, hkv, d = k_cache.shape
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"v_cache: expected ({num_blocks}, {block_size}, {hkv}, Dv) like k_cache, "
+            f"got {v_cache.shape}"
+        )
+    if block_size < 1:
+        raise ValueError("k_cache: block_size (axis 1) must be >= 1")
+    return num_blocks, block_size, hkv, d, v_cache.shape[3]
+
+
+def _block_table(block_table) -> np.ndarray:
+    table = np.asarray(block_table)
+    if table.dtype.kind not in "iu":
+        raise TypeError(f"block_table: expected integers, got dtype {table.dtype}")
+    if table.ndim != 2:
+        raise ValueError(f"block_table: expected (B, max_blocks), got shape {table.shape}")
+    if table.size and (
+        table.min() < np.iinfo(np.int32).min or table.max() > np.iinfo(np.int32).max
+    ):
+        raise ValueError("block_table: block ids must fit in int32")
+    return np.ascontiguousarray(table, dtype=np.int32)
+
+
+def _lengths(kv_lengths, batch: int, capacity: int) -> np.ndarray:
+    lengths = np.asarray(kv_lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"kv_lengths: expected integers, got dtype {lengths.dtype}")
+    if lengths.shape != (batch,):
+        raise ValueError(
+            f"kv_lengths: expected shape (B,) = ({batch},) (block_table's rows), got {lengths.shape}"
+        )
+    if lengths.size and (lengths.min() < 0 or lengths.max() > capacity):
+        raise ValueError(
+            f"kv_lengths: values must lie in [0, max_blocks * block_size] = [0, {capacity}], "
+            f"got min {lengths.min()}, max {lengths.max()}"
+        )
+    return np.ascontiguousarray(lengths, dtype=np.int64)
+
+
+def _check_blocks(table: np.ndarray, lengths: np.ndarray, block_size: int, num_blocks: int) -> None:
+    """Every block a sequence's length reaches is one of the cache's."""
+    used = np.arange(table.shape[1]) < -(-lengths[:, None] // block_size)
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, i = (int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_table: entry [{b}, {i}] = {table[b, i]} is not a block of the cache "
+            f"(0 <= id < {num_blocks}), and sequence {b}'s kv_lengths {lengths[b]} reaches it"
+        )
+
+
+def _cache_scale(name: str, scale, k_cache: np.ndarray) -> np.ndarray | None:
+    if scale is None:
+        return None
+    if k_cache.dtype != I8:
+        raise TypeError(f"{name}: given for a {k_cache.dtype} cache; scales go with int8 only")
+    scale = np.asarray(scale)
+    if scale.dtype.kind != "f":
+        raise TypeError(f"{name}: expected float32 scales, got dtype {scale.dtype}")
+    want = k_cache.shape[:3]
+    if scale.shape != want:
+        raise ValueError(
+            f"{name}: expected (num_blocks, block_size, Hkv) = {want}, got {scale.shape}"
+        )
+    scale = scale.astype(F32, copy=False)
+    if not np.isfinite(scale).all():
+        raise ValueError(f"{name}: expected finite scales")
+    return scale
+
+
+def _out(out, shape, dtype) -> np.ndarray | None:
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (q's dtype, or out_dtype), got {out.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out: array is read-only")
+    return out
