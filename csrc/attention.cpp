@@ -96,11 +96,10 @@ class Driver {
   Driver(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
          const StepChoice<T>& choice)
       : p_(p), plan_(plan), step_(choice.step),
-        source_(p.paged.block_table
-                    ? choose_kv_source<T>(p, kernels, plan, PagedLayout(p), choice.path,
-                                          choice.on_amx, choice.d_pairs)
-                    : choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.path,
-                                          choice.on_amx, choice.d_pairs)),
+        source_(p.paged.on ? choose_kv_source<T>(p, kernels, plan, PagedLayout(p), choice.path,
+                                                 choice.on_amx, choice.d_pairs)
+                           : choose_kv_source<T>(p, kernels, plan, DenseLayout(p), choice.path,
+                                                 choice.on_amx, choice.d_pairs)),
         query_(p, kernels, plan, choice.q_pairs(),
                std::visit([](const auto& s) { return s.staged_query(); }, source_)),
         output_(p, kernels, plan) {

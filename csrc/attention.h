@@ -21,11 +21,13 @@ constexpr int64_t kMaxDiagonal = int64_t(1) << 61;
 // K and V in blocks of `block_size` keys (flash-attn's and vLLM's paged layout): k and v are
 // (num_blocks, block_size, Hkv, D|Dv) caches, their views' strides [block, row, kv head, 1]
 // (k_scale, v_scale: [block, row, kv head]); key j of batch entry b is row j % block_size of
-// block block_table[b * table_ld + j / block_size]. batch_shape is {B}, lk = table_ld x
-// block_size, and kv_lengths (or, for packed queries, cu_seqlens_k's differences) bound the
+// block block_table[b * table_ld + j / block_size]. batch_shape is {B}; lk = table_ld x
+// block_size (packed queries: cu_seqlens_k's total, offsets that stand for kv_lengths; the
+// layout reads only their differences); kv_lengths (or cu_seqlens_k's differences) bound the
 // keys read: the binding has checked that the entries they reach name blocks of the cache.
 struct PagedKv {
-  const int32_t* block_table = nullptr;
+  bool on = false;
+  const int32_t* block_table = nullptr;  // may be nullptr when table_ld is 0 (nothing read)
   int64_t table_ld = 0, block_size = 0;
 };
 
@@ -41,7 +43,7 @@ struct Params {
   // I8 k and v: float32 scales (*batch, Hkv, Lk), key j's row of k or v times its scale;
   // else data == nullptr.
   View k_scale, v_scale;
-  // Paged k and v (caches of fixed-size blocks), or block_table == nullptr.
+  // Paged k and v (caches of fixed-size blocks) when paged.on.
   PagedKv paged;
   View out;               // (*batch, Hq, Lq, Dv), unit stride on the last axis, writable
   View lse;               // (*batch, Hq, Lq) or data == nullptr when not requested

@@ -10,6 +10,9 @@
 //   int64_t k_scale_ld(), v_scale_ld()    the same for the scales
 //   int64_t run_end(j)                    the first key past key j's run
 //   static constexpr bool kOneRun         every head's keys are one run (run_end is never hit)
+//   bool rows_inside(Head, j0, n)         keys [j0, j0 + n) lie in K's memory as one run,
+//                                         for j0 below the valid keys (the AMX step reads
+//                                         whole tiles)
 // Keys lie in runs: inside a run, key j + 1's row is k_ld() (v_ld()) elements after key j's.
 // A dense array is one run per head; a paged cache one run per block. Sources read a key
 // tile's rows in place when they lie in one run, and otherwise run by run (kv_source.h).

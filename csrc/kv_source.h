@@ -97,6 +97,7 @@ struct KvScratch {
   // A key tile's K and V rows copied run by run where the layout splits the tile (paged
   // caches whose blocks are shorter than a tile), for sources that read rows as one run.
   AlignedBuffer<unsigned char> gathered_k, gathered_v;
+  AlignedBuffer<float> gathered_k_scales, gathered_v_scales;  // int8 rows' scales, likewise
   StagedTileCache<T> keys, values;
   AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
   StagedTileCache<uint32_t> key_pairs, value_pairs;
@@ -188,6 +189,15 @@ class OnLayout {
     s.value.ld = v.ld;
     s.prefetch_next = t.next_keys > 0 && one_run(t.j0, 2 * kTileKeys);
   }
+  // The scales of int8 rows in place: in place for one run (the next tile's prefetched), else
+  // copied run by run as rows_in_place copies the rows.
+  template <typename T>
+  void scales_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc) const {
+    scales_of(s.key.scales, s.key.scale_ld, t, sc.gathered_k_scales, layout_.k_scale_ld(),
+              [&](int64_t j) { return layout_.k_scale(h, j); });
+    scales_of(s.value.scales, s.value.scale_ld, t, sc.gathered_v_scales, layout_.v_scale_ld(),
+              [&](int64_t j) { return layout_.v_scale(h, j); });
+  }
   // Both operands as rows in place, stored as `elem`.
   template <typename T>
   void setup_rows(TileStep<T>& s, Elem elem) const {
@@ -198,6 +208,25 @@ class OnLayout {
   Layout layout_;
 
  private:
+  template <typename At>
+  void scales_of(const float*& scales, int64_t& ld, const KeyTile& t,
+                 AlignedBuffer<float>& gathered, int64_t scale_ld, const At& at) const {
+    if (one_run(t.j0, t.staged_keys)) {
+      scales = at(t.j0);
+      ld = scale_ld;
+      if (t.next_keys > 0 && one_run(t.j0, kTileKeys + t.next_keys)) {
+        prefetch_lines(at(t.j0 + kTileKeys), t.next_keys * scale_ld * 4);
+      }
+      return;
+    }
+    for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
+      const float* from = at(j);
+      for (int64_t r = 0; r < n; ++r) gathered[j - t.j0 + r] = from[r * scale_ld];
+      if (ahead(t, j, n)) prefetch_lines(at(j + kTileKeys), n * scale_ld * 4);
+    });
+    scales = gathered.data();
+    ld = 1;
+  }
   void reserve_gather_bytes(AlignedBuffer<unsigned char>& k, AlignedBuffer<unsigned char>& v,
                             int64_t d, int64_t dv) const {
     if (Layout::kOneRun) return;
@@ -298,6 +327,31 @@ class HalfRows : public OnLayout<Layout, uint16_t> {
 
  private:
   Elem elem_;  // F16 or Bf16
+  int64_t d_, dv_;
+};
+
+// int8 K and V rows in place, widened by the float32 step as it loads them, their scales
+// applied to the scores (K) and the weights (V): decode on an int8 cache.
+template <typename Layout>
+class Int8Rows : public OnLayout<Layout, int8_t> {
+  using Base = OnLayout<Layout, int8_t>;
+
+ public:
+  bool staged_query() const { return true; }
+  Int8Rows(const Layout& layout, int64_t d, int64_t dv) : Base(layout), d_(d), dv_(dv) {}
+  void reserve(KvScratch<float>& sc, int64_t, bool) const {
+    this->reserve_gather(sc, d_, dv_);
+    sc.gathered_k_scales.allocate(kTileKeys);
+    sc.gathered_v_scales.allocate(kTileKeys);
+  }
+  void setup(TileStep<float>& s) const { this->setup_rows(s, Elem::I8); }
+  void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
+            KvScratch<float>& sc) const {
+    this->rows_in_place(s, h, t, sc, d_, dv_);
+    this->scales_in_place(s, h, t, sc);
+  }
+
+ private:
   int64_t d_, dv_;
 };
 
@@ -428,13 +482,13 @@ class Bf16PairTiles : public OnLayout<Layout, uint16_t> {
   bool keys_in_place_;
 };
 
-// The sources a call may use, on each layout: the five storage kinds for float32 compute,
-// the native two for float64 (half and int8 storage are computed in float32 only).
+// The sources a call may use, on each layout: six for float32 compute, the native two for
+// float64 (half and int8 storage are computed in float32 only).
 template <typename T, typename... Layouts>
 using KvSourceOn = std::conditional_t<
     std::is_same_v<T, float>,
     std::variant<NativeRows<float, Layouts>..., PackedKeys<float, Layouts>..., HalfRows<Layouts>...,
-                 ConvertedTiles<Layouts>..., Bf16PairTiles<Layouts>...>,
+                 Int8Rows<Layouts>..., ConvertedTiles<Layouts>..., Bf16PairTiles<Layouts>...>,
     std::variant<NativeRows<double, Layouts>..., PackedKeys<double, Layouts>...>>;
 template <typename T>
 using KvSource = KvSourceOn<T, DenseLayout, PagedLayout>;
@@ -460,7 +514,8 @@ KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const Wo
                         : p.kv_dtype == DType::I8 ? Elem::I8
                                                   : Elem::F16;
       const bool rows = few_rows && !p.additive_w;
-      if (rows && elem != Elem::I8) return HalfRows<Layout>(layout, elem, p.d, p.dv);
+      if (rows && elem == Elem::I8) return Int8Rows<Layout>(layout, p.d, p.dv);
+      if (rows) return HalfRows<Layout>(layout, elem, p.d, p.dv);
       return ConvertedTiles<Layout>(layout, kernels.encodings[int(elem)].to_float, elem == Elem::I8,
                                     rows ? nullptr : kernels.pack_f32, p.d, p.dv);
     }

@@ -29,6 +29,7 @@ WorkPlan::WorkPlan(const Params& p) : p_(p) {
     for (int64_t b = 0; b < batch_; ++b) {
       valid_keys_ = std::max(valid_keys_, lengths[batch_offset(p.batch_shape, p.kv_lengths, b)]);
     }
+    max_keys_ = valid_keys_;  // a paged table's capacity may be far beyond any sequence
   }
 }
 
@@ -142,7 +143,7 @@ TaskRanges WorkPlan::head_ranges(int64_t item) const {
     bytes += runs * run * item_bytes;
   };
   range(p_.q, p_.q_dtype, pos.hk * group_, group_, pos.lq, p_.d, 0);
-  if (!p_.paged.block_table) {  // a paged head lies in blocks: no few runs to name
+  if (!p_.paged.on) {  // a paged head lies in blocks: no few runs to name
     range(p_.k, p_.kv_dtype, pos.hk, 1, pos.lk, p_.d, 1);
     range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
   }

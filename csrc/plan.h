@@ -35,6 +35,7 @@ struct ItemPos {
   int64_t b, hk, q_tile;
   int64_t lq, lk;        // this batch entry's query and key counts (before kv_lengths)
   int64_t q_row, k_row;  // its first row in q / out / lse and in k / v (varlen), else 0
+                         // (paged: k_row stands for nothing, the layout ignores it)
   int64_t rows_per_head_group;
   int64_t r0, rows;  // the tile's rows: [r0, r0 + rows) of the head group's
 };
@@ -59,7 +60,8 @@ class WorkPlan {
   bool varlen() const { return p_.cu_seqlens_q != nullptr; }
   // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
   int64_t query_tiles_per_head() const { return seqs_.empty() ? q_tiles_ : 0; }
-  // Keys of the longest sequence: what a thread's packed-K cache must hold.
+  // Keys of the longest sequence (the largest kv_lengths entry): what a thread's packed-K
+  // cache must hold.
   int64_t max_keys() const { return max_keys_; }
   // Keys any item may see: the largest kv_lengths entry, else Lk (packed varlen: the packed
   // total, unused: varlen never splits). Split-KV cuts these, so that a cache longer than

@@ -359,3 +359,34 @@ def test_window_sides_past_any_distance_are_unbounded(qkv):
     _native._core.attention(q, k, v, out, *args, huge, huge, 0, 0.0, None, None)
     _native._core.attention(q, k, v, expected, *args, -1, -1, 0, 0.0, None, None)
     np.testing.assert_array_equal(out, expected)
+
+
+def test_int8_q_or_out_is_refused_with_int8_k_and_v():
+    """int8 is a K/V storage type only: an int8 q (read as float32 by the query stage) or out
+    would be read and written 4 bytes an element, past the arrays."""
+    k8 = np.ones((1, 1, 4, D), np.int8)
+    scale = np.ones((1, 1, 4), F32)
+    for q, out in (
+        (np.ones((1, 1, 2, D), np.int8), np.empty((1, 1, 2, D), np.int8)),
+        (np.ones((1, 1, 2, D), F32), np.empty((1, 1, 2, D), np.int8)),
+    ):
+        with pytest.raises(TypeError):
+            _native._core.attention(
+                *(q, k8, k8, out, None, None, None, 1.0, False, 0, -1, -1, 0, 0.0, None, None),
+                k_scale=scale,
+                v_scale=scale,
+            )
+
+
+def test_paged_capacity_that_overflows_is_refused():
+    """A zero-stride cache claiming 2**60 rows a block: max_blocks x block_size overflows
+    int64, which once let a length skip the block table's checks."""
+    cache = as_strided(np.zeros(2, F32), shape=(2, 2**60 - 1, 1, 1), strides=(4, 0, 0, 0))
+    table = np.zeros((1, 8), np.int32)
+    lengths = np.array([2**62], np.int64)
+    q, out = np.zeros((1, 1, 1, 1), F32), np.empty((1, 1, 1, 1), F32)
+    with pytest.raises(ValueError, match="at most 2"):
+        _native._core.attention_paged(
+            *(q, cache, cache, table, lengths, out, None, 1.0, True, 0, -1, 0, 0.0, None, None),
+            *(None, None, None, None),
+        )

@@ -246,7 +246,7 @@ void read_dtypes(cpuattn::Params& p, const py::array& q, const py::array& k, con
   if (is_half(p.kv_dtype)) {
     fits = p.compute_dtype == DType::F32 && (p.q_dtype == DType::F32 || p.q_dtype == p.kv_dtype);
   } else if (p.kv_dtype == DType::I8) {
-    fits = p.compute_dtype == DType::F32;
+    fits = p.q_dtype == DType::F32 || is_half(p.q_dtype);
   } else {
     fits = p.kv_dtype == p.compute_dtype && p.q_dtype == p.compute_dtype;
   }
@@ -490,7 +490,10 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
   const int64_t batch = block_table.shape(0), table_ld = block_table.shape(1);
   const auto* table = static_cast<const int32_t*>(block_table.data());
   c.table.assign(table, table + batch * table_ld);
-  p.lk = table_ld * block_size;
+  // Keys the table can name; bounded like any Lk so that the diagonal arithmetic stays in
+  // int64 (attention.h, kMaxDiagonal).
+  if (__builtin_mul_overflow(table_ld, block_size, &p.lk) || p.lk > cpuattn::kMaxDiagonal)
+    fail("max_blocks x block_size must be at most 2**61");
   if (!is_int64(kv_lengths))
     throw py::type_error("_core.attention_paged: kv_lengths must be int64");
   expect_shape("kv_lengths", kv_lengths, {batch});
@@ -499,14 +502,15 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
     const int64_t n_keys = c.lengths[size_t(b)];
     if (n_keys < 0 || n_keys > p.lk)
       fail("kv_lengths values must lie in [0, max_blocks x block_size]");
-    for (int64_t i = 0; i < (n_keys + block_size - 1) / block_size; ++i) {
+    const int64_t blocks = n_keys / block_size + (n_keys % block_size != 0);
+    for (int64_t i = 0; i < blocks; ++i) {
       const int32_t id = c.table[size_t(b * table_ld + i)];
       if (id < 0 || id >= num_blocks)
         fail("block_table names a block outside the cache for keys below kv_lengths");
     }
   }
   p.batch_shape = {batch};
-  p.paged = {c.table.data(), table_ld, block_size};
+  p.paged = {true, c.table.data(), table_ld, block_size};
   p.k = view_of("k_cache", k_cache, true, false, c.holds);
   p.v = view_of("v_cache", v_cache, true, false, c.holds);
   read_scales(c, k_scale, v_scale, {num_blocks, block_size, p.hkv});
@@ -539,7 +543,12 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
     c.cu_q = offsets_of("cu_seqlens_q", *cu_seqlens_q, p.lq, c.holds);
     if (int64_t(c.cu_q.size()) != batch + 1) fail("cu_seqlens_q must hold B + 1 offsets");
     c.cu_k.assign(1, 0);
-    for (int64_t n_keys : c.lengths) c.cu_k.push_back(c.cu_k.back() + n_keys);
+    for (int64_t n_keys : c.lengths) {
+      int64_t end;
+      if (__builtin_add_overflow(c.cu_k.back(), n_keys, &end) || end > cpuattn::kMaxDiagonal)
+        fail("the sum of kv_lengths must be at most 2**61");
+      c.cu_k.push_back(end);
+    }
     p.cu_seqlens_q = c.cu_q.data();
     p.cu_seqlens_k = c.cu_k.data();
     p.lk = c.cu_k.back();

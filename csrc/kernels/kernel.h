@@ -22,9 +22,9 @@ struct PrefetchRange {
 };
 
 // How the elements of K or V rows are stored: the compute type, or (float32 compute) float16 /
-// bfloat16, which a step may read in place and widen as it loads them, or int8 times a
-// per-row scale, which only reaches a step staged (dequantized by its encoding). Also the
-// index of KernelSet::encodings.
+// bfloat16 / int8 times a per-row scale (the operand's scales), which the float32 step reads
+// in place as Rows and widens as it loads them, or a source stages (converts) with its
+// KernelSet::encodings entry.
 enum class Elem : uint8_t { Compute, F16, Bf16, I8 };
 constexpr int kElems = 4;
 
@@ -33,7 +33,8 @@ constexpr int kElems = 4;
 // the step's `cols` may hold later keys (even inf or NaN), and every score path masks them.
 enum class KeyForm : uint8_t {
   PackedT,     // K^T in the compute type: d x kTileKeys, zero past the staged keys (pack_*)
-  Rows,        // the tile's K rows in place, `ld` elements apart, stored as `elem`
+  Rows,        // the tile's K rows, `ld` elements apart, stored as `elem`: in place, or
+               // gathered run by run from a paged cache
   Bf16PairsT,  // bfloat16 pairs along D of K^T: d_pairs x kTileKeys, zero past d
 };
 struct KeyOperand {
@@ -41,6 +42,9 @@ struct KeyOperand {
   Elem elem = Elem::Compute;
   const void* data = nullptr;
   int64_t ld = 0;  // Rows: elements between consecutive keys' rows
+  // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its score)
+  const float* scales = nullptr;
+  int64_t scale_ld = 0;
 };
 
 // The value tile as a step reads it.
@@ -57,6 +61,9 @@ struct ValueOperand {
   // knows it (bfloat16 pairs: found while packing, so the step need not scan); -1: unknown,
   // the step scans when it must. A step compares it with the keys it reads.
   int32_t first_nonfinite_key = -1;
+  // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its weight)
+  const float* scales = nullptr;
+  int64_t scale_ld = 0;
 };
 
 // One step: `rows` staged query rows against one key tile of `cols` keys.

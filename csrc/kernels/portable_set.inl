@@ -95,8 +95,8 @@ inline void convert_f16_rows(const void* rows_in, int64_t ld, const float*, int6
 }
 
 // int8 rows times their scales -> float rows (branch-free: the compiler vectorizes it, sign
-// extension and conversion, for this ISA). The product is exact in float32 (a 24-bit scale
-// times an 8-bit integer), so every ISA gives the same bits.
+// extension and conversion, for this ISA). One rounded float32 product per element, with
+// nothing to fuse into an FMA: the same bits on every ISA, and as NumPy's dequantization.
 inline void convert_i8_rows(const void* rows_in, int64_t ld, const float* scales, int64_t scale_ld,
                             int64_t rows, int64_t width, float* dst, const void* ahead) {
   const auto* src = static_cast<const int8_t*>(rows_in);

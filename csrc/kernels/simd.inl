@@ -40,6 +40,8 @@ inline T element(const E* p, int64_t i) {
     return p[i];
   } else if constexpr (Stored == Elem::Bf16) {
     return __builtin_bit_cast(float, uint32_t(p[i]) << 16);
+  } else if constexpr (Stored == Elem::I8) {
+    return T(p[i]);
   } else {
     return f16_bits_to_float(p[i]);
   }
@@ -63,6 +65,11 @@ inline typename Simd<T>::V load_elements(const E* p) {
     typename HalfLanes<L>::Half h;
     __builtin_memcpy(&h, p, sizeof(h));
     return __builtin_bit_cast(V, __builtin_convertvector(h, typename HalfLanes<L>::Wide) << 16);
+  } else if constexpr (Stored == Elem::I8) {  // sign-extended, then converted (exact)
+    typedef int8_t Narrow __attribute__((vector_size(L)));
+    Narrow b;
+    __builtin_memcpy(&b, p, sizeof(b));
+    return __builtin_convertvector(b, V);
   } else {
 #if defined(__AVX512F__)
     if constexpr (L == 16) {  // maskz: the unmasked intrinsic trips GCC 12's warnings
@@ -86,11 +93,14 @@ inline const E* elements(const Operand& x) {
   return static_cast<const E*>(x.data);
 }
 
-// The K and V rows a step reads (key.form Rows, value.form Rows): the compute type, or half.
+// The K and V rows a step reads (key.form Rows, value.form Rows): the compute type, half or
+// int8.
 template <Elem Stored, typename T>
 inline auto key_rows(const cpuattn::TileStep<T>& a) {
   if constexpr (Stored == Elem::Compute) {
     return elements<T>(a.key);
+  } else if constexpr (Stored == Elem::I8) {
+    return elements<int8_t>(a.key);
   } else {
     return elements<uint16_t>(a.key);
   }
@@ -99,6 +109,8 @@ template <Elem Stored, typename T>
 inline auto value_rows(const cpuattn::TileStep<T>& a) {
   if constexpr (Stored == Elem::Compute) {
     return elements<T>(a.value);
+  } else if constexpr (Stored == Elem::I8) {
+    return elements<int8_t>(a.value);
   } else {
     return elements<uint16_t>(a.value);
   }

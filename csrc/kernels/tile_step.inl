@@ -279,6 +279,23 @@ inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool
   }
 }
 
+// s[r0 + r, j] *= scales[j * ld] for RB rows and keys [0, cols): an int8 row's scale, on its
+// score (K) or its weight (V). The scales of one run of L keys are loaded once for all rows.
+template <typename T, int RB>
+inline void times_row_scales(const cpuattn::TileStep<T>& a, int64_t r0, const float* scales,
+                             int64_t ld) {
+  using S = Simd<T>;
+  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  for (int64_t jb = 0; jb < a.cols; jb += L) {
+    typename S::V sv;
+    for (int64_t i = 0; i < L; ++i) sv[i] = jb + i < a.cols ? T(scales[(jb + i) * ld]) : T(0);
+    for (int r = 0; r < RB; ++r) {
+      T* s = a.s + (r0 + r) * W + jb;
+      S::store(s, S::load(s) * sv);
+    }
+  }
+}
+
 // Rows [r0, r0 + RB) against the tile, start to finish: scores, epilogue, P.V. Working a few
 // rows at a time keeps their scores, the packed K tile and the V tile in L1.
 // Stored: how the K and V rows read in place are stored (key.form Rows and value.form Rows;
@@ -292,7 +309,12 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   } else {
     score_rows<T, RB>(a, r0, 0, a.d, true);
   }
-  weights_times_values<T, RB, Stored>(a, r0, score_epilogue<T, RB>(a, r0), v_nonfinite);
+  if constexpr (Stored == Elem::I8) times_row_scales<T, RB>(a, r0, a.key.scales, a.key.scale_ld);
+  const bool some_zero = score_epilogue<T, RB>(a, r0);
+  // int8 V: each weight times its key's V scale, after the epilogue summed the weights.
+  if constexpr (Stored == Elem::I8)
+    times_row_scales<T, RB>(a, r0, a.value.scales, a.value.scale_ld);
+  weights_times_values<T, RB, Stored>(a, r0, some_zero, v_nonfinite);
 }
 
 // Walks a.prefetch over a step's row blocks: each block asks for its even share of every
@@ -436,6 +458,10 @@ void tile_step(const cpuattn::TileStep<T>& a) {
     }
     if (a.key.elem == Elem::Bf16) {
       tile_step_rows<T, Elem::Bf16>(a);
+      return;
+    }
+    if (a.key.elem == Elem::I8) {
+      tile_step_rows<T, Elem::I8>(a);
       return;
     }
   }

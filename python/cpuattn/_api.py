@@ -215,7 +215,8 @@ def run_request(req, backend: str):
     """Runs a validated request on the chosen backend and shapes the result for the caller."""
     run = _pick_backend(backend)
     if req.out is not None and (
-        _overlaps(req.out, req.q, req.k, req.v, req.mask) or _may_overlap_itself(req.out)
+        _overlaps(req.out, req.q, req.k, req.v, req.mask, *_small_inputs(req))
+        or _may_overlap_itself(req.out)
     ):
         # Writing in place would clobber inputs still to be read, or (an out whose elements
         # share memory, from as_strided) have threads race on the same bytes: compute aside,
@@ -224,6 +225,11 @@ def run_request(req, backend: str):
         req.out[...] = result
         return req.finish(req.out, lse)
     return req.finish(*run(req))
+
+
+def _small_inputs(req) -> tuple:
+    """The per-row and per-head inputs a request may hold as the caller's own arrays."""
+    return (req.k_scale, req.v_scale, req.alibi, req.sinks, req.kv_lengths)
 
 
 def _pick_backend(backend: str):

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _may_overlap_itself, _overlaps, _pick_backend, attention
-from ._request import F32, I8, Request, _per_head, build_request, check_choice
+from ._request import BF16, F32, I8, Request, _per_head, build_request, check_choice
 from ._varlen import _cu_seqlens
 
 
@@ -101,7 +101,12 @@ def attention_paged(
     batch, max_blocks = table.shape
     lengths = _lengths(kv_lengths, batch, max_blocks * block_size)
     _check_blocks(table, lengths, block_size, num_blocks)
-    scales = [_cache_scale(n, s, k_cache) for n, s in (("k_scale", k_scale), ("v_scale", v_scale))]
+    # Entries past a sequence's blocks may hold anything: wrapped to int32, never read.
+    table = np.ascontiguousarray(table.astype(np.int32, copy=False))
+    scales = (
+        _cache_scale("k_scale", k_scale, "k_cache", k_cache),
+        _cache_scale("v_scale", v_scale, "v_cache", v_cache),
+    )
 
     packed = cu_seqlens_q is not None
     if packed:
@@ -120,10 +125,11 @@ def attention_paged(
                 f"q: expected (B, Hq, Lq, D) with B = {batch} (block_table's rows), got {q.shape}"
             )
         q_view = q
-    if isinstance(causal, str) and causal == "top_left":
-        raise ValueError("causal: a paged cache aligns queries bottom-right (True), not top_left")
+    if q.shape[-1] != d:
+        raise ValueError(f"q: expected head dim {d} (k_cache's last axis), got shape {q.shape}")
     kv_shape = (*q_view.shape[:-3], hkv, int(lengths.max(initial=0)), d)
-    req = build_request(
+    req = _cache_named(
+        build_request,
         q_view,
         np.broadcast_to(np.zeros((), k_cache.dtype), kv_shape),  # dtypes and heads only
         np.broadcast_to(np.zeros((), v_cache.dtype), (*kv_shape[:-1], dv)),
@@ -141,6 +147,8 @@ def attention_paged(
             else {}
         ),
     )
+    if req.causal and req.align != "bottom_right":
+        raise ValueError("causal: a paged cache aligns queries bottom-right (True), not top_left")
     alibi = _per_head("alibi_slopes", alibi_slopes, (batch,), req.hq, req.dtype, False)
     sink_logits = _per_head("sinks", sinks, (batch,), req.hq, req.dtype, False)
     out_shape = (q.shape[0], req.hq, dv) if packed else (batch, req.hq, req.lq, dv)
@@ -148,7 +156,7 @@ def attention_paged(
     # Into the caller's out only when the kernel can write it directly and it overlaps
     # nothing it reads (else computed aside, then copied, as NumPy would).
     in_place = result is not None and not (
-        _overlaps(result, q, k_cache, v_cache)
+        _overlaps(result, q, k_cache, v_cache, *scales, alibi, sink_logits)
         or _may_overlap_itself(result)
         or not _native._is_kernel_ready(result, unit_last=True)
     )
@@ -163,8 +171,8 @@ def attention_paged(
         left, right = req.window
         _native._core.attention_paged(
             ready(q_view, unit_last=True),
-            ready(k_cache, unit_last=True),
-            ready(v_cache, unit_last=True),
+            k_cache,
+            v_cache,
             table,
             lengths,
             target.swapaxes(0, 1) if packed else target,
@@ -238,11 +246,28 @@ def _numpy_paged(
                 lse[:, cu_q[b] : cu_q[b + 1]] = result[1]
 
 
+def _cache_named(build, *args, **kwargs) -> Request:
+    """build_request, its errors naming the caches as this function's caller knows them."""
+    try:
+        return build(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        for name in ("k", "v"):
+            if message.startswith(f"{name}: "):
+                message = f"{name}_cache: " + message[len(name) + 2 :]
+        raise type(exc)(message) from None
+
+
 def _cache_shape(k_cache: np.ndarray, v_cache: np.ndarray) -> tuple[int, int, int, int, int]:
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.ndim != 4:
             raise ValueError(
                 f"{name}: expected (num_blocks, block_size, Hkv, D), got shape {x.shape}"
+            )
+        if not _native._is_kernel_ready(x, unit_last=True):
+            raise ValueError(
+                f"{name}: expected its last axis unit-stride and its data aligned: a paged "
+                "cache is read where it lies, never copied"
             )
     num_blocks, block_size, hkv, d = k_cache.shape
     if v_cache.shape[:3] != k_cache.shape[:3]:
@@ -252,6 +277,8 @@ def _cache_shape(k_cache: np.ndarray, v_cache: np.ndarray) -> tuple[int, int, in
         )
     if block_size < 1:
         raise ValueError("k_cache: block_size (axis 1) must be >= 1")
+    if num_blocks > np.iinfo(np.int32).max:
+        raise ValueError("k_cache: block ids must fit in int32 (num_blocks < 2**31)")
     return num_blocks, block_size, hkv, d, v_cache.shape[3]
 
 
@@ -261,11 +288,7 @@ def _block_table(block_table) -> np.ndarray:
         raise TypeError(f"block_table: expected integers, got dtype {table.dtype}")
     if table.ndim != 2:
         raise ValueError(f"block_table: expected (B, max_blocks), got shape {table.shape}")
-    if table.size and (
-        table.min() < np.iinfo(np.int32).min or table.max() > np.iinfo(np.int32).max
-    ):
-        raise ValueError("block_table: block ids must fit in int32")
-    return np.ascontiguousarray(table, dtype=np.int32)
+    return table
 
 
 def _lengths(kv_lengths, batch: int, capacity: int) -> np.ndarray:
@@ -296,15 +319,21 @@ def _check_blocks(table: np.ndarray, lengths: np.ndarray, block_size: int, num_b
         )
 
 
-def _cache_scale(name: str, scale, k_cache: np.ndarray) -> np.ndarray | None:
+def _cache_scale(name: str, scale, cache_name: str, cache: np.ndarray) -> np.ndarray | None:
+    """An int8 cache's scales (required with it, refused without), float32."""
+    if cache.dtype == I8 and scale is None:
+        raise TypeError(
+            f"{cache_name}: an int8 cache needs {name} (float32, (num_blocks, block_size, Hkv)),"
+            " as PagedKVCache holds and cpuattn.quantize_int8 returns"
+        )
     if scale is None:
         return None
-    if k_cache.dtype != I8:
-        raise TypeError(f"{name}: given for a {k_cache.dtype} cache; scales go with int8 only")
+    if cache.dtype != I8:
+        raise TypeError(f"{name}: given for a {cache.dtype} {cache_name}; scales go with int8 only")
     scale = np.asarray(scale)
-    if scale.dtype.kind != "f":
+    if scale.dtype.kind != "f" and scale.dtype != BF16:
         raise TypeError(f"{name}: expected float32 scales, got dtype {scale.dtype}")
-    want = k_cache.shape[:3]
+    want = cache.shape[:3]
     if scale.shape != want:
         raise ValueError(
             f"{name}: expected (num_blocks, block_size, Hkv) = {want}, got {scale.shape}"
