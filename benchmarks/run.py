@@ -11,8 +11,9 @@ Each cpuattn result is checked against the float64 NumPy backend before it is ti
 table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
 memory of one call in a fresh process, (with dask installed) the distributed row of
 benchmarks/dask_cluster.py, the backward against torch's (benchmarks/backward.py; alone
-with --backward), and transformers models with attn_implementation="cpuattn" against "sdpa"
-(benchmarks/models.py; alone with --models).
+with --backward), transformers models with attn_implementation="cpuattn" against "sdpa"
+(benchmarks/models.py; alone with --models), and decode over int8 and paged caches
+(benchmarks/serving.py; alone with --serving).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import backward  # benchmarks/backward.py, dask_cluster.py and models.py, next t
 import dask_cluster
 import models
 import numpy as np
+import serving
 
 import cpuattn
 from cpuattn import _bench, attention, info
@@ -407,6 +409,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--backward", action="store_true", help="the backward rows only")
     parser.add_argument("--models", action="store_true", help="the transformers rows only")
+    parser.add_argument("--serving", action="store_true", help="the int8 and paged cache rows only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument(
@@ -430,6 +433,9 @@ def main(argv=None) -> int:
     if args.models:
         print(models.markdown(models.rows(args.repeats), models.op_overhead()))
         return 0
+    if args.serving:
+        print(serving.markdown(serving.serving_rows(args.repeats)))
+        return 0
     rows = []
     cases = QUICK if args.quick else FULL
     for n, case in enumerate(cases, 1):
@@ -446,6 +452,8 @@ def main(argv=None) -> int:
         print("[models] ...", file=sys.stderr, flush=True)
         more["models"] = models.rows(min(args.repeats, 3))
         more["op_overhead"] = models.op_overhead()
+        print("[serving] ...", file=sys.stderr, flush=True)
+        more["serving"] = serving.serving_rows(args.repeats)
     # The peak again after the cases, the higher of the two kept: a disturbed first reading
     # would inflate every % of peak.
     peak = max(peak, _bench.sgemm_gflops())
@@ -455,6 +463,7 @@ def main(argv=None) -> int:
     if "backward" in more:
         sections.append(backward.markdown(more["backward"], peak))
         sections.append(models.markdown(more["models"], more["op_overhead"]))
+        sections.append(serving.markdown(more["serving"]))
     print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:

@@ -98,6 +98,9 @@ struct KvScratch {
   // caches whose blocks are shorter than a tile), for sources that read rows as one run.
   AlignedBuffer<unsigned char> gathered_k, gathered_v;
   AlignedBuffer<float> gathered_k_scales, gathered_v_scales;  // int8 rows' scales, likewise
+  // Where each key's K and V rows lie, in this tile when they are not one run and in the
+  // next one, for a step that reads rows (and prefetches the next tile's as it goes).
+  AlignedBuffer<const char*> rows_k, rows_v, next_k, next_v;
   StagedTileCache<T> keys, values;
   AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
   StagedTileCache<uint32_t> key_pairs, value_pairs;
@@ -168,29 +171,42 @@ class OnLayout {
   // K's (V's) rows of tile t's staged keys, `width` elements each: in place when they lie in
   // one run, else copied run by run into `gathered`.
   Rows k_tile(const Head& h, const KeyTile& t, int64_t width,
-              AlignedBuffer<unsigned char>& gathered) const {
-    return tile_rows(t, width, layout_.k_ld(), gathered, [&](int64_t j) { return k_row(h, j); });
+              AlignedBuffer<unsigned char>& gathered, bool prefetch = true) const {
+    return tile_rows(t, width, layout_.k_ld(), gathered, prefetch,
+                     [&](int64_t j) { return k_row(h, j); });
   }
   Rows v_tile(const Head& h, const KeyTile& t, int64_t width,
-              AlignedBuffer<unsigned char>& gathered) const {
-    return tile_rows(t, width, layout_.v_ld(), gathered, [&](int64_t j) { return v_row(h, j); });
+              AlignedBuffer<unsigned char>& gathered, bool prefetch = true) const {
+    return tile_rows(t, width, layout_.v_ld(), gathered, prefetch,
+                     [&](int64_t j) { return v_row(h, j); });
   }
-  // The step's K and V rows for a source that reads them in place: one run each (gathered
-  // where the layout splits the tile). Rows in place ask for the next tile's rows ahead where
-  // that tile follows in the same run.
+  // The step's K and V rows for a source that reads them in place: one run `ld` apart, or
+  // (a paged tile in several blocks) a table of row addresses; and the next tile's rows, for
+  // the step to prefetch as it goes.
   template <typename T>
-  void rows_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc, int64_t d,
-                     int64_t dv) const {
-    const Rows k = k_tile(h, t, d, sc.gathered_k);
-    const Rows v = v_tile(h, t, dv, sc.gathered_v);
-    s.key.data = k.data;
-    s.key.ld = k.ld;
-    s.value.data = v.data;
-    s.value.ld = v.ld;
-    s.prefetch_next = t.next_keys > 0 && one_run(t.j0, 2 * kTileKeys);
+  void rows_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc) const {
+    const auto k_at = [&](int64_t j) { return k_row(h, j); };
+    const auto v_at = [&](int64_t j) { return v_row(h, j); };
+    const bool in_place = one_run(t.j0, t.staged_keys);
+    s.key.data = k_row(h, t.j0);
+    s.value.data = v_row(h, t.j0);
+    s.key.rows =
+        in_place ? nullptr : row_table(sc.rows_k, t.j0, t.staged_keys, layout_.k_ld(), k_at);
+    s.value.rows =
+        in_place ? nullptr : row_table(sc.rows_v, t.j0, t.staged_keys, layout_.v_ld(), v_at);
+    s.prefetch_next = t.next_keys > 0;
+    if (!s.prefetch_next) return;
+    const int64_t next = t.j0 + kTileKeys;
+    s.key.next = row_table(sc.next_k, next, t.next_keys, layout_.k_ld(), k_at);
+    s.value.next = row_table(sc.next_v, next, t.next_keys, layout_.v_ld(), v_at);
+  }
+  // Buffers for rows_in_place, before the parallel region.
+  template <typename T>
+  void reserve_rows(KvScratch<T>& sc) const {
+    for (auto* table : {&sc.rows_k, &sc.rows_v, &sc.next_k, &sc.next_v}) table->allocate(kTileKeys);
   }
   // The scales of int8 rows in place: in place for one run (the next tile's prefetched), else
-  // copied run by run as rows_in_place copies the rows.
+  // copied run by run (the next tile's run by run prefetched).
   template <typename T>
   void scales_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc) const {
     scales_of(s.key.scales, s.key.scale_ld, t, sc.gathered_k_scales, layout_.k_scale_ld(),
@@ -208,6 +224,19 @@ class OnLayout {
   Layout layout_;
 
  private:
+  // The addresses of rows [j0, j0 + keys), run by run; the table's entries past them repeat
+  // the first (a valid row, for the step's reads past cols).
+  template <typename RowAt>
+  const char* const* row_table(AlignedBuffer<const char*>& table, int64_t j0, int64_t keys,
+                               int64_t ld, const RowAt& row_at) const {
+    const int64_t bytes = ld * int64_t(sizeof(E));
+    for_each_run(j0, keys, [&](int64_t j, int64_t n) {
+      const char* row = reinterpret_cast<const char*>(row_at(j));
+      for (int64_t r = 0; r < n; ++r) table[j - j0 + r] = row + r * bytes;
+    });
+    for (int64_t i = keys; i < kTileKeys; ++i) table[i] = table[0];
+    return table.data();
+  }
   template <typename At>
   void scales_of(const float*& scales, int64_t& ld, const KeyTile& t,
                  AlignedBuffer<float>& gathered, int64_t scale_ld, const At& at) const {
@@ -233,17 +262,19 @@ class OnLayout {
     k.allocate(kTileKeys * d * int64_t(sizeof(E)));
     v.allocate(kTileKeys * dv * int64_t(sizeof(E)));
   }
-  // next_keys: the next tile's keys, whose rows are prefetched while these are copied.
+  // with ahead, the next tile's rows are prefetched while these are copied (for sources
+  // whose step does not: it reads the copy, or a packed tile made from it).
   template <typename RowAt>
   Rows tile_rows(const KeyTile& t, int64_t width, int64_t ld,
-                 AlignedBuffer<unsigned char>& gathered, const RowAt& row_at) const {
+                 AlignedBuffer<unsigned char>& gathered, bool prefetch, const RowAt& row_at) const {
     if (one_run(t.j0, t.staged_keys)) return {row_at(t.j0), ld};
     E* dst = reinterpret_cast<E*>(gathered.data());
     const int64_t bytes = width * int64_t(sizeof(E));
     for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
       const E* src = row_at(j);
-      const char* next =
-          ahead(t, j, n) ? reinterpret_cast<const char*>(row_at(j + kTileKeys)) : nullptr;
+      const char* next = prefetch && ahead(t, j, n)
+                             ? reinterpret_cast<const char*>(row_at(j + kTileKeys))
+                             : nullptr;
       for (int64_t r = 0; r < n; ++r) {
         if (next) prefetch_lines(next + r * ld * int64_t(sizeof(E)), bytes);
         std::memcpy(dst + (j - t.j0 + r) * width, src + r * ld, size_t(bytes));
@@ -261,16 +292,13 @@ class NativeRows : public OnLayout<Layout, T> {
 
  public:
   bool staged_query() const { return true; }
-  NativeRows(const Layout& layout, int64_t d, int64_t dv) : Base(layout), d_(d), dv_(dv) {}
-  void reserve(KvScratch<T>& sc, int64_t, bool) const { this->reserve_gather(sc, d_, dv_); }
+  explicit NativeRows(const Layout& layout) : Base(layout) {}
+  void reserve(KvScratch<T>& sc, int64_t, bool) const { this->reserve_rows(sc); }
   void setup(TileStep<T>& s) const { this->setup_rows(s, Elem::Compute); }
   void tile(TileStep<T>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<T>& sc) const {
-    this->rows_in_place(s, h, t, sc, d_, dv_);
+    this->rows_in_place(s, h, t, sc);
   }
-
- private:
-  int64_t d_, dv_;
 };
 
 // K and V in the compute type: K^T packed per key tile (cached), V rows in place.
@@ -316,18 +344,16 @@ class HalfRows : public OnLayout<Layout, uint16_t> {
 
  public:
   bool staged_query() const { return true; }
-  HalfRows(const Layout& layout, Elem elem, int64_t d, int64_t dv)
-      : Base(layout), elem_(elem), d_(d), dv_(dv) {}
-  void reserve(KvScratch<float>& sc, int64_t, bool) const { this->reserve_gather(sc, d_, dv_); }
+  HalfRows(const Layout& layout, Elem elem) : Base(layout), elem_(elem) {}
+  void reserve(KvScratch<float>& sc, int64_t, bool) const { this->reserve_rows(sc); }
   void setup(TileStep<float>& s) const { this->setup_rows(s, elem_); }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
-    this->rows_in_place(s, h, t, sc, d_, dv_);
+    this->rows_in_place(s, h, t, sc);
   }
 
  private:
   Elem elem_;  // F16 or Bf16
-  int64_t d_, dv_;
 };
 
 // int8 K and V rows in place, widened by the float32 step as it loads them, their scales
@@ -338,21 +364,18 @@ class Int8Rows : public OnLayout<Layout, int8_t> {
 
  public:
   bool staged_query() const { return true; }
-  Int8Rows(const Layout& layout, int64_t d, int64_t dv) : Base(layout), d_(d), dv_(dv) {}
+  explicit Int8Rows(const Layout& layout) : Base(layout) {}
   void reserve(KvScratch<float>& sc, int64_t, bool) const {
-    this->reserve_gather(sc, d_, dv_);
+    this->reserve_rows(sc);
     sc.gathered_k_scales.allocate(kTileKeys);
     sc.gathered_v_scales.allocate(kTileKeys);
   }
   void setup(TileStep<float>& s) const { this->setup_rows(s, Elem::I8); }
   void tile(TileStep<float>& s, const typename Base::Head& h, const KeyTile& t,
             KvScratch<float>& sc) const {
-    this->rows_in_place(s, h, t, sc, d_, dv_);
+    this->rows_in_place(s, h, t, sc);
     this->scales_in_place(s, h, t, sc);
   }
-
- private:
-  int64_t d_, dv_;
 };
 
 // Half or int8 K and V converted to float32 per key tile by their encoding (int8 rows times
@@ -503,7 +526,7 @@ KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const Wo
   const bool few_rows = one_tile && plan.rows_per_head_group() <= kInPlaceMaxRows;
   if constexpr (std::is_same_v<T, float>) {
     if (path == KvPath::Bf16Pairs) {
-      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16, p.d, p.dv);
+      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16);
       // AMX takes K rows as they are when D fills whole 32-element chunks and rows go forward.
       const bool keys_in_place =
           on_amx && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;
@@ -514,13 +537,13 @@ KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const Wo
                         : p.kv_dtype == DType::I8 ? Elem::I8
                                                   : Elem::F16;
       const bool rows = few_rows && !p.additive_w;
-      if (rows && elem == Elem::I8) return Int8Rows<Layout>(layout, p.d, p.dv);
-      if (rows) return HalfRows<Layout>(layout, elem, p.d, p.dv);
+      if (rows && elem == Elem::I8) return Int8Rows<Layout>(layout);
+      if (rows) return HalfRows<Layout>(layout, elem);
       return ConvertedTiles<Layout>(layout, kernels.encodings[int(elem)].to_float, elem == Elem::I8,
                                     rows ? nullptr : kernels.pack_f32, p.d, p.dv);
     }
   }
-  if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout, p.d, p.dv);
+  if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout);
   if constexpr (std::is_same_v<T, float>) {
     return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d, p.dv);
   } else {

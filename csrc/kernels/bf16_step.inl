@@ -204,10 +204,11 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
     __m512 folded[RB][kGroups];
     for (int g = 0; g < kGroups; ++g) {
       const uint16_t* k[KB];
+      const char* ahead[KB];  // the same keys' rows in the next tile
       for (int n = 0; n < KB; ++n) {
-        const int64_t j = jb + g * KB + n;
-        k[n] = elements<uint16_t>(a.key) +
-               (j < a.cols ? j : 0) * a.key.ld;  // past cols: any row, masked later
+        const int64_t j = jb + g * KB + n < a.cols ? jb + g * KB + n : 0;  // past cols: any
+        k[n] = row_of(a.key, elements<uint16_t>(a.key), j);  // row, masked later
+        ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
       }
       __m512 acc[RB][KB];
       for (int r = 0; r < RB; ++r) {
@@ -229,7 +230,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
         __m512i kv[KB];
         for (int n = 0; n < KB; ++n) {
           kv[n] = _mm512_loadu_si512(k[n] + e);
-          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.key.ld, 0, 1);
+          if (a.prefetch_next) __builtin_prefetch(ahead[n] + 2 * e, 0, 1);
         }
         accumulate(e, kv, false);
       }

@@ -45,6 +45,11 @@ struct KeyOperand {
   // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its score)
   const float* scales = nullptr;
   int64_t scale_ld = 0;
+  // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
+  // paged cache, in several blocks), else nullptr
+  const char* const* rows = nullptr;
+  // Rows, with TileStep::prefetch_next: key j's row (its address) in this thread's next tile
+  const char* const* next = nullptr;
 };
 
 // The value tile as a step reads it.
@@ -64,6 +69,11 @@ struct ValueOperand {
   // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its weight)
   const float* scales = nullptr;
   int64_t scale_ld = 0;
+  // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
+  // paged cache, in several blocks), else nullptr
+  const char* const* rows = nullptr;
+  // Rows, with TileStep::prefetch_next: key j's row (its address) in this thread's next tile
+  const char* const* next = nullptr;
 };
 
 // One step: `rows` staged query rows against one key tile of `cols` keys.
@@ -82,7 +92,7 @@ struct TileStep {
   T* l;             // running row sum of exp(s - m), as kSumSlots partial sums per row
 
   int64_t j0;                  // index of the tile's first key
-  bool prefetch_next;          // the K and V rows kTileKeys on are this thread's next tile
+  bool prefetch_next;          // key.next and value.next name the rows of the next tile
   T softcap;                   // > 0: s -> softcap * tanh(s / softcap), before the mask
   const T* slopes;             // per row ALiBi slope, or nullptr: s -= slope * |diag - j|
   const int64_t* diag;         // per row: i + off, the key on the row's diagonal

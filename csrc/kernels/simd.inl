@@ -66,10 +66,23 @@ inline typename Simd<T>::V load_elements(const E* p) {
     __builtin_memcpy(&h, p, sizeof(h));
     return __builtin_bit_cast(V, __builtin_convertvector(h, typename HalfLanes<L>::Wide) << 16);
   } else if constexpr (Stored == Elem::I8) {  // sign-extended, then converted (exact)
-    typedef int8_t Narrow __attribute__((vector_size(L)));
-    Narrow b;
-    __builtin_memcpy(&b, p, sizeof(b));
-    return __builtin_convertvector(b, V);
+    // Intrinsics: GCC turns __builtin_convertvector from int8 into one lane at a time.
+#if defined(__AVX512F__)
+    if constexpr (L == 16) {  // maskz: the unmasked intrinsics trip GCC 12's warnings
+      return (V)_mm512_maskz_cvtepi32_ps(
+          0xffff,
+          _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (L == 8) {
+      return (V)_mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    }
+#endif
+    V v;
+    for (int i = 0; i < L; ++i) v[i] = T(p[i]);
+    return v;
   } else {
 #if defined(__AVX512F__)
     if constexpr (L == 16) {  // maskz: the unmasked intrinsic trips GCC 12's warnings
@@ -91,6 +104,13 @@ inline typename Simd<T>::V load_elements(const E* p) {
 template <typename E, typename Operand>
 inline const E* elements(const Operand& x) {
   return static_cast<const E*>(x.data);
+}
+
+// Row j of a Rows operand whose elements start at `base`: from its row table where it has one
+// (a tile of a paged cache, in several blocks), else j * ld elements on.
+template <typename E, typename Operand>
+inline const E* row_of(const Operand& x, const E* base, int64_t j) {
+  return x.rows ? reinterpret_cast<const E*>(x.rows[j]) : base + j * x.ld;
 }
 
 // The K and V rows a step reads (key.form Rows, value.form Rows): the compute type, half or

@@ -72,14 +72,14 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
   }
 }
 
-// Scores from K rows in place (a.key, a.key.ld elements apart), for RB rows: the dot-product
-// form, s[r, j] = q[r, :] . K[j, :], vectorized along D. For a few query rows (decode) this
-// beats packing K^T, which costs a transposing pass over every K tile for only a few rows
-// of products. Keys go L at a time, KB keys x RB rows of accumulators at once, folded part
-// way; the rest of the tree and one permutation give the L scores in key order. The D % L
-// trailing elements are added per score afterwards. With prefetch_next, each K line read
-// asks for the same line of the next tile (into L2): the hardware prefetchers alone left
-// decode at ~60% of the memory bandwidth.
+// Scores from K rows in place (a.key: ld elements apart, or its row table), for RB rows: the
+// dot-product form, s[r, j] = q[r, :] . K[j, :], vectorized along D. For a few query rows (decode)
+// this beats packing K^T, which costs a transposing pass over every K tile for only a few rows of
+// products. Keys go L at a time, KB keys x RB rows of accumulators at once, folded part way; the
+// rest of the tree and one permutation give the L scores in key order. The D % L trailing elements
+// are added per score afterwards. With prefetch_next, each K line read asks for the same line of
+// the next tile (into L2): the hardware prefetchers alone left decode at ~60% of the memory
+// bandwidth.
 template <typename T, int RB, Elem Stored>
 inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
@@ -95,17 +95,21 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
     V folded[RB][kGroups];
     for (int g = 0; g < kGroups; ++g) {
       decltype(rows) k[KB];
+      const char* ahead[KB];  // the same keys' rows in the next tile
       for (int n = 0; n < KB; ++n) {
-        const int64_t j = jb + g * KB + n;
-        k[n] = rows + (j < a.cols ? j : 0) * a.key.ld;  // past cols: any valid row, masked later
+        const int64_t j = jb + g * KB + n < a.cols ? jb + g * KB + n : 0;  // past cols: any
+        k[n] = row_of(a.key, rows, j);  // valid row, masked later
+        ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
       }
       V acc[RB][KB] = {};
 #pragma GCC unroll 2
       for (int64_t e = 0; e < d_main; e += L) {
         V kv[KB];
+        // One request per line: a vector of narrow elements is a fraction of one.
+        const int64_t byte = e * int64_t(sizeof(*rows));
         for (int n = 0; n < KB; ++n) {
           kv[n] = load_elements<Stored, T>(k[n] + e);
-          if (a.prefetch_next) __builtin_prefetch(k[n] + e + W * a.key.ld, 0, 1);
+          if (a.prefetch_next && (byte & 63) == 0) __builtin_prefetch(ahead[n] + byte, 0, 1);
         }
         for (int r = 0; r < RB; ++r) {
           const V qv = S::load(q + r * a.d + e);
@@ -119,7 +123,7 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
       if (d_main < a.d) {
         for (int i = 0; i < L; ++i) {
-          const auto* kr = rows + (jb + i < a.cols ? jb + i : 0) * a.key.ld;
+          const auto* kr = row_of(a.key, rows, jb + i < a.cols ? jb + i : 0);
           T tail = 0;
           for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * element<Stored, T>(kr, e);
           sums[i] += tail;
@@ -169,7 +173,7 @@ template <typename T, int RB, int CB, Elem Stored, bool kPrefetch, bool kTranspo
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
-  constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
+  constexpr int64_t L = S::kLanes;
   const auto* rows = value_rows<Stored>(a);
   if (a.cols <= 0) return;  // never, but without it GCC keeps acc in a stack array
   V acc[RB][CB];
@@ -179,9 +183,14 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 #pragma GCC unroll 4
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
+    const auto* row = row_of(a.value, rows, j);
     for (int c = 0; c < CB; ++c) {
-      vv[c] = load_elements<Stored, T>(rows + j * a.value.ld + e0 + c * L);
-      if (kPrefetch) __builtin_prefetch(rows + (j + W) * a.value.ld + e0 + c * L, 0, 1);
+      vv[c] = load_elements<Stored, T>(row + e0 + c * L);
+      // One request per line (e0 starts one: whole column blocks of whole vectors).
+      constexpr int64_t kSize = sizeof(*rows), kVectorsPerLine = 64 / (L * kSize);
+      if (kPrefetch && (kVectorsPerLine <= 1 || c % kVectorsPerLine == 0)) {
+        __builtin_prefetch(a.value.next[j] + (e0 + c * L) * kSize, 0, 1);
+      }
     }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(weight<kTransposed>(a, r0 + r, j));
@@ -213,7 +222,7 @@ inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
     T* o = a.o + (r0 + r) * a.dv;
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = weight<kTransposed>(a, r0 + r, j);
-      const auto* vr = rows + j * a.value.ld;
+      const auto* vr = row_of(a.value, rows, j);
       for (int64_t e = e0; e < e1; ++e) o[e] += p * element<Stored, T>(vr, e);
     }
   }
@@ -230,7 +239,7 @@ inline bool tile_v_has_nonfinite(const cpuattn::TileStep<T>& a) {
   V acc = V{};
   T tail = 0;
   for (int64_t j = 0; j < a.cols; ++j) {
-    const auto* vr = rows + j * a.value.ld;
+    const auto* vr = row_of(a.value, rows, j);
     int64_t e = 0;
     for (; e + L <= a.dv; e += L) {
       const V x = load_elements<Stored, T>(vr + e);
@@ -253,7 +262,7 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
     for (int64_t j = 0; j < a.cols; ++j) {
       const T p = weight<kTransposed>(a, r, j);
       if (p == T(0)) continue;
-      const auto* vr = rows + j * a.value.ld;
+      const auto* vr = row_of(a.value, rows, j);
       for (int64_t e = 0; e < a.dv; ++e) o[e] += p * element<Stored, T>(vr, e);
     }
   }
@@ -288,7 +297,11 @@ inline void times_row_scales(const cpuattn::TileStep<T>& a, int64_t r0, const fl
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   for (int64_t jb = 0; jb < a.cols; jb += L) {
     typename S::V sv;
-    for (int64_t i = 0; i < L; ++i) sv[i] = jb + i < a.cols ? T(scales[(jb + i) * ld]) : T(0);
+    if (ld == 1 && jb + L <= a.cols) {
+      sv = S::load(scales + jb);
+    } else {
+      for (int64_t i = 0; i < L; ++i) sv[i] = jb + i < a.cols ? T(scales[(jb + i) * ld]) : T(0);
+    }
     for (int r = 0; r < RB; ++r) {
       T* s = a.s + (r0 + r) * W + jb;
       S::store(s, S::load(s) * sv);

@@ -12,10 +12,10 @@ QMAX = 127  # symmetric: -128 is never used, so negating a row never overflows
 def quantize_int8(x) -> tuple[np.ndarray, np.ndarray]:
     """Rounds ``x`` to int8, one float32 scale per row of the last axis.
 
-    ``scale = max|x| / 127`` over the last axis and ``q = clip(rint(x / scale), -127, 127)``,
+    ``scale = max(abs(x)) / 127`` over the last axis and ``q = clip(rint(x / scale), -127, 127)``,
     both computed in float32 from ``x`` cast to float32, so ``q * scale`` is within
     ``scale / 2`` of ``x`` (of ``x`` rounded to float32 for a float64 ``x``). A row of zeros
-    gets scale 0 and q 0, as does a row whose max |x| is so small (below about 1e-43) that the
+    gets scale 0 and q 0, as does a row whose largest magnitude is so small (below about 1e-43) that the
     scale underflows float32.
 
     Parameters

@@ -1,0 +1,155 @@
+"""Serving caches: decode over int8 and paged K/V caches against the float16 and contiguous
+ones, as bytes read per second and against the machine's measured read bandwidth.
+
+    python benchmarks/run.py --serving       # these rows only
+
+Every row is a decode step, q (B, 32, 1, 128) over 8 kv heads, timed on cold caches: one
+cache per layer, enough layers to exceed the CPU caches, visited in turn (as in a model).
+"GB/s" counts the bytes the call must read: K and V rows of the valid keys, plus the int8
+scales.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import cpuattn
+from cpuattn import _bench
+
+HQ, HKV, D, LK = 32, 8, 128, 16384
+BLOCK = 16
+MIXED = (16384, 512, 9000, 3000, 77, 12000, 2048, 100, 6000, 16384, 700, 4096, 1, 8000, 250, 5000)
+
+
+def _cold(make: Callable[[], Callable[[], object]], layer_bytes: int, repeats: int) -> float:
+    """Median seconds of one layer's call, layers visited in turn (each made by `make`)."""
+    layers = max(2, -(-_bench.beyond_caches_bytes() // layer_bytes))
+    calls = [make() for _ in range(layers)]
+    for call in calls:
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        times.append((time.perf_counter() - t0) / layers)
+    return float(np.median(times))
+
+
+def _paged(x: np.ndarray, table: np.ndarray, num_blocks: int) -> np.ndarray:
+    """(B, Hkv, L, ...) -> a (num_blocks, BLOCK, Hkv, ...) cache holding it where table says."""
+    b, h, n = x.shape[:3]
+    cache = np.zeros((num_blocks, BLOCK, h, *x.shape[3:]), x.dtype)
+    per_seq = n // BLOCK
+    for i in range(b):
+        cache[table[i, :per_seq]] = np.moveaxis(x[i], 0, 1).reshape(per_seq, BLOCK, h, *x.shape[3:])
+    return cache
+
+
+def _tokens_major(x: np.ndarray) -> np.ndarray:
+    """The same data laid out (B, L, H, ...) as pages are, viewed (B, H, L, ...)."""
+    return np.ascontiguousarray(np.moveaxis(x, 1, 2)).swapaxes(1, 2)
+
+
+def serving_rows(repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, HQ, 1, D), dtype=np.float32)
+    k32 = rng.standard_normal((1, HKV, LK, D), dtype=np.float32)
+    v32 = rng.standard_normal((1, HKV, LK, D), dtype=np.float32)
+    k16, v16 = k32.astype(np.float16), v32.astype(np.float16)
+    (k8, ks), (v8, vs) = cpuattn.quantize_int8(k32), cpuattn.quantize_int8(v32)
+    blocks = LK // BLOCK
+    table = rng.permutation(blocks).astype(np.int32)[None]
+    lengths = np.array([LK])
+    half_bytes, int8_bytes = 2 * HKV * LK * D * 2, 2 * HKV * LK * (D + 4)
+
+    def dense(k, v, ks=None, vs=None):
+        return cpuattn.attention(q, k, v, k_scale=ks, v_scale=vs)
+
+    def paged(k, v, ks=None, vs=None):
+        return cpuattn.attention_paged(q, k, v, table, lengths, k_scale=ks, v_scale=vs)
+
+    int8 = (k8, v8, ks, vs)
+    variants = {  # name: (call, its arrays, bytes read)
+        "float32 cache": (dense, (k32, v32), 2 * half_bytes),
+        "float16 cache": (dense, (k16, v16), half_bytes),
+        "int8 cache": (dense, int8, int8_bytes),
+        "float16 cache (B, L, H, D)": (dense, tuple(map(_tokens_major, (k16, v16))), half_bytes),
+        "int8 cache (B, L, H, D)": (dense, tuple(map(_tokens_major, int8)), int8_bytes),
+        "paged float16, blocks of 16": (
+            paged,
+            tuple(_paged(x, table, blocks) for x in (k16, v16)),
+            half_bytes,
+        ),
+        "paged int8, blocks of 16": (
+            paged,
+            tuple(_paged(x, table, blocks) for x in int8),
+            int8_bytes,
+        ),
+    }
+    rows = {}
+    for name, (call, arrays, nbytes) in variants.items():
+
+        def make(call=call, arrays=arrays):  # each layer its own copy: memory no cache holds
+            copies = tuple(x.copy(order="K") for x in arrays)  # in the same memory order
+            return lambda: call(*copies)
+
+        seconds = _cold(make, nbytes, repeats)
+        rows[name] = {"ms": 1e3 * seconds, "gbs": nbytes / seconds / 1e9}
+    rows["batch of 16 mixed lengths, paged int8"] = _mixed_batch(rng, repeats)
+    return {"rows": rows, "read_gbs": _bench.read_gbs(cpuattn.info()["max_threads"])}
+
+
+def _mixed_batch(rng, repeats: int) -> dict:
+    """16 sequences of MIXED lengths decoding one token each, in one attention_paged call."""
+    cache = cpuattn.PagedKVCache(sum(-(-n // BLOCK) for n in MIXED), BLOCK, HKV, D, dtype=np.int8)
+    seqs = [cache.add_sequence() for _ in MIXED]
+    for seq, n in zip(seqs, MIXED, strict=True):
+        x = rng.standard_normal((1, HKV, n, D), dtype=np.float32)
+        cache.append(seq, x, x)
+    q = rng.standard_normal((len(MIXED), HQ, 1, D), dtype=np.float32)
+    table, lengths = cache.block_table(seqs), cache.lengths(seqs)
+    nbytes = 2 * HKV * sum(MIXED) * (D + 4)
+
+    def make():
+        k, v = cache.k_cache.copy(), cache.v_cache.copy()
+        ks, vs = cache.k_scale.copy(), cache.v_scale.copy()
+        return lambda: cpuattn.attention_paged(q, k, v, table, lengths, k_scale=ks, v_scale=vs)
+
+    seconds = _cold(make, nbytes, repeats)
+    return {"ms": 1e3 * seconds, "gbs": nbytes / seconds / 1e9}
+
+
+# Each row's speed against another's (how many times faster), in the table's last column.
+COMPARED = {
+    "int8 cache": ("float16 cache",),
+    "int8 cache (B, L, H, D)": ("float16 cache (B, L, H, D)",),
+    "paged float16, blocks of 16": ("float16 cache", "float16 cache (B, L, H, D)"),
+    "paged int8, blocks of 16": ("int8 cache", "int8 cache (B, L, H, D)"),
+}
+
+
+def markdown(result: dict) -> str:
+    rows, read = result["rows"], result["read_gbs"]
+    title = (
+        f"Serving caches: decode q (B, {HQ}, 1, {D}) over {HKV} kv heads, cold caches; "
+        f"read bandwidth {read:.1f} GB/s"
+    )
+    lines = [
+        title,
+        "",
+        "| cache | ms | GB/s read | % of read bandwidth | speed vs |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        versus = ", ".join(
+            f"{rows[other]['ms'] / row['ms']:.2f}x {other}" for other in COMPARED.get(name, ())
+        )
+        lines.append(
+            f"| {name} | {row['ms']:.3f} | {row['gbs']:.1f} | {100 * row['gbs'] / read:.0f}% "
+            f"| {versus} |"
+        )
+    return "\n".join(lines)
