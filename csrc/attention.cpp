@@ -79,14 +79,28 @@ struct alignas(64) Scratch {
   QueryRows<T> rows;
   KvScratch<T> kv;
   AlignedBuffer<T> merged;  // merge's sums for one row (Dv)
+  // Tasks of several kv heads in lockstep (TaskPlan::heads_per_task): each item's rows, step
+  // and position.
+  std::vector<QueryRows<T>> head_rows;
+  std::vector<TileStep<T>> head_steps;
+  std::vector<ItemPos> head_pos;
 
   // q_pairs: q's bfloat16 pairs per row, or -1. cache: worth it only when several query
   // tiles read the same keys; with one (decode) the cache would only add first-touch page
   // faults.
-  Scratch(const Params& p, const KvSource<T>& source, int64_t q_pairs, int64_t max_keys, bool cache)
+  Scratch(const Params& p, const KvSource<T>& source, int64_t q_pairs, int64_t max_keys, bool cache,
+          int64_t heads_per_task, int64_t tile_rows)
       : rows(p.d, p.dv, q_pairs), merged(p.dv) {
     const int64_t tiles = (max_keys + kTileKeys - 1) / kTileKeys;
     std::visit([&](const auto& s) { s.reserve(kv, tiles, cache); }, source);
+    if (heads_per_task > 1) {
+      head_rows.reserve(size_t(heads_per_task));
+      for (int64_t h = 0; h < heads_per_task; ++h) {
+        head_rows.emplace_back(p.d, p.dv, q_pairs, QueryRows<T>::room(tile_rows));
+      }
+      head_steps.resize(size_t(heads_per_task));
+      head_pos.resize(size_t(heads_per_task));
+    }
   }
 };
 
@@ -124,11 +138,68 @@ class Driver {
                source_);
   }
 
+  // Items [first, first + heads): the kv heads of one batch entry, one query tile each (decode
+  // over a cache that keeps a position's heads side by side), stepped in lockstep: every key
+  // tile of every head before the next key tile. Each item is computed as run_item computes
+  // it. With partials, item i's chunk c goes to partials + (i * chunks + c) * partial_elems().
+  void run_heads(int64_t first, int64_t heads, Scratch<T>& sc, KeyChunk chunk, T* partials,
+                 int64_t chunks, int64_t c) const {
+    std::visit(
+        [&](const auto& s) { run_heads_on(s, first, heads, sc, chunk, partials, chunks, c); },
+        source_);
+  }
+
   void merge_item(int64_t item, const T* partials, int64_t chunks, T* acc) const {
     output_.merge(plan_.locate(item), partials, chunks, acc);
   }
 
  private:
+  template <typename Source>
+  void run_heads_on(const Source& source, int64_t first, int64_t heads, Scratch<T>& sc,
+                    KeyChunk chunk, T* partials, int64_t chunks, int64_t c) const {
+    ItemPos* pos = sc.head_pos.data();
+    TileStep<T>* steps = sc.head_steps.data();
+    for (int64_t h = 0; h < heads; ++h) pos[h] = plan_.locate(first + h);
+    // One batch entry, the same query rows: the same bounds and key tiles for every head.
+    const RowBounds rb = plan_.row_bounds(pos[0]);
+    for (int64_t h = 0; h < heads; ++h) {
+      query_.stage(pos[h], rb, sc.head_rows[h]);
+      steps[h] = proto_;
+      query_.point(steps[h], sc.head_rows[h], pos[h].rows);
+    }
+    const QueryRows<T>& rows = sc.head_rows[0];
+    const int64_t i_first = rows.pos[0], i_last = rows.pos[pos[0].rows - 1];
+    const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
+    const int64_t j_end = std::min(keys_hi, chunk.end);
+    const int64_t j_first = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin);
+    for (int64_t j0 = j_first; j0 < j_end; j0 += kTileKeys) {
+      const int64_t j1 = std::min(j0 + kTileKeys, j_end);
+      const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
+      if (kind == TileKind::Skip) continue;
+      const int64_t staged = std::min(kTileKeys, rb.n_keys - j0);
+      for (int64_t h = 0; h < heads; ++h) {
+        TileStep<T>& step = steps[h];
+        step.cols = j1 - j0;
+        step.j0 = j0;
+        step.apply_bounds = kind == TileKind::Partial;
+        source.tile(
+            step, source.head(pos[h]),
+            KeyTile{j0, staged, pos[h].b * p_.hkv + pos[h].hk, std::min(kTileKeys, j_end - j1)},
+            sc.kv);
+        step_(step);
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      if (partials) {
+        const int64_t item = first + h;
+        output_.write_partial(pos[h], sc.head_rows[h],
+                              partials + (item * chunks + c) * output_.partial_elems());
+      } else {
+        output_.write_rows(pos[h], sc.head_rows[h]);
+      }
+    }
+  }
+
   template <typename Source>
   void run_item_on(const Source& source, int64_t item, Scratch<T>& sc, KeyChunk chunk, T* partial,
                    const TaskRanges* next, int64_t part, int64_t parts) const {
@@ -207,14 +278,23 @@ void run(const Params& p, const KernelSet& kernels) {
   scratch.reserve(threads);
   const bool cache_keys = plan.query_tiles_per_head() != 1;
   for (int t = 0; t < threads; ++t) {
-    scratch.emplace_back(p, driver.source(), choice.q_pairs(), plan.max_keys(), cache_keys);
+    scratch.emplace_back(p, driver.source(), choice.q_pairs(), plan.max_keys(), cache_keys,
+                         tp.heads_per_task, plan.max_tile_rows());
   }
   // Every task writes its whole partial result before the merge reads it: not initialized.
-  const AlignedBuffer<T> partials(chunks > 1 ? tasks * driver.partial_elems() : 0);
+  // One per (item, chunk), whatever the tasks group.
+  const AlignedBuffer<T> partials(chunks > 1 ? items * chunks * driver.partial_elems() : 0);
 
   // successor: the task this thread runs next, or -1: a whole-head task prefetches its data.
   const bool whole_heads = items_per_task > 1;
   auto run_task = [&](int64_t task, Scratch<T>& sc, int64_t successor = -1) {
+    if (tp.heads_per_task > 1) {
+      const int64_t c = task % chunks;
+      driver.run_heads(tp.first_item(task), tp.heads_per_task, sc,
+                       chunks > 1 ? tp.chunk(c) : KeyChunk{0, INT64_MAX},
+                       chunks > 1 ? partials.data() : nullptr, chunks, c);
+      return;
+    }
     if (chunks == 1) {
       TaskRanges next;
       if (whole_heads && successor >= 0) next = plan.head_ranges(successor * items_per_task);

@@ -1,6 +1,7 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace cpuattn {
 namespace {
@@ -157,6 +158,13 @@ TaskRanges WorkPlan::head_ranges(int64_t item) const {
 // its K^T tiles are packed once, not once per thread that gets one of its tiles; the results
 // are the same bits either way (every item is computed alike), so this may use the thread
 // count.
+bool WorkPlan::heads_side_by_side() const {
+  if (p_.paged.on) return true;
+  const size_t nb = p_.batch_shape.size();
+  const int64_t head = p_.k.strides[nb], row = p_.k.strides[nb + 1];
+  return std::abs(head) < std::abs(row);
+}
+
 TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   TaskPlan t;
   const int64_t items = plan.items(), keys = plan.valid_keys();
@@ -168,7 +176,12 @@ TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
       items / tiles_per_head >= kWholeHeadTasksPerThread * wanted_threads) {
     t.items_per_task = tiles_per_head;
   }
-  t.tasks = t.chunks > 1 ? items * t.chunks : items / t.items_per_task;
+  const bool decode =
+      tiles_per_head == 1 && plan.rows_per_head_group() <= kInPlaceMaxRows && plan.group() > 0;
+  if (decode && items > 1 && items / plan.batch() > 1 && plan.heads_side_by_side()) {
+    t.heads_per_task = items / plan.batch();  // every kv head of a batch entry
+  }
+  t.tasks = (t.chunks > 1 ? items * t.chunks : items / t.items_per_task) / t.heads_per_task;
   return t;
 }
 

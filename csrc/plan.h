@@ -53,6 +53,7 @@ class WorkPlan {
   explicit WorkPlan(const Params& p);
 
   int64_t items() const { return items_; }
+  int64_t batch() const { return batch_; }  // batch entries (packed sequences: B)
   int64_t group() const { return group_; }  // query heads per kv head
   // Rows per (batch, kv head) pair: Lq x group; for packed varlen sequences, the packed
   // total x group (QueryStage's row stride test relies on it).
@@ -77,6 +78,9 @@ class WorkPlan {
   // The q, K, V and out of the whole-head task starting at `item`, for the task before it to
   // prefetch; empty when the head is too large or not laid out in a few runs.
   TaskRanges head_ranges(int64_t item) const;
+  // Whether K keeps each position's kv heads side by side, closer than consecutive positions
+  // of one head (paged caches, (B, L, H, D) views).
+  bool heads_side_by_side() const;
 
  private:
   // Packed sequences: one entry per non-empty sequence, longest (most work) first, with the
@@ -100,9 +104,20 @@ struct TaskPlan {
   int64_t chunks = 1, chunk_keys = 0;
   // Items per task: all query tiles of one (batch, kv head) pair (whole heads), or 1.
   int64_t items_per_task = 1;
+  // Decode over a cache that keeps each position's kv heads side by side (a paged cache, a
+  // (B, L, H, D) buffer): a task takes the items of all kv heads of one batch entry (its
+  // only query tile each) and steps them in lockstep, key tile by key tile, so that it reads
+  // whole positions rather than one head's rows far apart (half the bandwidth, measured).
+  // Each item is computed as alone: the same bits. 1: one item a task.
+  int64_t heads_per_task = 1;
   int64_t tasks = 0;
 
   KeyChunk chunk(int64_t c) const { return {c * chunk_keys, (c + 1) * chunk_keys}; }
+  // The first item of task `task`, and its chunk (split-KV), for tasks of one item or of
+  // heads_per_task items.
+  int64_t first_item(int64_t task) const {
+    return chunks > 1 ? task / chunks * heads_per_task : task * items_per_task * heads_per_task;
+  }
 };
 
 // wanted_threads decides the whole-head grouping only: the chunking depends on the shape and

@@ -32,15 +32,19 @@ struct QueryRows {
   bool s_written = false;  // s zeroed (stage(), on the thread's first tile)
 
   // pairs: q's bfloat16 pairs per row (padded as the step needs), or -1: q is not staged as
-  // pairs.
-  QueryRows(int64_t d, int64_t dv, int64_t pairs)
-      : q(kTileRows * d), s(kTileRows * kTileKeys), o(kTileRows * dv), m(kTileRows),
-        l(kTileRows * kSumSlots), sums(kTileRows), pos(kTileRows), head(kTileRows), diag(kTileRows),
-        bounds(kTileRows), mask_rows(kTileRows), slopes(kTileRows), out(kTileRows) {
+  // pairs. n: room for this many rows, a multiple of kStepRowBlock (or kTileRows).
+  QueryRows(int64_t d, int64_t dv, int64_t pairs, int64_t n = kTileRows)
+      : q(n * d), s(n * kTileKeys), o(n * dv), m(n), l(n * kSumSlots), sums(n), pos(n), head(n),
+        diag(n), bounds(n), mask_rows(n), slopes(n), out(n) {
     if (pairs >= 0) {
-      q_hi.allocate(kTileRows * pairs);
-      q_lo.allocate(kTileRows * pairs);
+      q_hi.allocate(n * pairs);
+      q_lo.allocate(n * pairs);
     }
+  }
+
+  // The room for tiles of at most `rows` rows.
+  static int64_t room(int64_t rows) {
+    return std::min(kTileRows, (rows + kStepRowBlock - 1) / kStepRowBlock * kStepRowBlock);
   }
 };
 

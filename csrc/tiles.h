@@ -24,6 +24,10 @@ constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 // D = 128, Lk = 16384, GQA 4: faster up to 32 rows, even at 64).
 constexpr int64_t kInPlaceMaxRows = 32;
 
+// A step may read and write a tile's rows up to the next multiple of this (AMX works on 16
+// query rows at a time): buffers for fewer than kTileRows rows round up to it.
+constexpr int64_t kStepRowBlock = 16;
+
 // AMX tile rows hold 16 bfloat16 pairs: with AMX kernels, q and K are padded to whole
 // multiples of this many pairs along D.
 constexpr int64_t kAmxPairs = 16;
