@@ -80,10 +80,13 @@ struct alignas(64) Scratch {
   KvScratch<T> kv;
   AlignedBuffer<T> merged;  // merge's sums for one row (Dv)
   // Tasks of several kv heads in lockstep (TaskPlan::heads_per_task): each item's rows, step
-  // and position.
-  std::vector<QueryRows<T>> head_rows;
-  std::vector<TileStep<T>> head_steps;
-  std::vector<ItemPos> head_pos;
+  // and position, on cache lines of their own (written every tile).
+  struct alignas(64) Head {
+    QueryRows<T> rows;
+    TileStep<T> step{};
+    ItemPos pos{};
+  };
+  std::vector<Head> heads;
 
   // q_pairs: q's bfloat16 pairs per row, or -1. cache: worth it only when several query
   // tiles read the same keys; with one (decode) the cache would only add first-touch page
@@ -94,12 +97,10 @@ struct alignas(64) Scratch {
     const int64_t tiles = (max_keys + kTileKeys - 1) / kTileKeys;
     std::visit([&](const auto& s) { s.reserve(kv, tiles, cache); }, source);
     if (heads_per_task > 1) {
-      head_rows.reserve(size_t(heads_per_task));
+      heads.reserve(size_t(heads_per_task));
       for (int64_t h = 0; h < heads_per_task; ++h) {
-        head_rows.emplace_back(p.d, p.dv, q_pairs, QueryRows<T>::room(tile_rows));
+        heads.push_back({QueryRows<T>(p.d, p.dv, q_pairs, QueryRows<T>::room(tile_rows))});
       }
-      head_steps.resize(size_t(heads_per_task));
-      head_pos.resize(size_t(heads_per_task));
     }
   }
 };
@@ -157,18 +158,18 @@ class Driver {
   template <typename Source>
   void run_heads_on(const Source& source, int64_t first, int64_t heads, Scratch<T>& sc,
                     KeyChunk chunk, T* partials, int64_t chunks, int64_t c) const {
-    ItemPos* pos = sc.head_pos.data();
-    TileStep<T>* steps = sc.head_steps.data();
-    for (int64_t h = 0; h < heads; ++h) pos[h] = plan_.locate(first + h);
-    // One batch entry, the same query rows: the same bounds and key tiles for every head.
-    const RowBounds rb = plan_.row_bounds(pos[0]);
+    auto* state = sc.heads.data();
+    for (int64_t h = 0; h < heads; ++h) state[h].pos = plan_.locate(first + h);
+    // One batch entry, one query tile a head (TaskPlan::heads_per_task): the same rows, bounds
+    // and key tiles for every head.
+    const ItemPos& pos0 = state[0].pos;
+    const RowBounds rb = plan_.row_bounds(pos0);
     for (int64_t h = 0; h < heads; ++h) {
-      query_.stage(pos[h], rb, sc.head_rows[h]);
-      steps[h] = proto_;
-      query_.point(steps[h], sc.head_rows[h], pos[h].rows);
+      query_.stage(state[h].pos, rb, state[h].rows);
+      state[h].step = proto_;
+      query_.point(state[h].step, state[h].rows, state[h].pos.rows);
     }
-    const QueryRows<T>& rows = sc.head_rows[0];
-    const int64_t i_first = rows.pos[0], i_last = rows.pos[pos[0].rows - 1];
+    const int64_t i_first = state[0].rows.pos[0], i_last = state[0].rows.pos[pos0.rows - 1];
     const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
     const int64_t j_end = std::min(keys_hi, chunk.end);
     const int64_t j_first = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin);
@@ -178,24 +179,23 @@ class Driver {
       if (kind == TileKind::Skip) continue;
       const int64_t staged = std::min(kTileKeys, rb.n_keys - j0);
       for (int64_t h = 0; h < heads; ++h) {
-        TileStep<T>& step = steps[h];
+        TileStep<T>& step = state[h].step;
+        const ItemPos& pos = state[h].pos;
         step.cols = j1 - j0;
         step.j0 = j0;
         step.apply_bounds = kind == TileKind::Partial;
-        source.tile(
-            step, source.head(pos[h]),
-            KeyTile{j0, staged, pos[h].b * p_.hkv + pos[h].hk, std::min(kTileKeys, j_end - j1)},
-            sc.kv);
+        source.tile(step, source.head(pos),
+                    KeyTile{j0, staged, pos.b * p_.hkv + pos.hk, std::min(kTileKeys, j_end - j1)},
+                    sc.kv);
         step_(step);
       }
     }
     for (int64_t h = 0; h < heads; ++h) {
       if (partials) {
-        const int64_t item = first + h;
-        output_.write_partial(pos[h], sc.head_rows[h],
-                              partials + (item * chunks + c) * output_.partial_elems());
+        output_.write_partial(state[h].pos, state[h].rows,
+                              partials + ((first + h) * chunks + c) * output_.partial_elems());
       } else {
-        output_.write_rows(pos[h], sc.head_rows[h]);
+        output_.write_rows(state[h].pos, state[h].rows);
       }
     }
   }

@@ -171,14 +171,12 @@ class OnLayout {
   // K's (V's) rows of tile t's staged keys, `width` elements each: in place when they lie in
   // one run, else copied run by run into `gathered`.
   Rows k_tile(const Head& h, const KeyTile& t, int64_t width,
-              AlignedBuffer<unsigned char>& gathered, bool prefetch = true) const {
-    return tile_rows(t, width, layout_.k_ld(), gathered, prefetch,
-                     [&](int64_t j) { return k_row(h, j); });
+              AlignedBuffer<unsigned char>& gathered) const {
+    return tile_rows(t, width, layout_.k_ld(), gathered, [&](int64_t j) { return k_row(h, j); });
   }
   Rows v_tile(const Head& h, const KeyTile& t, int64_t width,
-              AlignedBuffer<unsigned char>& gathered, bool prefetch = true) const {
-    return tile_rows(t, width, layout_.v_ld(), gathered, prefetch,
-                     [&](int64_t j) { return v_row(h, j); });
+              AlignedBuffer<unsigned char>& gathered) const {
+    return tile_rows(t, width, layout_.v_ld(), gathered, [&](int64_t j) { return v_row(h, j); });
   }
   // The step's K and V rows for a source that reads them in place: one run `ld` apart, or
   // (a paged tile in several blocks) a table of row addresses; and the next tile's rows, for
@@ -187,18 +185,25 @@ class OnLayout {
   void rows_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc) const {
     const auto k_at = [&](int64_t j) { return k_row(h, j); };
     const auto v_at = [&](int64_t j) { return v_row(h, j); };
-    const bool in_place = one_run(t.j0, t.staged_keys);
     s.key.data = k_row(h, t.j0);
-    s.value.data = v_row(h, t.j0);
-    s.key.rows =
-        in_place ? nullptr : row_table(sc.rows_k, t.j0, t.staged_keys, layout_.k_ld(), k_at);
-    s.value.rows =
-        in_place ? nullptr : row_table(sc.rows_v, t.j0, t.staged_keys, layout_.v_ld(), v_at);
+    s.key.rows = one_run(t.j0, t.staged_keys)
+                     ? nullptr
+                     : row_table(sc.rows_k, t.j0, t.staged_keys, layout_.k_ld(), k_at);
+    values_in_place(s, h, t, sc);
     s.prefetch_next = t.next_keys > 0;
     if (!s.prefetch_next) return;
     const int64_t next = t.j0 + kTileKeys;
     s.key.next = row_table(sc.next_k, next, t.next_keys, layout_.k_ld(), k_at);
     s.value.next = row_table(sc.next_v, next, t.next_keys, layout_.v_ld(), v_at);
+  }
+  // The step's V rows in place: one run `ld` apart, or a table of their addresses.
+  template <typename T>
+  void values_in_place(TileStep<T>& s, const Head& h, const KeyTile& t, KvScratch<T>& sc) const {
+    s.value.data = v_row(h, t.j0);
+    s.value.rows = one_run(t.j0, t.staged_keys)
+                       ? nullptr
+                       : row_table(sc.rows_v, t.j0, t.staged_keys, layout_.v_ld(),
+                                   [&](int64_t j) { return v_row(h, j); });
   }
   // Buffers for rows_in_place, before the parallel region.
   template <typename T>
@@ -262,19 +267,18 @@ class OnLayout {
     k.allocate(kTileKeys * d * int64_t(sizeof(E)));
     v.allocate(kTileKeys * dv * int64_t(sizeof(E)));
   }
-  // with ahead, the next tile's rows are prefetched while these are copied (for sources
-  // whose step does not: it reads the copy, or a packed tile made from it).
+  // The next tile's rows are prefetched while these are copied (the step reads a packed tile
+  // made from the copy, and prefetches nothing).
   template <typename RowAt>
   Rows tile_rows(const KeyTile& t, int64_t width, int64_t ld,
-                 AlignedBuffer<unsigned char>& gathered, bool prefetch, const RowAt& row_at) const {
+                 AlignedBuffer<unsigned char>& gathered, const RowAt& row_at) const {
     if (one_run(t.j0, t.staged_keys)) return {row_at(t.j0), ld};
     E* dst = reinterpret_cast<E*>(gathered.data());
     const int64_t bytes = width * int64_t(sizeof(E));
     for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
       const E* src = row_at(j);
-      const char* next = prefetch && ahead(t, j, n)
-                             ? reinterpret_cast<const char*>(row_at(j + kTileKeys))
-                             : nullptr;
+      const char* next =
+          ahead(t, j, n) ? reinterpret_cast<const char*>(row_at(j + kTileKeys)) : nullptr;
       for (int64_t r = 0; r < n; ++r) {
         if (next) prefetch_lines(next + r * ld * int64_t(sizeof(E)), bytes);
         std::memcpy(dst + (j - t.j0 + r) * width, src + r * ld, size_t(bytes));
@@ -301,7 +305,8 @@ class NativeRows : public OnLayout<Layout, T> {
   }
 };
 
-// K and V in the compute type: K^T packed per key tile (cached), V rows in place.
+// K and V in the compute type: K^T packed per key tile (cached; from a gathered tile where a
+// paged cache splits it), V rows in place (through a row table where it splits them).
 template <typename T, typename Layout>
 class PackedKeys : public OnLayout<Layout, T> {
   using Base = OnLayout<Layout, T>;
@@ -309,12 +314,12 @@ class PackedKeys : public OnLayout<Layout, T> {
  public:
   using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
   bool staged_query() const { return false; }
-  PackedKeys(const Layout& layout, Pack pack, int64_t d, int64_t dv)
-      : Base(layout), pack_(pack), d_(d), dv_(dv) {}
+  PackedKeys(const Layout& layout, Pack pack, int64_t d) : Base(layout), pack_(pack), d_(d) {}
   void reserve(KvScratch<T>& sc, int64_t tiles, bool cache) const {
     sc.kt.allocate(d_ * kTileKeys);
     sc.keys.reserve(tiles, kTileKeys * d_, cache);
-    this->reserve_gather(sc, d_, dv_);
+    this->reserve_gather(sc, d_, 0);  // K only: packed from a gathered tile
+    sc.rows_v.allocate(kTileKeys);
   }
   void setup(TileStep<T>& s) const {
     this->setup_rows(s, Elem::Compute);
@@ -326,9 +331,7 @@ class PackedKeys : public OnLayout<Layout, T> {
       const auto k = this->k_tile(h, t, d_, sc.gathered_k);
       pack_(k.data, k.ld, t.staged_keys, d_, dst);
     });
-    const auto v = this->v_tile(h, t, dv_, sc.gathered_v);
-    s.value.data = v.data;
-    s.value.ld = v.ld;
+    this->values_in_place(s, h, t, sc);
   }
 
  private:
@@ -414,14 +417,9 @@ class ConvertedTiles : public OnLayout<Layout, unsigned char> {
     const int64_t tile = t.j0 / kTileKeys;
     const auto& lay = this->layout_;
     const auto convert_keys = [&](float* dst) {
-      this->for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
-        const bool ahead = this->ahead(t, j, n);
-        const float* scales = scaled_ ? lay.k_scale(h, j) : nullptr;
-        if (scaled_ && ahead)
-          prefetch_lines(lay.k_scale(h, j + kTileKeys), n * lay.k_scale_ld() * 4);
-        convert_(this->k_row(h, j), lay.k_ld(), scales, lay.k_scale_ld(), n, d_,
-                 dst + (j - t.j0) * d_, ahead ? this->k_row(h, j + kTileKeys) : nullptr);
-      });
+      convert_tile(
+          t, dst, d_, lay.k_ld(), lay.k_scale_ld(), [&](int64_t j) { return this->k_row(h, j); },
+          [&](int64_t j) { return lay.k_scale(h, j); });
     };
     if (pack_) {
       s.key.data = sc.keys.get(t.owner, tile, sc.kt.data(), [&](float* dst) {
@@ -433,18 +431,27 @@ class ConvertedTiles : public OnLayout<Layout, unsigned char> {
       s.key.data = sc.stage.data();
     }
     s.value.data = sc.values.get(t.owner, tile, sc.vt.data(), [&](float* dst) {
-      this->for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
-        const bool ahead = this->ahead(t, j, n);
-        const float* scales = scaled_ ? lay.v_scale(h, j) : nullptr;
-        if (scaled_ && ahead)
-          prefetch_lines(lay.v_scale(h, j + kTileKeys), n * lay.v_scale_ld() * 4);
-        convert_(this->v_row(h, j), lay.v_ld(), scales, lay.v_scale_ld(), n, dv_,
-                 dst + (j - t.j0) * dv_, ahead ? this->v_row(h, j + kTileKeys) : nullptr);
-      });
+      convert_tile(
+          t, dst, dv_, lay.v_ld(), lay.v_scale_ld(), [&](int64_t j) { return this->v_row(h, j); },
+          [&](int64_t j) { return lay.v_scale(h, j); });
     });
   }
 
  private:
+  // The tile's rows (row_at, ld apart within a run; their scales scale_at, scale_ld apart)
+  // converted run by run into dst, `width` floats a row; the next tile's rows prefetched.
+  template <typename RowAt, typename ScaleAt>
+  void convert_tile(const KeyTile& t, float* dst, int64_t width, int64_t ld, int64_t scale_ld,
+                    const RowAt& row_at, const ScaleAt& scale_at) const {
+    this->for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
+      const bool ahead = this->ahead(t, j, n);
+      const float* scales = scaled_ ? scale_at(j) : nullptr;
+      if (scaled_ && ahead) prefetch_lines(scale_at(j + kTileKeys), n * scale_ld * 4);
+      convert_(row_at(j), ld, scales, scale_ld, n, width, dst + (j - t.j0) * width,
+               ahead ? row_at(j + kTileKeys) : nullptr);
+    });
+  }
+
   Convert convert_;
   bool scaled_;  // int8: rows times the layout's scales
   Pack pack_;
@@ -545,9 +552,9 @@ KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const Wo
   }
   if (few_rows && !p.additive_w) return NativeRows<T, Layout>(layout);
   if constexpr (std::is_same_v<T, float>) {
-    return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d, p.dv);
+    return PackedKeys<float, Layout>(layout, kernels.pack_f32, p.d);
   } else {
-    return PackedKeys<double, Layout>(layout, kernels.pack_f64, p.d, p.dv);
+    return PackedKeys<double, Layout>(layout, kernels.pack_f64, p.d);
   }
 }
 

@@ -153,11 +153,6 @@ TaskRanges WorkPlan::head_ranges(int64_t item) const {
   return in;
 }
 
-// Few items (decode: B x Hkv of them) would leave cores idle: each item's keys are cut into
-// chunks. Many (batch, kv head) pairs per thread: a task runs all query tiles of one pair, so
-// its K^T tiles are packed once, not once per thread that gets one of its tiles; the results
-// are the same bits either way (every item is computed alike), so this may use the thread
-// count.
 bool WorkPlan::heads_side_by_side() const {
   if (p_.paged.on) return true;
   const size_t nb = p_.batch_shape.size();
@@ -165,6 +160,13 @@ bool WorkPlan::heads_side_by_side() const {
   return std::abs(head) < std::abs(row);
 }
 
+// Few items (decode: B x Hkv of them) would leave cores idle: each item's keys are cut into
+// chunks. Many (batch, kv head) pairs per thread: a task runs all query tiles of one pair, so
+// its K^T tiles are packed once, not once per thread that gets one of its tiles. Decode over
+// heads side by side: a task runs the most kv heads of a batch entry in lockstep that still
+// leaves kLockstepTasksPerThread tasks per thread. The results are the same bits whatever the
+// grouping (every item is computed alike), so it may use the thread count; the chunking
+// depends on the shape and kv_lengths alone.
 TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   TaskPlan t;
   const int64_t items = plan.items(), keys = plan.valid_keys();
@@ -176,12 +178,20 @@ TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
       items / tiles_per_head >= kWholeHeadTasksPerThread * wanted_threads) {
     t.items_per_task = tiles_per_head;
   }
-  const bool decode =
-      tiles_per_head == 1 && plan.rows_per_head_group() <= kInPlaceMaxRows && plan.group() > 0;
-  if (decode && items > 1 && items / plan.batch() > 1 && plan.heads_side_by_side()) {
-    t.heads_per_task = items / plan.batch();  // every kv head of a batch entry
+  const int64_t tasks = t.chunks > 1 ? items * t.chunks : items / t.items_per_task;
+  // One query tile per head (so items_per_task is 1): item b * Hkv + hk is kv head hk of
+  // batch entry b, and a group of heads is a run of items.
+  const bool decode = tiles_per_head == 1 && plan.rows_per_head_group() <= kInPlaceMaxRows;
+  if (decode && plan.heads_side_by_side()) {
+    const int64_t hkv = items / plan.batch();
+    for (int64_t g = hkv; g > 1; --g) {
+      if (hkv % g == 0 && tasks / g >= kLockstepTasksPerThread * wanted_threads) {
+        t.heads_per_task = g;
+        break;
+      }
+    }
   }
-  t.tasks = (t.chunks > 1 ? items * t.chunks : items / t.items_per_task) / t.heads_per_task;
+  t.tasks = tasks / t.heads_per_task;
   return t;
 }
 

@@ -105,16 +105,16 @@ struct TaskPlan {
   // Items per task: all query tiles of one (batch, kv head) pair (whole heads), or 1.
   int64_t items_per_task = 1;
   // Decode over a cache that keeps each position's kv heads side by side (a paged cache, a
-  // (B, L, H, D) buffer): a task takes the items of all kv heads of one batch entry (its
-  // only query tile each) and steps them in lockstep, key tile by key tile, so that it reads
-  // whole positions rather than one head's rows far apart (half the bandwidth, measured).
-  // Each item is computed as alone: the same bits. 1: one item a task.
+  // (B, L, H, D) buffer): a task takes the items of this many kv heads of one batch entry
+  // (a divisor of Hkv; one query tile each) and steps them in lockstep, key tile by key tile,
+  // so that it reads whole positions rather than one head's rows far apart (half the
+  // bandwidth, measured). Each item is computed as alone: the same bits. 1: one item a task.
   int64_t heads_per_task = 1;
   int64_t tasks = 0;
 
   KeyChunk chunk(int64_t c) const { return {c * chunk_keys, (c + 1) * chunk_keys}; }
-  // The first item of task `task`, and its chunk (split-KV), for tasks of one item or of
-  // heads_per_task items.
+  // The first item of task `task`, for tasks of one item, of items_per_task or of
+  // heads_per_task items (its chunk, with split-KV: task % chunks).
   int64_t first_item(int64_t task) const {
     return chunks > 1 ? task / chunks * heads_per_task : task * items_per_task * heads_per_task;
   }

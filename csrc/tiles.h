@@ -35,6 +35,9 @@ constexpr int64_t kAmxPairs = 16;
 // At least this many (batch, kv head) pairs per thread: each task takes a whole pair (all its
 // query tiles) instead of one query tile.
 constexpr int64_t kWholeHeadTasksPerThread = 8;
+// Decode over kv heads side by side (TaskPlan::heads_per_task): groups of heads no larger than
+// leave this many tasks per thread, so that uneven sequences still spread over the threads.
+constexpr int64_t kLockstepTasksPerThread = 4;
 // A whole-head task prefetches its successor's q, K, V and out (TaskRuns in threads.h) when
 // they are at most this many bytes: half a 1 MiB L2, the current head and the next in it
 // together. (256 KiB before: heads of 384 and 512 KiB, e.g. (8, 12, 384, 64) and

@@ -28,15 +28,21 @@ def pinned_isa(isa: str):
         core.select_isa(previous)
 
 
+@contextlib.contextmanager
+def on_backend(function, name: str):
+    """function pinned to one backend (a BACKENDS name), and for native to one ISA's kernels."""
+    if name == "numpy":
+        yield functools.partial(function, backend="numpy")
+        return
+    with pinned_isa(name.split("-", 1)[1]):
+        yield functools.partial(function, backend="native")
+
+
 @pytest.fixture(params=BACKENDS)
 def attention(request):
     """cpuattn.attention pinned to one backend, and for native to one ISA's kernels."""
-    name = request.param
-    if name == "numpy":
-        yield functools.partial(cpuattn.attention, backend="numpy")
-        return
-    with pinned_isa(name.split("-", 1)[1]):
-        yield functools.partial(cpuattn.attention, backend="native")
+    with on_backend(cpuattn.attention, request.param) as pinned:
+        yield pinned
 
 
 @pytest.fixture(params=ISAS or [pytest.param(None, marks=pytest.mark.skip("no native"))])

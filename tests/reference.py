@@ -118,3 +118,30 @@ def check(attention, q, k, v, dtype=np.float32, **kw):
     assert_matches(out, ref_out, dtype)
     assert_matches(lse, ref_lse, dtype, "lse")
     return out, lse
+
+
+def assert_close(actual, expected, bound, what):
+    """Same shape, no NaN, the same infinities, finite entries within `bound`."""
+    actual, expected = (
+        np.asarray(actual).astype(np.float64),
+        np.asarray(expected).astype(np.float64),
+    )
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert not np.isnan(actual).any(), f"{what}: NaN in result"
+    inf = np.isinf(expected)
+    assert np.array_equal(actual[inf], expected[inf]), f"{what}: infinities differ"
+    assert np.isfinite(actual[~inf]).all(), f"{what}: infinite where expected is finite"
+    err = float(np.abs(actual[~inf] - expected[~inf]).max(initial=0))
+    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def per_head_options(rng, kw, batch, hq):
+    """kw with its "alibi_slopes" / "sinks" placeholders ("heads": shape (Hq,), else (B, Hq))
+    replaced by random values: slopes in [0.05, 0.5), sink logits around 0."""
+    kw = dict(kw)
+    for name in ("alibi_slopes", "sinks"):
+        if name in kw:
+            shape = (hq,) if kw[name] == "heads" else (batch, hq)
+            slopes = name == "alibi_slopes"
+            kw[name] = rng.uniform(0.05, 0.5, shape) if slopes else rng.standard_normal(shape) * 2
+    return kw

@@ -35,7 +35,15 @@ def _head_major(x):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize(
     ("b", "hq", "hkv", "lq", "lk"),
-    [(1, 32, 8, 1, 3000), (2, 8, 4, 1, 700), (3, 4, 2, 4, 129), (1, 6, 3, 2, 5000)],
+    [
+        (1, 32, 8, 1, 3000),
+        (2, 8, 4, 1, 700),
+        (3, 4, 2, 4, 129),
+        (1, 6, 3, 2, 5000),
+        (2, 32, 2, 1, 900),  # 16 rows a head: one whole AMX block
+        (1, 34, 2, 1, 1000),  # 17: a second block begun
+        (1, 48, 2, 1, 3000),  # 24
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_side_by_side_heads_give_the_head_major_bits(rng, dtype, b, hq, hkv, lq, lk, threads):

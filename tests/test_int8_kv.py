@@ -6,7 +6,7 @@ option, strided views, half q, zero and huge scales, thread-count determinism, b
 import ml_dtypes
 import numpy as np
 import pytest
-from reference import dense_attention
+from reference import assert_close, dense_attention, per_head_options
 
 import cpuattn
 
@@ -34,18 +34,6 @@ def reference(q, k, k_scale, v, v_scale, sinks=None, **kw):
     if sinks is None:
         return dense_attention(q64, k64, v64, **kw)
     return cpuattn.attention(q64, k64, v64, sinks=sinks, return_lse=True, backend="numpy", **kw)
-
-
-def assert_close(actual, expected, bound, what):
-    """Same shape, no NaN, the same infinities, finite entries within `bound`."""
-    actual, expected = np.asarray(actual).astype(F64), np.asarray(expected).astype(F64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert not np.isnan(actual).any(), f"{what}: NaN in result"
-    inf = np.isinf(expected)
-    assert np.array_equal(actual[inf], expected[inf]), f"{what}: infinities differ"
-    assert np.isfinite(actual[~inf]).all(), f"{what}: infinite where expected is finite"
-    err = float(np.abs(actual[~inf] - expected[~inf]).max(initial=0))
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
 def check(attention, q, k, k_scale, v, v_scale, **kw):
@@ -115,12 +103,7 @@ CASES = {  # name: (Lq, Lk, Dv, options; "alibi"/"sinks" values drawn in the tes
 def test_options(attention, rng, case):
     lq, lk, dv, kw = CASES[case]
     q, k, ks, v, vs = problem(rng, 3, 4, 2, lq, lk, 40, dv)
-    kw = dict(kw)
-    for name in ("alibi_slopes", "sinks"):
-        if name in kw:
-            shape = (4,) if kw[name] == "heads" else (3, 4)
-            slopes = name == "alibi_slopes"
-            kw[name] = rng.uniform(0.05, 0.5, shape) if slopes else rng.standard_normal(shape) * 2
+    kw = per_head_options(rng, kw, batch=3, hq=4)
     out, lse = check(attention, q, k, ks, v, vs, **kw)
     if case == "lq>lk-bottom-right":
         assert np.all(out[:, :, :79] == 0)

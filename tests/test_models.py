@@ -52,16 +52,24 @@ def test_minilm_matches_sentence_transformers(examples_on_path, monkeypatch):
     assert cosine.min() >= 0.99999, f"cosines {np.round(cosine, 7)}"
 
 
-def test_llama_prefill_and_greedy_decode_match_transformers(examples_on_path):
+@pytest.fixture
+def llama(examples_on_path):
+    """(the example's Llama, its transformers model, a prompt (2, 24), the model's logits)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from llama_decode import Llama, small_random_model
 
     model = small_random_model(seed=0)
-    llama = Llama.from_transformers(model)
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 24))
     with torch.inference_mode():
         expected = model(torch.from_numpy(prompt)).logits.numpy()
+    return Llama.from_transformers(model), model, prompt, expected
+
+
+def test_llama_prefill_and_greedy_decode_match_transformers(llama):
+    import torch
+
+    llama, model, prompt, expected = llama
     logits = llama.forward(prompt, llama.new_cache(2, 24))
     assert np.abs(logits - expected).max() <= 1e-4
 
@@ -72,16 +80,8 @@ def test_llama_prefill_and_greedy_decode_match_transformers(examples_on_path):
     assert np.array_equal(llama.generate(prompt[:1], 64), reference)
 
 
-def test_llama_on_a_paged_int8_cache_stays_close_to_transformers(examples_on_path):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from llama_decode import Llama, small_random_model
-
-    model = small_random_model(seed=0)
-    llama = Llama.from_transformers(model)
-    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 24))
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(prompt)).logits.numpy()
+def test_llama_on_a_paged_int8_cache_stays_close_to_transformers(llama):
+    llama, _, prompt, expected = llama
     # Prefill of 16 positions, then 8 decode steps, both sequences in one paged int8 cache.
     caches = llama.new_cache(2, 24, paged_int8=True)
     logits = np.concatenate(

@@ -10,10 +10,10 @@ import functools
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import BACKENDS, pinned_isa
+from conftest import BACKENDS, on_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import dense_attention
+from reference import assert_close, dense_attention, per_head_options
 
 import cpuattn
 from cpuattn import _native
@@ -30,12 +30,8 @@ MAX_BLOCKS = {1: 90, 5: 19, 16: 6, 48: 2, 64: 2, 128: 1}  # about 100 keys per f
 @pytest.fixture(params=BACKENDS)
 def paged(request):
     """attention_paged pinned to one backend, and for native to one ISA's kernels."""
-    name = request.param
-    if name == "numpy":
-        yield functools.partial(cpuattn.attention_paged, backend="numpy")
-        return
-    with pinned_isa(name.split("-", 1)[1]):
-        yield functools.partial(cpuattn.attention_paged, backend="native")
+    with on_backend(cpuattn.attention_paged, request.param) as pinned:
+        yield pinned
 
 
 class Cache:
@@ -136,18 +132,6 @@ def reference(q, cache, cu=None, causal=True, alibi_slopes=None, sinks=None, **k
     return out, lse
 
 
-def assert_close(actual, expected, bound, what):
-    """Same shape, no NaN, the same infinities, finite entries within `bound`."""
-    actual, expected = np.asarray(actual).astype(F64), np.asarray(expected).astype(F64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert not np.isnan(actual).any(), f"{what}: NaN in result"
-    inf = np.isinf(expected)
-    assert np.array_equal(actual[inf], expected[inf]), f"{what}: infinities differ"
-    assert np.isfinite(actual[~inf]).all(), f"{what}: infinite where expected is finite"
-    err = float(np.abs(actual[~inf] - expected[~inf]).max(initial=0))
-    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
-
-
 def lse_bound(expected, compute=F32):
     """LSE_TOL x max(|finite lse|, 1): an lse near 0 is not held to a bound near 0."""
     finite = np.asarray(expected)[np.isfinite(expected)]
@@ -239,12 +223,7 @@ def test_options(paged, rng, case):
     dtype, qt, hkv, lq, lengths, kw = OPTIONS[case]
     cache = Cache(rng, dtype, lengths, 16, hkv=hkv, d=32, dv=32, max_blocks=5)
     q = make_q(rng, 4, 8, lq, 32, qt)
-    kw = dict(kw)
-    for name in ("alibi_slopes", "sinks"):
-        if name in kw:
-            shape = (8,) if kw[name] == "heads" else (4, 8)
-            slopes = name == "alibi_slopes"
-            kw[name] = rng.uniform(0.05, 0.5, shape) if slopes else rng.standard_normal(shape) * 2
+    kw = per_head_options(rng, kw, batch=4, hq=8)
     out, lse = check(paged, q, cache, **kw)
     if case.startswith("lq>length"):  # query i sits at key n - Lq + i: rows i < Lq - n see none
         for b, n in enumerate(lengths):

@@ -189,8 +189,8 @@ inline void pv_rows_bf16_skip_zero_weights(const cpuattn::TileStep<float>& a, in
 // ---- Few query rows (decode): K and V rows read in place, nothing packed ----
 
 // s[r0 + r, :] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K[j, :] from K rows in place
-// (a.key, key.ld apart): pairs along D are consecutive elements of a K row, so each K
-// vector feeds vdpbf16ps as loaded; the fold tree of simd.inl reduces the per-lane
+// (a.key, key.ld apart or through its row table): pairs along D are consecutive elements of a K
+// row, so each K vector feeds vdpbf16ps as loaded; the fold tree of simd.inl reduces the per-lane
 // sums. The last D % 32 elements are read with a masked load (nothing past a row). With
 // prefetch_next each K line read asks for the next tile's line (into L2).
 template <int RB, bool kSplitQ>

@@ -33,8 +33,8 @@ constexpr int kElems = 4;
 // the step's `cols` may hold later keys (even inf or NaN), and every score path masks them.
 enum class KeyForm : uint8_t {
   PackedT,     // K^T in the compute type: d x kTileKeys, zero past the staged keys (pack_*)
-  Rows,        // the tile's K rows, `ld` elements apart, stored as `elem`: in place, or
-               // gathered run by run from a paged cache
+  Rows,        // the tile's K rows in place, `ld` elements apart (or through the `rows`
+               // table, for a paged tile in several blocks), stored as `elem`
   Bf16PairsT,  // bfloat16 pairs along D of K^T: d_pairs x kTileKeys, zero past d
 };
 struct KeyOperand {
@@ -54,7 +54,8 @@ struct KeyOperand {
 
 // The value tile as a step reads it.
 enum class ValueForm : uint8_t {
-  Rows,       // V rows, `ld` elements apart, stored as `elem` (in place, or a converted tile)
+  Rows,       // V rows, `ld` elements apart (or through the `rows` table), stored as `elem`
+              // (in place, or a converted tile)
   Bf16Pairs,  // rows of `ld` pairs: consecutive keys' V (staged keys + 1) / 2, zero past dv
 };
 struct ValueOperand {

@@ -186,11 +186,10 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
     const auto* row = row_of(a.value, rows, j);
     for (int c = 0; c < CB; ++c) {
       vv[c] = load_elements<Stored, T>(row + e0 + c * L);
-      // One request per line (e0 starts one: whole column blocks of whole vectors).
-      constexpr int64_t kSize = sizeof(*rows), kVectorsPerLine = 64 / (L * kSize);
-      if (kPrefetch && (kVectorsPerLine <= 1 || c % kVectorsPerLine == 0)) {
-        __builtin_prefetch(a.value.next[j] + (e0 + c * L) * kSize, 0, 1);
-      }
+      // One request per line of the row (a vector of narrow elements is a part of one).
+      constexpr int64_t kSize = sizeof(*rows);
+      const int64_t byte = (e0 + c * L) * kSize;
+      if (kPrefetch && (byte & 63) == 0) __builtin_prefetch(a.value.next[j] + byte, 0, 1);
     }
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(weight<kTransposed>(a, r0 + r, j));
