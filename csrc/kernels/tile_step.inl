@@ -168,8 +168,10 @@ inline T weight(const cpuattn::TileStep<T>& a, int64_t r, int64_t j) {
 }
 
 // o[r0 + r, e0 : e0 + CB * L] += p[r0 + r, :cols] . V[:cols, e0 : e0 + CB * L], for RB rows.
-// kPrefetch: a.prefetch_next, decided once per block rather than tested per key.
-template <typename T, int RB, int CB, Elem Stored, bool kPrefetch, bool kTransposed = false>
+// kPrefetch: a.prefetch_next, kTable: a.value.rows set, decided once per block rather than
+// tested per key (a test per key cost prefill 5-15 %, measured).
+template <typename T, int RB, int CB, Elem Stored, bool kPrefetch, bool kTransposed = false,
+          bool kTable = false>
 inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   using S = Simd<T>;
   using V = typename S::V;
@@ -183,7 +185,8 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 #pragma GCC unroll 4
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
-    const auto* row = row_of(a.value, rows, j);
+    const auto* row =
+        kTable ? reinterpret_cast<decltype(rows)>(a.value.rows[j]) : rows + j * a.value.ld;
     for (int c = 0; c < CB; ++c) {
       vv[c] = load_elements<Stored, T>(row + e0 + c * L);
       // One request per line of the row (a vector of narrow elements is a part of one).
@@ -203,18 +206,21 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 
 // pv_block over output columns [e0, e1) for RB rows: e0 a multiple of kColBlock vectors, e1
 // too or dv (then blocks of 2 and 1 vectors and single columns finish the row).
-template <typename T, int RB, Elem Stored, bool kPrefetch, bool kTransposed = false>
+template <typename T, int RB, Elem Stored, bool kPrefetch, bool kTransposed = false,
+          bool kTable = false>
 inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1) {
   constexpr int64_t L = Simd<T>::kLanes;
   for (; e0 + kColBlock * L <= e1; e0 += kColBlock * L) {
-    pv_block<T, RB, kColBlock, Stored, kPrefetch, kTransposed>(a, r0, e0);
+    pv_block<T, RB, kColBlock, Stored, kPrefetch, kTransposed, kTable>(a, r0, e0);
   }
   if constexpr (kColBlock > 2) {  // e.g. Dv = 32 on AVX-512: one block of 2, not 2 of 1
     for (; e0 + 2 * L <= e1; e0 += 2 * L) {
-      pv_block<T, RB, 2, Stored, kPrefetch, kTransposed>(a, r0, e0);
+      pv_block<T, RB, 2, Stored, kPrefetch, kTransposed, kTable>(a, r0, e0);
     }
   }
-  for (; e0 + L <= e1; e0 += L) pv_block<T, RB, 1, Stored, kPrefetch, kTransposed>(a, r0, e0);
+  for (; e0 + L <= e1; e0 += L) {
+    pv_block<T, RB, 1, Stored, kPrefetch, kTransposed, kTable>(a, r0, e0);
+  }
   if (e0 == e1) return;
   const auto* rows = value_rows<Stored>(a);
   for (int r = 0; r < RB; ++r) {  // the last dv % L columns
@@ -267,6 +273,22 @@ inline void pv_rows_skip_zero_weights(const cpuattn::TileStep<T>& a, int64_t r0,
   }
 }
 
+// pv_columns with its block choices (prefetch, row table) made once.
+template <typename T, int RB, Elem Stored>
+inline void pv_all(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1) {
+  if (a.value.rows) {
+    if (a.prefetch_next) {
+      pv_columns<T, RB, Stored, true, false, true>(a, r0, e0, e1);
+    } else {
+      pv_columns<T, RB, Stored, false, false, true>(a, r0, e0, e1);
+    }
+  } else if (a.prefetch_next) {
+    pv_columns<T, RB, Stored, true>(a, r0, e0, e1);
+  } else {
+    pv_columns<T, RB, Stored, false>(a, r0, e0, e1);
+  }
+}
+
 // o[r0 .. r0 + RB) += p . V from the weights score_epilogue left in a.s (some_zero: its
 // result), V rows read as Stored says. v_nonfinite: whether the tile's V holds an inf or NaN, -1
 // until a row first needs to know.
@@ -280,11 +302,7 @@ inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool
       return;
     }
   }
-  if (a.prefetch_next) {
-    pv_columns<T, RB, Stored, true>(a, r0, 0, a.dv);
-  } else {
-    pv_columns<T, RB, Stored, false>(a, r0, 0, a.dv);
-  }
+  pv_all<T, RB, Stored>(a, r0, 0, a.dv);
 }
 
 // s[r0 + r, j] *= scales[j * ld] for RB rows and keys [0, cols): an int8 row's scale, on its
@@ -447,11 +465,7 @@ void tile_step_phased(const cpuattn::TileStep<T>& a) {
     for_row_blocks(a.rows, [&](auto block, int64_t r, int64_t b) {
       constexpr int RB = decltype(block)::kRows;
       if (skipped && some_zero[b]) return;
-      if (a.prefetch_next) {
-        pv_columns<T, RB, Elem::Compute, true>(a, r, c0, c1);
-      } else {
-        pv_columns<T, RB, Elem::Compute, false>(a, r, c0, c1);
-      }
+      pv_all<T, RB, Elem::Compute>(a, r, c0, c1);
     });
   }
 }
