@@ -95,7 +95,7 @@ template <typename T>
 struct KvScratch {
   AlignedBuffer<T> kt, vt, stage;  // packed K^T, converted V, converted K before packing
   // A key tile's K and V rows copied run by run where the layout splits the tile (paged
-  // caches whose blocks are shorter than a tile), for sources that read rows as one run.
+  // caches whose blocks are shorter than a tile), for sources that pack it (K^T, pairs).
   AlignedBuffer<unsigned char> gathered_k, gathered_v;
   AlignedBuffer<float> gathered_k_scales, gathered_v_scales;  // int8 rows' scales, likewise
   // Where each key's K and V rows lie, in this tile when they are not one run and in the
