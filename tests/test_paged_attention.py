@@ -523,10 +523,10 @@ ERRORS = {  # name: (change to the arguments, exception, message)
         ValueError,
         r"^k_scale: expected \(num_blocks, block_size, Hkv\) = \(4, 16, 2\)",
     ),
-    "int8-scale-nan": (
-        lambda a: {**_int8(a), "v_scale": np.full((4, 16, 2), np.nan, F32)},
-        ValueError,
-        r"^v_scale: expected finite scales",
+    "int8-scale-float64": (
+        lambda a: {**_int8(a), "v_scale": np.ones((4, 16, 2))},
+        TypeError,
+        r"^v_scale: expected float32 scales, got dtype float64",
     ),
     "int8-float64-q": (
         lambda a: {**_int8(a), "q": a["q"].astype(F64)},
@@ -651,3 +651,15 @@ class TestCoreBinding:
             self.call(table, lengths.astype(np.int32))
         with pytest.raises(ValueError, match="k_scale and v_scale go with int8"):
             self.call(table, lengths, int8=True, scales=False)
+
+
+def test_scales_past_the_lengths_may_hold_anything(paged, rng):
+    """An int8 pool's unused scales (np.empty, a freed block, past kv_lengths) are never read:
+    NaN there changes nothing, bit for bit."""
+    args = _int8(_error_args(rng))
+    expected = paged(**args)
+    for name in ("k_scale", "v_scale"):
+        args[name] = args[name].copy()
+        args[name][1, 4:] = np.nan  # sequence 0's block 1 past its 20 keys
+        args[name][3, 14:] = np.nan  # sequence 1's block 3 past its 30 keys
+    np.testing.assert_array_equal(paged(**args), expected)

@@ -307,7 +307,9 @@ inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool
 
 // s[r0 + r, j] *= scales[j * ld] for RB rows and keys [0, cols): an int8 row's scale, on its
 // score (K) or its weight (V). The scales of one run of L keys are loaded once for all rows.
-template <typename T, int RB>
+// kWeights: a weight of 0 stays 0, so that a key a row does not keep never reaches it, even
+// with a NaN or inf scale (the score path needs no such care: the epilogue masks scores).
+template <typename T, int RB, bool kWeights>
 inline void times_row_scales(const cpuattn::TileStep<T>& a, int64_t r0, const float* scales,
                              int64_t ld) {
   using S = Simd<T>;
@@ -321,7 +323,12 @@ inline void times_row_scales(const cpuattn::TileStep<T>& a, int64_t r0, const fl
     }
     for (int r = 0; r < RB; ++r) {
       T* s = a.s + (r0 + r) * W + jb;
-      S::store(s, S::load(s) * sv);
+      const typename S::V x = S::load(s);
+      if constexpr (kWeights) {
+        S::store(s, x == 0 ? x : x * sv);
+      } else {
+        S::store(s, x * sv);
+      }
     }
   }
 }
@@ -339,11 +346,13 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   } else {
     score_rows<T, RB>(a, r0, 0, a.d, true);
   }
-  if constexpr (Stored == Elem::I8) times_row_scales<T, RB>(a, r0, a.key.scales, a.key.scale_ld);
+  if constexpr (Stored == Elem::I8) {
+    times_row_scales<T, RB, false>(a, r0, a.key.scales, a.key.scale_ld);
+  }
   const bool some_zero = score_epilogue<T, RB>(a, r0);
   // int8 V: each weight times its key's V scale, after the epilogue summed the weights.
   if constexpr (Stored == Elem::I8)
-    times_row_scales<T, RB>(a, r0, a.value.scales, a.value.scale_ld);
+    times_row_scales<T, RB, true>(a, r0, a.value.scales, a.value.scale_ld);
   weights_times_values<T, RB, Stored>(a, r0, some_zero, v_nonfinite);
 }
 

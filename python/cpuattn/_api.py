@@ -130,8 +130,10 @@ def attention(
         For int8 ``k`` and ``v`` (an int8 KV cache, :func:`quantize_int8`), and only for them:
         key ``j``'s rows stand for ``k[..., j, :] * k_scale[..., j]`` and ``v[..., j, :] *
         v_scale[..., j]``. Computed in float32 (q float32, float16 or bfloat16): the result
-        is float64 attention on those dequantized rows, to float32 accuracy. See
-        :doc:`guide/serving`.
+        is float64 attention on those dequantized rows, to float32 accuracy. Other float
+        dtypes of scales are converted (a copy per call). A scale is part of its key's row:
+        NaN or inf there acts as in that row of k or v (see Notes), so scales past
+        ``kv_lengths`` may hold anything. See :doc:`guide/serving`.
 
     Returns
     -------

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _may_overlap_itself, _overlaps, _pick_backend, attention
-from ._request import BF16, F32, I8, Request, _per_head, build_request, check_choice
+from ._request import F32, I8, Request, _per_head, build_request, check_choice
 from ._varlen import _cu_seqlens
 
 
@@ -45,6 +45,8 @@ def attention_paged(
     Parameters
     ----------
     q : array ``(B, Hq, Lq, D)``, or ``(total_q, Hq, D)`` with ``cu_seqlens_q``
+        Heads before positions: a ``(B, Lq, Hq, D)`` array goes in as ``q.swapaxes(1, 2)``
+        (with ``Lq`` a multiple of ``Hkv`` the wrong order would not even raise).
         The new queries of each sequence: ``Lq = 1`` for decode, a chunk for prefill. With
         ``cu_seqlens_q`` (``B + 1`` offsets), sequence ``b``'s queries are rows
         ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``: some sequences decoding one token and
@@ -54,6 +56,8 @@ def attention_paged(
         One dtype: float32, float64, float16, bfloat16, or int8 with ``k_scale`` and
         ``v_scale``. ``Hq % Hkv == 0`` (GQA). Any ``block_size >= 1``; tiles of 64 keys lie in
         one block when it is a multiple of 64, else each tile's rows are read block by block.
+        Their last axis must be unit-stride and their data aligned to the element size (a
+        ``ValueError`` otherwise): a cache is read where it lies, never copied.
     block_table : int array ``(B, max_blocks)``
         Each sequence's blocks in order; entries past a sequence's last block are never read
         (any value). Every entry its length reaches must be a block of the cache.
@@ -67,7 +71,10 @@ def attention_paged(
     alibi_slopes, sinks : arrays ``(Hq,)`` or ``(B, Hq)``, optional
         As for :func:`attention`.
     k_scale, v_scale : float32 arrays ``(num_blocks, block_size, Hkv)``
-        The int8 caches' scales (:func:`quantize_int8`), only with int8 caches.
+        The int8 caches' scales (:func:`quantize_int8`), only with int8 caches; another dtype
+        is a ``TypeError`` (a pool of scales is never converted per call). Like the cache's
+        rows, they are read only for the positions below ``kv_lengths``: the rest may hold
+        anything, NaN included.
 
     Returns
     -------
@@ -331,16 +338,13 @@ def _cache_scale(name: str, scale, cache_name: str, cache: np.ndarray) -> np.nda
     if cache.dtype != I8:
         raise TypeError(f"{name}: given for a {cache.dtype} {cache_name}; scales go with int8 only")
     scale = np.asarray(scale)
-    if scale.dtype.kind != "f" and scale.dtype != BF16:
+    if scale.dtype != F32:  # a pool's worth: never converted (or scanned) per call
         raise TypeError(f"{name}: expected float32 scales, got dtype {scale.dtype}")
     want = cache.shape[:3]
     if scale.shape != want:
         raise ValueError(
             f"{name}: expected (num_blocks, block_size, Hkv) = {want}, got {scale.shape}"
         )
-    scale = scale.astype(F32, copy=False)
-    if not np.isfinite(scale).all():
-        raise ValueError(f"{name}: expected finite scales")
     return scale
 
 

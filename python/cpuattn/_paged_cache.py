@@ -228,8 +228,14 @@ class PagedKVCache:
 
         Passes the caches, ``block_table(seqs)``, ``lengths(seqs)`` as ``kv_lengths`` and the
         int8 scales; ``options`` go through (``causal=True`` for decoding, ``window``,
-        ``softcap``, ``out``, ...).
+        ``softcap``, ``out``, ``cu_seqlens_q`` with a packed ``q`` ``(total_q, Hq, head_dim)``,
+        ...). Options the cache itself passes are a ``TypeError``.
         """
+        owned = {"k_scale", "v_scale", "block_table", "kv_lengths"} & set(options)
+        if owned:
+            raise TypeError(
+                f"PagedKVCache.attend: {', '.join(sorted(owned))}: the cache passes its own"
+            )
         return attention_paged(
             q,
             self.k_cache,
