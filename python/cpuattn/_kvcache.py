@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._quantize import I8, _quantize, as_floats
-from ._request import BF16, F32, SUPPORTED_DTYPES, as_int
+from ._request import BF16, F32, SUPPORTED_DTYPES, checked_sizes
 
 
 class KVCache:
@@ -50,17 +50,14 @@ class KVCache:
         value_dim: int | None = None,
         dtype=np.float32,
     ):
-        sizes: dict[str, int] = {}
-        for name, n in (
-            ("batch", batch),
-            ("num_kv_heads", num_kv_heads),
-            ("max_len", max_len),
-            ("head_dim", head_dim),
-            ("value_dim", head_dim if value_dim is None else value_dim),
-        ):
-            sizes[name] = as_int(f"KVCache: {name}", n, "an int >= 0")
-            if sizes[name] < 0:
-                raise ValueError(f"KVCache: {name} must be >= 0, got {sizes[name]}")
+        sizes = checked_sizes(
+            "KVCache",
+            batch=batch,
+            num_kv_heads=num_kv_heads,
+            max_len=max_len,
+            head_dim=head_dim,
+            value_dim=head_dim if value_dim is None else value_dim,
+        )
         dtype = np.dtype(dtype)
         if dtype not in (*SUPPORTED_DTYPES, I8):
             raise TypeError(

@@ -8,7 +8,7 @@ import numpy as np
 
 from ._paged import attention_paged
 from ._quantize import _quantize, as_floats, dequantize_int8
-from ._request import BF16, F32, F64, I8, SUPPORTED_DTYPES, as_int
+from ._request import BF16, F32, F64, I8, SUPPORTED_DTYPES, as_int, checked_sizes
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -69,17 +69,14 @@ class PagedKVCache:
         value_dim: int | None = None,
         dtype=np.float32,
     ):
-        sizes: dict[str, int] = {}
-        for name, n in (
-            ("num_blocks", num_blocks),
-            ("block_size", block_size),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("value_dim", head_dim if value_dim is None else value_dim),
-        ):
-            sizes[name] = as_int(f"PagedKVCache: {name}", n, "an int >= 0")
-            if sizes[name] < 0:
-                raise ValueError(f"PagedKVCache: {name} must be >= 0, got {sizes[name]}")
+        sizes = checked_sizes(
+            "PagedKVCache",
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            value_dim=head_dim if value_dim is None else value_dim,
+        )
         if sizes["block_size"] == 0:
             raise ValueError("PagedKVCache: block_size must be >= 1, got 0")
         if sizes["num_blocks"] > _INT32_MAX:

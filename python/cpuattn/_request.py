@@ -233,6 +233,17 @@ def as_int(name: str, value, expected: str = "an int") -> int:
     raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
 
 
+def checked_sizes(owner: str, **values) -> dict[str, int]:
+    """Each value as an int >= 0 (TypeError for a non-int, ValueError below 0), the message
+    naming ``owner: name``; for the constructors of the caches."""
+    out: dict[str, int] = {}
+    for name, n in values.items():
+        out[name] = as_int(f"{owner}: {name}", n, "an int >= 0")
+        if out[name] < 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {out[name]}")
+    return out
+
+
 def as_float(name: str, value, expected: str = "a real number") -> float:
     """``value`` as a Python float: a real Python or NumPy number (bfloat16 too), or a 0-d
     array of one. Anything else (a bool, a complex, a string) is a ``TypeError``."""
