@@ -229,6 +229,11 @@ def plot(rows, path: str, peak: float) -> None:
 SCALING_CASE = Case("L=4096", 1, 8, 8, 4096, 4096, 64)
 DECODE_CASE = next(c for c in FULL if c.name == "decode GQA")
 MEMORY_CASE = Case("L=32768", 1, 8, 8, 32768, 32768, 64)
+HALF_DECODE_CASES = [
+    c
+    for c in FULL
+    if c.name in ("f16 decode GQA", "bf16 decode GQA", "f32 q, bf16 cache decode GQA")
+]
 
 
 def extras(repeats: int, quick: bool) -> dict:
@@ -264,6 +269,7 @@ def extras(repeats: int, quick: bool) -> dict:
         "l3_mib": _bench.l3_bytes() / 2**20,
         "sweep_gib": _bench.beyond_caches_bytes() / 2**30,
     }
+    out["half_decode"] = half_decode_vs_float32(repeats)
     if not quick:
         out["memory"] = {
             impl: _bench.peak_extra_mib(MEMORY_CASE, impl) for impl in ("cpuattn", "torch sdpa")
@@ -274,6 +280,26 @@ def extras(repeats: int, quick: bool) -> dict:
         if distributed is not None:
             out["dask"] = distributed
     return out
+
+
+def half_decode_vs_float32(repeats: int) -> dict:
+    """Cold decode over float16 and bfloat16 caches against the float32 cache: half the bytes
+    should show as nearly half the time. Rounds of one run per case, and the ratio to float32
+    within each round (this machine kind's timings move 10-20 % from run to run)."""
+    cases = [DECODE_CASE, *HALF_DECODE_CASES]
+    seconds: dict[str, list[float]] = {c.name: [] for c in cases}
+    for _ in range(max(3, repeats // 3)):
+        for c in cases:
+            seconds[c.name].append(_bench.cold_decode_seconds(c, 3)[0])
+    f32 = np.array(seconds[DECODE_CASE.name])
+    return {
+        c.name: {
+            "ms": 1e3 * float(np.median(seconds[c.name])),
+            "kv_gbs": c.kv_bytes() / float(np.median(seconds[c.name])) / 1e9,
+            "vs_f32": float(np.median(f32 / np.array(seconds[c.name]))),
+        }
+        for c in HALF_DECODE_CASES
+    }
 
 
 def additive_vs_numpy(repeats: int) -> dict:
@@ -373,6 +399,16 @@ def extras_markdown(x: dict) -> str:
             f"{d['sweep_gib']:.1f} GiB; L3 {d['l3_mib']:.0f} MiB)"
         ),
     ]
+    if "half_decode" in x:
+        parts = ", ".join(
+            f"{name} {h['ms']:.2f} ms = {h['vs_f32']:.2f}x ({100 * h['kv_gbs'] / d['read_gbs']:.0f}% "
+            "of read bandwidth)"
+            for name, h in x["half_decode"].items()
+        )
+        lines.append(
+            f"- half caches, cold, against the float32 cache's time (median of per-round "
+            f"ratios): {parts}"
+        )
     if "memory" in x:
         mem = ", ".join(
             f"{impl} {mib:.1f} MiB" for impl, mib in x["memory"].items() if mib is not None

@@ -528,12 +528,11 @@ using KvSource = KvSourceOn<T, DenseLayout, PagedLayout>;
 template <typename T, typename Layout>
 KvSource<T> choose_kv_source(const Params& p, const KernelSet& kernels, const WorkPlan& plan,
                              const Layout& layout, KvPath path, bool on_amx, int64_t d_pairs) {
-  // A single query tile per head (no packed tile to reuse) of a few rows (decode).
   const bool one_tile = plan.query_tiles_per_head() == 1;
-  const bool few_rows = one_tile && plan.rows_per_head_group() <= kInPlaceMaxRows;
+  const bool few_rows = plan.rows_in_place();
   if constexpr (std::is_same_v<T, float>) {
     if (path == KvPath::Bf16Pairs) {
-      if (few_rows && !on_amx) return HalfRows<Layout>(layout, Elem::Bf16);
+      if (few_rows) return HalfRows<Layout>(layout, Elem::Bf16);
       // AMX takes K rows as they are when D fills whole 32-element chunks and rows go forward.
       const bool keys_in_place =
           on_amx && one_tile && p.d % (2 * kAmxPairs) == 0 && layout.k_ld() > 0;

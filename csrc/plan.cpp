@@ -181,8 +181,7 @@ TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   const int64_t tasks = t.chunks > 1 ? items * t.chunks : items / t.items_per_task;
   // One query tile per head (so items_per_task is 1): item b * Hkv + hk is kv head hk of
   // batch entry b, and a group of heads is a run of items.
-  const bool decode = tiles_per_head == 1 && plan.rows_per_head_group() <= kInPlaceMaxRows;
-  if (decode && plan.heads_side_by_side()) {
+  if (plan.rows_in_place() && plan.heads_side_by_side()) {
     const int64_t hkv = items / plan.batch();
     for (int64_t g = hkv; g > 1; --g) {
       if (hkv % g == 0 && tasks / g >= kLockstepTasksPerThread * wanted_threads) {

@@ -21,7 +21,8 @@ SHAPES = [  # lq, lk, d, dv
     (33, 64, 96, 16),
     (3, 65, 64, 40),
     (2, 300, 64, 64),
-    (1, 129, 128, 32),  # decode: AMX reads K rows in place
+    (1, 129, 128, 32),  # decode: K and V rows read in place, widened as loaded
+    (20, 129, 128, 32),  # one query tile of 40 rows: AMX reads K rows in place
 ]
 
 

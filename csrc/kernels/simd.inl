@@ -61,7 +61,22 @@ inline typename Simd<T>::V load_elements(const E* p) {
   constexpr int L = S::kLanes;
   if constexpr (Stored == Elem::Compute) {
     return S::load(p);
-  } else if constexpr (Stored == Elem::Bf16) {
+  } else if constexpr (Stored == Elem::Bf16) {  // the bits moved up 16: exact
+    // Intrinsics: GCC splits __builtin_convertvector into two halves and a lane insert
+    // (AVX-512: 5 instructions instead of 2, measured as a third of decode's P.V time).
+#if defined(__AVX512F__)
+    if constexpr (L == 16) {  // maskz: the unmasked intrinsics trip GCC 12's warnings
+      const __m512i wide =
+          _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      return (V)_mm512_maskz_slli_epi32(0xffff, wide, 16);
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (L == 8) {
+      return (V)_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    }
+#endif
     typename HalfLanes<L>::Half h;
     __builtin_memcpy(&h, p, sizeof(h));
     return __builtin_bit_cast(V, __builtin_convertvector(h, typename HalfLanes<L>::Wide) << 16);

@@ -101,16 +101,19 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
         k[n] = row_of(a.key, rows, j);  // valid row, masked later
         ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
       }
+      // One request per line of each row (a vector of narrow elements is a part of one),
+      // ahead of the loop: a test per vector in it costs more than the requests.
+      if (a.prefetch_next) {
+        const int64_t row_bytes = a.d * int64_t(sizeof(*rows));
+        for (int n = 0; n < KB; ++n) {
+          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead[n] + b, 0, 1);
+        }
+      }
       V acc[RB][KB] = {};
 #pragma GCC unroll 2
       for (int64_t e = 0; e < d_main; e += L) {
         V kv[KB];
-        // One request per line: a vector of narrow elements is a fraction of one.
-        const int64_t byte = e * int64_t(sizeof(*rows));
-        for (int n = 0; n < KB; ++n) {
-          kv[n] = load_elements<Stored, T>(k[n] + e);
-          if (a.prefetch_next && (byte & 63) == 0) __builtin_prefetch(ahead[n] + byte, 0, 1);
-        }
+        for (int n = 0; n < KB; ++n) kv[n] = load_elements<Stored, T>(k[n] + e);
         for (int r = 0; r < RB; ++r) {
           const V qv = S::load(q + r * a.d + e);
           for (int n = 0; n < KB; ++n) acc[r][n] += qv * kv[n];
@@ -179,6 +182,10 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
   const auto* rows = value_rows<Stored>(a);
   if (a.cols <= 0) return;  // never, but without it GCC keeps acc in a stack array
   V acc[RB][CB];
+  // Unrolled before GCC's scalar replacement runs, which needs constant indices: left to
+  // its heuristics this loop stayed rolled with prefetches and narrow loads below, and
+  // acc lived on the stack (loaded and stored every key: a third of decode's P.V time).
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) acc[r][c] = S::load(a.o + (r0 + r) * a.dv + e0 + c * L);
   }
@@ -187,18 +194,21 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
     V vv[CB];
     const auto* row =
         kTable ? reinterpret_cast<decltype(rows)>(a.value.rows[j]) : rows + j * a.value.ld;
-    for (int c = 0; c < CB; ++c) {
-      vv[c] = load_elements<Stored, T>(row + e0 + c * L);
-      // One request per line of the row (a vector of narrow elements is a part of one).
-      constexpr int64_t kSize = sizeof(*rows);
-      const int64_t byte = (e0 + c * L) * kSize;
-      if (kPrefetch && (byte & 63) == 0) __builtin_prefetch(a.value.next[j] + byte, 0, 1);
-    }
+    for (int c = 0; c < CB; ++c) vv[c] = load_elements<Stored, T>(row + e0 + c * L);
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(weight<kTransposed>(a, r0 + r, j));
       for (int c = 0; c < CB; ++c) acc[r][c] += p * vv[c];
     }
+    // One request per 64 bytes of the block (a vector of narrow elements is a part of a
+    // line), without a test per key. Narrower blocks start where they may (e0 a multiple of
+    // L): a line may then be asked for twice, which is harmless.
+    if constexpr (kPrefetch) {
+      constexpr int64_t kBlockBytes = CB * L * int64_t(sizeof(*rows));
+      const char* ahead = a.value.next[j] + e0 * int64_t(sizeof(*rows));
+      for (int64_t b = 0; b < kBlockBytes; b += 64) __builtin_prefetch(ahead + b, 0, 1);
+    }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) S::store(a.o + (r0 + r) * a.dv + e0 + c * L, acc[r][c]);
   }
