@@ -162,17 +162,12 @@ inline void pv_block_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t 
 }
 #undef CPUATTN_AMX_PV
 
-// p of real rows [r0, r0 + n) -> bfloat16 pairs; rows past n are 0, so padding rows of the
-// 16-row block add nothing to their (unused) output rows.
+// Rows [r0, r0 + n) of o += p . V from their weights' bfloat16 pairs (p_hi, p_lo: the
+// block's 16 rows, zero past n, so padding rows add nothing to their unused output rows).
 template <bool kSplitP>
-inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n) {
-  alignas(64) uint32_t p_hi[kAmxRows][cpuattn::kTileKeys / 2] = {};
-  alignas(64) uint32_t p_lo[kSplitP ? kAmxRows : 1][cpuattn::kTileKeys / 2] = {};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4)
-    round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
-  for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, p_lo + (kSplitP ? i : 0));
-  memory_barrier();
+inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0,
+                        const uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
+                        const uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
   int64_t e0 = 0;
   for (; e0 + 64 <= a.dv; e0 += 64) pv_block_amx<4, kSplitP>(a, r0, e0, p_hi, p_lo);
   switch ((a.dv - e0) / kAmxOutColumns) {
@@ -190,41 +185,75 @@ inline void pv_rows_amx(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n
   }
 }
 
+// Weights of rows [r0, r0 + n) -> bfloat16 pairs in p_hi (p_lo), rows [n, 16) zeroed.
+template <bool kSplitP>
+inline void round_block_weights(const cpuattn::TileStep<float>& a, int64_t r0, int64_t n,
+                                uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
+                                uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + i);
+  for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, p_lo + i);
+  for (; i < kAmxRows; ++i) {
+    for (int64_t j = 0; j < cpuattn::kTileKeys / 2; ++j) {
+      p_hi[i][j] = 0;
+      if constexpr (kSplitP) p_lo[i][j] = 0;
+    }
+  }
+}
+
 void release_tiles() { _tile_release(); }
 
-void tile_step_amx(const cpuattn::TileStep<float>& a) {
+// Two phases: scores, epilogue and bfloat16 weights for every 16-row block, then every
+// block's P.V. A tile load of weights that plain stores have just written waits for them
+// to drain: block by block, that wait was half of the P.V time (measured, perf); with the
+// other blocks' epilogues in between, the weights are in the cache when the tile unit asks.
+template <bool kSplitQ, bool kSplitP>
+void tile_step_amx_on(const cpuattn::TileStep<float>& a) {
+  constexpr int64_t kBlocks = cpuattn::kTileRows / kAmxRows, W2 = cpuattn::kTileKeys / 2;
+  alignas(64) uint32_t p_hi[kBlocks * kAmxRows][W2];
+  alignas(64) uint32_t p_lo[kSplitP ? kBlocks * kAmxRows : 1][W2];
+  bool done[kBlocks];  // the block's P.V is done (non-finite V: skipping zero weights)
   // V pair rows the tile unit reads: whole 16-pair chunks (pack_bf16_values zero-fills them).
   const int64_t pair_rows = ((a.cols + 1) / 2 + kAmxRows - 1) / kAmxRows * kAmxRows;
   // Whether those rows hold an inf or NaN: -1, unknown until needed, unless the source knows.
   int v_nonfinite =
       a.value.first_nonfinite_key < 0 ? -1 : a.value.first_nonfinite_key < 2 * pair_rows;
-  for (int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) {
-    const int64_t n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
+  const int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * kAmxRows, n = a.rows - r0 < kAmxRows ? a.rows - r0 : kAmxRows;
     if (a.key.form == cpuattn::KeyForm::Rows) {
-      if (a.q_lo) {
-        score_block_amx_in_place<true>(a, r0, n);
-      } else {
-        score_block_amx_in_place<false>(a, r0, n);
-      }
-    } else if (a.q_lo) {
-      score_block_amx<true>(a, r0);
+      score_block_amx_in_place<kSplitQ>(a, r0, n);
     } else {
-      score_block_amx<false>(a, r0);
+      score_block_amx<kSplitQ>(a, r0);
     }
+    done[b] = false;
     // The tile unit stores bare products: the epilogue multiplies them by dot_scale.
     // split_p: p_lo * inf would be NaN (pv_rows_bf16_skip_zero_weights).
-    if (score_epilogue_rows<float, true>(a, r0, r0 + n) || a.split_p) {
+    if (score_epilogue_rows<float, true>(a, r0, r0 + n) || kSplitP) {
       if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);
       if (v_nonfinite) {
         pv_rows_bf16_skip_zero_weights(a, r0, r0 + n);
+        done[b] = true;
         continue;
       }
     }
-    memory_barrier();  // o rows were rescaled by plain stores
-    if (a.split_p) {
-      pv_rows_amx<true>(a, r0, n);
-    } else {
-      pv_rows_amx<false>(a, r0, n);
+    round_block_weights<kSplitP>(a, r0, n, p_hi + r0, p_lo + (kSplitP ? r0 : 0));
+  }
+  memory_barrier();  // weights and o's rescaled rows were written by plain stores
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!done[b]) {
+      const int64_t r0 = b * kAmxRows;
+      pv_rows_amx<kSplitP>(a, r0, p_hi + r0, p_lo + (kSplitP ? r0 : 0));
     }
+  }
+}
+
+// q split in two bfloat16 (a float32 q) and p split (a float32 output), as the driver set
+// them (bf16_step.inl), chosen once per step.
+void tile_step_amx(const cpuattn::TileStep<float>& a) {
+  if (a.q_lo) {
+    a.split_p ? tile_step_amx_on<true, true>(a) : tile_step_amx_on<true, false>(a);
+  } else {
+    a.split_p ? tile_step_amx_on<false, true>(a) : tile_step_amx_on<false, false>(a);
   }
 }
