@@ -66,8 +66,8 @@ inline typename Simd<T>::V load_elements(const E* p) {
     // (AVX-512: 5 instructions instead of 2, measured as a third of decode's P.V time).
 #if defined(__AVX512F__)
     if constexpr (L == 16) {  // maskz: the unmasked intrinsics trip GCC 12's warnings
-      const __m512i wide =
-          _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512i wide = _mm512_maskz_cvtepu16_epi32(
+          0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       return (V)_mm512_maskz_slli_epi32(0xffff, wide, 16);
     }
 #endif
