@@ -118,3 +118,21 @@ def test_bitwise_equal_for_any_thread_count(native, rng):
             assert np.array_equal(
                 native(qq, k, v, num_threads=n).view(np.uint8), one.view(np.uint8)
             )
+
+
+@pytest.mark.parametrize(("lq", "d", "dv"), [(1, 40, 40), (4, 80, 48), (1, 96, 96), (3, 256, 80)])
+@pytest.mark.parametrize("q_dtype", [BF16, np.float32], ids=["bf16-q", "f32-q"])
+def test_decode_reads_rows_in_place(native, rng, lq, d, dv, q_dtype):
+    """Decode over a bfloat16 cache (K and V rows read in place and widened as loaded, on
+    every ISA): float32 accuracy for a float32 output, over several key tiles (the next
+    tile's rows prefetched), bottom-right causal, kv_lengths ending inside a tile."""
+    q, k, v = bf16_inputs(rng, lq, 300, d, dv, hq=8, hkv=2)
+    q = q.astype(q_dtype)
+    lengths = np.array([300, 131])
+    kw = {"causal": True, "kv_lengths": lengths}
+    ref, ref_lse = dense_attention(q, k, v, **kw)
+    out, lse = native(q, k, v, return_lse=True, out_dtype=np.float32, **kw)
+    assert_matches(out, ref, np.float32)
+    assert_matches(lse, ref_lse, np.float32, "lse")
+    one = native(q, k, v, num_threads=1, **kw)
+    assert np.array_equal(native(q, k, v, num_threads=2, **kw).view(np.uint8), one.view(np.uint8))
