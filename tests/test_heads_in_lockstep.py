@@ -40,8 +40,8 @@ def _head_major(x):
         (2, 8, 4, 1, 700),
         (3, 4, 2, 4, 129),
         (1, 6, 3, 2, 5000),
-        (2, 32, 2, 1, 900),  # 16 rows a head: one whole AMX block
-        (1, 34, 2, 1, 1000),  # 17: a second block begun
+        (2, 32, 2, 1, 900),  # 16 rows a head: one whole 16-row block
+        (1, 34, 2, 1, 1000),  # 17: a second 16-row block begun
         (1, 48, 2, 1, 3000),  # 24
     ],
 )

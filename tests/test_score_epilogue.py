@@ -11,8 +11,8 @@ from reference import assert_matches, dense_attention
 from cpuattn._request import BF16
 
 SHAPES = [  # hq, hkv, lq, lk, d, dv
-    (8, 2, 1, 700, 64, 64),  # decode: K/V rows read in place (AMX too: D % 32 == 0)
-    (8, 2, 3, 300, 40, 24),  # decode, D and Dv off the vector widths (no AMX)
+    (8, 2, 1, 700, 64, 64),  # decode: K/V rows read in place, widened as loaded
+    (8, 2, 3, 300, 40, 24),  # decode, D and Dv off the vector widths
     (4, 2, 40, 300, 64, 48),  # packed tiles
     (4, 4, 33, 129, 40, 40),  # packed, D % 32 != 0: the bfloat16 pairs padded
 ]

@@ -191,8 +191,11 @@ inline void round_block_weights(const cpuattn::TileStep<float>& a, int64_t r0, i
                                 uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
                                 uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) round_weights<4, kSplitP>(a, r0 + i, p_hi + i, p_lo + i);
-  for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, p_lo + i);
+  // p_lo is one row when p is not split (never written then).
+  for (; i + 4 <= n; i += 4) {
+    round_weights<4, kSplitP>(a, r0 + i, p_hi + i, kSplitP ? p_lo + i : p_lo);
+  }
+  for (; i < n; ++i) round_weights<1, kSplitP>(a, r0 + i, p_hi + i, kSplitP ? p_lo + i : p_lo);
   for (; i < kAmxRows; ++i) {
     for (int64_t j = 0; j < cpuattn::kTileKeys / 2; ++j) {
       p_hi[i][j] = 0;

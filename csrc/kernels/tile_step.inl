@@ -102,11 +102,15 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
         ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
       }
       // One request per line of each row (a vector of narrow elements is a part of one),
-      // ahead of the loop: a test per vector in it costs more than the requests.
+      // ahead of the loop: a test per vector in it costs more than the requests. At most
+      // kAheadLines a row (D = 256 float32), so that a large head does not queue hundreds at
+      // once; the rest of a long row is one stream the hardware prefetcher follows.
       if (a.prefetch_next) {
+        constexpr int64_t kAheadLines = 16;
         const int64_t row_bytes = a.d * int64_t(sizeof(*rows));
+        const int64_t bytes = row_bytes < 64 * kAheadLines ? row_bytes : 64 * kAheadLines;
         for (int n = 0; n < KB; ++n) {
-          for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead[n] + b, 0, 1);
+          for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead[n] + b, 0, 1);
         }
       }
       V acc[RB][KB] = {};
