@@ -184,22 +184,24 @@ class Driver {
       query_.point(state[h].step, state[h].rows, state[h].pos.rows);
     }
     const int64_t i_first = state[0].rows.pos[0], i_last = state[0].rows.pos[pos0.rows - 1];
-    const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
-    const int64_t j_end = std::min(keys_hi, chunk.end);
-    const int64_t j_first = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin);
-    for (int64_t j0 = j_first; j0 < j_end; j0 += kTileKeys) {
+    const KeyTiles tiles(rb, i_first, i_last, chunk);
+    const int64_t j_end = tiles.end();
+    for (int64_t j0 = tiles.first(), following; j0 < j_end; j0 = following) {
       const int64_t j1 = std::min(j0 + kTileKeys, j_end);
+      following = tiles.next(j0);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
       const int64_t staged = std::min(kTileKeys, rb.n_keys - j0);
+      const uint64_t global_cols = kind == TileKind::Partial ? rb.global_cols(j0, j1) : 0;
+      const int64_t next_keys = following == j1 ? std::min(kTileKeys, j_end - j1) : 0;
       for (int64_t h = 0; h < heads; ++h) {
         TileStep<T>& step = state[h].step;
         const ItemPos& pos = state[h].pos;
         step.cols = j1 - j0;
         step.j0 = j0;
         step.apply_bounds = kind == TileKind::Partial;
-        source.tile(step, source.head(pos),
-                    KeyTile{j0, staged, pos.b * p_.hkv + pos.hk, std::min(kTileKeys, j_end - j1)},
+        step.global_cols = global_cols;
+        source.tile(step, source.head(pos), KeyTile{j0, staged, pos.b * p_.hkv + pos.hk, next_keys},
                     sc.kv);
         step_(step);
       }
@@ -221,20 +223,18 @@ class Driver {
     const RowBounds rb = plan_.row_bounds(pos);
     query_.stage(pos, rb, sc.rows);
     const int64_t i_first = sc.rows.pos[0], i_last = sc.rows.pos[pos.rows - 1];
-    const int64_t keys_lo = rb.of_row(i_first).lo, keys_hi = rb.of_row(i_last).hi;
 
     TileStep<T> step = proto_;
     query_.point(step, sc.rows, pos.rows);
     const auto head = source.head(pos);
 
-    // Key tiles start at multiples of kTileKeys so staged tiles can be shared by query tiles;
-    // keys of the first tile below keys_lo are dropped by the Partial-tile bounds.
     const int64_t owner = pos.b * p_.hkv + pos.hk;
-    const int64_t j_end = std::min(keys_hi, chunk.end);
-    const int64_t j_first = std::max(keys_lo / kTileKeys * kTileKeys, chunk.begin);
+    const KeyTiles tiles(rb, i_first, i_last, chunk);
+    const int64_t j_first = tiles.first(), j_end = tiles.end();
     const int64_t key_tiles = (j_end - j_first + kTileKeys - 1) / kTileKeys;
-    for (int64_t j0 = j_first; j0 < j_end; j0 += kTileKeys) {
+    for (int64_t j0 = j_first, following; j0 < j_end; j0 = following) {
       const int64_t j1 = std::min(j0 + kTileKeys, j_end);
+      following = tiles.next(j0);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
       const int64_t share = part * key_tiles + (j0 - j_first) / kTileKeys;
@@ -247,11 +247,12 @@ class Driver {
       step.cols = j1 - j0;
       step.j0 = j0;
       step.apply_bounds = kind == TileKind::Partial;
-      // Stage the whole valid tile (up to n_keys) so every query tile can reuse it.
-      source.tile(
-          step, head,
-          KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, std::min(kTileKeys, j_end - j1)},
-          sc.kv);
+      step.global_cols = kind == TileKind::Partial ? rb.global_cols(j0, j1) : 0;
+      // Stage the whole valid tile (up to n_keys) so every query tile can reuse it; prefetch
+      // the next one when it follows this one.
+      const int64_t next_keys = following == j1 ? std::min(kTileKeys, j_end - j1) : 0;
+      source.tile(step, head, KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, next_keys},
+                  sc.kv);
       step_(step);
     }
     if (partial) {

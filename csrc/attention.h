@@ -60,6 +60,11 @@ struct Params {
   bool has_diagonal = false;
   int64_t diagonal = 0;
   int64_t window_left = -1, window_right = -1;  // -1 = unbounded on that side
+  // Global tokens (hybrid attention, mask.h's GlobalTokens): sorted distinct positions in the
+  // rows' coordinates (query i at i + diagonal / offset, key j at j), |position| <=
+  // kMaxDiagonal; only with a window (n_globals 0 otherwise).
+  const int64_t* globals = nullptr;
+  int64_t n_globals = 0;
   int num_threads = 0;                          // 0 = OpenMP default
   double softcap = 0;     // > 0: scores -> softcap * tanh(score / softcap)
   View alibi;             // (*batch, Hq) slopes in the compute type, or data == nullptr

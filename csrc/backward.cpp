@@ -291,6 +291,7 @@ class BackwardDriver {
       b.scores.cols = cols;
       b.scores.j0 = j0;
       b.scores.apply_bounds = kind == TileKind::Partial;
+      b.scores.global_cols = kind == TileKind::Partial ? rb.global_cols(j0, j1) : 0;
       b.vt = sc.vt.data();
       b.k = k;
       b.k_ld = k_ld;

@@ -1,11 +1,13 @@
-// Which keys a query row may see, from causal / window / kv_lengths, and tile classification.
-// Keys kept by row i are the half-open range [lo(i), hi(i)); both ends are non-decreasing in i,
-// so a tile of rows [i_first, i_last] sees keys only inside [lo(i_first), hi(i_last)).
+// Which keys a query row may see, from causal / window / kv_lengths / global tokens, and tile
+// classification. A row's window keeps the half-open range [lo(i), hi(i)); both ends are
+// non-decreasing in i, so a tile of rows [i_first, i_last] sees window keys only inside
+// [lo(i_first), hi(i_last)). Global tokens (hybrid attention) add keys outside that band.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "tiles.h"
 #include "types.h"  // KeyRange
 
 namespace cpuattn {
@@ -15,13 +17,35 @@ struct KeyChunk {
   int64_t begin, end;
 };
 
+// Global tokens (Longformer / BigBird global attention, StreamingLLM's sinks): sorted,
+// distinct positions. A row keeps its window's keys and every global key below its cap; a
+// row whose own position (its diagonal) is global keeps every key below its cap. Empty unless
+// the call has a window: without one every row keeps every key below its cap already.
+struct GlobalTokens {
+  const int64_t* pos = nullptr;
+  int64_t n = 0;
+
+  // The index of the first position >= x.
+  int64_t first_from(int64_t x) const { return std::lower_bound(pos, pos + n, x) - pos; }
+  // Whether some position lies in [a, b).
+  bool any_in(int64_t a, int64_t b) const {
+    const int64_t k = first_from(a);
+    return k < n && pos[k] < b;
+  }
+};
+
+// global_cols sets one bit per key of a tile.
+static_assert(kTileKeys <= 64, "a tile's global keys must fit a uint64_t");
+
 struct RowBounds {
   int64_t n_keys;   // valid keys for this batch entry (kv_lengths[b] or Lk)
   int64_t offset;   // row i's diagonal is key i + offset: n_keys - Lq (bottom-right), 0
                     // (top-left) or the caller's diagonal
   bool causal;
   int64_t left, right;  // window, -1 = unbounded
+  GlobalTokens globals{};
 
+  // The window's keys (the band): non-decreasing ends.
   KeyRange of_row(int64_t i) const {
     const int64_t diag = i + offset;
     int64_t lo = 0, hi = n_keys;
@@ -30,6 +54,28 @@ struct RowBounds {
     if (right >= 0) hi = std::min<int64_t>(hi, diag + right + 1);
     lo = std::min(lo, n_keys);  // so that an empty range never points past the valid keys
     return {lo, std::max(lo, hi)};
+  }
+  // The keys below this are the ones row i keeps without its window (kv_lengths, causal):
+  // non-decreasing in i.
+  int64_t cap(int64_t i) const {
+    const int64_t hi = causal ? std::min<int64_t>(n_keys, i + offset + 1) : n_keys;
+    return std::max<int64_t>(hi, 0);
+  }
+  bool global_rows_in(int64_t i_first, int64_t i_last) const {
+    return globals.n > 0 && globals.any_in(i_first + offset, i_last + offset + 1);
+  }
+  // The range a row's bounds hold (QueryRows::bounds): its band, or for a global row every
+  // key below its cap. The global keys a band row keeps besides come from global_cols.
+  KeyRange keys_of_row(int64_t i) const {
+    return global_rows_in(i, i) ? KeyRange{0, cap(i)} : of_row(i);
+  }
+  // Bit c set: key j0 + c is global, for keys [j0, j1) of one tile.
+  uint64_t global_cols(int64_t j0, int64_t j1) const {
+    uint64_t bits = 0;
+    for (int64_t k = globals.first_from(j0); k < globals.n && globals.pos[k] < j1; ++k) {
+      bits |= uint64_t(1) << (globals.pos[k] - j0);
+    }
+    return bits;
   }
 };
 
@@ -40,10 +86,66 @@ enum class TileKind { Skip, Full, Partial };
 inline TileKind classify_tile(const RowBounds& rb, int64_t i_first, int64_t i_last, int64_t j0,
                               int64_t j1) {
   const KeyRange first = rb.of_row(i_first), last = rb.of_row(i_last);
-  if (j1 <= first.lo || j0 >= last.hi) return TileKind::Skip;
+  TileKind band = TileKind::Partial;
+  if (j1 <= first.lo || j0 >= last.hi) band = TileKind::Skip;
   // Every row keeps [lo(i_last), hi(i_first)) at least.
-  if (j0 >= last.lo && j1 <= first.hi) return TileKind::Full;
-  return TileKind::Partial;
+  if (j0 >= last.lo && j1 <= first.hi) band = TileKind::Full;
+  if (band != TileKind::Skip || rb.globals.n == 0) return band;
+  // Outside the band: kept where a global key or row lies below the caps (the last row's is
+  // the largest).
+  const int64_t cap = rb.cap(i_last);
+  if (j0 >= cap) return TileKind::Skip;
+  const bool kept = rb.global_rows_in(i_first, i_last) || rb.globals.any_in(j0, std::min(j1, cap));
+  return kept ? TileKind::Partial : TileKind::Skip;
 }
+
+// The key tiles rows [i_first, i_last] visit inside `chunk`, in key order: their band's tiles
+// and, with global tokens, each tile that holds a global key below the last row's cap (every
+// tile below it when one of the rows is global), never a tile between them. Tiles start at
+// multiples of kTileKeys (so staged tiles can be shared by query tiles; keys of a tile that
+// the rows do not keep are dropped by the Partial-tile bounds) and end at end() at most.
+class KeyTiles {
+ public:
+  KeyTiles(const RowBounds& rb, int64_t i_first, int64_t i_last, KeyChunk chunk)
+      : globals_(rb.globals), chunk_begin_(chunk.begin) {
+    int64_t lo = rb.of_row(i_first).lo, hi = rb.of_row(i_last).hi;
+    int64_t global_end = 0;
+    if (globals_.n > 0) {
+      const int64_t cap = rb.cap(i_last);
+      if (rb.global_rows_in(i_first, i_last)) {
+        lo = 0;
+        hi = std::max(hi, cap);
+      }
+      global_end = std::min(cap, chunk.end);
+    }
+    band_begin_ = std::max(lo / kTileKeys * kTileKeys, chunk.begin);
+    band_end_ = std::min(hi, chunk.end);
+    global_end_ = global_end;
+    end_ = std::max(band_end_, global_end_);
+  }
+
+  int64_t first() const { return from(chunk_begin_); }
+  // The tile after the one at j0, or end().
+  int64_t next(int64_t j0) const { return from(j0 + kTileKeys); }
+  int64_t end() const { return end_; }
+
+ private:
+  // The first tile at or after t (a multiple of kTileKeys) the rows visit, or end_.
+  int64_t from(int64_t t) const {
+    int64_t best = end_;
+    const int64_t band = std::max(t, band_begin_);
+    if (band < band_end_) best = band;
+    if (globals_.n > 0 && t < global_end_) {
+      const int64_t k = globals_.first_from(t);
+      if (k < globals_.n && globals_.pos[k] < global_end_) {
+        best = std::min(best, globals_.pos[k] / kTileKeys * kTileKeys);
+      }
+    }
+    return best;
+  }
+
+  GlobalTokens globals_;
+  int64_t chunk_begin_, band_begin_ = 0, band_end_ = 0, global_end_ = 0, end_ = 0;
+};
 
 }  // namespace cpuattn

@@ -102,7 +102,7 @@ RowBounds WorkPlan::row_bounds(const ItemPos& pos) const {
   const int64_t offset = p_.has_diagonal                  ? p_.diagonal
                          : p_.align == Align::BottomRight ? n_keys - pos.lq
                                                           : 0;
-  return {n_keys, offset, p_.causal, p_.window_left, p_.window_right};
+  return {n_keys, offset, p_.causal, p_.window_left, p_.window_right, {p_.globals, p_.n_globals}};
 }
 
 // Short heads (MiniLM: 16 KiB per operand) are read in bursts too short for the hardware

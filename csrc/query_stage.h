@@ -23,7 +23,7 @@ template <typename T>
 struct QueryRows {
   AlignedBuffer<T> q, s, o, m, l, sums;  // staged q, scores, running output, max and sums
   AlignedBuffer<uint32_t> q_hi, q_lo;    // q as bfloat16 pairs (bfloat16 steps only)
-  AlignedBuffer<int64_t> pos, head, diag;
+  AlignedBuffer<int64_t> pos, head, diag, caps;  // caps: with global tokens only
   AlignedBuffer<KeyRange> bounds;
   AlignedBuffer<const void*> mask_rows;
   AlignedBuffer<T> slopes;
@@ -35,7 +35,7 @@ struct QueryRows {
   // pairs. n: room for this many rows, a multiple of kStepRowBlock (or kTileRows).
   QueryRows(int64_t d, int64_t dv, int64_t pairs, int64_t n = kTileRows)
       : q(n * d), s(n * kTileKeys), o(n * dv), m(n), l(n * kSumSlots), sums(n), pos(n), head(n),
-        diag(n), bounds(n), mask_rows(n), slopes(n), out(n) {
+        diag(n), caps(n), bounds(n), mask_rows(n), slopes(n), out(n) {
     if (pairs >= 0) {
       q_hi.allocate(n * pairs);
       q_lo.allocate(n * pairs);
@@ -126,8 +126,9 @@ class QueryStage {
     for (int64_t r = 0; r < rows; ++r, g = g + 1 == group ? 0 : g + 1, i += g == 0) {
       row_pos[r] = i;
       row_head[r] = hk * group + g;
-      t.bounds[r] = rb.of_row(i);
+      t.bounds[r] = rb.keys_of_row(i);
       t.diag[r] = i + rb.offset;
+      if (rb.globals.n > 0) t.caps[r] = rb.cap(i);
       t.m[r] = -std::numeric_limits<T>::infinity();
     }
     const int64_t q_head_stride = p_.q.strides[nb], q_pos_stride = p_.q.strides[nb + 1];
@@ -180,6 +181,8 @@ class QueryStage {
     s.m = t.m.data();
     s.l = t.l.data();
     s.bounds = t.bounds.data();
+    s.caps = t.caps.data();
+    s.global_cols = 0;
     s.mask_rows = t.mask_rows.data();
     s.slopes = p_.alibi.data ? t.slopes.data() : nullptr;
     s.diag = t.diag.data();

@@ -20,6 +20,7 @@ def dense_attention(
     softcap=None,
     alibi_slopes=None,
     diagonal=None,
+    global_tokens=None,
 ):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     squeeze = q.ndim == 2
@@ -52,10 +53,16 @@ def dense_attention(
         keep = keep & (j <= i + off)
     if window is not None:
         left, right = window
+        in_window = np.ones_like(keep)
         if left >= 0:
-            keep = keep & (j >= i + off - left)
+            in_window = in_window & (j >= i + off - left)
         if right >= 0:
-            keep = keep & (j <= i + off + right)
+            in_window = in_window & (j <= i + off + right)
+        if global_tokens is not None:  # hybrid: global keys, and every key for global queries
+            g = np.asarray(global_tokens)
+            g = np.arange(g) if g.ndim == 0 else g
+            in_window = in_window | np.isin(j, g) | np.isin(i + off, g)
+        keep = keep & in_window
     if mask is not None:
         mask = np.asarray(mask)
         if squeeze:

@@ -324,3 +324,43 @@ def test_sinks_join_each_query_block_once(client, rng, chunks_q, chunks_kv):
     assert_matches(lse, local_lse, F32, "lse")
     assert np.all(out[:, :, :30] == 0)  # bottom-right, Lq > Lk: the first 30 rows keep nothing
     np.testing.assert_allclose(lse[0, :, :30], np.broadcast_to(sinks[:, None], (2, 30)))
+
+
+@pytest.mark.parametrize(
+    ("chunks_q", "chunks_kv", "kw"),
+    [
+        ((1, 2, 32, 16), (1, 2, 45, 16), {"causal": True, "window": (10, 0), "global_tokens": 4}),
+        (
+            (1, 2, 25, 16),
+            (1, 2, 64, 16),
+            {"causal": "top_left", "window": (5, 5), "global_tokens": [0, 50, 70, 199]},
+        ),
+        (
+            (1, 2, 40, 16),
+            (1, 2, 50, 16),
+            {"window": (3, 3), "global_tokens": [7, 130], "kv_lengths": [150]},
+        ),
+    ],
+)
+def test_global_tokens(client, rng, chunks_q, chunks_kv, kw):
+    """Hybrid attention over blocks: each pair outside the band runs only where a global key
+    or query reaches it, with the positions shifted to its keys: the local call's results."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 120, 200, 16)
+    kw = {**kw, "kv_lengths": np.array(kw["kv_lengths"])} if "kv_lengths" in kw else kw
+    got, local = run(client, q, k, v, chunks_q, chunks_kv, **kw)
+    assert_like_local(got, local, q, k, v, **kw)
+
+
+def test_global_tokens_add_only_the_pairs_they_reach(rng):
+    q, k, v = random_qkv(rng, (), 1, 1, 64, 64, 8)
+    dq, dk, dv = chunked((1, 16, 8), q, k, v)
+
+    def pair_tasks(lazy):
+        return sum(key_name(key) == "attend_pair" for key in dict(lazy.__dask_graph__()))
+
+    window = {"causal": True, "window": (15, 0)}
+    assert pair_tasks(cdask.attention(dq, dk, dv, **window)) == 7
+    # Key 0 is global: the first key block joins every query block's pairs (7 + 2 more).
+    assert pair_tasks(cdask.attention(dq, dk, dv, global_tokens=1, **window)) == 9
+    # Query 60 is global too: its block (48-63) sees every key block up to it (one more).
+    assert pair_tasks(cdask.attention(dq, dk, dv, global_tokens=[0, 60], **window)) == 10

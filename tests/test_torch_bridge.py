@@ -320,3 +320,44 @@ def test_docstring_examples():
     failures, tried = doctest.testmod(ct, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried >= 8
     assert failures == 0
+
+
+@pytest.mark.parametrize("spec", [3, [0, 1, 30], np.array([2, 40]), "tensor"])
+def test_global_tokens_forward_backward_and_compile(spec):
+    """Hybrid attention through the op: the dense torch reference (a bool mask of the kept
+    pairs), gradients included, and torch.compile(fullgraph) with an int, a list, an array
+    or a tensor of positions."""
+    positions = torch.tensor([5, 44]) if isinstance(spec, str) else spec
+    q, k, v = leaves((2, 4, 33, 16), (2, 2, 50, 16), (2, 2, 50, 8), dtype=torch.float64)
+    options = {"causal": True, "window": (4, 0), "global_tokens": positions}
+    out = ct.attention(q, k, v, **options)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(dout)
+    got = [t.grad.clone() for t in (q, k, v)]
+
+    g = np.arange(spec) if isinstance(spec, int) else np.asarray(positions)
+    i, j = np.arange(33)[:, None] + 50 - 33, np.arange(50)[None, :]
+    keep = (j <= i) & ((j >= i - 4) | np.isin(j, g) | np.isin(i, g))
+    wide = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(
+        *wide, attn_mask=torch.from_numpy(keep), enable_gqa=True
+    )
+    expected.backward(dout)
+    torch.testing.assert_close(out.detach(), expected.detach())
+    for name, grad, w in zip("qkv", got, wide, strict=True):
+        torch.testing.assert_close(grad, w.grad, msg=name)
+
+    compiled = torch.compile(
+        lambda a, b, c: ct.attention(a, b, c, **options), fullgraph=True, backend="aot_eager"
+    )
+    torch.testing.assert_close(compiled(q, k, v), out)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [(True, TypeError), ("4", TypeError), ([0.5], TypeError), ([3, 1], ValueError)],
+)
+def test_global_tokens_bad_input(spec, error):
+    q, k, v = leaves((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4))
+    with pytest.raises(error, match="global_tokens"):
+        ct.attention(q, k, v, window=(2, 0), global_tokens=spec)

@@ -261,7 +261,7 @@ void read_dtypes(cpuattn::Params& p, const py::array& q, const py::array& k, con
 struct Call {
   cpuattn::Params p;
   Holds holds;
-  std::vector<int64_t> lengths, cu_q, cu_k;
+  std::vector<int64_t> lengths, cu_q, cu_k, globals;
   std::vector<int32_t> table;  // a paged call's block table
 
   std::vector<int64_t> with_batch(std::initializer_list<int64_t> tail) const {
@@ -335,7 +335,8 @@ void read_mask_and_lengths(Call& c, const std::optional<py::array>& mask,
 // The scalar options and ALiBi slopes, after the batch shape is final (packed sequences).
 void read_options(Call& c, double scale, bool causal, int align, int64_t window_left,
                   int64_t window_right, int num_threads, double softcap,
-                  const std::optional<py::array>& alibi, std::optional<int64_t> diagonal) {
+                  const std::optional<py::array>& alibi, std::optional<int64_t> diagonal,
+                  const std::optional<py::array>& global_tokens) {
   cpuattn::Params& p = c.p;
   if (align != 0 && align != 1) fail("align must be 0 (bottom-right) or 1 (top-left)");
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
@@ -367,6 +368,23 @@ void read_options(Call& c, double scale, bool causal, int align, int64_t window_
   p.window_left = bounded(window_left);
   p.window_right = bounded(window_right);
   p.num_threads = num_threads;
+  if (global_tokens) {
+    // Copied (a concurrent writer cannot change them after the checks); searched and compared
+    // with diagonals only, never used as an address.
+    if (global_tokens->ndim() != 1) fail("global_tokens must be 1-D");
+    c.globals = copy_int64("global_tokens", *global_tokens, c.holds);
+    for (size_t k = 0; k < c.globals.size(); ++k) {
+      const int64_t x = c.globals[k];
+      if (x < -cpuattn::kMaxDiagonal || x > cpuattn::kMaxDiagonal)
+        fail("global_tokens must lie in [-2**61, 2**61]");
+      if (k > 0 && x <= c.globals[k - 1]) fail("global_tokens must be strictly increasing");
+    }
+    // Without a window every row keeps every key below its cap already: nothing to add.
+    if (p.window_left >= 0 || p.window_right >= 0) {
+      p.globals = c.globals.data();
+      p.n_globals = static_cast<int64_t>(c.globals.size());
+    }
+  }
 }
 
 // int8 k and v's float32 scales, shaped `shape` (k's without D): both with int8 k and v,
@@ -405,7 +423,8 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
                const std::optional<py::array>& cu_seqlens_q,
                const std::optional<py::array>& cu_seqlens_k, std::optional<int64_t> diagonal,
                const std::optional<py::array>& sinks, const std::optional<py::array>& k_scale,
-               const std::optional<py::array>& v_scale) {
+               const std::optional<py::array>& v_scale,
+               const std::optional<py::array>& global_tokens) {
   Call c;
   cpuattn::Params& p = c.p;
   read_dtypes(p, q, k, v, out);
@@ -437,7 +456,7 @@ void attention(const py::array& q, const py::array& k, const py::array& v, const
   }
 
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
-               diagonal);
+               diagonal, global_tokens);
   if (additive_w) {
     if (p.kv_dtype == cpuattn::DType::I8) fail("additive_w takes no int8 k and v");
     if (dtype_of("additive_w", *additive_w) != p.compute_dtype)
@@ -466,8 +485,8 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
                      double softcap, const std::optional<py::array>& alibi,
                      const std::optional<py::array>& sinks, const std::optional<py::array>& k_scale,
                      const std::optional<py::array>& v_scale,
-                     const std::optional<py::array>& cu_seqlens_q,
-                     std::optional<int64_t> diagonal) {
+                     const std::optional<py::array>& cu_seqlens_q, std::optional<int64_t> diagonal,
+                     const std::optional<py::array>& global_tokens) {
   Call c;
   cpuattn::Params& p = c.p;
   read_dtypes(p, q, k_cache, v_cache, out);
@@ -561,7 +580,7 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
   }
   read_sinks(c, sinks);
   read_options(c, scale, causal, /*align=*/0, window_left, window_right, num_threads, softcap,
-               alibi, diagonal);
+               alibi, diagonal, global_tokens);
 
   // Safe without the GIL, as attention() above; block ids and lengths are private copies.
   py::gil_scoped_release release;
@@ -577,7 +596,8 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
                         const std::optional<py::array>& kv_lengths, double scale, bool causal,
                         int align, int64_t window_left, int64_t window_right, int num_threads,
                         double softcap, const std::optional<py::array>& alibi,
-                        std::optional<int64_t> diagonal) {
+                        std::optional<int64_t> diagonal,
+                        const std::optional<py::array>& global_tokens) {
   Call c;
   cpuattn::BackwardParams bp;
   cpuattn::Params& p = c.p;
@@ -608,7 +628,7 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
   bp.delta = row_values(c, "delta", delta, false);
   read_mask_and_lengths(c, mask, kv_lengths);
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
-               diagonal);
+               diagonal, global_tokens);
   bp.fwd = p;
 
   // Safe without the GIL, as attention() above.
@@ -626,6 +646,7 @@ void register_attention(py::module_& m) {
         py::arg("cu_seqlens_q") = py::none(), py::arg("cu_seqlens_k") = py::none(),
         py::arg("diagonal") = py::none(), py::arg("sinks") = py::none(),
         py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
+        py::arg("global_tokens") = py::none(),
         "Attention into `out` (and `lse`). Arguments must already be validated and canonical: "
         "see cpuattn._native.");
   m.def("attention_paged", &attention_paged, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
@@ -633,6 +654,7 @@ void register_attention(py::module_& m) {
         py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
         py::arg("num_threads"), py::arg("softcap"), py::arg("alibi"), py::arg("sinks"),
         py::arg("k_scale"), py::arg("v_scale"), py::arg("cu_seqlens_q"), py::arg("diagonal"),
+        py::arg("global_tokens") = py::none(),
         "Attention over paged K/V caches into `out` (and `lse`). Arguments must already be "
         "validated and canonical: see cpuattn._native.");
   m.def("attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"),
@@ -640,6 +662,7 @@ void register_attention(py::module_& m) {
         py::arg("dv"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),
         py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
         py::arg("softcap"), py::arg("alibi"), py::arg("diagonal"),
+        py::arg("global_tokens") = py::none(),
         "Gradients of attention into dq, dk, dv (every element written). Arguments must "
         "already be validated and canonical: see cpuattn._native.");
 }

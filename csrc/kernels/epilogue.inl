@@ -95,8 +95,9 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   return bias == kNegInf ? kNegInf : s + bias;
 }
 
-// Applies the user mask and, on Partial tiles, the per-row key range to rows [r0, r1); padding
-// columns past `cols` become -inf so the softmax can run over whole vectors.
+// Applies the user mask and, on Partial tiles, the per-row key range (and the global keys) to
+// rows [r0, r1); padding columns past `cols` become -inf so the softmax can run over whole
+// vectors.
 template <typename T>
 inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -110,8 +111,16 @@ inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
       int64_t lo = a.bounds[r].lo - a.j0, hi = a.bounds[r].hi - a.j0;
       lo = lo < 0 ? 0 : (lo > a.cols ? a.cols : lo);  // no std::clamp: see the file's top
       hi = hi < lo ? lo : (hi > a.cols ? a.cols : hi);
-      for (int64_t c = 0; c < lo; ++c) sr[c] = kNegInf;
-      for (int64_t c = hi; c < a.cols; ++c) sr[c] = kNegInf;
+      if (a.global_cols == 0) {
+        for (int64_t c = 0; c < lo; ++c) sr[c] = kNegInf;
+        for (int64_t c = hi; c < a.cols; ++c) sr[c] = kNegInf;
+      } else {  // global keys below the row's cap stay
+        const int64_t cap = a.caps[r] - a.j0;
+        for (int64_t c = 0; c < a.cols; ++c) {
+          const bool global = (a.global_cols >> c & 1) != 0 && c < cap;
+          if ((c < lo || c >= hi) && !global) sr[c] = kNegInf;
+        }
+      }
     }
     for (int64_t c = a.cols; c < W; ++c) sr[c] = kNegInf;
   }

@@ -100,6 +100,10 @@ struct TileStep {
   const T* additive_w;         // (d,): Bahdanau scores sum_e w[e] tanh(q[e] + k[e]), or nullptr
   const KeyRange* bounds;      // per row, used only when apply_bounds
   bool apply_bounds;           // false for Full tiles: no per-element checks
+  // Partial tiles with global tokens: bit c set when key j0 + c is global, kept by a row
+  // outside its bounds when below the row's cap (caps, per row); 0: none in the tile.
+  uint64_t global_cols;
+  const int64_t* caps;
   MaskKind mask_kind;
   const void* const* mask_rows;  // per row: the mask element of key 0
   int64_t mask_col_stride;       // elements between consecutive keys (0 when broadcast)

@@ -37,6 +37,7 @@ def attention(
     sinks=None,
     k_scale=None,
     v_scale=None,
+    global_tokens=None,
 ) -> np.ndarray | tuple[np.ndarray, ...]:
     """Scaled dot-product (softmax) attention, tiled with an online softmax: O(tile) memory.
 
@@ -76,6 +77,17 @@ def attention(
         Local attention: keep ``i + off - left <= j <= i + off + right``; ``-1`` leaves that
         side unbounded. ``off`` as for causal (bottom-right unless ``causal="top_left"``).
         ``causal=True, window=(w - 1, 0)`` is a causal sliding window of ``w`` keys.
+    global_tokens : int or sorted 1-D int array, optional
+        Hybrid attention beside a ``window`` (Longformer / BigBird global tokens,
+        StreamingLLM's attention sinks): positions that every query attends to and whose
+        queries attend to every key. An int ``n`` is the first ``n`` positions; an array
+        lists them (sorted, distinct, in ``[0, max(Lq, Lk))``; with ``diagonal``, positions
+        relative to this call's first key, any int). A pair ``(i, j)`` the window drops is
+        kept when every other condition holds (``kv_lengths``, causal, the bool mask) and key
+        ``j`` is global or query ``i``'s position ``i + off`` is. Without a window this changes
+        nothing. Costs the window's tiles plus the tiles that hold global keys (and all keys
+        for the queries at global positions): no ``Lq x Lk`` mask is built. See
+        :doc:`guide/hybrid`.
     scale : float, optional
         Multiplies ``<q, k>``; default ``1 / sqrt(D)``. A temperature ``t`` is ``scale=1/t``.
     kv_lengths : int array of shape ``*batch``, optional
@@ -163,9 +175,10 @@ def attention(
     -----
     A query row that keeps no key (all masked, ``kv_lengths`` 0, outside the window) gives
     output 0 and lse ``-inf``, never NaN. Keys are kept only when every condition holds:
-    ``j < Lk_b``, the bool mask, causal and window. Scores and sums accumulate in the compute
-    dtype (float64 for float64 inputs, float32 for everything else, float16 and bfloat16
-    included) with a max-shifted softmax, so logits of any magnitude are safe.
+    ``j < Lk_b``, the bool mask, causal and window (or global tokens). Scores and sums
+    accumulate in the compute dtype (float64 for float64 inputs, float32 for everything else,
+    float16 and bfloat16 included) with a max-shifted softmax, so logits of any magnitude are
+    safe.
 
     NaN and inf: a row's output depends only on its q row, its mask row and the K/V rows of
     the keys it keeps. A key it does not keep (bool mask False, float mask ``-inf``, causal,
@@ -202,6 +215,7 @@ def attention(
         sinks=sinks,
         k_scale=k_scale,
         v_scale=v_scale,
+        global_tokens=global_tokens,
     )
     if return_weights:
         result = run_request(dataclasses.replace(req, return_lse=True), backend)
@@ -231,7 +245,7 @@ def run_request(req, backend: str):
 
 def _small_inputs(req) -> tuple:
     """The per-row and per-head inputs a request may hold as the caller's own arrays."""
-    return (req.k_scale, req.v_scale, req.alibi, req.sinks, req.kv_lengths)
+    return (req.k_scale, req.v_scale, req.alibi, req.sinks, req.kv_lengths, req.globals)
 
 
 def _pick_backend(backend: str):

@@ -28,6 +28,7 @@ def attention_backward(
     sinks=None,
     num_threads=None,
     backend="auto",
+    global_tokens=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`attention` with respect to ``q``, ``k`` and ``v``.
 
@@ -48,7 +49,8 @@ def attention_backward(
         What ``attention(q, k, v, return_lse=True, ...)`` returned for the same keywords:
         ``out`` like ``dout``; ``lse`` of shape ``(*batch, Hq, Lq)`` in the compute dtype
         (float64 for float64 inputs, float32 otherwise).
-    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, sinks, num_threads
+    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, sinks, \
+    num_threads, global_tokens
         The forward's keywords, validated by the same rules (and errors) as in
         :func:`attention`. Pass the values the forward used. ``sinks`` enter through ``lse``
         (which includes them); no gradient is returned for them (:mod:`cpuattn.torch` gives
@@ -110,6 +112,7 @@ def attention_backward(
         alibi_slopes=alibi_slopes,
         sinks=sinks,
         num_threads=num_threads,
+        global_tokens=global_tokens,
     )
     layout = "(Lq, Dv)" if req.squeeze_head else "(*batch, Hq, Lq, Dv)"
     out_shape = _user_shape(req, req.out_shape)

@@ -28,6 +28,7 @@ def attention(
     sinks: np.ndarray | None = None,
     k_scale: np.ndarray | None = None,
     v_scale: np.ndarray | None = None,
+    global_tokens: np.ndarray | None = None,
 ) -> None: ...
 def attention_paged(
     q: np.ndarray,
@@ -49,6 +50,7 @@ def attention_paged(
     v_scale: np.ndarray | None,
     cu_seqlens_q: np.ndarray | None,
     diagonal: int | None,
+    global_tokens: np.ndarray | None = None,
 ) -> None: ...
 def attention_backward(
     q: np.ndarray,
@@ -71,6 +73,7 @@ def attention_backward(
     softcap: float,
     alibi: np.ndarray | None,
     diagonal: int | None,
+    global_tokens: np.ndarray | None = None,
 ) -> None: ...
 def isa() -> str: ...
 def supported_isas() -> list[str]: ...

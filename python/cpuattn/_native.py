@@ -116,6 +116,7 @@ def attention_backward(
         req.softcap,
         req.alibi,
         req.diagonal,
+        req.globals,
     )
     dtypes = (req.q.dtype, req.k.dtype, req.v.dtype)
     dq, dk, dv = (g.astype(t, copy=False) for g, t in zip((dq, dk, dv), dtypes, strict=True))
@@ -146,7 +147,9 @@ def _call_core(
 ) -> None:
     """_core.attention with the request's scalar options in the binding's form."""
     left, right = req.window
-    scales = (req.k_scale, req.v_scale)
+    k_scale, v_scale = (
+        None if s is None else _kernel_ready(s, unit_last=False) for s in (req.k_scale, req.v_scale)
+    )
     _core.attention(
         q,
         k,
@@ -168,7 +171,9 @@ def _call_core(
         cu_seqlens_k,
         req.diagonal,
         sinks,
-        *(None if s is None else _kernel_ready(s, unit_last=False) for s in scales),
+        k_scale,
+        v_scale,
+        req.globals,
     )
 
 

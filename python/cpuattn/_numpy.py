@@ -63,7 +63,8 @@ def _attend_all(req: Request, out: np.ndarray, lse: np.ndarray | None, g: int) -
 
 
 def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
-    """Half-open key range [lo, hi) each query position keeps under causal / window / length.
+    """Half-open key range [lo, hi) each query position keeps under causal / window / length
+    (its band: global tokens add keys outside it, :func:`kept_pairs`).
 
     The diagonal of position i is key ``i + off`` (``Request.offset``): ``off = n_keys - Lq``
     when aligned bottom-right (the last query sees the last valid key), ``0`` when aligned
@@ -83,10 +84,42 @@ def key_bounds(req: Request, positions: np.ndarray, n_keys: int):
     return lo, np.maximum(lo, hi)
 
 
+def key_caps(req: Request, positions: np.ndarray, n_keys: int) -> np.ndarray:
+    """The keys below this are the ones each position keeps without its window (causal,
+    kv_lengths); non-decreasing."""
+    if not req.causal:
+        return np.full_like(positions, n_keys)
+    return np.clip(positions + req.offset(n_keys) + 1, 0, n_keys)
+
+
+def kept_pairs(req: Request, positions: np.ndarray, keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """``(positions, keys)`` bool: the pairs causal / window / kv_lengths / global tokens keep
+    (a user mask comes on top). With global tokens a pair the window drops is kept when below
+    the row's cap and its key, or the query's own position, is global."""
+    lo, hi = key_bounds(req, positions, n_keys)
+    keep = (keys >= lo[:, None]) & (keys < hi[:, None])
+    if req.globals is None:
+        return keep
+    below = keys < key_caps(req, positions, n_keys)[:, None]
+    global_key = np.isin(keys, req.globals)[None, :]
+    global_row = np.isin(positions + req.offset(n_keys), req.globals)[:, None]
+    return keep | (below & (global_key | global_row))
+
+
+def key_span(req: Request, positions: np.ndarray, n_keys: int) -> tuple[int, int]:
+    """The keys [start, stop) some of the (sorted) positions may keep: the window's band, or
+    with global tokens every key below the last position's cap."""
+    if positions.size == 0:
+        return 0, 0
+    lo, hi = key_bounds(req, positions, n_keys)
+    if req.globals is None:
+        return int(lo[0]), int(hi[-1])
+    return 0, max(int(hi[-1]), int(key_caps(req, positions[-1:], n_keys)[0]))
+
+
 def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: int):
     q = req.q[b][heads, rows].astype(req.dtype, copy=False) * req.scale  # (group, r, D)
     positions = np.arange(rows.start, rows.stop)
-    lo, hi = key_bounds(req, positions, n_keys)
 
     neg_inf = req.dtype.type(-np.inf)
     m = np.full(q.shape[:-1], neg_inf, req.dtype)  # running max of kept scores
@@ -94,16 +127,19 @@ def _attend_block(req: Request, b, hk: int, heads: slice, rows: slice, n_keys: i
     o = np.zeros((*q.shape[:-1], req.dv), req.dtype)  # running unnormalized output
 
     log_tiny = _LOG_TINY[req.dtype]
-    # Keys outside [lo[0], hi[-1]) are seen by no row of this block: never touched.
-    for j0 in range(int(lo[0]), int(hi[-1]), BLOCK_K):
-        j1 = min(j0 + BLOCK_K, int(hi[-1]))
+    # Keys outside the span are seen by no row of this block: never touched; nor are blocks
+    # inside it that no row keeps (between a window and global tokens).
+    start, stop = key_span(req, positions, n_keys)
+    for j0 in range(start, stop, BLOCK_K):
+        j1 = min(j0 + BLOCK_K, stop)
+        keys = np.arange(j0, j1)
+        keep = kept_pairs(req, positions, keys, n_keys)  # (r, c), same for each head
+        if not keep.any():
+            continue
         k = key_rows(req, b, hk, j0, j1)
         v = value_rows(req, b, hk, j0, j1)
         s = q @ k.T if req.additive_w is None else _additive_scores(q, k, req.additive_w)
-        keys = np.arange(j0, j1)
         s = _score_mods(req, s, b, heads, positions, keys, n_keys)
-
-        keep = (keys >= lo[:, None]) & (keys < hi[:, None])  # (r, c), same for each head
         if req.mask is not None:
             s, keep = apply_mask(s, keep, req.mask[b][heads, rows, j0:j1])
         s = np.where(keep, s, neg_inf)

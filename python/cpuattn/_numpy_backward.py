@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numpy import _LOG_TINY, _exp, _score_mods, apply_mask, key_bounds
+from ._numpy import _LOG_TINY, _exp, _score_mods, apply_mask, kept_pairs, key_bounds, key_span
 from ._request import Request
 
 # Keys and query positions per tile: each tile costs Python overhead, so fewer, bigger
@@ -61,21 +61,29 @@ def _head_backward(req: Request, b, hk: int, heads: slice, n_keys: int, dout, ou
     dq_acc = np.zeros((req.group, req.lq, req.d), ct)
 
     lo, hi = key_bounds(req, np.arange(req.lq), n_keys)
-    first_key, last_key = (int(lo[0]), int(hi[-1])) if req.lq else (0, 0)
+    first_key, last_key = key_span(req, np.arange(req.lq), n_keys)
     for j0 in range(first_key, last_key, BLOCK_K):
         cols = slice(j0, min(j0 + BLOCK_K, last_key))
         k = req.k[b][hk, cols].astype(ct, copy=False)
         v = req.v[b][hk, cols].astype(ct, copy=False)
         dk_acc = np.zeros(k.shape, ct)
         dv_acc = np.zeros(v.shape, ct)
-        # Query rows whose kept range [lo, hi) meets this key block: contiguous, as lo and hi
-        # never decrease; whole query blocks outside it are skipped.
+        # Query rows whose band [lo, hi) meets this key block: contiguous, as lo and hi never
+        # decrease; whole query blocks outside it are skipped (with global tokens, those
+        # that keep no pair of the block).
         i_first = int(np.searchsorted(hi, cols.start, side="right"))
         i_last = int(np.searchsorted(lo, cols.stop, side="left"))
+        if req.globals is not None:
+            i_first, i_last = 0, req.lq
         for i0 in range(i_first - i_first % BLOCK_Q, i_last, BLOCK_Q):
             rows = slice(i0, min(i0 + BLOCK_Q, req.lq))
+            keep = kept_pairs(
+                req, np.arange(rows.start, rows.stop), np.arange(j0, cols.stop), n_keys
+            )
+            if not keep.any():
+                continue
             q = req.q[b][heads, rows].astype(ct, copy=False) * req.scale  # as the forward
-            p, raw = _recompute_weights(req, b, heads, rows, cols, n_keys, (lo, hi), q, k, row_lse)
+            p, raw = _recompute_weights(req, b, heads, rows, cols, n_keys, keep, q, k, row_lse)
             dv_acc += _sum_over_heads(p, do[:, rows])  # P^T dO
             dp = do[:, rows] @ v.T
             ds = p * (dp - delta[:, rows, None])
@@ -91,15 +99,14 @@ def _head_backward(req: Request, b, hk: int, heads: slice, n_keys: int, dout, ou
     dq[b][heads] = dq_acc
 
 
-def _recompute_weights(req: Request, b, heads, rows, cols, n_keys, bounds, q, k, row_lse):
+def _recompute_weights(req: Request, b, heads, rows, cols, n_keys, keep, q, k, row_lse):
     """``(P, raw)`` of one tile: the forward's weights ``exp(s - lse)`` (0 for pairs not
-    kept) and the unmodified scores ``scale <q, k>`` that softcap's derivative needs."""
+    kept: ``keep``, the tile's kept_pairs) and the unmodified scores ``scale <q, k>`` that
+    softcap's derivative needs."""
     positions = np.arange(rows.start, rows.stop)
     keys = np.arange(cols.start, cols.stop)
     raw = q @ k.T  # (group, r, c)
     s = _score_mods(req, raw, b, heads, positions, keys, n_keys)
-    lo, hi = (x[rows] for x in bounds)
-    keep = (keys >= lo[:, None]) & (keys < hi[:, None])
     if req.mask is not None:
         s, keep = apply_mask(s, keep, req.mask[b][heads, rows, cols])
     p = _exp(s - row_lse[:, rows, None], _LOG_TINY[req.dtype])

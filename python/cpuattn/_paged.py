@@ -6,7 +6,7 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _may_overlap_itself, _overlaps, _pick_backend, attention
-from ._request import F32, I8, Request, _per_head, build_request, check_choice
+from ._request import F32, I8, Request, _per_head, build_request, check_choice, globals_for
 from ._varlen import _cu_seqlens
 
 
@@ -32,6 +32,7 @@ def attention_paged(
     out_dtype=None,
     num_threads=None,
     backend="auto",
+    global_tokens=None,
 ):
     """Attention of each sequence's queries to its keys in a paged cache.
 
@@ -68,6 +69,10 @@ def attention_paged(
         position ``kv_lengths[b] - Lq_b + i`` (the new tokens are already appended).
     window, diagonal, scale, softcap, return_lse, out, out_dtype, num_threads, backend
         As for :func:`attention`, per sequence; ``out`` shaped like the result.
+    global_tokens : int or sorted 1-D int array, optional
+        Global positions beside a window (:func:`attention`), the same for every sequence:
+        ``global_tokens=4, window=(1023, 0)`` keeps StreamingLLM's 4 sink tokens and the
+        last 1024 positions of each cache, and reads only their blocks.
     alibi_slopes, sinks : arrays ``(Hq,)`` or ``(B, Hq)``, optional
         As for :func:`attention`.
     k_scale, v_scale : float32 arrays ``(num_blocks, block_size, Hkv)``
@@ -148,6 +153,7 @@ def attention_paged(
         softcap=softcap,
         diagonal=diagonal,
         return_lse=return_lse,
+        global_tokens=global_tokens,
         **(
             {"k_scale": np.ones(kv_shape[:-1], F32), "v_scale": np.ones(kv_shape[:-1], F32)}
             if k_cache.dtype == I8
@@ -195,6 +201,7 @@ def attention_paged(
             *(None if s is None else ready(s, unit_last=False) for s in scales),
             cu_q,
             req.diagonal,
+            req.globals,
         )
     else:
         per_seq = {"alibi": alibi, "sinks": sink_logits, "window": window}
@@ -228,6 +235,7 @@ def _numpy_paged(
                 q[cu_q[b] : cu_q[b + 1]].swapaxes(0, 1),
                 out[cu_q[b] : cu_q[b + 1]].swapaxes(0, 1),
             )
+        positions = globals_for(req.globals, q_b.shape[-2], n, req.diagonal)
         result = attention(
             q_b,
             gather(k_cache),
@@ -241,6 +249,7 @@ def _numpy_paged(
             sinks=None if per_seq["sinks"] is None else per_seq["sinks"][b],
             k_scale=k_scale,
             v_scale=v_scale,
+            global_tokens=positions,
             return_lse=lse is not None,
             out=out_b,
             out_dtype=req.out_dtype,

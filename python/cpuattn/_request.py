@@ -66,6 +66,9 @@ class Request:
     # int8 k and v: float32 scales (*batch, Hkv, Lk), row j of k (v) times k_scale[..., j]
     k_scale: np.ndarray | None = None
     v_scale: np.ndarray | None = None
+    # Global tokens (hybrid attention): sorted distinct int64 positions, C-order; None when
+    # there are none or no window (they change nothing then)
+    globals: np.ndarray | None = None
 
     def offset(self, n_keys: int) -> int:
         """Query ``i``'s diagonal is key ``i + offset`` (causal, window, ALiBi): the caller's
@@ -119,6 +122,7 @@ def build_request(
     sinks=None,
     k_scale=None,
     v_scale=None,
+    global_tokens=None,
 ) -> Request:
     q = _as_float_array("q", q)
     k = _as_kv_array("k", k, k_scale)
@@ -171,6 +175,7 @@ def build_request(
 
     full_mask_shape = (*batch_shape, hq, lq, lk)
     causal_flag, align = _causal_mode(causal)
+    window = _bounded(_window(window), lq, lk, _diagonal(diagonal))
     return Request(
         q=q,
         k=k,
@@ -187,7 +192,7 @@ def build_request(
         mask=_mask(mask, full_mask_shape, dtype, squeeze_head),
         causal=causal_flag,
         align=align,
-        window=_bounded(_window(window), lq, lk, _diagonal(diagonal)),
+        window=window,
         kv_lengths=_kv_lengths(kv_lengths, batch_shape, lk),
         scale=_scale(scale, d),
         return_lse=bool(return_lse),
@@ -202,6 +207,7 @@ def build_request(
         sinks=_per_head("sinks", sinks, batch_shape, hq, dtype, squeeze_head),
         k_scale=_kv_scale("k_scale", k_scale, k),
         v_scale=_kv_scale("v_scale", v_scale, v),
+        globals=_global_tokens(global_tokens, window, lq, lk, _diagonal(diagonal)),
     )
 
 
@@ -224,6 +230,8 @@ def as_int(name: str, value, expected: str = "an int") -> int:
     Anything else (a float, even 3.0; a bool; a string; a 1-d array) is a ``TypeError``
     ``"{name}: expected {expected}, got ..."``; callers check the value's range themselves.
     """
+    if type(value) is int:  # the common case, and one torch.compile can trace (np.ndim not)
+        return value
     value = _scalar(value)
     if not isinstance(value, (bool, np.bool_)) and np.ndim(value) == 0:
         try:
@@ -380,6 +388,73 @@ def _bounded(window: tuple[int, int], lq: int, lk: int, diagonal: int | None) ->
     farthest = lq + lk + abs(diagonal or 0)
     left, right = window
     return (-1 if left > farthest else left, -1 if right > farthest else right)
+
+
+def _global_tokens(
+    value, window: tuple[int, int], lq: int, lk: int, diagonal: int | None
+) -> np.ndarray | None:
+    """Global token positions as a sorted int64 array, or None: none given, none in reach, or
+    no window (every kept pair is kept already then).
+
+    An int ``n`` stands for the first ``n`` positions (those past every key and query are
+    left out, so a huge ``n`` costs nothing); an array must be 1-D, integer, strictly
+    increasing, and in ``[0, max(Lq, Lk))`` where positions are the call's own (no
+    ``diagonal``); with ``diagonal`` (a block of a longer sequence, positions relative to the
+    block's first key) any int in ``[-2**61, 2**61]``.
+    """
+    if value is None:
+        return None
+    expected = "an int >= 0 or a sorted 1-D array of int positions"
+    if np.ndim(value) == 0:
+        n = as_int("global_tokens", value, expected)
+        if n < 0:
+            raise ValueError(
+                f"global_tokens: expected an int >= 0 (the first n positions), got {n}"
+            )
+        if diagonal is None:  # keys and queries lie in [0, max(Lq, Lk)) (or below 0)
+            positions = np.arange(min(n, max(lq, lk)), dtype=np.int64)
+        else:  # keys [0, Lk), queries [diagonal, diagonal + Lq)
+            queries = np.arange(max(diagonal, 0), min(n, diagonal + lq))
+            positions = np.union1d(np.arange(min(n, lk)), queries).astype(np.int64)
+    else:
+        positions = _global_positions(value, expected, lq, lk, diagonal)
+    if window == (-1, -1) or positions.size == 0:
+        return None
+    return _aligned(positions, np.dtype(np.int64))
+
+
+def globals_for(positions: np.ndarray | None, lq: int, lk: int, diagonal: int | None):
+    """A request's global positions for one of its sequences (``lq`` queries, ``lk`` keys, a
+    varlen or paged call's): those inside that sequence's range, as its own call takes them."""
+    if positions is None or diagonal is not None:
+        return positions
+    return positions[positions < max(lq, lk)]
+
+
+def _global_positions(value, expected: str, lq: int, lk: int, diagonal: int | None) -> np.ndarray:
+    positions = np.asarray(value)
+    if positions.dtype.kind not in "iu":
+        raise TypeError(f"global_tokens: expected {expected}, got {_describe(value)}")
+    if positions.ndim != 1:
+        raise ValueError(f"global_tokens: expected {expected}, got shape {positions.shape}")
+    if positions.size == 0:
+        return positions.astype(np.int64)
+    if diagonal is None:
+        low, high, where = 0, max(lq, lk) - 1, "[0, max(Lq, Lk))"
+    else:
+        low, high, where = -MAX_DIAGONAL, MAX_DIAGONAL, "[-2**61, 2**61] with diagonal="
+    smallest, largest = int(positions.min()), int(positions.max())
+    if smallest < low or largest > high:
+        raise ValueError(
+            f"global_tokens: positions must lie in {where} = [{low}, {high}], got "
+            f"min {smallest}, max {largest}"
+        )
+    positions = positions.astype(np.int64)
+    if (np.diff(positions) <= 0).any():
+        raise ValueError(
+            "global_tokens: positions must be sorted and distinct (strictly increasing)"
+        )
+    return positions
 
 
 def _diagonal(diagonal) -> int | None:

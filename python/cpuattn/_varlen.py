@@ -7,7 +7,7 @@ import numpy as np
 from . import _native
 from ._api import BACKENDS, _pick_backend, attention
 from ._backward import attention_backward, check_saved, pick_backward
-from ._request import _alibi, build_request, check_choice
+from ._request import _alibi, build_request, check_choice, globals_for
 
 
 def attention_varlen(
@@ -26,6 +26,7 @@ def attention_varlen(
     num_threads: int | None = None,
     backend="auto",
     sinks=None,
+    global_tokens=None,
 ):
     """Attention over B sequences packed end to end, with no padding anywhere.
 
@@ -44,6 +45,10 @@ def attention_varlen(
         ALiBi slopes, per sequence when ``(B, Hq)``.
     sinks : array ``(Hq,)``, optional
         Sink logits (:func:`attention`), the same for every sequence.
+    global_tokens : int or sorted 1-D int array, optional
+        Global positions beside a window (:func:`attention`), the same for every sequence,
+        in each sequence's own positions (an array in ``[0, max(total_q, total_k))``; entries
+        past a sequence's length are not its tokens).
     causal, window, scale, softcap, return_lse, num_threads, backend
         As for :func:`attention`.
 
@@ -75,6 +80,7 @@ def attention_varlen(
         num_threads=num_threads,
         return_lse=return_lse,
         sinks=sinks,
+        global_tokens=global_tokens,
     )
     batch, hq = len(cu_q) - 1, req.hq
     out = np.empty((q.shape[0], hq, req.dv), req.out_dtype)
@@ -101,6 +107,7 @@ def attention_varlen(
             num_threads=num_threads,
             backend=backend,
             sinks=req.sinks,
+            global_tokens=globals_for(req.globals, qe - qs, ke - ks, None),
         )
         if lse is not None:
             lse[:, qs:qe] = result[1]
@@ -124,6 +131,7 @@ def attention_varlen_backward(
     alibi_slopes=None,
     num_threads: int | None = None,
     backend="auto",
+    global_tokens=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`attention_varlen` with respect to ``q``, ``k`` and ``v``.
 
@@ -136,7 +144,7 @@ def attention_varlen_backward(
         The forward's inputs, as for :func:`attention_varlen`.
     lse : array ``(Hq, total_q)``
         The forward's lse (``return_lse=True``), in the compute dtype.
-    causal, window, scale, softcap, alibi_slopes, num_threads, backend
+    causal, window, scale, softcap, alibi_slopes, num_threads, backend, global_tokens
         As for :func:`attention_backward`: the forward's values.
 
     Returns
@@ -162,7 +170,14 @@ def attention_varlen_backward(
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     options = {"causal": causal, "window": window, "scale": scale, "softcap": softcap}
     req, cu_q, cu_k, slopes = packed_request(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=alibi_slopes, **options
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        alibi_slopes=alibi_slopes,
+        global_tokens=global_tokens,
+        **options,
     )
     out_shape = (q.shape[0], req.hq, req.dv)
     dout = check_saved("dout", dout, req, out_shape, "(total_q, Hq, Dv)")
@@ -182,6 +197,7 @@ def attention_varlen_backward(
             alibi_slopes=None if slopes is None else slopes[b],
             num_threads=num_threads,
             backend=backend,
+            global_tokens=globals_for(req.globals, qe - qs, ke - ks, None),
             **options,
         )
         for whole, part, (start, stop) in zip(

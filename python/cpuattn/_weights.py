@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._numpy import _score_mods, apply_mask, key_bounds, key_rows
+from ._numpy import _score_mods, apply_mask, kept_pairs, key_rows
 from ._request import Request
 
 
@@ -21,8 +21,7 @@ def attention_weights(req: Request, lse: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         for b in np.ndindex(*req.batch_shape):
             n_keys = req.lk if req.kv_lengths is None else int(req.kv_lengths[b])
-            lo, hi = key_bounds(req, positions, n_keys)
-            bounds = (keys >= lo[:, None]) & (keys < hi[:, None])
+            bounds = kept_pairs(req, positions, keys, n_keys)
             for hk in range(req.hkv):
                 heads = slice(hk * g, (hk + 1) * g)
                 q = req.q[b][heads].astype(req.dtype, copy=False) * req.scale

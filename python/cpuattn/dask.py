@@ -21,7 +21,7 @@ except ImportError as exc:
 
 from ._api import BACKENDS
 from ._dask_tasks import attend_pair, empty_block, merge_parts, sink_part
-from ._numpy import key_bounds
+from ._numpy import key_bounds, key_caps
 from ._request import MAX_DIAGONAL, Request, as_int, build_request, check_choice
 
 __all__ = ["attention"]
@@ -46,6 +46,7 @@ def attention(
     diagonal=None,
     split_every=8,
     sinks=None,
+    global_tokens=None,
 ):
     """:func:`cpuattn.attention` over dask arrays, as lazy dask arrays.
 
@@ -64,6 +65,11 @@ def attention(
         ``kv_lengths``, ``alibi_slopes`` and ``sinks`` are small and are read when the graph
         is built (a dask array there is computed). The sinks join each query block's merge
         once, as one more part (out 0, lse = sink).
+    global_tokens : int or sorted 1-D int array, optional
+        As for :func:`cpuattn.attention`, in the whole arrays' positions: a block pair
+        outside the window's band runs only when global tokens keep some of its pairs (a
+        global key in its key block, or a global query in its query block), with the
+        positions shifted to its own keys.
     return_lse : bool
         Also return the lse, a lazy ``(*batch, Hq, Lq)`` array.
     num_threads : int, optional
@@ -88,9 +94,9 @@ def attention(
     Notes
     -----
     ``out=`` and ``return_weights`` of :func:`cpuattn.attention` are not taken: the result is
-    lazy, and the weights are ``Lq x Lk``. A (query block, key block) pair wholly outside the causal / window band, or past every
-    ``kv_lengths`` entry of its batch block, creates no task; a pair wholly inside runs with
-    no causal or window bounds. Key blocks of one query block are merged in a tree of
+    lazy, and the weights are ``Lq x Lk``. A (query block, key block) pair wholly outside the
+    causal / window band (and the global tokens), or past every ``kv_lengths`` entry of its
+    batch block, creates no task; a pair wholly inside runs with no causal or window bounds. Key blocks of one query block are merged in a tree of
     ``split_every``-way merges, in the compute dtype; half-precision output is rounded once,
     at the root.
 
@@ -127,6 +133,7 @@ def attention(
         alibi_slopes=None if alibi_slopes is None else np.asarray(alibi_slopes),
         diagonal=diagonal,
         sinks=None if sinks is None else np.asarray(sinks),
+        global_tokens=global_tokens,
     )
     if req.diagonal is not None and abs(req.diagonal) + req.lq + req.lk > MAX_DIAGONAL:
         # Each block pair's call takes diagonal + (its first query - its first key).
@@ -325,6 +332,8 @@ class _Graph:
             "causal": req.causal and not inside,
             "window": None if inside or req.window == (-1, -1) else req.window,
             "out_dtype": req.out_dtype if single else req.dtype,
+            # In the block's coordinates: key c is its key 0 (the diagonal above likewise).
+            "global_tokens": None if inside or req.globals is None else req.globals - c,
         }
         return delayed(attend_pair, nout=2, pure=True)(
             self.q[q_index],
@@ -352,5 +361,22 @@ def _band(req: Request, n_keys: np.ndarray, a: int, b: int, c: int, e: int) -> t
     for n in np.unique(n_keys):
         lo, hi = key_bounds(req, np.array([a, b - 1]), int(n))
         needed |= max(c, lo[0]) < min(e, hi[1])  # rows' ranges grow with i: first lo, last hi
+        needed |= _globals_reach(req, int(n), a, b, c, e)
         inside &= lo[1] <= c and e <= hi[0]
     return bool(needed), bool(inside)
+
+
+def _globals_reach(req: Request, n: int, a: int, b: int, c: int, e: int) -> bool:
+    """Whether global tokens keep some pair of queries [a, b) and keys [c, e) (entries of n
+    keys): a global key, or a global query, below the last query's cap."""
+    positions = req.globals
+    if positions is None:
+        return False
+    end = min(e, int(key_caps(req, np.array([b - 1]), n)[0]))
+    off = req.offset(n)
+
+    def any_in(lo: int, hi: int) -> bool:
+        k = int(np.searchsorted(positions, lo))
+        return k < len(positions) and int(positions[k]) < hi
+
+    return c < end and (any_in(c, end) or any_in(a + off, b + off))

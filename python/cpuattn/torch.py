@@ -18,6 +18,8 @@ Face transformers models. See :doc:`guide/torch`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -82,6 +84,8 @@ def _attention_op(
     softcap: float | None,
     alibi: Tensor | None,
     sinks: Tensor | None,
+    global_tokens: Tensor | None = None,
+    global_count: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of cpuattn.attention on the tensors' memory."""
     options = _keywords(
@@ -93,6 +97,7 @@ def _attention_op(
         _numpy(v),
         mask=_optional(mask),
         sinks=_optional(sinks),
+        global_tokens=_global_arg(global_tokens, global_count),
         return_lse=True,
         **options,
     )
@@ -122,13 +127,18 @@ def _attention_backward_op(
     kv_lengths: Tensor | None,
     softcap: float | None,
     alibi: Tensor | None,
+    global_tokens: Tensor | None = None,
+    global_count: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of cpuattn.attention_backward on the tensors' memory."""
     options = _keywords(
         causal, window_left, window_right, diagonal, scale, kv_lengths, softcap, alibi
     )
     grads = _backward.attention_backward(
-        *(_numpy(t) for t in (dout, q, k, v, out, lse)), mask=_optional(mask), **options
+        *(_numpy(t) for t in (dout, q, k, v, out, lse)),
+        mask=_optional(mask),
+        global_tokens=_global_arg(global_tokens, global_count),
+        **options,
     )
     return tuple(_tensor(g) for g in grads)  # type: ignore[return-value]
 
@@ -139,22 +149,23 @@ def _attention_backward_fake(dout, q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, *options, sinks = inputs
+    q, k, v, mask, *options, sinks, global_tokens, global_count = inputs
     out, lse = output
     # options[5], options[7]: kv_lengths, alibi
-    ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7], sinks)
+    ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7], sinks, global_tokens)
     ctx.options = options
+    ctx.global_count = global_count
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_grad(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, kv_lengths, alibi, sinks = ctx.saved_tensors
+    q, k, v, out, lse, mask, kv_lengths, alibi, sinks, global_tokens = ctx.saved_tensors
     causal, left, right, diagonal, scale, _, softcap, _ = ctx.options
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.cpuattn.attention_backward(
         dout, q, k, v, out, lse, mask, causal, left, right, diagonal, scale, kv_lengths, softcap,
-        alibi,
+        alibi, global_tokens, ctx.global_count,
     )  # fmt: skip
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[-1]:
@@ -163,7 +174,7 @@ def _attention_grad(ctx, dout, _dlse):
         delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         per_row = torch.exp(sinks.to(lse.dtype)[..., None] - lse) * delta  # (*batch, Hq, Lq)
         dsinks = (-per_row.sum(-1)).sum_to_size(sinks.shape).to(sinks.dtype)
-    return dq, dk, dv, *([None] * 9), dsinks
+    return dq, dk, dv, *([None] * 9), dsinks, None, None
 
 
 _attention_op.register_autograd(_attention_grad, setup_context=_setup_context)
@@ -188,8 +199,9 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
 
 
 def _call(
-    q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse, sinks=None
-):
+    q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi, lse, sinks=None,
+    global_tokens=None, global_count=None,
+):  # fmt: skip
     """The custom op, or in plain eager code with no gradient to track the kernel straight
     away: the op's dispatch (autograd wrapper, schema) costs ~0.1 ms a call, a tenth of a
     decode step's attention (measured, (1, 32, 1, 128) on 4096 keys). Anything that records,
@@ -198,13 +210,18 @@ def _call(
         _forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v)
     ):
         raise NotImplementedError("cpuattn has no forward-mode AD formula (reverse mode only)")
-    if not _plain_eager(q, k, v, mask, kv_lengths, alibi, sinks):
+    if not _plain_eager(q, k, v, mask, kv_lengths, alibi, sinks, global_tokens):
         args = (q, k, v, mask, causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
-        return torch.ops.cpuattn.attention(*args, sinks)
+        return torch.ops.cpuattn.attention(*args, sinks, global_tokens, global_count)
     options = _keywords(causal, left, right, diagonal, scale, kv_lengths, softcap, alibi)
     arrays = [_numpy(t) for t in (q, k, v)]
     result = _api.attention(
-        *arrays, mask=_optional(mask), sinks=_optional(sinks), return_lse=lse, **options
+        *arrays,
+        mask=_optional(mask),
+        sinks=_optional(sinks),
+        global_tokens=_global_arg(global_tokens, global_count),
+        return_lse=lse,
+        **options,
     )
     return (_tensor(result[0]), _tensor(result[1])) if lse else (_tensor(result), None)
 
@@ -212,6 +229,25 @@ def _call(
 # Under autocast the op runs in bfloat16, its floating inputs cast (as torch's SDPA does):
 # models' rotary code hands it float32 q and k beside a bfloat16 v.
 torch.library.register_autocast("cpuattn::attention", "cpu", torch.bfloat16)
+
+
+def _global_parts(global_tokens) -> tuple[Tensor | None, int | None]:
+    """``global_tokens`` as the op takes it: positions as a tensor, or a count. Their values
+    are checked when the op runs, by cpuattn.attention (torch.compile cannot read a tensor's
+    values while it traces)."""
+    if global_tokens is None or isinstance(global_tokens, Tensor):
+        return global_tokens, None
+    if isinstance(global_tokens, (bool, str)):
+        raise TypeError(
+            f"global_tokens: expected an int >= 0 or sorted int positions, got {global_tokens!r}"
+        )
+    if isinstance(global_tokens, (int, np.integer)):
+        return None, int(global_tokens)
+    return torch.as_tensor(global_tokens), None
+
+
+def _global_arg(positions: Tensor | None, count: int | None):
+    return count if count is not None else _optional(positions)
 
 
 def _check_tensors(**tensors: Tensor | None) -> None:
@@ -333,6 +369,7 @@ def attention(
     alibi_slopes: Tensor | None = None,
     sinks: Tensor | None = None,
     return_lse: bool = False,
+    global_tokens: int | Sequence[int] | np.ndarray | Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`cpuattn.attention` on CPU tensors, differentiable in ``q``, ``k`` and ``v``.
 
@@ -340,7 +377,8 @@ def attention(
     there; ``kv_lengths`` an int tensor, ``alibi_slopes`` and ``sinks`` float tensors).
     Differentiable in ``q``, ``k``, ``v`` and ``sinks`` (gpt-oss's learned sink logits). With
     ``return_lse=True``, ``(out, lse)``: lse is in float32 (float64 for float64 inputs) and has
-    no gradient.
+    no gradient. ``global_tokens`` (hybrid attention beside a window) is an int, or positions
+    as a sequence, array or int64 tensor.
 
     Examples
     --------
@@ -352,13 +390,15 @@ def attention(
     (torch.Size([1, 4, 100, 16]), torch.Size([1, 4, 100]))
     """
     _check_tensors(
-        q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes, sinks=sinks
-    )
+        q=q, k=k, v=v, mask=mask, kv_lengths=kv_lengths, alibi_slopes=alibi_slopes, sinks=sinks,
+        global_tokens=global_tokens if isinstance(global_tokens, Tensor) else None,
+    )  # fmt: skip
     causal_on, alignment = _causal_mode(causal)  # cpuattn's checks and errors
     left, right = _window(window)
+    positions, count = _global_parts(global_tokens)
     out, lse = _call(
         q, k, v, mask, alignment if causal_on else "none", left, right, diagonal, scale,
-        kv_lengths, softcap, alibi_slopes, return_lse, sinks,
+        kv_lengths, softcap, alibi_slopes, return_lse, sinks, positions, count,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
