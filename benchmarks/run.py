@@ -13,7 +13,8 @@ memory of one call in a fresh process, (with dask installed) the distributed row
 benchmarks/dask_cluster.py, the backward against torch's (benchmarks/backward.py; alone
 with --backward), transformers models with attn_implementation="cpuattn" against "sdpa"
 (benchmarks/models.py; alone with --models), and decode over int8 and paged caches
-(benchmarks/serving.py; alone with --serving).
+(benchmarks/serving.py; alone with --serving), and hybrid attention, a window with global
+tokens (benchmarks/hybrid.py; alone with --hybrid).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 
 import backward  # benchmarks/backward.py, dask_cluster.py and models.py, next to this script
 import dask_cluster
+import hybrid
 import models
 import numpy as np
 import serving
@@ -446,6 +448,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="the backward rows only")
     parser.add_argument("--models", action="store_true", help="the transformers rows only")
     parser.add_argument("--serving", action="store_true", help="the int8 and paged cache rows only")
+    parser.add_argument(
+        "--hybrid", action="store_true", help="the window + global tokens rows only"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument(
@@ -472,6 +477,9 @@ def main(argv=None) -> int:
     if args.serving:
         print(serving.markdown(serving.serving_rows(args.repeats)))
         return 0
+    if args.hybrid:
+        print(hybrid.markdown(hybrid.hybrid_rows(args.repeats)))
+        return 0
     rows = []
     cases = QUICK if args.quick else FULL
     for n, case in enumerate(cases, 1):
@@ -490,6 +498,8 @@ def main(argv=None) -> int:
         more["op_overhead"] = models.op_overhead()
         print("[serving] ...", file=sys.stderr, flush=True)
         more["serving"] = serving.serving_rows(args.repeats)
+        print("[hybrid] ...", file=sys.stderr, flush=True)
+        more["hybrid"] = hybrid.hybrid_rows(args.repeats)
     # The peak again after the cases, the higher of the two kept: a disturbed first reading
     # would inflate every % of peak.
     peak = max(peak, _bench.sgemm_gflops())
@@ -500,6 +510,7 @@ def main(argv=None) -> int:
         sections.append(backward.markdown(more["backward"], peak))
         sections.append(models.markdown(more["models"], more["op_overhead"]))
         sections.append(serving.markdown(more["serving"]))
+        sections.append(hybrid.markdown(more["hybrid"]))
     print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:

@@ -187,7 +187,7 @@ class Driver {
     const KeyTiles tiles(rb, i_first, i_last, chunk);
     const int64_t j_end = tiles.end();
     for (int64_t j0 = tiles.first(), following; j0 < j_end; j0 = following) {
-      const int64_t j1 = std::min(j0 + kTileKeys, j_end);
+      const int64_t j1 = tiles.tile_end(j0);
       following = tiles.next(j0);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;
@@ -233,7 +233,7 @@ class Driver {
     const int64_t j_first = tiles.first(), j_end = tiles.end();
     const int64_t key_tiles = (j_end - j_first + kTileKeys - 1) / kTileKeys;
     for (int64_t j0 = j_first, following; j0 < j_end; j0 = following) {
-      const int64_t j1 = std::min(j0 + kTileKeys, j_end);
+      const int64_t j1 = tiles.tile_end(j0);
       following = tiles.next(j0);
       const TileKind kind = classify_tile(rb, i_first, i_last, j0, j1);
       if (kind == TileKind::Skip) continue;

@@ -128,6 +128,17 @@ class KeyTiles {
   // The tile after the one at j0, or end().
   int64_t next(int64_t j0) const { return from(j0 + kTileKeys); }
   int64_t end() const { return end_; }
+  // One past the last key the tile at j0 needs: up to the band's end, or past its last global
+  // key below the bound (never past the tile).
+  int64_t tile_end(int64_t j0) const {
+    const int64_t whole = std::min(j0 + kTileKeys, end_);
+    int64_t e = j0 < band_end_ ? std::min(whole, band_end_) : j0;
+    if (globals_.n > 0 && e < whole) {
+      const int64_t last = globals_.first_from(std::min(whole, global_end_)) - 1;
+      if (last >= 0 && globals_.pos[last] >= e) e = globals_.pos[last] + 1;
+    }
+    return e;
+  }
 
  private:
   // The first tile at or after t (a multiple of kTileKeys) the rows visit, or end_.

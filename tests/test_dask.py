@@ -364,3 +364,10 @@ def test_global_tokens_add_only_the_pairs_they_reach(rng):
     assert pair_tasks(cdask.attention(dq, dk, dv, global_tokens=1, **window)) == 9
     # Query 60 is global too: its block (48-63) sees every key block up to it (one more).
     assert pair_tasks(cdask.attention(dq, dk, dv, global_tokens=[0, 60], **window)) == 10
+
+
+def test_global_positions_blocks_cannot_take_fail_when_the_graph_is_built(rng):
+    q, k, v = random_qkv(rng, (1,), 2, 2, 32, 64, 8)
+    dq, dk, dv = chunked((1, 2, 16, 8), q, k, v)
+    with pytest.raises(ValueError, match="global_tokens"):
+        cdask.attention(dq, dk, dv, window=(2, 0), diagonal=0, global_tokens=[-(2**61)])

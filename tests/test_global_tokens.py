@@ -309,3 +309,20 @@ def test_diagonal_allows_positions_outside_the_call(rng):
     out = cpuattn.attention(q, k, v, window=(3, 0), diagonal=100, global_tokens=[-5, 110])
     ref, _ = dense_attention(q, k, v, window=(3, 0), diagonal=100, global_tokens=[-5, 110])
     assert_matches(out, ref, np.float32)
+
+
+def test_empty_positions_are_none(attention, rng):
+    q, k, v = random_qkv(rng, (1,), 2, 1, 30, 70, 8)
+    window = attention(q, k, v, causal=True, window=(5, 0))
+    for empty in ([], np.array([], np.int64), 0):
+        hybrid = attention(q, k, v, causal=True, window=(5, 0), global_tokens=empty)
+        np.testing.assert_array_equal(hybrid, window)
+
+
+def test_multi_head_layer_takes_them(rng):
+    layer = cpuattn.MultiHeadAttention(32, 4, seed=0)
+    x = rng.standard_normal((2, 40, 32)).astype(np.float32)
+    got = layer(x, causal=True, window=(3, 0), global_tokens=[0, 20])
+    i, j = np.arange(40)[:, None], np.arange(40)[None, :]
+    kept = (j <= i) & ((j >= i - 3) | np.isin(j, [0, 20]) | np.isin(i, [0, 20]))
+    np.testing.assert_allclose(got, layer(x, mask=kept), rtol=1e-5, atol=1e-6)

@@ -82,12 +82,12 @@ def attention(
         StreamingLLM's attention sinks): positions that every query attends to and whose
         queries attend to every key. An int ``n`` is the first ``n`` positions; an array
         lists them (sorted, distinct, in ``[0, max(Lq, Lk))``; with ``diagonal``, positions
-        relative to this call's first key, any int). A pair ``(i, j)`` the window drops is
-        kept when every other condition holds (``kv_lengths``, causal, the bool mask) and key
-        ``j`` is global or query ``i``'s position ``i + off`` is. Without a window this changes
-        nothing. Costs the window's tiles plus the tiles that hold global keys (and all keys
-        for the queries at global positions): no ``Lq x Lk`` mask is built. See
-        :doc:`guide/hybrid`.
+        relative to this call's first key, any int in ``[-2**61, 2**61]``). A pair
+        ``(i, j)`` the window drops is kept when every other condition holds
+        (``kv_lengths``, causal, the bool mask) and key ``j`` is global or query ``i``'s
+        position ``i + off`` is. Without a window this changes nothing. Costs the window's
+        tiles plus the tiles that hold global keys (and all keys for the queries at global
+        positions): no ``Lq x Lk`` mask is built. See :doc:`guide/hybrid`.
     scale : float, optional
         Multiplies ``<q, k>``; default ``1 / sqrt(D)``. A temperature ``t`` is ``scale=1/t``.
     kv_lengths : int array of shape ``*batch``, optional

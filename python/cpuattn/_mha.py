@@ -206,11 +206,12 @@ class MultiHeadAttention:
         window=None,
         kv_lengths=None,
         cache: KVCache | None = None,
+        global_tokens=None,
     ) -> np.ndarray:
         """Self-attention (``key`` and ``value`` default to ``query``) or cross-attention.
 
         query: ``(B, Lq, embed_dim)``; key: ``(B, Lk, kdim)``; value: ``(B, Lk, vdim)``.
-        ``mask``, ``causal``, ``window`` and ``kv_lengths`` are those of
+        ``mask``, ``causal``, ``window``, ``global_tokens`` and ``kv_lengths`` are those of
         :func:`cpuattn.attention` (bool mask: True = attend), broadcast over heads as given.
         With ``cache``, the new keys and values are appended to it and the attention reads the
         whole cache with ``kv_lengths=cache.lengths`` (then ``kv_lengths`` must be None; pass
@@ -223,9 +224,9 @@ class MultiHeadAttention:
         computed and returned in float32. Non-float inputs (integers, complex) are a
         TypeError.
 
-        Everything (inputs, cache, mask, causal, window) is checked before the cache is
-        appended to: a call that raises leaves ``cache`` unchanged, so a retry sees the
-        same cache.
+        Everything (inputs, cache, mask, causal, window, global tokens) is checked before the
+        cache is appended to: a call that raises leaves ``cache`` unchanged, so a retry sees
+        the same cache.
         """
         query = self._input("query", query)
         key = query if key is None else self._input("key", key)
@@ -259,6 +260,7 @@ class MultiHeadAttention:
             window=window,
             kv_lengths=kv_lengths,
             out=heads.swapaxes(1, 2),
+            global_tokens=global_tokens,
         )
         if cache is not None:
             cache.append(k, v)

@@ -433,6 +433,8 @@ def globals_for(positions: np.ndarray | None, lq: int, lk: int, diagonal: int | 
 
 def _global_positions(value, expected: str, lq: int, lk: int, diagonal: int | None) -> np.ndarray:
     positions = np.asarray(value)
+    if positions.size == 0 and positions.ndim == 1:  # [] is float64 to NumPy: none either way
+        return positions.astype(np.int64)
     if positions.dtype.kind not in "iu":
         raise TypeError(f"global_tokens: expected {expected}, got {_describe(value)}")
     if positions.ndim != 1:

@@ -141,6 +141,12 @@ def attention(
             f"diagonal: expected |diagonal| + Lq + Lk <= 2**61 for blocks of it to be valid "
             f"calls, got {req.diagonal} with Lq = {req.lq}, Lk = {req.lk}"
         )
+    if req.globals is not None and int(req.globals[0]) - req.lk < -MAX_DIAGONAL:
+        # Each block pair's call takes the positions minus its first key.
+        raise ValueError(
+            f"global_tokens: expected positions >= -2**61 + Lk for blocks of them to be valid "
+            f"calls, got {int(req.globals[0])} with Lk = {req.lk}"
+        )
     if req.squeeze_head:
         q, k, v = q[None], k[None], v[None]
     q, k, v = _check_chunks(req, q, k, v)

@@ -151,6 +151,7 @@ def _attention_backward_fake(dout, q, k, v, *rest):
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, *options, sinks, global_tokens, global_count = inputs
     out, lse = output
+    ctx.sinks_input = len(inputs) - 3  # its needs_input_grad entry
     # options[5], options[7]: kv_lengths, alibi
     ctx.save_for_backward(q, k, v, out, lse, mask, options[5], options[7], sinks, global_tokens)
     ctx.options = options
@@ -168,7 +169,7 @@ def _attention_grad(ctx, dout, _dlse):
         alibi, global_tokens, ctx.global_count,
     )  # fmt: skip
     dsinks = None
-    if sinks is not None and ctx.needs_input_grad[-1]:
+    if sinks is not None and ctx.needs_input_grad[ctx.sinks_input]:
         # The sink's weight in row i is e^(sink - lse_i), and dO_i . O_i its rate:
         # d sink = -sum_i e^(sink - lse_i) (dO_i . O_i), over every row of the head.
         delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
@@ -239,7 +240,8 @@ def _global_parts(global_tokens) -> tuple[Tensor | None, int | None]:
         return global_tokens, None
     if isinstance(global_tokens, (bool, str)):
         raise TypeError(
-            f"global_tokens: expected an int >= 0 or sorted int positions, got {global_tokens!r}"
+            "global_tokens: expected an int >= 0 or a sorted 1-D array of int positions, got "
+            f"{type(global_tokens).__name__} {global_tokens!r}"
         )
     if isinstance(global_tokens, (int, np.integer)):
         return None, int(global_tokens)
