@@ -230,6 +230,18 @@ class Driver {
 
     const int64_t owner = pos.b * p_.hkv + pos.hk;
     const KeyTiles tiles(rb, i_first, i_last, chunk);
+    // Rows at global positions, widened to whole row blocks [g0, g1): all that a tile outside
+    // the band with no global key needs (such tiles are there for them alone).
+    int64_t g0 = pos.rows, g1 = 0;
+    for (int64_t r = 0; rb.globals.n > 0 && r < pos.rows; ++r) {
+      if (rb.global_rows_in(sc.rows.pos[r], sc.rows.pos[r])) {
+        g0 = std::min(g0, r);
+        g1 = r + 1;
+      }
+    }
+    g0 = g0 / kStepRowBlock * kStepRowBlock;
+    g1 = std::min(pos.rows, (g1 + kStepRowBlock - 1) / kStepRowBlock * kStepRowBlock);
+    const bool narrowable = g0 < g1 && g1 - g0 < pos.rows;
     const int64_t j_first = tiles.first(), j_end = tiles.end();
     const int64_t key_tiles = (j_end - j_first + kTileKeys - 1) / kTileKeys;
     for (int64_t j0 = j_first, following; j0 < j_end; j0 = following) {
@@ -253,7 +265,11 @@ class Driver {
       const int64_t next_keys = following == j1 ? std::min(kTileKeys, j_end - j1) : 0;
       source.tile(step, head, KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, next_keys},
                   sc.kv);
-      step_(step);
+      if (narrowable && rb.only_global_rows(i_first, i_last, j0, j1)) {
+        step_(query_.rows_of(step, g0, g1));
+      } else {
+        step_(step);
+      }
     }
     if (partial) {
       output_.write_partial(pos, sc.rows, partial);

@@ -69,6 +69,13 @@ struct RowBounds {
   KeyRange keys_of_row(int64_t i) const {
     return global_rows_in(i, i) ? KeyRange{0, cap(i)} : of_row(i);
   }
+  // Whether, of rows [i_first, i_last], only those at global positions keep keys of [j0, j1):
+  // the keys lie outside the rows' band and none of them below the cap is global.
+  bool only_global_rows(int64_t i_first, int64_t i_last, int64_t j0, int64_t j1) const {
+    if (globals.n == 0) return false;
+    const bool outside_band = j1 <= of_row(i_first).lo || j0 >= of_row(i_last).hi;
+    return outside_band && !globals.any_in(j0, std::min(j1, cap(i_last)));
+  }
   // Bit c set: key j0 + c is global, for keys [j0, j1) of one tile.
   uint64_t global_cols(int64_t j0, int64_t j1) const {
     uint64_t bits = 0;

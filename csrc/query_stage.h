@@ -170,6 +170,26 @@ class QueryStage {
   // Whether steps read q in place, unscaled (they scale the scores by dot_scale).
   bool in_place() const { return in_place_; }
 
+  // Rows [r0, r1) of a step that point() set up, as a step of their own (the rest of the tile
+  // untouched). r0 a multiple of kStepRowBlock, so every step may still round its rows up.
+  TileStep<T> rows_of(const TileStep<T>& s, int64_t r0, int64_t r1) const {
+    TileStep<T> part = s;
+    part.rows = r1 - r0;
+    part.q = s.q + r0 * s.q_ld;
+    part.s = s.s + r0 * kTileKeys;
+    part.o = s.o + r0 * p_.dv;
+    part.m = s.m + r0;
+    part.l = s.l + r0 * kSumSlots;
+    part.slopes = s.slopes ? s.slopes + r0 : nullptr;
+    part.diag = s.diag + r0;
+    part.bounds = s.bounds + r0;
+    part.caps = s.caps + r0;
+    part.mask_rows = s.mask_rows + r0;
+    if (s.q_hi) part.q_hi = s.q_hi + r0 * s.d_pairs;
+    if (s.q_lo) part.q_lo = s.q_lo + r0 * s.d_pairs;
+    return part;
+  }
+
   // The step's q and per-row fields, pointing into the thread's rows.
   void point(TileStep<T>& s, QueryRows<T>& t, int64_t rows) const {
     s.q = in_place_ ? static_cast<const T*>(p_.q.data) + t.q_first : t.q.data();

@@ -17,7 +17,20 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 
 # (batch, Hq, Hkv, Lq, Lk, D, options): global tokens at the first / last position, inside and
 # outside the window, many of them, Lq != Lk both alignments, kv_lengths cutting them.
+# Query tiles holding a global row mid-tile (with GQA, rows that are not whole positions) run
+# the tiles only that row needs on its row blocks alone: the "global_query_mid_*" cases.
 CASES = {
+    "global_query_mid_tile": ((1,), 6, 2, 300, 300, 16, {"window": (5, 5)}, [100]),
+    "global_query_mid_causal": (
+        (2,),
+        4,
+        1,
+        200,
+        500,
+        16,
+        {"causal": True, "window": (8, 0)},
+        [350, 420],
+    ),
     "first_tokens_causal": ((2,), 4, 2, 150, 150, 16, {"causal": True, "window": (20, 0)}, 4),
     "last_position": ((1,), 2, 1, 70, 200, 13, {"causal": True, "window": (5, 0)}, [0, 199]),
     "inside_and_outside": ((1,), 3, 3, 129, 129, 40, {"window": (10, 10)}, [3, 60, 64, 65, 128]),
@@ -90,7 +103,10 @@ HALF_BOUNDS = {"float16": 2e-3, "bfloat16": 1e-2}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
-@pytest.mark.parametrize("name", ["first_tokens_causal", "inside_and_outside", "decode_split_kv"])
+@pytest.mark.parametrize(
+    "name",
+    ["first_tokens_causal", "inside_and_outside", "decode_split_kv", "global_query_mid_tile"],
+)
 def test_every_dtype(native, rng, dtype, name):
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     q, k, v, options = _case(rng, name, dt)
@@ -157,7 +173,9 @@ def test_keys_outside_band_and_globals_are_never_read(native, rng):
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", ["first_tokens_causal", "decode_split_kv", "many_globals"])
+@pytest.mark.parametrize(
+    "name", ["first_tokens_causal", "decode_split_kv", "many_globals", "global_query_mid_causal"]
+)
 def test_bitwise_equal_for_any_thread_count(native, rng, name):
     q, k, v, options = _case(rng, name)
     first = native(q, k, v, num_threads=1, **options)

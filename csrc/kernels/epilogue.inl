@@ -95,6 +95,9 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
   return bias == kNegInf ? kNegInf : s + bias;
 }
 
+// Bits [0, n) set, for 0 <= n <= 64.
+inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1; }
+
 // Applies the user mask and, on Partial tiles, the per-row key range (and the global keys) to
 // rows [r0, r1); padding columns past `cols` become -inf so the softmax can run over whole
 // vectors.
@@ -114,12 +117,11 @@ inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
       if (a.global_cols == 0) {
         for (int64_t c = 0; c < lo; ++c) sr[c] = kNegInf;
         for (int64_t c = hi; c < a.cols; ++c) sr[c] = kNegInf;
-      } else {  // global keys below the row's cap stay
-        const int64_t cap = a.caps[r] - a.j0;
-        for (int64_t c = 0; c < a.cols; ++c) {
-          const bool global = (a.global_cols >> c & 1) != 0 && c < cap;
-          if ((c < lo || c >= hi) && !global) sr[c] = kNegInf;
-        }
+      } else {  // global keys below the row's cap stay: the kept columns as one bit mask
+        int64_t cap = a.caps[r] - a.j0;
+        cap = cap < 0 ? 0 : (cap > a.cols ? a.cols : cap);
+        const uint64_t keep = (low_bits(hi) & ~low_bits(lo)) | (a.global_cols & low_bits(cap));
+        for (int64_t c = 0; c < a.cols; ++c) sr[c] = (keep >> c & 1) != 0 ? sr[c] : kNegInf;
       }
     }
     for (int64_t c = a.cols; c < W; ++c) sr[c] = kNegInf;
