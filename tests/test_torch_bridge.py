@@ -355,9 +355,29 @@ def test_global_tokens_forward_backward_and_compile(spec):
 
 @pytest.mark.parametrize(
     ("spec", "error"),
-    [(True, TypeError), ("4", TypeError), ([0.5], TypeError), ([3, 1], ValueError)],
+    [
+        (True, TypeError),
+        ("4", TypeError),
+        (2.5, TypeError),
+        ([0.5], TypeError),
+        ([True, 2], TypeError),
+        ({0, 1}, TypeError),
+        ([0, None], TypeError),
+        ([3, 1], ValueError),
+        ([0, 2**70], ValueError),
+        (-1, ValueError),
+        (torch.tensor([0.5]), TypeError),
+    ],
+    ids=str,
 )
 def test_global_tokens_bad_input(spec, error):
     q, k, v = leaves((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4))
     with pytest.raises(error, match="global_tokens"):
         ct.attention(q, k, v, window=(2, 0), global_tokens=spec)
+
+
+def test_global_tokens_huge_count_is_every_position():
+    q, k, v = leaves((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4))
+    out = ct.attention(q, k, v, causal=True, window=(2, 0), global_tokens=2**70)
+    torch.testing.assert_close(out, ct.attention(q, k, v, causal=True))
+    out.sum().backward()

@@ -81,8 +81,9 @@ def attention(
         Hybrid attention beside a ``window`` (Longformer / BigBird global tokens,
         StreamingLLM's attention sinks): positions that every query attends to and whose
         queries attend to every key. An int ``n`` is the first ``n`` positions; an array
-        lists them (sorted, distinct, in ``[0, max(Lq, Lk))``; with ``diagonal``, positions
-        relative to this call's first key, any int in ``[-2**61, 2**61]``). A pair
+        lists them (sorted, distinct, in ``[0, 2**61]``; with ``diagonal``, positions
+        relative to this call's first key, in ``[-2**61, 2**61]``; positions past every key
+        and query of the call name no token of it and are ignored). A pair
         ``(i, j)`` the window drops is kept when every other condition holds
         (``kv_lengths``, causal, the bool mask) and key ``j`` is global or query ``i``'s
         position ``i + off`` is. Without a window this changes nothing. Costs the window's

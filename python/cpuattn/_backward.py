@@ -49,8 +49,7 @@ def attention_backward(
         What ``attention(q, k, v, return_lse=True, ...)`` returned for the same keywords:
         ``out`` like ``dout``; ``lse`` of shape ``(*batch, Hq, Lq)`` in the compute dtype
         (float64 for float64 inputs, float32 otherwise).
-    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, sinks, \
-    num_threads, global_tokens
+    mask, causal, window, diagonal, scale, kv_lengths, softcap, alibi_slopes, sinks, num_threads
         The forward's keywords, validated by the same rules (and errors) as in
         :func:`attention`. Pass the values the forward used. ``sinks`` enter through ``lse``
         (which includes them); no gradient is returned for them (:mod:`cpuattn.torch` gives
@@ -58,6 +57,9 @@ def attention_backward(
     backend : "auto", "native" or "numpy"
         "auto" uses the compiled kernel when it imported (see :func:`info`), else NumPy. Both
         compute the same thing; the native backward is tested against the NumPy one.
+    global_tokens : int or sorted 1-D int array, optional
+        The forward's global tokens (:func:`attention`): the tiles the forward skipped are
+        skipped here too.
 
     Returns
     -------

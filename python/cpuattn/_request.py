@@ -390,23 +390,26 @@ def _bounded(window: tuple[int, int], lq: int, lk: int, diagonal: int | None) ->
     return (-1 if left > farthest else left, -1 if right > farthest else right)
 
 
+GLOBAL_TOKENS_EXPECTED = "an int >= 0 or a sorted 1-D array of int positions"
+
+
 def _global_tokens(
     value, window: tuple[int, int], lq: int, lk: int, diagonal: int | None
 ) -> np.ndarray | None:
     """Global token positions as a sorted int64 array, or None: none given, none in reach, or
     no window (every kept pair is kept already then).
 
-    An int ``n`` stands for the first ``n`` positions (those past every key and query are
-    left out, so a huge ``n`` costs nothing); an array must be 1-D, integer, strictly
-    increasing, and in ``[0, max(Lq, Lk))`` where positions are the call's own (no
-    ``diagonal``); with ``diagonal`` (a block of a longer sequence, positions relative to the
-    block's first key) any int in ``[-2**61, 2**61]``.
+    An int ``n`` stands for the first ``n`` positions. An array must be 1-D, integer, sorted
+    and distinct, each position in ``[0, 2**61]`` (the call's own positions), or with
+    ``diagonal`` (a block of a longer sequence, positions relative to the block's first key)
+    in ``[-2**61, 2**61]``. Positions past every key and query of the call are left out: they
+    name no token of it (a sequence still shorter than the global prefix, other sequences'
+    lengths in a batch), so a huge ``n`` costs nothing.
     """
     if value is None:
         return None
-    expected = "an int >= 0 or a sorted 1-D array of int positions"
     if np.ndim(value) == 0:
-        n = as_int("global_tokens", value, expected)
+        n = as_int("global_tokens", value, GLOBAL_TOKENS_EXPECTED)
         if n < 0:
             raise ValueError(
                 f"global_tokens: expected an int >= 0 (the first n positions), got {n}"
@@ -417,7 +420,9 @@ def _global_tokens(
             queries = np.arange(max(diagonal, 0), min(n, diagonal + lq))
             positions = np.union1d(np.arange(min(n, lk)), queries).astype(np.int64)
     else:
-        positions = _global_positions(value, expected, lq, lk, diagonal)
+        positions = global_positions(value, diagonal is not None)
+        if diagonal is None:
+            positions = positions[positions < max(lq, lk)]
     if window == (-1, -1) or positions.size == 0:
         return None
     return _aligned(positions, np.dtype(np.int64))
@@ -431,25 +436,44 @@ def globals_for(positions: np.ndarray | None, lq: int, lk: int, diagonal: int | 
     return positions[positions < max(lq, lk)]
 
 
-def _global_positions(value, expected: str, lq: int, lk: int, diagonal: int | None) -> np.ndarray:
-    positions = np.asarray(value)
+def global_positions(value, negative: bool) -> np.ndarray:
+    """Explicit global positions as a checked 1-D int64 array: integers (no bools, floats or
+    other objects), sorted and distinct, in ``[0, 2**61]``, or ``[-2**61, 2**61]`` where
+    ``negative`` (with ``diagonal``). ``[]`` is no positions."""
+
+    def wrong_type():
+        return TypeError(
+            f"global_tokens: expected {GLOBAL_TOKENS_EXPECTED}, got {_describe(value)}"
+        )
+
+    items = value if isinstance(value, list | tuple) else ()
+    if isinstance(value, set | frozenset | dict | str) or any(
+        isinstance(x, bool | np.bool_) for x in items
+    ):
+        raise wrong_type()
+    try:
+        positions = np.asarray(value)
+    except (TypeError, ValueError, OverflowError):
+        raise wrong_type() from None
+    low = -MAX_DIAGONAL if negative else 0
+    where = "[-2**61, 2**61] with diagonal=" if negative else "[0, 2**61]"
+    if positions.dtype == object and positions.ndim == 1:
+        if not all(type(x) is int for x in positions):
+            raise wrong_type()
+        # Python ints past int64: out of range, not of the wrong type.
+        raise ValueError(f"global_tokens: positions must lie in {where}, got {value!r}"[:200])
     if positions.size == 0 and positions.ndim == 1:  # [] is float64 to NumPy: none either way
         return positions.astype(np.int64)
     if positions.dtype.kind not in "iu":
-        raise TypeError(f"global_tokens: expected {expected}, got {_describe(value)}")
+        raise wrong_type()
     if positions.ndim != 1:
-        raise ValueError(f"global_tokens: expected {expected}, got shape {positions.shape}")
-    if positions.size == 0:
-        return positions.astype(np.int64)
-    if diagonal is None:
-        low, high, where = 0, max(lq, lk) - 1, "[0, max(Lq, Lk))"
-    else:
-        low, high, where = -MAX_DIAGONAL, MAX_DIAGONAL, "[-2**61, 2**61] with diagonal="
-    smallest, largest = int(positions.min()), int(positions.max())
-    if smallest < low or largest > high:
         raise ValueError(
-            f"global_tokens: positions must lie in {where} = [{low}, {high}], got "
-            f"min {smallest}, max {largest}"
+            f"global_tokens: expected {GLOBAL_TOKENS_EXPECTED}, got shape {positions.shape}"
+        )
+    smallest, largest = int(positions.min()), int(positions.max())
+    if smallest < low or largest > MAX_DIAGONAL:
+        raise ValueError(
+            f"global_tokens: positions must lie in {where}, got min {smallest}, max {largest}"
         )
     positions = positions.astype(np.int64)
     if (np.diff(positions) <= 0).any():

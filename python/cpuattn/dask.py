@@ -96,8 +96,8 @@ def attention(
     ``out=`` and ``return_weights`` of :func:`cpuattn.attention` are not taken: the result is
     lazy, and the weights are ``Lq x Lk``. A (query block, key block) pair wholly outside the
     causal / window band (and the global tokens), or past every ``kv_lengths`` entry of its
-    batch block, creates no task; a pair wholly inside runs with no causal or window bounds. Key blocks of one query block are merged in a tree of
-    ``split_every``-way merges, in the compute dtype; half-precision output is rounded once,
+    batch block, creates no task; a pair wholly inside runs with no causal or window bounds.
+    Key blocks of one query block are merged in a tree of ``split_every``-way merges, in the compute dtype; half-precision output is rounded once,
     at the root.
 
     Examples

@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _api, _backward
-from ._request import BF16, _causal_mode, _window
+from ._request import BF16, _causal_mode, _global_tokens, _window, global_positions
 
 __all__ = ["attention", "register_transformers", "scaled_dot_product_attention"]
 
@@ -232,20 +232,21 @@ def _call(
 torch.library.register_autocast("cpuattn::attention", "cpu", torch.bfloat16)
 
 
-def _global_parts(global_tokens) -> tuple[Tensor | None, int | None]:
-    """``global_tokens`` as the op takes it: positions as a tensor, or a count. Their values
-    are checked when the op runs, by cpuattn.attention (torch.compile cannot read a tensor's
-    values while it traces)."""
+def _global_parts(global_tokens, diagonal) -> tuple[Tensor | None, int | None]:
+    """``global_tokens`` as the op takes it: positions as an int64 tensor, or a count. A list
+    or an array is checked as cpuattn.attention checks it; a tensor's values are checked when
+    the op runs (torch.compile cannot read them while it traces, nor check a list)."""
     if global_tokens is None or isinstance(global_tokens, Tensor):
         return global_tokens, None
-    if isinstance(global_tokens, (bool, str)):
-        raise TypeError(
-            "global_tokens: expected an int >= 0 or a sorted 1-D array of int positions, got "
-            f"{type(global_tokens).__name__} {global_tokens!r}"
-        )
-    if isinstance(global_tokens, (int, np.integer)):
-        return None, int(global_tokens)
-    return torch.as_tensor(global_tokens), None
+    if isinstance(global_tokens, int | np.integer) and not isinstance(global_tokens, bool):
+        # A count past every position means all of them; int64 holds the op's argument.
+        return None, min(int(global_tokens), 2**62)
+    if torch.compiler.is_compiling():
+        return torch.as_tensor(global_tokens), None
+    if np.ndim(global_tokens) == 0:  # a float, a bool, a string: cpuattn's TypeError
+        _global_tokens(global_tokens, (-1, -1), 0, 0, None)
+    positions = global_positions(global_tokens, diagonal is not None)
+    return torch.from_numpy(positions), None
 
 
 def _global_arg(positions: Tensor | None, count: int | None):
@@ -397,7 +398,7 @@ def attention(
     )  # fmt: skip
     causal_on, alignment = _causal_mode(causal)  # cpuattn's checks and errors
     left, right = _window(window)
-    positions, count = _global_parts(global_tokens)
+    positions, count = _global_parts(global_tokens, diagonal)
     out, lse = _call(
         q, k, v, mask, alignment if causal_on else "none", left, right, diagonal, scale,
         kv_lengths, softcap, alibi_slopes, return_lse, sinks, positions, count,
