@@ -12,7 +12,9 @@
 
 namespace cpuattn {
 
-// A tile-aligned range of keys one task visits (split-KV), half-open.
+// The keys one task visits of an item (split-KV): [begin, end) counted from the first tile of
+// the item's band (a window's keys start far from 0), multiples of kTileKeys; the first chunk
+// also visits the tiles of global keys outside the band. {0, INT64_MAX}: all of them.
 struct KeyChunk {
   int64_t begin, end;
 };
@@ -107,41 +109,47 @@ inline TileKind classify_tile(const RowBounds& rb, int64_t i_first, int64_t i_la
 }
 
 // The key tiles rows [i_first, i_last] visit inside `chunk`, in key order: their band's tiles
-// and, with global tokens, each tile that holds a global key below the last row's cap (every
-// tile below it when one of the rows is global), never a tile between them. Tiles start at
-// multiples of kTileKeys (so staged tiles can be shared by query tiles; keys of a tile that
-// the rows do not keep are dropped by the Partial-tile bounds) and end at end() at most.
+// and, with global tokens, each tile outside the band that holds a global key below the last
+// row's cap (the band is every tile below it when one of the rows is global), never a tile
+// between them. Tiles start at multiples of kTileKeys (so staged tiles can be shared by query
+// tiles; keys of a tile that the rows do not keep are dropped by the Partial-tile bounds) and
+// end at tile_end().
 class KeyTiles {
  public:
-  KeyTiles(const RowBounds& rb, int64_t i_first, int64_t i_last, KeyChunk chunk)
-      : globals_(rb.globals), chunk_begin_(chunk.begin) {
+  KeyTiles(const RowBounds& rb, int64_t i_first, int64_t i_last, KeyChunk chunk = {0, INT64_MAX})
+      : globals_(rb.globals) {
     int64_t lo = rb.of_row(i_first).lo, hi = rb.of_row(i_last).hi;
-    int64_t global_end = 0;
     if (globals_.n > 0) {
-      const int64_t cap = rb.cap(i_last);
+      cap_ = rb.cap(i_last);
       if (rb.global_rows_in(i_first, i_last)) {
         lo = 0;
-        hi = std::max(hi, cap);
+        hi = std::max(hi, cap_);
       }
-      global_end = std::min(cap, chunk.end);
     }
-    band_begin_ = std::max(lo / kTileKeys * kTileKeys, chunk.begin);
-    band_end_ = std::min(hi, chunk.end);
-    global_end_ = global_end;
-    end_ = std::max(band_end_, global_end_);
+    base_ = lo / kTileKeys * kTileKeys;
+    band_hi_ = std::max(hi, base_);
+    band_begin_ = base_ + std::min(chunk.begin, band_hi_ - base_);
+    band_end_ = chunk.end >= band_hi_ - base_ ? band_hi_ : base_ + chunk.end;
+    // Global keys outside the band's tiles go with the first chunk.
+    after_band_ = (band_hi_ + kTileKeys - 1) / kTileKeys * kTileKeys;
+    outside_end_ = chunk.begin == 0 ? cap_ : 0;
+    end_ = std::max(band_end_, outside_end_);
   }
 
-  int64_t first() const { return from(chunk_begin_); }
+  // Keys from the first tile of the band to its end: what split-KV cuts into chunks.
+  int64_t band_keys() const { return band_hi_ - base_; }
+  int64_t first() const { return from(0); }
   // The tile after the one at j0, or end().
   int64_t next(int64_t j0) const { return from(j0 + kTileKeys); }
   int64_t end() const { return end_; }
-  // One past the last key the tile at j0 needs: up to the band's end, or past its last global
-  // key below the bound (never past the tile).
+  // One past the last key the tile at j0 needs: up to the band's end (or the chunk's), or past
+  // its last global key below the cap (never past the tile).
   int64_t tile_end(int64_t j0) const {
-    const int64_t whole = std::min(j0 + kTileKeys, end_);
-    int64_t e = j0 < band_end_ ? std::min(whole, band_end_) : j0;
+    const bool band = j0 >= band_begin_ && j0 < band_end_;
+    int64_t e = band ? std::min(j0 + kTileKeys, band_end_) : j0;
+    const int64_t whole = std::min(j0 + kTileKeys, cap_);
     if (globals_.n > 0 && e < whole) {
-      const int64_t last = globals_.first_from(std::min(whole, global_end_)) - 1;
+      const int64_t last = globals_.first_from(whole) - 1;
       if (last >= 0 && globals_.pos[last] >= e) e = globals_.pos[last] + 1;
     }
     return e;
@@ -153,9 +161,11 @@ class KeyTiles {
     int64_t best = end_;
     const int64_t band = std::max(t, band_begin_);
     if (band < band_end_) best = band;
-    if (globals_.n > 0 && t < global_end_) {
-      const int64_t k = globals_.first_from(t);
-      if (k < globals_.n && globals_.pos[k] < global_end_) {
+    if (t < outside_end_) {  // the first global key outside the band's tiles, from t on
+      int64_t k = globals_.first_from(t);
+      if (k < globals_.n && globals_.pos[k] >= base_)
+        k = globals_.first_from(std::max(t, after_band_));
+      if (k < globals_.n && globals_.pos[k] < outside_end_) {
         best = std::min(best, globals_.pos[k] / kTileKeys * kTileKeys);
       }
     }
@@ -163,7 +173,9 @@ class KeyTiles {
   }
 
   GlobalTokens globals_;
-  int64_t chunk_begin_, band_begin_ = 0, band_end_ = 0, global_end_ = 0, end_ = 0;
+  int64_t cap_ = 0;  // the last row's cap (with global tokens)
+  int64_t base_ = 0, band_hi_ = 0, band_begin_ = 0, band_end_ = 0;
+  int64_t after_band_ = 0, outside_end_ = 0, end_ = 0;
 };
 
 }  // namespace cpuattn

@@ -32,6 +32,15 @@ WorkPlan::WorkPlan(const Params& p) : p_(p) {
     }
     max_keys_ = valid_keys_;  // a paged table's capacity may be far beyond any sequence
   }
+  split_keys_ = valid_keys_;
+  if (items_ < kSplitBelowItems && seqs_.empty()) {
+    split_keys_ = 0;
+    for (int64_t item = 0; item < items_; ++item) {
+      const ItemPos pos = locate(item);
+      const KeyTiles tiles(row_bounds(pos), pos.r0 / group_, (pos.r0 + pos.rows - 1) / group_);
+      split_keys_ = std::max(split_keys_, tiles.band_keys());
+    }
+  }
 }
 
 void WorkPlan::plan_sequences() {
@@ -169,7 +178,7 @@ bool WorkPlan::heads_side_by_side() const {
 // depends on the shape and kv_lengths alone.
 TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   TaskPlan t;
-  const int64_t items = plan.items(), keys = plan.valid_keys();
+  const int64_t items = plan.items(), keys = plan.split_keys();
   if (!plan.varlen()) t.chunks = key_chunks(items, keys);
   t.chunk_keys = ((keys + t.chunks - 1) / t.chunks + kTileKeys - 1) / kTileKeys * kTileKeys;
   if (t.chunks > 1) t.chunks = (keys + t.chunk_keys - 1) / t.chunk_keys;

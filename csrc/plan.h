@@ -74,6 +74,10 @@ class WorkPlan {
   // every sequence in it is not cut into chunks of padding; hence a batch entry's split, and
   // its bits, may depend on the other entries' lengths (results never depend on threads).
   int64_t valid_keys() const { return valid_keys_; }
+  // The keys split-KV cuts: the widest band of any item (KeyTiles::band_keys: a window's keys
+  // and the tiles between, not the whole cache), computed where split-KV may apply (few
+  // items), else valid_keys().
+  int64_t split_keys() const { return split_keys_; }
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const;
 
@@ -97,7 +101,7 @@ class WorkPlan {
 
   const Params& p_;
   int64_t batch_ = 1, group_ = 0, rows_per_head_group_ = 0, q_tiles_ = 0, items_ = 0;
-  int64_t max_keys_ = 0, valid_keys_ = 0;
+  int64_t max_keys_ = 0, valid_keys_ = 0, split_keys_ = 0;
   std::vector<Sequence> seqs_;  // packed varlen sequences only
 };
 

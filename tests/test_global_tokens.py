@@ -20,6 +20,38 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 # Query tiles holding a global row mid-tile (with GQA, rows that are not whole positions) run
 # the tiles only that row needs on its row blocks alone: the "global_query_mid_*" cases.
 CASES = {
+    # Split-KV decode cuts the band (from its first tile), not the cache: MQA (one work item)
+    # over a wide window in several chunks, global keys before, inside and after the band.
+    "decode_band_chunks": (
+        (1,),
+        4,
+        1,
+        1,
+        9000,
+        32,
+        {"causal": True, "window": (3000, 0)},
+        [5, 700, 6000, 8999],
+    ),
+    "decode_band_chunks_window_only": (
+        (1,),
+        4,
+        1,
+        1,
+        9000,
+        32,
+        {"causal": True, "window": (3000, 0)},
+        [],
+    ),
+    "decode_globals_after_band": (
+        (1,),
+        4,
+        1,
+        1,
+        9000,
+        32,
+        {"window": (600, 600), "diagonal": 3000},
+        [0, 8000],
+    ),
     "global_query_mid_tile": ((1,), 6, 2, 300, 300, 16, {"window": (5, 5)}, [100]),
     "global_query_mid_causal": (
         (2,),
@@ -174,7 +206,15 @@ def test_keys_outside_band_and_globals_are_never_read(native, rng):
 
 
 @pytest.mark.parametrize(
-    "name", ["first_tokens_causal", "decode_split_kv", "many_globals", "global_query_mid_causal"]
+    "name",
+    [
+        "first_tokens_causal",
+        "decode_split_kv",
+        "many_globals",
+        "global_query_mid_causal",
+        "decode_band_chunks",
+        "decode_globals_after_band",
+    ],
 )
 def test_bitwise_equal_for_any_thread_count(native, rng, name):
     q, k, v, options = _case(rng, name)
