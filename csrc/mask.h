@@ -12,9 +12,10 @@
 
 namespace cpuattn {
 
-// The keys one task visits of an item (split-KV): [begin, end) counted from the first tile of
-// the item's band (a window's keys start far from 0), multiples of kTileKeys; the first chunk
-// also visits the tiles of global keys outside the band. {0, INT64_MAX}: all of them.
+// The keys one task visits of an item (split-KV): [begin, end), multiples of kTileKeys, counted
+// over the tiles the item visits (KeyTiles: global keys' tiles before the band, the band from
+// its first tile, global keys' tiles after it), not from key 0: a window's keys start far from
+// 0. {0, INT64_MAX}: all of them.
 struct KeyChunk {
   int64_t begin, end;
 };
@@ -33,6 +34,31 @@ struct GlobalTokens {
   bool any_in(int64_t a, int64_t b) const {
     const int64_t k = first_from(a);
     return k < n && pos[k] < b;
+  }
+  // The key tiles that hold positions in [a, b) (a >= 0), in order: how many, or the keys from
+  // the start of the k0-th of them to the end of the (k1 - 1)-th (0-based), clipped to
+  // [a, b); empty when there are none.
+  int64_t count_tiles(int64_t a, int64_t b) const {
+    int64_t tiles = 0;
+    for (int64_t k = first_from(a), last = -1; k < n && pos[k] < b; ++k) {
+      const int64_t tile = pos[k] / kTileKeys;
+      tiles += tile != last;
+      last = tile;
+    }
+    return tiles;
+  }
+  KeyRange tile_range(int64_t a, int64_t b, int64_t k0, int64_t k1) const {
+    KeyRange keys{0, 0};
+    int64_t index = -1;
+    for (int64_t k = first_from(a), last = -1; k < n && pos[k] < b; ++k) {
+      const int64_t tile = pos[k] / kTileKeys;
+      if (tile == last) continue;
+      last = tile;
+      if (++index >= k1) break;
+      if (index == k0) keys.lo = std::max(a, tile * kTileKeys);
+      if (index >= k0) keys.hi = std::min(b, (tile + 1) * kTileKeys);
+    }
+    return keys.hi > keys.lo ? keys : KeyRange{0, 0};
   }
 };
 
@@ -108,12 +134,13 @@ inline TileKind classify_tile(const RowBounds& rb, int64_t i_first, int64_t i_la
   return kept ? TileKind::Partial : TileKind::Skip;
 }
 
-// The key tiles rows [i_first, i_last] visit inside `chunk`, in key order: their band's tiles
-// and, with global tokens, each tile outside the band that holds a global key below the last
-// row's cap (the band is every tile below it when one of the rows is global), never a tile
-// between them. Tiles start at multiples of kTileKeys (so staged tiles can be shared by query
-// tiles; keys of a tile that the rows do not keep are dropped by the Partial-tile bounds) and
-// end at tile_end().
+// The key tiles rows [i_first, i_last] visit, in key order: the tiles of global keys before
+// their band, the band's tiles, the tiles of global keys after it (global keys below the last
+// row's cap; the band is every tile below it when one of the rows is global), never a tile
+// between them. `chunk` (split-KV) takes the visited tiles [begin / kTileKeys, end /
+// kTileKeys) of that sequence. Tiles start at multiples of kTileKeys (so staged tiles can be
+// shared by query tiles; keys of a tile that the rows do not keep are dropped by the
+// Partial-tile bounds) and end at tile_end().
 class KeyTiles {
  public:
   KeyTiles(const RowBounds& rb, int64_t i_first, int64_t i_last, KeyChunk chunk = {0, INT64_MAX})
@@ -128,16 +155,29 @@ class KeyTiles {
     }
     base_ = lo / kTileKeys * kTileKeys;
     band_hi_ = std::max(hi, base_);
-    band_begin_ = base_ + std::min(chunk.begin, band_hi_ - base_);
-    band_end_ = chunk.end >= band_hi_ - base_ ? band_hi_ : base_ + chunk.end;
-    // Global keys outside the band's tiles go with the first chunk.
-    after_band_ = (band_hi_ + kTileKeys - 1) / kTileKeys * kTileKeys;
-    outside_end_ = chunk.begin == 0 ? cap_ : 0;
-    end_ = std::max(band_end_, outside_end_);
+    const int64_t after_band = (band_hi_ + kTileKeys - 1) / kTileKeys * kTileKeys;
+    const int64_t before_end = std::min(base_, cap_);
+    const int64_t n_before = globals_.n > 0 ? globals_.count_tiles(0, before_end) : 0;
+    const int64_t n_band = (band_hi_ - base_ + kTileKeys - 1) / kTileKeys;
+    const int64_t n_after = globals_.n > 0 ? globals_.count_tiles(after_band, cap_) : 0;
+    tiles_ = n_before + n_band + n_after;
+
+    // This chunk's visited tiles [v0, v1), in the three parts.
+    const int64_t v0 = chunk.begin / kTileKeys, v1 = chunk.end / kTileKeys;
+    if (v0 < n_before) before_ = globals_.tile_range(0, before_end, v0, v1);
+    const int64_t band0 = std::clamp<int64_t>(v0 - n_before, 0, n_band);
+    const int64_t band1 = std::clamp<int64_t>(v1 - n_before, 0, n_band);
+    band_begin_ = base_ + band0 * kTileKeys;
+    band_end_ = band1 == n_band ? band_hi_ : base_ + band1 * kTileKeys;
+    if (v1 > n_before + n_band && n_after > 0) {
+      after_ = globals_.tile_range(after_band, cap_, std::max<int64_t>(v0 - n_before - n_band, 0),
+                                   v1 - n_before - n_band);
+    }
+    end_ = std::max({band_end_, before_.hi, after_.hi});
   }
 
-  // Keys from the first tile of the band to its end: what split-KV cuts into chunks.
-  int64_t band_keys() const { return band_hi_ - base_; }
+  // How many tiles the rows visit in all: what split-KV cuts into chunks.
+  int64_t tiles() const { return tiles_; }
   int64_t first() const { return from(0); }
   // The tile after the one at j0, or end().
   int64_t next(int64_t j0) const { return from(j0 + kTileKeys); }
@@ -161,11 +201,10 @@ class KeyTiles {
     int64_t best = end_;
     const int64_t band = std::max(t, band_begin_);
     if (band < band_end_) best = band;
-    if (t < outside_end_) {  // the first global key outside the band's tiles, from t on
-      int64_t k = globals_.first_from(t);
-      if (k < globals_.n && globals_.pos[k] >= base_)
-        k = globals_.first_from(std::max(t, after_band_));
-      if (k < globals_.n && globals_.pos[k] < outside_end_) {
+    for (const KeyRange& outside : {before_, after_}) {
+      if (t >= outside.hi) continue;
+      const int64_t k = globals_.first_from(std::max(t, outside.lo));
+      if (k < globals_.n && globals_.pos[k] < outside.hi) {
         best = std::min(best, globals_.pos[k] / kTileKeys * kTileKeys);
       }
     }
@@ -175,7 +214,8 @@ class KeyTiles {
   GlobalTokens globals_;
   int64_t cap_ = 0;  // the last row's cap (with global tokens)
   int64_t base_ = 0, band_hi_ = 0, band_begin_ = 0, band_end_ = 0;
-  int64_t after_band_ = 0, outside_end_ = 0, end_ = 0;
+  KeyRange before_{0, 0}, after_{0, 0};  // this chunk's keys of global tiles outside the band
+  int64_t tiles_ = 0, end_ = 0;
 };
 
 }  // namespace cpuattn

@@ -38,7 +38,7 @@ WorkPlan::WorkPlan(const Params& p) : p_(p) {
     for (int64_t item = 0; item < items_; ++item) {
       const ItemPos pos = locate(item);
       const KeyTiles tiles(row_bounds(pos), pos.r0 / group_, (pos.r0 + pos.rows - 1) / group_);
-      split_keys_ = std::max(split_keys_, tiles.band_keys());
+      split_keys_ = std::max(split_keys_, tiles.tiles() * kTileKeys);
     }
   }
 }
@@ -175,7 +175,8 @@ bool WorkPlan::heads_side_by_side() const {
 // heads side by side: a task runs the most kv heads of a batch entry in lockstep that still
 // leaves kLockstepTasksPerThread tasks per thread. The results are the same bits whatever the
 // grouping (every item is computed alike), so it may use the thread count; the chunking
-// depends on the shape and kv_lengths alone.
+// depends on the shape, the options (causal, window, diagonal, global tokens) and kv_lengths
+// alone.
 TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   TaskPlan t;
   const int64_t items = plan.items(), keys = plan.split_keys();

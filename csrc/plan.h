@@ -70,13 +70,12 @@ class WorkPlan {
   // cache must hold.
   int64_t max_keys() const { return max_keys_; }
   // Keys any item may see: the largest kv_lengths entry, else Lk (packed varlen: the packed
-  // total, unused: varlen never splits). Split-KV cuts these, so that a cache longer than
-  // every sequence in it is not cut into chunks of padding; hence a batch entry's split, and
-  // its bits, may depend on the other entries' lengths (results never depend on threads).
+  // total, unused: varlen never splits).
   int64_t valid_keys() const { return valid_keys_; }
-  // The keys split-KV cuts: the widest band of any item (KeyTiles::band_keys: a window's keys
-  // and the tiles between, not the whole cache), computed where split-KV may apply (few
-  // items), else valid_keys().
+  // The keys split-KV cuts: the most tiles any item visits, in keys (KeyTiles::tiles: a
+  // window's tiles and those of global keys, not the whole cache), computed where split-KV may
+  // apply (few items), else valid_keys(); so a batch entry's split may depend on the options
+  // and the other entries too (never on the threads).
   int64_t split_keys() const { return split_keys_; }
   // Rows of the largest query tile: the size of one split-KV partial result, in rows.
   int64_t max_tile_rows() const;
@@ -129,8 +128,8 @@ struct TaskPlan {
   }
 };
 
-// wanted_threads decides the whole-head grouping only: the chunking depends on the shape and
-// kv_lengths alone.
+// wanted_threads decides the whole-head grouping only: the chunking depends on the shape, the
+// options and kv_lengths alone.
 TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads);
 
 }  // namespace cpuattn

@@ -42,6 +42,17 @@ CASES = {
         {"causal": True, "window": (3000, 0)},
         [],
     ),
+    # Longformer-style: global keys far outnumber the band's tiles, cut across the chunks too.
+    "decode_many_globals": (
+        (1,),
+        4,
+        1,
+        1,
+        20000,
+        16,
+        {"causal": True, "window": (512, 0)},
+        "every_128th",
+    ),
     "decode_globals_after_band": (
         (1,),
         4,
@@ -108,6 +119,8 @@ CASES = {
 def _globals(spec, lq, lk):
     if spec == "every_7th":
         return np.arange(0, max(lq, lk), 7)
+    if spec == "every_128th":
+        return np.arange(0, max(lq, lk), 128)
     return np.asarray(spec) if isinstance(spec, list) else spec
 
 
@@ -214,6 +227,7 @@ def test_keys_outside_band_and_globals_are_never_read(native, rng):
         "global_query_mid_causal",
         "decode_band_chunks",
         "decode_globals_after_band",
+        "decode_many_globals",
     ],
 )
 def test_bitwise_equal_for_any_thread_count(native, rng, name):
