@@ -201,8 +201,12 @@ class Driver {
         step.j0 = j0;
         step.apply_bounds = kind == TileKind::Partial;
         step.global_cols = global_cols;
-        source.tile(step, source.head(pos), KeyTile{j0, staged, pos.b * p_.hkv + pos.hk, next_keys},
-                    sc.kv);
+        // This thread reads the next head's same tile next; after the last head, the first
+        // head's next tile.
+        const bool last = h + 1 == heads;
+        const typename Source::Tile::Next next{source.head(state[last ? 0 : h + 1].pos),
+                                               last ? j1 : j0, last ? next_keys : staged};
+        source.tile(step, source.head(pos), {j0, staged, pos.b * p_.hkv + pos.hk, next}, sc.kv);
         step_(step);
       }
     }
@@ -263,8 +267,8 @@ class Driver {
       // Stage the whole valid tile (up to n_keys) so every query tile can reuse it; prefetch
       // the next one when it follows this one.
       const int64_t next_keys = following == j1 ? std::min(kTileKeys, j_end - j1) : 0;
-      source.tile(step, head, KeyTile{j0, std::min(kTileKeys, rb.n_keys - j0), owner, next_keys},
-                  sc.kv);
+      source.tile(step, head,
+                  {j0, std::min(kTileKeys, rb.n_keys - j0), owner, {head, j1, next_keys}}, sc.kv);
       if (narrowable && rb.only_global_rows(i_first, i_last, j0, j1)) {
         step_(query_.rows_of(step, g0, g1));
       } else {
