@@ -309,7 +309,9 @@ inline void pv_all(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_
 template <typename T, int RB, Elem Stored>
 inline void weights_times_values(const cpuattn::TileStep<T>& a, int64_t r0, bool some_zero,
                                  int& v_nonfinite) {
-  if (some_zero) {
+  // int8 V holds no inf or NaN (its scales multiply the weights, which stay 0 where 0): a
+  // weight of 0 adds exactly 0, and the scan below would widen the whole tile for nothing.
+  if (Stored != Elem::I8 && some_zero) {
     if (v_nonfinite < 0) v_nonfinite = tile_v_has_nonfinite<T, Stored>(a);  // once a tile
     if (v_nonfinite) {
       pv_rows_skip_zero_weights<T, Stored>(a, r0, r0 + RB);
