@@ -104,10 +104,11 @@ struct alignas(64) Scratch {
 
   // q_pairs: q's bfloat16 pairs per row, or -1. cache: worth it only when several query
   // tiles read the same keys; with one (decode) the cache would only add first-touch page
-  // faults.
+  // faults. tile_rows: the most rows a tile of the call has (the rows' buffers hold as many,
+  // not kTileRows: a decode tile has a few).
   Scratch(const Params& p, const KvSource<T>& source, int64_t q_pairs, int64_t max_keys, bool cache,
           int64_t heads_per_task, int64_t tile_rows)
-      : rows(p.d, p.dv, q_pairs), merged(p.dv) {
+      : rows(p.d, p.dv, q_pairs, QueryRows<T>::room(tile_rows)), merged(p.dv) {
     const int64_t tiles = (max_keys + kTileKeys - 1) / kTileKeys;
     std::visit([&](const auto& s) { s.reserve(kv, tiles, cache); }, source);
     if (heads_per_task > 1) {

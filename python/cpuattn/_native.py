@@ -28,7 +28,9 @@ def available() -> bool:
 
 def attention(req: Request) -> tuple[np.ndarray, np.ndarray | None]:
     require_core()
-    q, k, v = (_kernel_ready(x, unit_last=True) for x in (req.q, req.k, req.v))
+    q = _kernel_ready(req.q, unit_last=True)
+    k = _kernel_ready(req.k, unit_last=True)
+    v = _kernel_ready(req.v, unit_last=True)
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
 
     out = req.out
@@ -147,9 +149,8 @@ def _call_core(
 ) -> None:
     """_core.attention with the request's scalar options in the binding's form."""
     left, right = req.window
-    k_scale, v_scale = (
-        None if s is None else _kernel_ready(s, unit_last=False) for s in (req.k_scale, req.v_scale)
-    )
+    k_scale = None if req.k_scale is None else _kernel_ready(req.k_scale, unit_last=False)
+    v_scale = None if req.v_scale is None else _kernel_ready(req.v_scale, unit_last=False)
     _core.attention(
         q,
         k,
@@ -178,6 +179,9 @@ def _call_core(
 
 
 def _is_kernel_ready(x: np.ndarray, unit_last: bool) -> bool:
+    flags = x.flags
+    if flags.c_contiguous and flags.aligned:  # the common case, without looking at strides
+        return True
     item = x.itemsize
     if x.size == 0:
         return True
