@@ -36,7 +36,11 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _numpy(t: Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's memory (bfloat16 through its bits; a negated or
     conjugated view materialized first)."""
-    t = t.detach().resolve_neg().resolve_conj()
+    # Each of these makes a new tensor object (~1 us): only when it changes something.
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_neg().resolve_conj()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BF16)
     return t.numpy()
@@ -193,10 +197,11 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # vmap, grad, jvp
         return False
-    return all(
-        t is None or (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:  # a loop, not all(generator): this runs on every decode step
+        if t is not None and (type(t) is not Tensor or wrapped(t)):
+            return False
+    return True
 
 
 def _call(
