@@ -99,7 +99,8 @@ struct KvScratch {
   AlignedBuffer<unsigned char> gathered_k, gathered_v;
   AlignedBuffer<float> gathered_k_scales, gathered_v_scales;  // int8 rows' scales, likewise
   // Where each key's K and V rows lie, in this tile when they are not one run and in the
-  // next one, for a step that reads rows (and prefetches the next tile's as it goes).
+  // tile the thread reads next (KeyTile::next), for a step that reads rows (and prefetches
+  // those as it goes).
   AlignedBuffer<const char*> rows_k, rows_v, next_k, next_v;
   StagedTileCache<T> keys, values;
   AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
@@ -127,7 +128,8 @@ struct KeyTile {
   struct Next {
     Head head;
     int64_t j0 = 0;    // its first key, a multiple of kTileKeys
-    int64_t keys = 0;  // 0: none (the thread's last tile of the task)
+    int64_t keys = 0;  // 0: none (the task's last tile, or the next visited tile does not
+                       // follow this one: a gap in a window or between global keys)
   } next;
 };
 
@@ -194,8 +196,8 @@ class OnLayout {
                      [&](const Head& at, int64_t j) { return v_row(at, j); });
   }
   // The step's K and V rows for a source that reads them in place: one run `ld` apart, or
-  // (a paged tile in several blocks) a table of row addresses; and the next tile's rows, for
-  // the step to prefetch as it goes.
+  // (a paged tile in several blocks) a table of row addresses; and t.next's rows, for the
+  // step to prefetch as it goes.
   template <typename T>
   void rows_in_place(TileStep<T>& s, const Head& h, const Tile& t, KvScratch<T>& sc) const {
     const auto k_of = [&](const Head& at) { return [&](int64_t j) { return k_row(at, j); }; };
@@ -224,8 +226,8 @@ class OnLayout {
   void reserve_rows(KvScratch<T>& sc) const {
     for (auto* table : {&sc.rows_k, &sc.rows_v, &sc.next_k, &sc.next_v}) table->allocate(kTileKeys);
   }
-  // The scales of int8 rows in place: in place for one run (the next tile's prefetched), else
-  // copied run by run (the next tile's run by run prefetched).
+  // The scales of int8 rows in place: in place for one run (t.next's prefetched), else
+  // copied run by run (t.next's run by run prefetched).
   template <typename T>
   void scales_in_place(TileStep<T>& s, const Head& h, const Tile& t, KvScratch<T>& sc) const {
     scales_of(s.key.scales, s.key.scale_ld, h, t, sc.gathered_k_scales, layout_.k_scale_ld(),

@@ -390,3 +390,23 @@ def test_paged_capacity_that_overflows_is_refused():
             *(q, cache, cache, table, lengths, out, None, 1.0, True, 0, -1, 0, 0.0, None, None),
             *(None, None, None, None),
         )
+
+
+def test_record_field_with_odd_strides_on_length_one_axes(rng):
+    """A field of a record array is C-contiguous with strides of whole elements on its longer
+    axes only (NumPy ignores a length-1 axis's stride): accepted as it is, same result as a
+    copy (found in review: a contiguous fast path let it reach the binding uncopied)."""
+    import cpuattn
+
+    rec = np.zeros(1, dtype=[("q", "<f4", (1, 3, 8)), ("tag", "u1")])
+    rec["q"] = rng.standard_normal((1, 1, 3, 8))
+    q = rec["q"]  # (1, 1, 3, 8): strides (97, 96, 32, 4)
+    assert q.flags.c_contiguous and q.strides[0] % 4 != 0
+    k = rng.standard_normal((1, 1, 5, 8)).astype(F32)
+    got = cpuattn.attention(q, k, k, backend="native")
+    np.testing.assert_array_equal(got, cpuattn.attention(q.copy(), k, k, backend="native"))
+    # a longer axis with such a stride is still refused by the binding itself
+    bad = as_strided(np.zeros(64, F32), shape=(2, 1, 3, 8), strides=(97, 96, 32, 4))
+    with pytest.raises(ValueError, match="not a whole element"):
+        kk = k.repeat(2, 0)
+        core(bad, kk, kk, np.zeros((2, 1, 3, 8), F32))

@@ -147,7 +147,10 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
 }
 
 // Strides in elements; with unit_last the last axis (if longer than 1) must be unit-stride.
-// Checks that the view lies inside the memory it views (check_inside_owner).
+// A length-1 axis is only ever indexed at 0: NumPy lets its stride be anything (a field of a
+// record array has such strides and is still C-contiguous), and one that is not a whole
+// element is taken as 0. Checks that the view lies inside the memory it views
+// (check_inside_owner).
 cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool writable,
                       Holds& holds) {
   if (writable && !a.writeable()) fail(std::string(name) + " is read-only");
@@ -159,8 +162,11 @@ cpuattn::View view_of(const char* name, const py::array& a, bool unit_last, bool
   v.data = a.data();
   for (py::ssize_t dim = 0; dim < a.ndim(); ++dim) {
     const int64_t s = a.strides(dim);
-    if (s % item != 0 && a.size() > 0)
-      fail(std::string(name) + " has a stride that is not a whole element");
+    if (s % item != 0 && a.size() > 0) {
+      if (a.shape(dim) > 1) fail(std::string(name) + " has a stride that is not a whole element");
+      v.strides.push_back(0);
+      continue;
+    }
     v.strides.push_back(s / item);
   }
   // An empty array is never dereferenced, whatever its strides.

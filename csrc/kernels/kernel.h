@@ -48,7 +48,8 @@ struct KeyOperand {
   // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
   // paged cache, in several blocks), else nullptr
   const char* const* rows = nullptr;
-  // Rows, with TileStep::prefetch_next: key j's row (its address) in this thread's next tile
+  // Rows, with TileStep::prefetch_next: key j's row (its address) in the tile this thread
+  // reads next (KeyTile::next: the item's next tile, or the next lockstep head's)
   const char* const* next = nullptr;
 };
 
@@ -73,7 +74,8 @@ struct ValueOperand {
   // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
   // paged cache, in several blocks), else nullptr
   const char* const* rows = nullptr;
-  // Rows, with TileStep::prefetch_next: key j's row (its address) in this thread's next tile
+  // Rows, with TileStep::prefetch_next: key j's row (its address) in the tile this thread
+  // reads next (KeyTile::next: the item's next tile, or the next lockstep head's)
   const char* const* next = nullptr;
 };
 
@@ -93,7 +95,7 @@ struct TileStep {
   T* l;             // running row sum of exp(s - m), as kSumSlots partial sums per row
 
   int64_t j0;                  // index of the tile's first key
-  bool prefetch_next;          // key.next and value.next name the rows of the next tile
+  bool prefetch_next;          // key.next and value.next name the rows this thread reads next
   T softcap;                   // > 0: s -> softcap * tanh(s / softcap), before the mask
   const T* slopes;             // per row ALiBi slope, or nullptr: s -= slope * |diag - j|
   const int64_t* diag;         // per row: i + off, the key on the row's diagonal
