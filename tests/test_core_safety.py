@@ -401,12 +401,13 @@ def test_record_field_with_odd_strides_on_length_one_axes(rng):
     rec = np.zeros(1, dtype=[("q", "<f4", (1, 3, 8)), ("tag", "u1")])
     rec["q"] = rng.standard_normal((1, 1, 3, 8))
     q = rec["q"]  # (1, 1, 3, 8): strides (97, 96, 32, 4)
-    assert q.flags.c_contiguous and q.strides[0] % 4 != 0
+    assert q.flags.c_contiguous
+    assert q.strides[0] % 4 != 0
     k = rng.standard_normal((1, 1, 5, 8)).astype(F32)
     got = cpuattn.attention(q, k, k, backend="native")
     np.testing.assert_array_equal(got, cpuattn.attention(q.copy(), k, k, backend="native"))
     # a longer axis with such a stride is still refused by the binding itself
     bad = as_strided(np.zeros(64, F32), shape=(2, 1, 3, 8), strides=(97, 96, 32, 4))
+    kk = k.repeat(2, 0)
     with pytest.raises(ValueError, match="not a whole element"):
-        kk = k.repeat(2, 0)
         core(bad, kk, kk, np.zeros((2, 1, 3, 8), F32))
