@@ -4,9 +4,11 @@ ones, as bytes read per second and against the machine's measured read bandwidth
     python benchmarks/run.py --serving       # these rows only
 
 Every row is a decode step, q (B, 32, 1, 128) over 8 kv heads, timed on cold caches: one
-cache per layer, enough layers to exceed the CPU caches, visited in turn (as in a model).
-"GB/s" counts the bytes the call must read: K and V rows of the valid keys, plus the int8
-scales.
+cache per layer, visited in turn (as in a model). The single-sequence rows are timed in
+rounds, every row once a round, so that all their layers together exceed the CPU caches and
+the "speed vs" column is the median of per-round ratios (both rows timed in the same round:
+this VM's speed drifts 10-20 % between runs, more than the differences measured). "GB/s"
+counts the bytes the call must read: K and V rows of the valid keys, plus the int8 scales.
 """
 
 from __future__ import annotations
@@ -22,6 +24,31 @@ from cpuattn import _bench
 HQ, HKV, D, LK = 32, 8, 128, 16384
 BLOCK = 16
 MIXED = (16384, 512, 9000, 3000, 77, 12000, 2048, 100, 6000, 16384, 700, 4096, 1, 8000, 250, 5000)
+
+
+def _interleaved_cold(
+    makers: dict[str, tuple[Callable[[], Callable[[], object]], int]], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of one layer's call per round for each name: its layers (made by `make`, of
+    `layer_bytes` each, at least 2) visited in turn, every name once a round. Between two
+    visits of a layer all the other names' layers are read too, so together they need only
+    exceed the caches."""
+    share = _bench.beyond_caches_bytes() // len(makers)
+    calls = {
+        name: [make() for _ in range(max(2, -(-share // nbytes)))]
+        for name, (make, nbytes) in makers.items()
+    }
+    for layer_calls in calls.values():
+        for call in layer_calls:
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, layer_calls in calls.items():
+            t0 = time.perf_counter()
+            for call in layer_calls:
+                call()
+            times[name].append((time.perf_counter() - t0) / len(layer_calls))
+    return times
 
 
 def _cold(make: Callable[[], Callable[[], object]], layer_bytes: int, repeats: int) -> float:
@@ -90,15 +117,22 @@ def serving_rows(repeats: int) -> dict:
             int8_bytes,
         ),
     }
-    rows = {}
-    for name, (call, arrays, nbytes) in variants.items():
 
-        def make(call=call, arrays=arrays):  # each layer its own copy: memory no cache holds
+    def maker(call, arrays):
+        def make():  # each layer its own copy: memory no cache holds
             copies = tuple(x.copy(order="K") for x in arrays)  # in the same memory order
             return lambda: call(*copies)
 
-        seconds = _cold(make, nbytes, repeats)
-        rows[name] = {"ms": 1e3 * seconds, "gbs": nbytes / seconds / 1e9}
+        return make
+
+    rounds = _interleaved_cold(  # rounds are cheap (~0.1 s): enough for steady ratios
+        {name: (maker(call, arrays), nbytes) for name, (call, arrays, nbytes) in variants.items()},
+        max(15, repeats),
+    )
+    rows: dict[str, dict] = {}
+    for name, (_, _, nbytes) in variants.items():
+        seconds = float(np.median(rounds[name]))
+        rows[name] = {"ms": 1e3 * seconds, "gbs": nbytes / seconds / 1e9, "rounds": rounds[name]}
     rows["batch of 16 mixed lengths, paged int8"] = _mixed_batch(rng, repeats)
     return {"rows": rows, "read_gbs": _bench.read_gbs(cpuattn.info()["max_threads"])}
 
@@ -132,6 +166,14 @@ COMPARED = {
 }
 
 
+def _speed(reference: dict, row: dict) -> float:
+    """How many times faster `row` is than `reference`: the median of per-round ratios where
+    both were timed in rounds, else the ratio of their medians."""
+    if "rounds" in reference and "rounds" in row:
+        return float(np.median(np.array(reference["rounds"]) / np.array(row["rounds"])))
+    return reference["ms"] / row["ms"]
+
+
 def markdown(result: dict) -> str:
     rows, read = result["rows"], result["read_gbs"]
     title = (
@@ -146,7 +188,7 @@ def markdown(result: dict) -> str:
     ]
     for name, row in rows.items():
         versus = ", ".join(
-            f"{rows[other]['ms'] / row['ms']:.2f}x {other}" for other in COMPARED.get(name, ())
+            f"{_speed(rows[other], row):.2f}x {other}" for other in COMPARED.get(name, ())
         )
         lines.append(
             f"| {name} | {row['ms']:.3f} | {row['gbs']:.1f} | {100 * row['gbs'] / read:.0f}% "
