@@ -9,6 +9,11 @@
 //   int64_t k_ld(), v_ld()                elements between consecutive rows of one run
 //   int64_t k_scale_ld(), v_scale_ld()    the same for the scales
 //   int64_t run_end(j)                    the first key past key j's run
+//   int64_t k_offset(Head), v_offset(Head)  bytes from the rows of the batch entry's kv head 0
+//                                         to this head's: the same for every key, so one row
+//                                         table serves all kv heads of a batch entry
+//   const void* runs(Head)                with a key range and kv head 0's first row, what
+//                                         tells which rows a table holds (a block table's row)
 //   static constexpr bool kOneRun         every head's keys are one run (run_end is never hit)
 //   bool rows_inside(Head, j0, n)         keys [j0, j0 + n) lie in K's memory as one run,
 //                                         for j0 below the valid keys (the AMX step reads
@@ -48,6 +53,7 @@ class DenseLayout : LayoutBase {
   // keys) of K and V).
   struct Head {
     int64_t k, v, ks, vs, keys;
+    int64_t k_head, v_head;  // kv head times its stride, in K and in V
   };
   static constexpr bool kOneRun = true;
 
@@ -69,7 +75,8 @@ class DenseLayout : LayoutBase {
     const auto at = [&](const View& view, int64_t head, int64_t ld) {
       return batch_offset(batch_shape_, view, pos.b) + pos.hk * head + pos.k_row * ld;
     };
-    Head h{at(p_.k, k_head_, k_ld_), at(p_.v, v_head_, v_ld_), 0, 0, pos.lk};
+    Head h{at(p_.k, k_head_, k_ld_), at(p_.v, v_head_, v_ld_), 0, 0, pos.lk,
+           pos.hk * k_head_,         pos.hk * v_head_};
     if (k_scale_) {
       h.ks = at(p_.k_scale, ks_head_, ks_ld_);
       h.vs = at(p_.v_scale, vs_head_, vs_ld_);
@@ -85,6 +92,9 @@ class DenseLayout : LayoutBase {
   int64_t k_scale_ld() const { return ks_ld_; }
   int64_t v_scale_ld() const { return vs_ld_; }
   int64_t run_end(int64_t) const { return std::numeric_limits<int64_t>::max(); }
+  int64_t k_offset(const Head& h) const { return h.k_head * elem_; }
+  int64_t v_offset(const Head& h) const { return h.v_head * elem_; }
+  const void* runs(const Head&) const { return nullptr; }  // one run: its first row says all
   // Keys [j0, j0 + n) of the head all lie in K's memory (the AMX step reads whole tiles).
   bool rows_inside(const Head& h, int64_t j0, int64_t n) const { return j0 + n <= h.keys; }
 
@@ -142,6 +152,9 @@ class PagedLayout : LayoutBase {
   int64_t k_scale_ld() const { return ks_ld_; }
   int64_t v_scale_ld() const { return vs_ld_; }
   int64_t run_end(int64_t j) const { return (j / block_size_ + 1) * block_size_; }
+  int64_t k_offset(const Head& h) const { return h.k * elem_; }
+  int64_t v_offset(const Head& h) const { return h.v * elem_; }
+  const void* runs(const Head& h) const { return h.blocks; }
   bool rows_inside(const Head&, int64_t j0, int64_t n) const {
     return j0 % block_size_ + n <= block_size_;
   }

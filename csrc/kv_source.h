@@ -90,6 +90,50 @@ class StagedTileCache {
   int64_t tile_elems_ = 0;
 };
 
+// Row tables of key tiles, for sources that read rows in place where a tile is not one run
+// (and for the tile to prefetch): the addresses of kv head 0's rows of a batch entry, to which
+// each head adds its layout offset. The last two built are kept, so the lockstep heads of a
+// batch entry build a tile's table once, and the next head's same tile (to prefetch) is a
+// table already built.
+class RowTables {
+ public:
+  void reserve() {
+    for (Slot& slot : slots_) slot.table.allocate(kTileKeys);
+  }
+  // The table of rows [j0, j0 + keys) of `runs` (Layout::runs), whose first is `first`:
+  // kept, or filled by build(table).
+  template <typename Build>
+  const char* const* get(const void* runs, const char* first, int64_t j0, int64_t keys,
+                         const Build& build) {
+    ++clock_;
+    for (Slot& slot : slots_) {
+      if (slot.first == first && slot.runs == runs && slot.j0 == j0 && slot.keys == keys) {
+        slot.used = clock_;
+        return slot.table.data();
+      }
+    }
+    Slot& slot = slots_[0].used <= slots_[1].used ? slots_[0] : slots_[1];
+    build(slot.table.data());
+    slot.runs = runs;
+    slot.first = first;
+    slot.j0 = j0;
+    slot.keys = keys;
+    slot.used = clock_;
+    return slot.table.data();
+  }
+
+ private:
+  struct Slot {
+    AlignedBuffer<const char*> table;
+    const void* runs = nullptr;
+    const char* first = nullptr;  // nullptr: empty
+    int64_t j0 = 0, keys = 0;
+    uint64_t used = 0;
+  };
+  Slot slots_[2];
+  uint64_t clock_ = 0;
+};
+
 // A thread's K/V buffers: spare tiles and caches. Each source allocates the ones it uses.
 template <typename T>
 struct KvScratch {
@@ -101,7 +145,7 @@ struct KvScratch {
   // Where each key's K and V rows lie, in this tile when they are not one run and in the
   // tile the thread reads next (KeyTile::next), for a step that reads rows (and prefetches
   // those as it goes).
-  AlignedBuffer<const char*> rows_k, rows_v, next_k, next_v;
+  RowTables k_rows, v_rows;
   StagedTileCache<T> keys, values;
   AlignedBuffer<uint32_t> kt_pairs, v_pairs;  // bfloat16 pairs of K^T and of V
   StagedTileCache<uint32_t> key_pairs, value_pairs;
@@ -200,31 +244,46 @@ class OnLayout {
   // step to prefetch as it goes.
   template <typename T>
   void rows_in_place(TileStep<T>& s, const Head& h, const Tile& t, KvScratch<T>& sc) const {
-    const auto k_of = [&](const Head& at) { return [&](int64_t j) { return k_row(at, j); }; };
-    const auto v_of = [&](const Head& at) { return [&](int64_t j) { return v_row(at, j); }; };
     s.key.data = k_row(h, t.j0);
-    s.key.rows = one_run(t.j0, t.staged_keys)
-                     ? nullptr
-                     : row_table(sc.rows_k, t.j0, t.staged_keys, layout_.k_ld(), k_of(h));
+    s.key.rows = nullptr;
+    if (!one_run(t.j0, t.staged_keys)) {
+      s.key.rows =
+          row_table(sc.k_rows, h, t.j0, t.staged_keys, layout_.k_ld(), k_at(), layout_.k_offset(h));
+      s.key.row_offset = layout_.k_offset(h);
+    }
     values_in_place(s, h, t, sc);
     s.prefetch_next = t.next.keys > 0;
     if (!s.prefetch_next) return;
-    s.key.next = row_table(sc.next_k, t.next.j0, t.next.keys, layout_.k_ld(), k_of(t.next.head));
-    s.value.next = row_table(sc.next_v, t.next.j0, t.next.keys, layout_.v_ld(), v_of(t.next.head));
+    const Head& n = t.next.head;
+    s.key.next_offset = layout_.k_offset(n);
+    s.key.next =
+        row_table(sc.k_rows, n, t.next.j0, t.next.keys, layout_.k_ld(), k_at(), s.key.next_offset);
+    s.value.next_offset = layout_.v_offset(n);
+    s.value.next = row_table(sc.v_rows, n, t.next.j0, t.next.keys, layout_.v_ld(), v_at(),
+                             s.value.next_offset);
   }
   // The step's V rows in place: one run `ld` apart, or a table of their addresses.
   template <typename T>
   void values_in_place(TileStep<T>& s, const Head& h, const Tile& t, KvScratch<T>& sc) const {
     s.value.data = v_row(h, t.j0);
-    s.value.rows = one_run(t.j0, t.staged_keys)
-                       ? nullptr
-                       : row_table(sc.rows_v, t.j0, t.staged_keys, layout_.v_ld(),
-                                   [&](int64_t j) { return v_row(h, j); });
+    s.value.rows = nullptr;
+    if (one_run(t.j0, t.staged_keys)) return;
+    s.value.row_offset = layout_.v_offset(h);
+    s.value.rows =
+        row_table(sc.v_rows, h, t.j0, t.staged_keys, layout_.v_ld(), v_at(), s.value.row_offset);
+  }
+  // k_row, v_row as functions of (head, key).
+  auto k_at() const {
+    return [this](const Head& at, int64_t j) { return k_row(at, j); };
+  }
+  auto v_at() const {
+    return [this](const Head& at, int64_t j) { return v_row(at, j); };
   }
   // Buffers for rows_in_place, before the parallel region.
   template <typename T>
   void reserve_rows(KvScratch<T>& sc) const {
-    for (auto* table : {&sc.rows_k, &sc.rows_v, &sc.next_k, &sc.next_v}) table->allocate(kTileKeys);
+    sc.k_rows.reserve();
+    sc.v_rows.reserve();
   }
   // The scales of int8 rows in place: in place for one run (t.next's prefetched), else
   // copied run by run (t.next's run by run prefetched).
@@ -245,18 +304,21 @@ class OnLayout {
   Layout layout_;
 
  private:
-  // The addresses of rows [j0, j0 + keys), run by run; the table's entries past them repeat
-  // the first (a valid row, for the step's reads past cols).
+  // The table of rows [j0, j0 + keys) of head h (row_at(h, j), `offset` bytes past kv head
+  // 0's), run by run, as kv head 0's addresses: built once for all heads of a batch entry.
+  // Its entries past `keys` repeat the first (a valid row, for the step's reads past cols).
   template <typename RowAt>
-  const char* const* row_table(AlignedBuffer<const char*>& table, int64_t j0, int64_t keys,
-                               int64_t ld, const RowAt& row_at) const {
-    const int64_t bytes = ld * int64_t(sizeof(E));
-    for_each_run(j0, keys, [&](int64_t j, int64_t n) {
-      const char* row = reinterpret_cast<const char*>(row_at(j));
-      for (int64_t r = 0; r < n; ++r) table[j - j0 + r] = row + r * bytes;
+  const char* const* row_table(RowTables& tables, const Head& h, int64_t j0, int64_t keys,
+                               int64_t ld, const RowAt& row_at, int64_t offset) const {
+    const char* first = reinterpret_cast<const char*>(row_at(h, j0)) - offset;
+    return tables.get(layout_.runs(h), first, j0, keys, [&](const char** table) {
+      const int64_t bytes = ld * int64_t(sizeof(E));
+      for_each_run(j0, keys, [&](int64_t j, int64_t n) {
+        const char* row = reinterpret_cast<const char*>(row_at(h, j)) - offset;
+        for (int64_t r = 0; r < n; ++r) table[j - j0 + r] = row + r * bytes;
+      });
+      for (int64_t i = keys; i < kTileKeys; ++i) table[i] = table[0];
     });
-    for (int64_t i = keys; i < kTileKeys; ++i) table[i] = table[0];
-    return table.data();
   }
   // at(head, j): key j's scale.
   template <typename At>
@@ -337,7 +399,7 @@ class PackedKeys : public OnLayout<Layout, T> {
     sc.kt.allocate(d_ * kTileKeys);
     sc.keys.reserve(tiles, kTileKeys * d_, cache);
     this->reserve_gather(sc, d_, 0);  // K only: packed from a gathered tile
-    sc.rows_v.allocate(kTileKeys);
+    sc.v_rows.reserve();
   }
   void setup(TileStep<T>& s) const {
     this->setup_rows(s, Elem::Compute);

@@ -243,6 +243,27 @@ def test_long_sequence_split_kv(paged, rng, dtype, block_size, lq):
     check(paged, q, cache, **kw)
 
 
+@pytest.mark.parametrize("lq", [1, 3], ids=["decode", "chunk"])
+@pytest.mark.parametrize("block_size", [5, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_blocks_shared_between_sequences_and_repeated(paged, rng, dtype, block_size, lq):
+    """Prefix caching hands several sequences the same blocks, and nothing stops a table from
+    naming a block twice. The native driver keeps each key tile's row addresses for all the
+    kv heads of a sequence (and for the tile it prefetches next): sequences 0 and 1 share
+    their first blocks and then part, 2 has 0's table, length and queries (so must equal 0 bit
+    for bit), 3 repeats its first block: a table kept for one sequence or tile and used for
+    another shows."""
+    length = 7 * block_size + 3
+    cache = Cache(rng, dtype, [length] * 4, block_size, hkv=4, d=40, dv=24)
+    cache.table[1, :4] = cache.table[0, :4]
+    cache.table[2] = cache.table[0]
+    cache.table[3, 5] = cache.table[3, 0]
+    q = make_q(rng, 4, 8, lq, 40, q_dtype(dtype))
+    q[2] = q[0]
+    out, _ = check(paged, q, cache, alibi_slopes=rng.uniform(0.02, 0.3, 8))
+    np.testing.assert_array_equal(out[2], out[0])
+
+
 PACKED_Q = [1, 7, 0, 1, 7, 7]  # decode, chunk, no queries, decode, chunk, chunk > its keys
 PACKED_K = [50, 7, 33, 1, 100, 3]
 

@@ -208,7 +208,7 @@ inline void score_rows_bf16_in_place(const cpuattn::TileStep<float>& a, int64_t 
       for (int n = 0; n < KB; ++n) {
         const int64_t j = jb + g * KB + n < a.cols ? jb + g * KB + n : 0;  // past cols: any
         k[n] = row_of(a.key, elements<uint16_t>(a.key), j);  // row, masked later
-        ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
+        ahead[n] = a.prefetch_next ? next_row(a.key, j) : nullptr;
       }
       __m512 acc[RB][KB];
       for (int r = 0; r < RB; ++r) {

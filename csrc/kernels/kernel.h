@@ -45,12 +45,15 @@ struct KeyOperand {
   // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its score)
   const float* scales = nullptr;
   int64_t scale_ld = 0;
-  // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
-  // paged cache, in several blocks), else nullptr
+  // Rows: key j's row at rows[j] + row_offset where the rows are not one run `ld` apart (a
+  // tile of a paged cache, in several blocks), else rows is nullptr. The table is shared by
+  // the kv heads of a sequence (kv_source.h), each head adding its own byte offset.
   const char* const* rows = nullptr;
-  // Rows, with TileStep::prefetch_next: key j's row (its address) in the tile this thread
-  // reads next (KeyTile::next: the item's next tile, or the next lockstep head's)
+  int64_t row_offset = 0;
+  // Rows, with TileStep::prefetch_next: key j's row at next[j] + next_offset in the tile this
+  // thread reads next (KeyTile::next: the item's next tile, or the next lockstep head's)
   const char* const* next = nullptr;
+  int64_t next_offset = 0;
 };
 
 // The value tile as a step reads it.
@@ -71,12 +74,11 @@ struct ValueOperand {
   // I8 Rows: key j's row times scales[j * scale_ld] (the step scales its weight)
   const float* scales = nullptr;
   int64_t scale_ld = 0;
-  // Rows: key j's row (its address) where the rows are not one run `ld` apart (a tile of a
-  // paged cache, in several blocks), else nullptr
+  // Rows: as KeyOperand's
   const char* const* rows = nullptr;
-  // Rows, with TileStep::prefetch_next: key j's row (its address) in the tile this thread
-  // reads next (KeyTile::next: the item's next tile, or the next lockstep head's)
+  int64_t row_offset = 0;
   const char* const* next = nullptr;
+  int64_t next_offset = 0;
 };
 
 // One step: `rows` staged query rows against one key tile of `cols` keys.

@@ -125,7 +125,12 @@ inline const E* elements(const Operand& x) {
 // (a tile of a paged cache, in several blocks), else j * ld elements on.
 template <typename E, typename Operand>
 inline const E* row_of(const Operand& x, const E* base, int64_t j) {
-  return x.rows ? reinterpret_cast<const E*>(x.rows[j]) : base + j * x.ld;
+  return x.rows ? reinterpret_cast<const E*>(x.rows[j] + x.row_offset) : base + j * x.ld;
+}
+// Row j of a Rows operand in the tile the thread reads next (TileStep::prefetch_next).
+template <typename Operand>
+inline const char* next_row(const Operand& x, int64_t j) {
+  return x.next[j] + x.next_offset;
 }
 
 // The K and V rows a step reads (key.form Rows, value.form Rows): the compute type, half or

@@ -99,7 +99,7 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
       for (int n = 0; n < KB; ++n) {
         const int64_t j = jb + g * KB + n < a.cols ? jb + g * KB + n : 0;  // past cols: any
         k[n] = row_of(a.key, rows, j);  // valid row, masked later
-        ahead[n] = a.prefetch_next ? a.key.next[j] : nullptr;
+        ahead[n] = a.prefetch_next ? next_row(a.key, j) : nullptr;
       }
       // One request per line of each row (a vector of narrow elements is a part of one),
       // ahead of the loop: a test per vector in it costs more than the requests. At most
@@ -196,8 +196,9 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
 #pragma GCC unroll 4
   for (int64_t j = 0; j < a.cols; ++j) {
     V vv[CB];
-    const auto* row =
-        kTable ? reinterpret_cast<decltype(rows)>(a.value.rows[j]) : rows + j * a.value.ld;
+    const auto* row = kTable
+                          ? reinterpret_cast<decltype(rows)>(a.value.rows[j] + a.value.row_offset)
+                          : rows + j * a.value.ld;
     for (int c = 0; c < CB; ++c) vv[c] = load_elements<Stored, T>(row + e0 + c * L);
     for (int r = 0; r < RB; ++r) {
       const V p = S::splat(weight<kTransposed>(a, r0 + r, j));
@@ -208,7 +209,7 @@ inline void pv_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0) {
     // L): a line may then be asked for twice, which is harmless.
     if constexpr (kPrefetch) {
       constexpr int64_t kBlockBytes = CB * L * int64_t(sizeof(*rows));
-      const char* ahead = a.value.next[j] + e0 * int64_t(sizeof(*rows));
+      const char* ahead = next_row(a.value, j) + e0 * int64_t(sizeof(*rows));
       for (int64_t b = 0; b < kBlockBytes; b += 64) __builtin_prefetch(ahead + b, 0, 1);
     }
   }
