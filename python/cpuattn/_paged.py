@@ -111,8 +111,10 @@ def attention_paged(
     num_blocks, block_size, hkv, d, dv = _cache_shape(k_cache, v_cache)
     table = _block_table(block_table)
     batch, max_blocks = table.shape
-    lengths = _lengths(kv_lengths, batch, max_blocks * block_size)
-    _check_blocks(table, lengths, block_size, num_blocks)
+    lengths, longest = _lengths(kv_lengths, batch, max_blocks * block_size)
+    native = _pick_backend(backend) is _native.attention
+    if not native:  # the native binding checks the entries itself (see below)
+        _check_blocks(table, lengths, block_size, num_blocks)
     # Entries past a sequence's blocks may hold anything: wrapped to int32, never read.
     table = np.ascontiguousarray(table.astype(np.int32, copy=False))
     scales = (
@@ -139,12 +141,12 @@ def attention_paged(
         q_view = q
     if q.shape[-1] != d:
         raise ValueError(f"q: expected head dim {d} (k_cache's last axis), got shape {q.shape}")
-    kv_shape = (*q_view.shape[:-3], hkv, int(lengths.max(initial=0)), d)
+    kv_shape = (*q_view.shape[:-3], hkv, longest, d)
     req = _cache_named(
         build_request,
         q_view,
-        np.broadcast_to(np.zeros((), k_cache.dtype), kv_shape),  # dtypes and heads only
-        np.broadcast_to(np.zeros((), v_cache.dtype), (*kv_shape[:-1], dv)),
+        _stand_in(kv_shape, k_cache.dtype),  # dtypes and heads only
+        _stand_in((*kv_shape[:-1], dv), v_cache.dtype),
         causal=causal,
         window=window,
         scale=scale,
@@ -155,7 +157,7 @@ def attention_paged(
         return_lse=return_lse,
         global_tokens=global_tokens,
         **(
-            {"k_scale": np.ones(kv_shape[:-1], F32), "v_scale": np.ones(kv_shape[:-1], F32)}
+            {"k_scale": _stand_in(kv_shape[:-1], F32), "v_scale": _stand_in(kv_shape[:-1], F32)}
             if k_cache.dtype == I8
             else {}
         ),
@@ -178,31 +180,38 @@ def attention_paged(
     lse = np.empty(lse_shape, req.dtype) if return_lse else None
     cu_q = cu_q if packed else None
 
-    if _pick_backend(backend) is _native.attention:
+    if native:
         _native.require_core()
         ready = _native._kernel_ready
         left, right = req.window
-        _native._core.attention_paged(
-            ready(q_view, unit_last=True),
-            k_cache,
-            v_cache,
-            table,
-            lengths,
-            target.swapaxes(0, 1) if packed else target,
-            lse,
-            req.scale,
-            req.causal,
-            left,
-            right,
-            min(req.num_threads or 0, 2**31 - 1),
-            req.softcap,
-            alibi,
-            sink_logits,
-            *(None if s is None else ready(s, unit_last=False) for s in scales),
-            cu_q,
-            req.diagonal,
-            req.globals,
-        )
+        # The binding checks every block a length reaches (in its own copy of the table, so no
+        # other thread can change it after the check) but does not say which: on its error,
+        # _check_blocks names the entry (checking here first as well cost ~20 us a call).
+        try:
+            _native._core.attention_paged(
+                ready(q_view, unit_last=True),
+                k_cache,
+                v_cache,
+                table,
+                lengths,
+                target.swapaxes(0, 1) if packed else target,
+                lse,
+                req.scale,
+                req.causal,
+                left,
+                right,
+                min(req.num_threads or 0, 2**31 - 1),
+                req.softcap,
+                alibi,
+                sink_logits,
+                *(None if s is None else ready(s, unit_last=False) for s in scales),
+                cu_q,
+                req.diagonal,
+                req.globals,
+            )
+        except ValueError:
+            _check_blocks(table, lengths, block_size, num_blocks)
+            raise
     else:
         per_seq = {"alibi": alibi, "sinks": sink_logits, "window": window}
         _numpy_paged(req, q, k_cache, v_cache, table, lengths, scales, cu_q, per_seq, target, lse)
@@ -307,7 +316,8 @@ def _block_table(block_table) -> np.ndarray:
     return table
 
 
-def _lengths(kv_lengths, batch: int, capacity: int) -> np.ndarray:
+def _lengths(kv_lengths, batch: int, capacity: int) -> tuple[np.ndarray, int]:
+    """kv_lengths as int64, and the longest."""
     lengths = np.asarray(kv_lengths)
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"kv_lengths: expected integers, got dtype {lengths.dtype}")
@@ -315,12 +325,26 @@ def _lengths(kv_lengths, batch: int, capacity: int) -> np.ndarray:
         raise ValueError(
             f"kv_lengths: expected shape (B,) = ({batch},) (block_table's rows), got {lengths.shape}"
         )
-    if lengths.size and (lengths.min() < 0 or lengths.max() > capacity):
+    low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 0)
+    if low < 0 or high > capacity:
         raise ValueError(
             f"kv_lengths: values must lie in [0, max_blocks * block_size] = [0, {capacity}], "
-            f"got min {lengths.min()}, max {lengths.max()}"
+            f"got min {low}, max {high}"
         )
-    return np.ascontiguousarray(lengths, dtype=np.int64)
+    return np.ascontiguousarray(lengths, dtype=np.int64), high
+
+
+# Zero bytes enough for one element of any dtype, viewed with zero strides.
+_ZERO = np.zeros(16, np.uint8)
+
+
+def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A read-only array of zeros with this shape and dtype, without memory of that size:
+    build_request reads only the shapes and dtypes of k and v here (one ndarray call, ~1 us;
+    np.broadcast_to took ~12 us, a tenth of a small decode call)."""
+    arr = np.ndarray(shape, dtype, buffer=_ZERO, strides=(0,) * len(shape))
+    arr.flags.writeable = False
+    return arr
 
 
 def _check_blocks(table: np.ndarray, lengths: np.ndarray, block_size: int, num_blocks: int) -> None:
