@@ -92,7 +92,7 @@ class StagedTileCache {
 
 // Row tables of key tiles, for sources that read rows in place where a tile is not one run
 // (and for the tile to prefetch): the addresses of kv head 0's rows of a batch entry, to which
-// each head adds its layout offset. The last two built are kept, so the lockstep heads of a
+// each head adds its layout offset. The two used last are kept, so the lockstep heads of a
 // batch entry build a tile's table once, and the next head's same tile (to prefetch) is a
 // table already built.
 class RowTables {

@@ -444,6 +444,16 @@ ERRORS = {  # name: (change to the arguments, exception, message)
         ValueError,
         r"^block_table: entry \[1, 0\] = -1",
     ),
+    "block-id-wraps-in-int32": (  # 2**32 + 3 is not block 3
+        lambda a: {**a, "block_table": np.array([[0, 2**32 + 3], [2, 3]], np.int64)},
+        ValueError,
+        r"^block_table: entry \[0, 1\] = 4294967299 is not a block of the cache",
+    ),
+    "block-id-past-int32": (
+        lambda a: {**a, "block_table": np.array([[0, 1], [2, -(2**31) - 1]], np.int64)},
+        ValueError,
+        r"^block_table: entry \[1, 1\] = -2147483649 is not a block of the cache",
+    ),
     "lengths-past-capacity": (
         lambda a: {**a, "kv_lengths": np.array([20, 33])},
         ValueError,
@@ -498,6 +508,24 @@ ERRORS = {  # name: (change to the arguments, exception, message)
         lambda a: {**a, "v_cache": a["v_cache"][:, :, :1]},
         ValueError,
         r"^v_cache: expected \(4, 16, 2, Dv\)",
+    ),
+    "cache-dtype-objects": (
+        lambda a: {
+            **a,
+            "k_cache": a["k_cache"].astype(object),
+            "v_cache": a["k_cache"].astype(object),
+        },
+        TypeError,
+        r"^k_cache: expected a float32",
+    ),
+    "cache-dtype-wide": (
+        lambda a: {
+            **a,
+            "k_cache": a["k_cache"].astype(np.clongdouble),
+            "v_cache": a["k_cache"].astype(np.clongdouble),
+        },
+        TypeError,
+        r"^k_cache: expected a float32",
     ),
     "caches-dtypes": (
         lambda a: {**a, "v_cache": a["v_cache"].astype(F64)},

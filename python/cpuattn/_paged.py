@@ -115,8 +115,14 @@ def attention_paged(
     native = _pick_backend(backend) is _native.attention
     if not native:  # the native binding checks the entries itself (see below)
         _check_blocks(table, lengths, block_size, num_blocks)
-    # Entries past a sequence's blocks may hold anything: wrapped to int32, never read.
-    table = np.ascontiguousarray(table.astype(np.int32, copy=False))
+    given = table
+    if table.dtype != np.int32:
+        # Entries past a sequence's blocks may hold anything, so a wider table is cast, but a
+        # value outside int32 would wrap, perhaps to a block of the cache: -1 instead, which
+        # the binding refuses wherever a length reaches it.
+        wide = (table < _INT32.min) | (table > _INT32.max)
+        table = np.where(wide, -1, table) if wide.any() else table
+    table = np.ascontiguousarray(table, dtype=np.int32)
     scales = (
         _cache_scale("k_scale", k_scale, "k_cache", k_cache),
         _cache_scale("v_scale", v_scale, "v_cache", v_cache),
@@ -186,7 +192,7 @@ def attention_paged(
         left, right = req.window
         # The binding checks every block a length reaches (in its own copy of the table, so no
         # other thread can change it after the check) but does not say which: on its error,
-        # _check_blocks names the entry (checking here first as well cost ~20 us a call).
+        # _bad_block names the entry (checking here first as well cost ~20 us a call).
         try:
             _native._core.attention_paged(
                 ready(q_view, unit_last=True),
@@ -210,8 +216,10 @@ def attention_paged(
                 req.globals,
             )
         except ValueError:
-            _check_blocks(table, lengths, block_size, num_blocks)
-            raise
+            message = _bad_block(given, lengths, block_size, num_blocks)
+            if message is None:
+                raise
+            raise ValueError(message) from None
     else:
         per_seq = {"alibi": alibi, "sinks": sink_logits, "window": window}
         _numpy_paged(req, q, k_cache, v_cache, table, lengths, scales, cu_q, per_seq, target, lse)
@@ -334,14 +342,20 @@ def _lengths(kv_lengths, batch: int, capacity: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(lengths, dtype=np.int64), high
 
 
-# Zero bytes enough for one element of any dtype, viewed with zero strides.
+_INT32 = np.iinfo(np.int32)
+# Zero bytes for one element of any dtype the caches may have, viewed with zero strides.
 _ZERO = np.zeros(16, np.uint8)
 
 
 def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A read-only array of zeros with this shape and dtype, without memory of that size:
     build_request reads only the shapes and dtypes of k and v here (one ndarray call, ~1 us;
-    np.broadcast_to took ~12 us, a tenth of a small decode call)."""
+    np.broadcast_to took ~12 us, a tenth of a small decode call). A dtype the zero bytes
+    cannot hold (objects, wider than 16 bytes: build_request refuses both, naming the
+    cache) goes the slow way."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or dtype.itemsize > _ZERO.size:
+        return np.broadcast_to(np.zeros((), dtype), shape)
     arr = np.ndarray(shape, dtype, buffer=_ZERO, strides=(0,) * len(shape))
     arr.flags.writeable = False
     return arr
@@ -349,14 +363,25 @@ def _stand_in(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def _check_blocks(table: np.ndarray, lengths: np.ndarray, block_size: int, num_blocks: int) -> None:
     """Every block a sequence's length reaches is one of the cache's."""
+    message = _bad_block(table, lengths, block_size, num_blocks)
+    if message is not None:
+        raise ValueError(message)
+
+
+def _bad_block(
+    table: np.ndarray, lengths: np.ndarray, block_size: int, num_blocks: int
+) -> str | None:
+    """The error for the first entry a length reaches that is not a block of the cache, or
+    None."""
     used = np.arange(table.shape[1]) < -(-lengths[:, None] // block_size)
     bad = used & ((table < 0) | (table >= num_blocks))
-    if bad.any():
-        b, i = (int(x) for x in np.argwhere(bad)[0])
-        raise ValueError(
-            f"block_table: entry [{b}, {i}] = {table[b, i]} is not a block of the cache "
-            f"(0 <= id < {num_blocks}), and sequence {b}'s kv_lengths {lengths[b]} reaches it"
-        )
+    if not bad.any():
+        return None
+    b, i = (int(x) for x in np.argwhere(bad)[0])
+    return (
+        f"block_table: entry [{b}, {i}] = {table[b, i]} is not a block of the cache "
+        f"(0 <= id < {num_blocks}), and sequence {b}'s kv_lengths {lengths[b]} reaches it"
+    )
 
 
 def _cache_scale(name: str, scale, cache_name: str, cache: np.ndarray) -> np.ndarray | None:
