@@ -21,6 +21,10 @@ class OutputWriter {
       : p_(p), group_(plan.group()), partial_elems_(plan.max_tile_rows() * (p.dv + 2)) {
     if constexpr (std::is_same_v<T, float>) {
       finish_ = kernels.finish_f32;
+      if (!p.sinks.data && (p.out_dtype == DType::F16 || p.out_dtype == DType::BF16)) {
+        half_out_ =
+            kernels.encodings[int(p.out_dtype == DType::F16 ? Elem::F16 : Elem::Bf16)].from_float;
+      }
     } else {
       finish_ = kernels.finish_f64;
     }
@@ -30,7 +34,8 @@ class OutputWriter {
   int64_t partial_elems() const { return partial_elems_; }
 
   // The tile's rows to out (and lse): an out in the compute type is written by the kernel's
-  // finish along with the row sums, another type here from those sums.
+  // finish along with the row sums, a half out by the kernel's rounding from those sums, and
+  // any other (with sinks) here.
   void write_rows(const ItemPos& pos, QueryRows<T>& t) const {
     const int64_t rows = pos.rows;
     const OutBase base = out_base(pos);
@@ -44,10 +49,24 @@ class OutputWriter {
       }
     }
     finish_(t.o.data(), t.l.data(), rows, p_.dv, direct ? t.out.data() : nullptr, t.sums.data());
-    if (direct && !p_.lse.data) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (half_out_) {  // the rows times 1 / sum (finish_row's factor without sinks), rounded
+        uint16_t* out = static_cast<uint16_t*>(const_cast<void*>(p_.out.data)) + base.out;
+        const size_t nb = p_.batch_shape.size();
+        const int64_t head_stride = p_.out.strides[nb], pos_stride = p_.out.strides[nb + 1];
+        for (int64_t r = 0; r < rows; ++r) {
+          const float inv = t.sums[r] == 0.0f ? 0.0f : 1.0f / t.sums[r];
+          half_out_(t.o.data() + r * p_.dv, inv, p_.dv,
+                    out + t.head[r] * head_stride + t.pos[r] * pos_stride);
+        }
+      }
+    }
+    if ((direct || half_out_) && !p_.lse.data) return;
     for (int64_t r = 0; r < rows; ++r) {
       const Finish f = finish_row(base, t.head[r], t.m[r], t.sums[r]);
-      if (!direct) write_out_row(base, t.pos[r], t.head[r], t.o.data() + r * p_.dv, f.inv);
+      if (!direct && !half_out_) {
+        write_out_row(base, t.pos[r], t.head[r], t.o.data() + r * p_.dv, f.inv);
+      }
       write_lse(base, t.pos[r], t.head[r], f.lse);
     }
   }
@@ -121,6 +140,7 @@ class OutputWriter {
              h * p_.sinks.strides[p_.batch_shape.size()];
     }
     if (l == T(0)) return {T(0), sink ? *sink : -std::numeric_limits<T>::infinity()};
+    if (!sink && !p_.lse.data) return {T(1) / l, T(0)};  // no lse to write: no log
     const T a = m + std::log(l);
     if (!sink) return {T(1) / l, a};
     const T hi = a < *sink ? *sink : a, lo = a < *sink ? a : *sink;
@@ -154,6 +174,10 @@ class OutputWriter {
   const Params& p_;
   int64_t group_, partial_elems_;
   void (*finish_)(const T*, const T*, int64_t, int64_t, T* const*, T*);  // the ISA's finish
+  // The ISA's rounding of rows to a float16 / bfloat16 out (float32 compute, no sinks), or
+  // nullptr: written element by element here, that rounding took a tenth of a small-head
+  // call's time.
+  decltype(EncodingOps::from_float) half_out_ = nullptr;
 };
 
 }  // namespace cpuattn

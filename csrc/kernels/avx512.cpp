@@ -2,6 +2,7 @@
 #define CPUATTN_TARGET avx512  // this ISA's namespace (target.h): before any include
 #include <immintrin.h>  // before the namespace below: exp.h uses vscalefps
 
+#include "convert.h"
 #include "kernels/kernel.h"
 
 #define CPUATTN_VEC_BYTES 64

@@ -161,6 +161,9 @@ struct EncodingOps {
   // key tile's), so that memory works while the step computes.
   void (*to_float)(const void* src, int64_t ld, const float* scales, int64_t scale_ld, int64_t rows,
                    int64_t width, float* dst, const void* ahead);
+  // dst[i] = x[i] * a, i < n, rounded to this encoding as convert.h rounds (to nearest even,
+  // NaN kept quiet): an output row in half precision. nullptr for int8 (no int8 outputs).
+  void (*from_float)(const float* x, float a, int64_t n, void* dst);
 };
 
 struct KernelSet {

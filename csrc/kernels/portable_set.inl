@@ -109,6 +109,48 @@ inline void convert_i8_rows(const void* rows_in, int64_t ld, const float* scales
   }
 }
 
+// x * a rounded to bfloat16: convert.h's f32_to_bf16 without branches, so the compiler
+// vectorizes it for this ISA (vcvtneps2bf16 would treat subnormals as zero).
+inline void bf16_from_float(const float* x, float a, int64_t n, void* dst) {
+  auto* y = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = f32_to_bits(x[i] * a);
+    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    y[i] = uint16_t((b & 0x7fffffffu) > 0x7f800000u ? (b >> 16) | 0x40u : rounded);
+  }
+}
+
+// x * a rounded to float16: F16C's vcvtps2ph (to nearest even) where the ISA has it, with NaN
+// as convert.h's f32_to_f16 makes it (sign | 0x7e00, where vcvtps2ph keeps the payload's top
+// bits); f32_to_f16 for the rest.
+inline void f16_from_float(const float* x, float a, int64_t n, void* dst) {
+  auto* y = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(a));
+    // maskz: the unmasked intrinsic trips GCC 12's -Wmaybe-uninitialized
+    const __m256i h =
+        _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), h);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0) {
+      for (int k = 0; k < 16; ++k) y[i + k] = f32_to_f16(x[i + k] * a);
+    }
+  }
+#endif
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(a));
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), h);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      for (int k = 0; k < 8; ++k) y[i + k] = f32_to_f16(x[i + k] * a);
+    }
+  }
+#endif
+  for (; i < n; ++i) y[i] = f32_to_f16(x[i] * a);
+}
+
 // y = x * a over n elements: whole vectors, then the n % L tail one element at a time.
 template <typename T>
 void scale_array(const T* x, T a, int64_t n, T* y) {
@@ -159,6 +201,8 @@ constexpr cpuattn::KernelSet portable_kernels(const char* name) {
   k.encodings[int(Elem::F16)].to_float = &convert_f16_rows;
   k.encodings[int(Elem::Bf16)].to_float = &convert_bf16_rows;
   k.encodings[int(Elem::I8)].to_float = &convert_i8_rows;
+  k.encodings[int(Elem::F16)].from_float = &f16_from_float;
+  k.encodings[int(Elem::Bf16)].from_float = &bf16_from_float;
   k.scale_f32 = &scale_array<float>;
   k.scale_f64 = &scale_array<double>;
   k.finish_f32 = &finish_rows<float>;

@@ -1,5 +1,6 @@
 // The portable tile step compiled for the scalar target (flags set in CMakeLists.txt).
 #define CPUATTN_TARGET scalar  // this ISA's namespace (target.h): before any include
+#include "convert.h"
 #include "kernels/kernel.h"
 
 #define CPUATTN_VEC_BYTES 16
