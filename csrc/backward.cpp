@@ -103,6 +103,34 @@ bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t width) {
   return found != 0;
 }
 
+// Bytes of one thread's bfloat16 query operands (Bf16QueryTiles) past which they are
+// prepared again for every pair rather than kept for the whole row block.
+constexpr int64_t kMaxBf16QueryBytes = int64_t(1) << 26;
+
+// One thread's bfloat16 operands for the tile unit (Bf16BackwardOperands): the key tile's,
+// packed with it, and the query tiles' of its task's row block, each prepared on the tile's
+// first pair and kept for the others (or, past kMaxBf16QueryBytes, one slot prepared per pair).
+struct Bf16Scratch {
+  AlignedBuffer<uint32_t> kt, vt, k;
+  AlignedBuffer<float> dk_t, dv_t;
+  AlignedBuffer<uint16_t> q, q_t, dout, dout_t;  // `slots` query tiles each
+  AlignedBuffer<int8_t> ready;                    // per slot, for the task in flight
+  int64_t slots = 0;
+
+  Bf16Scratch() = default;
+  Bf16Scratch(int64_t d, int64_t dv, int64_t block_tiles)
+      : kt(d / 2 * kTileKeys), vt(dv / 2 * kTileKeys), k(kTileKeys / 2 * d), dk_t(d * kTileKeys),
+        dv_t(dv * kTileKeys) {
+    const int64_t tile_bytes = 2 * kTileRows * (d + dv) * int64_t(sizeof(uint16_t));
+    slots = block_tiles * tile_bytes <= kMaxBf16QueryBytes ? block_tiles : 1;
+    q.allocate(slots * kTileRows * d);
+    q_t.allocate(slots * kTileRows * d);
+    dout.allocate(slots * kTileRows * dv);
+    dout_t.allocate(slots * kTileRows * dv);
+    ready.allocate(slots);
+  }
+};
+
 // Per-thread buffers, allocated before the parallel region; each written before it is read.
 template <typename T>
 struct alignas(64) BackwardScratch {
@@ -110,13 +138,31 @@ struct alignas(64) BackwardScratch {
   AlignedBuffer<T> dout, lse, delta, dp, cap_grad;  // the query tile's
   AlignedBuffer<T> kt, vt, dk, dv;                             // the key tile's
   AlignedBuffer<int8_t> tile_nonfinite;  // per query tile of the task's head: -1 not yet known
+  Bf16Scratch bf16;                      // with the tile unit only
 
-  BackwardScratch(const Params& p, int64_t q_tiles)
+  BackwardScratch(const Params& p, int64_t q_tiles, bool bf16_products, int64_t block_tiles)
       : rows(p.d, p.dv, -1), dout(kTileRows * p.dv), lse(kTileRows), delta(kTileRows),
         dp(kTileRows * kTileKeys), cap_grad(p.softcap > 0 ? kTileRows * kTileKeys : 0),
         kt(p.d * kTileKeys), vt(p.dv * kTileKeys), dk(kTileKeys * p.d), dv(kTileKeys * p.dv),
-        tile_nonfinite(q_tiles) {}
+        tile_nonfinite(q_tiles) {
+    if (bf16_products) bf16 = Bf16Scratch(p.d, p.dv, block_tiles);
+  }
 };
+
+// float32 values that are bfloat16 ones: their upper halves; a pair, the first in the low half.
+inline uint16_t bf16_bits(float x) { return uint16_t(f32_to_bits(x) >> 16); }
+inline uint32_t bf16_pair(float first, float second) {
+  return uint32_t(bf16_bits(first)) | uint32_t(bf16_bits(second)) << 16;
+}
+
+// The tile unit's backward step for this call, or nullptr: bfloat16 inputs, float32
+// compute, D and Dv whole 32-element chunks (the tile unit's pairs).
+template <typename T>
+auto bf16_backward_step(const BackwardParams& bp, const KernelSet& kernels) {
+  const Params& p = bp.fwd;
+  const bool fits = bp.bf16_inputs && p.d > 0 && p.d % 32 == 0 && p.dv > 0 && p.dv % 32 == 0;
+  return std::is_same_v<T, float> && fits ? kernels.backward_bf16_amx : nullptr;
+}
 
 // Where a key tile's finished dK or dV rows go: the caller's array (rows ld apart, times
 // scale), or a row block's partial.
@@ -134,7 +180,9 @@ class BackwardDriver {
                  const BackwardPlan& cut)
       : bp_(bp), p_(bp.fwd), plan_(plan), cut_(cut), group_(plan.group()),
         rows_per_pair_(plan.rows_per_head_group()), q_tiles_(plan.query_tiles_per_head()),
-        query_(bp.fwd, kernels, plan, -1, false) {
+        bf16_step_(bf16_backward_step<T>(bp, kernels)),
+        // With the tile unit, q is bfloat16 as it is: staged unscaled, the scores scaled.
+        query_(bp.fwd, kernels, plan, -1, false, bf16_step_ == nullptr) {
     if constexpr (std::is_same_v<T, float>) {
       step_ = kernels.backward_f32;
       pack_ = kernels.pack_f32;
@@ -147,7 +195,7 @@ class BackwardDriver {
     proto_.key.form = KeyForm::PackedT;
     proto_.key.elem = Elem::Compute;
     // dK = dS^T (scale q): the scale is in a staged q, and applied to dK for one read in place.
-    dk_scale_ = query_.in_place() ? static_cast<T>(p_.scale) : T(1);
+    dk_scale_ = query_.unscaled() ? static_cast<T>(p_.scale) : T(1);
     // One chunk and no GQA group: a pair's dQ rows are one head's, accumulated in dq itself
     // when they are D apart (scaled in place at the end), with no partial to allocate.
     dq_in_place_ = cut.chunks == 1 && group_ == 1 && bp.dq.strides[nb + 1] == p_.d;
@@ -162,6 +210,7 @@ class BackwardDriver {
   }
 
   int64_t q_tiles() const { return q_tiles_; }
+  bool bf16_products() const { return bf16_step_ != nullptr; }
   bool dq_in_place() const { return dq_in_place_; }
   int64_t key_tiles() const { return (p_.lk + kTileKeys - 1) / kTileKeys; }
   int64_t dq_elems() const { return rows_per_pair_ * p_.d; }  // one pair's dQ
@@ -181,6 +230,7 @@ class BackwardDriver {
     T* dq = dq_in_place_ ? dq_rows_of(head) : dq_parts + (chunk * cut_.pairs + pair) * dq_elems();
     std::fill(dq + t_begin * kTileRows * p_.d, dq + r_end * p_.d, T(0));
     std::fill(sc.tile_nonfinite.data(), sc.tile_nonfinite.data() + q_tiles_, int8_t(-1));
+    if (bf16_step_) std::fill(sc.bf16.ready.data(), sc.bf16.ready.data() + sc.bf16.slots, 0);
 
     const RowBounds rb = plan_.row_bounds(head);
     const int64_t k_begin = chunk * cut_.chunk_keys;
@@ -266,8 +316,20 @@ class BackwardDriver {
                  head.hk * p_.k.strides[nb] + j0 * k_ld;
     const T* v = static_cast<const T*>(p_.v.data) + batch_offset(p_.batch_shape, p_.v, head.b) +
                  head.hk * p_.v.strides[nb] + j0 * v_ld;
-    pack_(k, k_ld, cols, p_.d, sc.kt.data());
-    pack_(v, v_ld, cols, p_.dv, sc.vt.data());
+    // The float32 step's K^T and V^T: always without the tile unit, else for the first pair
+    // that needs that step (a non-finite operand).
+    bool packed = false;
+    const auto pack_compute = [&] {
+      if (packed) return;
+      pack_(k, k_ld, cols, p_.d, sc.kt.data());
+      pack_(v, v_ld, cols, p_.dv, sc.vt.data());
+      packed = true;
+    };
+    if (bf16_step_) {
+      pack_bf16_keys(k, k_ld, v, v_ld, cols, sc.bf16);
+    } else {
+      pack_compute();
+    }
     std::fill(sc.dk.data(), sc.dk.data() + cols * p_.d, T(0));
     std::fill(sc.dv.data(), sc.dv.data() + cols * p_.dv, T(0));
     const bool keys_nonfinite = any_nonfinite(k, k_ld, cols, p_.d);
@@ -304,10 +366,87 @@ class BackwardDriver {
       b.dv = sc.dv.data();
       b.rows_nonfinite = sc.tile_nonfinite[t] != 0;
       b.keys_nonfinite = keys_nonfinite;
+      b.amx = nullptr;
+      // Where P is 0 the float32 step skips inf or NaN operands; the tile unit cannot.
+      if constexpr (std::is_same_v<T, float>) {
+        if (bf16_step_ && !b.rows_nonfinite && !keys_nonfinite) {
+          const Bf16BackwardOperands ops = bf16_operands(sc.bf16, t - t_begin, b);
+          b.amx = &ops;
+          bf16_step_(b);
+          continue;
+        }
+      }
+      pack_compute();
       step_(b);
+    }
+    if (bf16_step_) {
+      add_transposed(sc.bf16.dk_t.data(), cols, p_.d, sc.dk.data());
+      add_transposed(sc.bf16.dv_t.data(), cols, p_.dv, sc.dv.data());
     }
     write_key_rows(dk, j0, cols, p_.d, sc.dk.data());
     write_key_rows(dv, j0, cols, p_.dv, sc.dv.data());
+  }
+
+  // The key tile's bfloat16 operands: K^T and V^T as pairs along D, K as pairs of keys, zero
+  // past cols; dK^T and dV^T accumulators zeroed.
+  void pack_bf16_keys(const T* k, int64_t k_ld, const T* v, int64_t v_ld, int64_t cols,
+                      Bf16Scratch& x) const {
+    const int64_t d = p_.d, dv = p_.dv;
+    // Pairs along a row of x (ld apart) -> transposed pairs, zero past cols.
+    const auto pairs_t = [cols](const T* x, int64_t ld, int64_t width, uint32_t* to) {
+      for (int64_t j = 0; j < kTileKeys; ++j) {
+        const T* row = x + j * ld;
+        for (int64_t e = 0; e < width; e += 2) {
+          to[e / 2 * kTileKeys + j] = j < cols ? bf16_pair(row[e], row[e + 1]) : 0u;
+        }
+      }
+    };
+    pairs_t(k, k_ld, d, x.kt.data());
+    pairs_t(v, v_ld, dv, x.vt.data());
+    for (int64_t j = 0; j < kTileKeys; j += 2) {  // pairs of keys
+      uint32_t* row = x.k.data() + j / 2 * d;
+      for (int64_t e = 0; e < d; ++e) {
+        row[e] = bf16_pair(j < cols ? k[j * k_ld + e] : T(0),
+                           j + 1 < cols ? k[(j + 1) * k_ld + e] : T(0));
+      }
+    }
+    std::fill(x.dk_t.data(), x.dk_t.data() + d * kTileKeys, 0.0f);
+    std::fill(x.dv_t.data(), x.dv_t.data() + dv * kTileKeys, 0.0f);
+  }
+
+  // Query tile `slot` of the row block as bfloat16 rows and their transposes (prepared on
+  // its first pair, from the pair's unscaled q and dout rows), with the key tile's operands.
+  Bf16BackwardOperands bf16_operands(Bf16Scratch& x, int64_t slot, const BackwardStep<T>& b) const {
+    const int64_t d = p_.d, dv = p_.dv, rows = b.scores.rows;
+    if (x.slots == 1) slot = 0;
+    uint16_t* q = x.q.data() + slot * kTileRows * d;
+    uint16_t* q_t = x.q_t.data() + slot * kTileRows * d;
+    uint16_t* dout = x.dout.data() + slot * kTileRows * dv;
+    uint16_t* dout_t = x.dout_t.data() + slot * kTileRows * dv;
+    if (x.slots == 1 || !x.ready[slot]) {
+      const auto prepare = [rows](const T* src, int64_t ld, int64_t width, uint16_t* out,
+                                  uint16_t* out_t) {
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          for (int64_t e = 0; e < width; ++e) {
+            const uint16_t h = r < rows ? bf16_bits(src[r * ld + e]) : 0;
+            out[r * width + e] = h;
+            out_t[e * kTileRows + r] = h;
+          }
+        }
+      };
+      prepare(b.scores.q, b.scores.q_ld, d, q, q_t);
+      prepare(b.dout, b.dout_ld, dv, dout, dout_t);
+      x.ready[slot] = 1;
+    }
+    return {q,           q_t,        dout,          dout_t,       x.kt.data(),
+            x.vt.data(), x.k.data(), x.dk_t.data(), x.dv_t.data()};
+  }
+
+  // acc[j][e] += acc_t[e][j], j < cols, e < width (the tile unit's dK^T or dV^T).
+  static void add_transposed(const float* acc_t, int64_t cols, int64_t width, T* acc) {
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t e = 0; e < width; ++e) acc[j * width + e] += acc_t[e * kTileKeys + j];
+    }
   }
 
   // The tile's dout rows (in place, or copied), lse (+inf for a row that kept no key: all its
@@ -392,6 +531,7 @@ class BackwardDriver {
   const WorkPlan& plan_;
   BackwardPlan cut_;
   int64_t group_, rows_per_pair_, q_tiles_;
+  void (*bf16_step_)(const BackwardStep<float>&);  // the tile unit's, or nullptr
   QueryStage<T> query_;
   void (*step_)(const BackwardStep<T>&) = nullptr;
   void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;
@@ -442,7 +582,12 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   // Allocated before the parallel region, where nothing allocates or throws (attention.cpp).
   std::vector<BackwardScratch<T>> scratch;
   scratch.reserve(threads);
-  for (int t = 0; t < threads; ++t) scratch.emplace_back(p, driver.q_tiles());
+  for (int t = 0; t < threads; ++t) {
+    scratch.emplace_back(p, driver.q_tiles(), driver.bf16_products(), cut.block_tiles);
+  }
+  // The tile unit's configuration is per thread: set before its first step, released after.
+  void (*amx_begin)() = driver.bf16_products() ? kernels.amx_begin : nullptr;
+  void (*amx_end)() = driver.bf16_products() ? kernels.amx_end : nullptr;
   // Partials, each zeroed by the task that writes it where the sums read it.
   const AlignedBuffer<T> dq_parts(
       driver.dq_in_place() ? 0 : cut.chunks * cut.pairs * driver.dq_elems());
@@ -454,10 +599,12 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
 #pragma omp parallel num_threads(threads)
   {
     BackwardScratch<T>& sc = scratch[omp_get_thread_num()];
+    if (amx_begin) amx_begin();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       driver.run_task(task, sc, dq_parts.data(), dk_parts.data(), dv_parts.data());
     }
+    if (amx_end) amx_end();
 #pragma omp for schedule(static) nowait
     for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, dq_parts.data());
 #pragma omp for schedule(static)
@@ -466,9 +613,11 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
     }
   }
 #else
+  if (amx_begin) amx_begin();
   for (int64_t task = 0; task < tasks; ++task) {
     driver.run_task(task, scratch[0], dq_parts.data(), dk_parts.data(), dv_parts.data());
   }
+  if (amx_end) amx_end();
   for (int64_t tile = 0; tile < q_tiles; ++tile) driver.finish_dq(tile, dq_parts.data());
   for (int64_t tile = 0; tile < key_tiles; ++tile) {
     driver.finish_dkv(tile, dk_parts.data(), dv_parts.data());

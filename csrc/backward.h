@@ -15,6 +15,9 @@ struct BackwardParams {
   // (*batch, Hkv, Lk, D | Dv), compute type, unit last stride, writable: every row written
   // (0 for keys no query keeps).
   View dk, dv;
+  // q, k, v and dout hold bfloat16 values (float32 converted from bfloat16): their products
+  // may then run on bfloat16 units (AMX) exactly, with float32 accumulation.
+  bool bf16_inputs = false;
 };
 
 // FlashAttention-2's backward (backward.cpp): the gradients of attention(p.fwd) for upstream

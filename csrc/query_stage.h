@@ -79,8 +79,10 @@ class QueryStage {
  public:
   // pairs: q's bfloat16 pairs per row for the bfloat16 steps, or -1 (q in the compute type).
   // staged_query: the K/V source's step reads q staged, never in place (kv_source.h).
+  // scaled_copy: a staged copy of q is times the scale (else as it is, and the steps scale
+  // the scores by dot_scale, as for q in place).
   QueryStage(const Params& p, const KernelSet& kernels, const WorkPlan& plan, int64_t pairs,
-             bool staged_query)
+             bool staged_query, bool scaled_copy = true)
       : p_(p), group_(plan.group()), q_pairs_(pairs) {
     if constexpr (std::is_same_v<T, float>) {
       scale_ = kernels.scale_f32;
@@ -99,6 +101,7 @@ class QueryStage {
       }
     }
     in_place_ = q_ld_ != 0 && p.q_dtype == p.compute_dtype && !staged_query && !p.additive_w;
+    unscaled_ = in_place_ || !scaled_copy;
   }
 
   // Rows [pos.r0, pos.r0 + pos.rows) of the item: their positions, heads, keys and diagonal,
@@ -116,7 +119,7 @@ class QueryStage {
     const int64_t b = pos.b, hk = pos.hk, rows = pos.rows;
     const size_t nb = p_.batch_shape.size();
     const int64_t q_base = batch_offset(p_.batch_shape, p_.q, b) + pos.q_row * p_.q.strides[nb + 1];
-    const T scale = static_cast<T>(p_.scale);
+    const T scale = unscaled_ ? T(1) : static_cast<T>(p_.scale);
     // Row r0 + r is query i of head hk * group + g, stepped without a division per row.
     // Locals throughout: the compiler cannot keep p_'s fields in registers across the stores.
     int64_t* row_pos = t.pos.data();
@@ -167,8 +170,8 @@ class QueryStage {
     std::fill(t.o.data(), t.o.data() + rows * p_.dv, T(0));
   }
 
-  // Whether steps read q in place, unscaled (they scale the scores by dot_scale).
-  bool in_place() const { return in_place_; }
+  // Whether steps read q unscaled, in place or copied (they scale the scores by dot_scale).
+  bool unscaled() const { return unscaled_; }
 
   // Rows [r0, r1) of a step that point() set up, as a step of their own (the rest of the tile
   // untouched). r0 a multiple of kStepRowBlock, so every step may still round its rows up.
@@ -194,7 +197,7 @@ class QueryStage {
   void point(TileStep<T>& s, QueryRows<T>& t, int64_t rows) const {
     s.q = in_place_ ? static_cast<const T*>(p_.q.data) + t.q_first : t.q.data();
     s.q_ld = in_place_ ? q_ld_ : p_.d;
-    s.q_in_place = in_place_;
+    s.q_unscaled = unscaled_;
     s.rows = rows;
     s.s = t.s.data();
     s.o = t.o.data();
@@ -239,6 +242,7 @@ class QueryStage {
   int64_t group_, q_pairs_;
   int64_t q_ld_ = 0;  // with in_place_: elements between a tile's q rows (0 = not constant)
   bool in_place_ = false;
+  bool unscaled_ = false;  // in place, or copied without the scale
   void (*scale_)(const T*, T, int64_t, T*);  // the ISA's y = x * a, for q rows
 };
 

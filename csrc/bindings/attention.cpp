@@ -603,7 +603,7 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
                         int align, int64_t window_left, int64_t window_right, int num_threads,
                         double softcap, const std::optional<py::array>& alibi,
                         std::optional<int64_t> diagonal,
-                        const std::optional<py::array>& global_tokens) {
+                        const std::optional<py::array>& global_tokens, bool bf16_inputs) {
   Call c;
   cpuattn::BackwardParams bp;
   cpuattn::Params& p = c.p;
@@ -636,6 +636,7 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
   read_options(c, scale, causal, align, window_left, window_right, num_threads, softcap, alibi,
                diagonal, global_tokens);
   bp.fwd = p;
+  bp.bf16_inputs = bf16_inputs && t == cpuattn::DType::F32;
 
   // Safe without the GIL, as attention() above.
   py::gil_scoped_release release;
@@ -668,7 +669,8 @@ void register_attention(py::module_& m) {
         py::arg("dv"), py::arg("mask"), py::arg("kv_lengths"), py::arg("scale"), py::arg("causal"),
         py::arg("align"), py::arg("window_left"), py::arg("window_right"), py::arg("num_threads"),
         py::arg("softcap"), py::arg("alibi"), py::arg("diagonal"),
-        py::arg("global_tokens") = py::none(),
+        py::arg("global_tokens") = py::none(), py::arg("bf16_inputs") = false,
         "Gradients of attention into dq, dk, dv (every element written). Arguments must "
-        "already be validated and canonical: see cpuattn._native.");
+        "already be validated and canonical: see cpuattn._native. bf16_inputs: q, k, v and "
+        "dout (float32) hold bfloat16 values, which lets the products run in bfloat16.");
 }

@@ -15,11 +15,13 @@ namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
 #include "kernels/amx_step.inl"
+#include "kernels/amx_backward_step.inl"
 constexpr KernelSet amx_kernels() {
   KernelSet k = portable_kernels("avx512_amx");
   k.step_bf16_amx = &tile_step_amx;
   k.amx_begin = &configure_tiles;
   k.amx_end = &release_tiles;
+  k.backward_bf16_amx = &backward_step_amx;
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

@@ -32,15 +32,19 @@ inline void product_tile(const cpuattn::TileStep<T>& a) {
   });
 }
 
-// The forward's weights of the pair, P = exp(S - lse), into b.scores.s; with softcap, its
-// derivative 1 - tanh^2 = 1 - (capped / cap)^2 into b.cap_grad.
-template <typename T>
-inline void recompute_weights(const cpuattn::BackwardStep<T>& b) {
+// The forward's weights of the pair from its scores S in b.scores.s (kBareProducts: q . K^T,
+// not yet times dot_scale, as the tile unit stores them): P = exp(S - lse), in place; with
+// softcap, its derivative 1 - tanh^2 = 1 - (capped / cap)^2 into b.cap_grad.
+template <typename T, bool kBareProducts = false>
+inline void weights_from_scores(const cpuattn::BackwardStep<T>& b) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   const cpuattn::TileStep<T>& a = b.scores;
-  product_tile(a);
+  if constexpr (kBareProducts) {
+    const V scale = S::splat(a.dot_scale);
+    for (int64_t i = 0; i < a.rows * W; i += L) S::store(a.s + i, S::load(a.s + i) * scale);
+  }
   if (a.softcap > 0) {
     cap_scores<T, false>(a, 0, a.rows);
     const T inverse_cap = T(1) / a.softcap;
@@ -84,12 +88,13 @@ inline void softmax_gradient(const cpuattn::BackwardStep<T>& b) {
 template <typename T>
 void backward_step(const cpuattn::BackwardStep<T>& b) {
   const cpuattn::TileStep<T>& a = b.scores;
-  recompute_weights(b);
+  product_tile(a);
+  weights_from_scores(b);
 
   cpuattn::TileStep<T> dp = a;  // dP = dO V^T: a score product with dO for q, V^T for K^T
   dp.q = b.dout;
   dp.q_ld = b.dout_ld;
-  dp.q_in_place = false;
+  dp.q_unscaled = false;
   dp.key.data = b.vt;
   dp.d = a.dv;
   dp.s = b.dp;

@@ -84,10 +84,10 @@ struct ValueOperand {
 // One step: `rows` staged query rows against one key tile of `cols` keys.
 template <typename T>
 struct TileStep {
-  const T* q;       // rows x d, rows q_ld apart: a packed copy times the scale, or (q_in_place)
-                    // the caller's rows as they are, for score_rows only
+  const T* q;       // rows x d, q_ld apart: a packed copy times the scale, or (q_unscaled)
+                    // the caller's rows or a copy as they are, for score_rows only
   int64_t q_ld;
-  bool q_in_place;  // q not scaled: score_rows multiplies the scores by dot_scale
+  bool q_unscaled;  // q not scaled: score_rows multiplies the scores by dot_scale
   KeyOperand key;
   ValueOperand value;
   int64_t rows, cols, d, dv;
@@ -117,13 +117,29 @@ struct TileStep {
   const uint32_t* q_hi;  // rows x d_pairs, q (unscaled) rounded to bfloat16
   const uint32_t* q_lo;  // rows x d_pairs, q - q_hi rounded, for a float32 q; else nullptr
   int64_t d_pairs;       // D's bfloat16 pairs, padded as the step needs
-  T dot_scale;           // scores times this, where q is unscaled (bfloat16 steps, q_in_place)
+  T dot_scale;           // scores times this where q is unscaled (bfloat16 steps, q_unscaled)
   bool split_p;          // P.V with p as p_hi + p_lo (float32 output) rather than p rounded
 
   // This thread's next task (its q, K, V and out), to ask the caches for during this step, a
   // few lines per row block so the requests overlap the arithmetic (all of them at the task's
   // start bought nothing, measured). lines 0: none. The bfloat16 steps ignore them.
   PrefetchRange prefetch[kPrefetchRanges];
+};
+
+// The backward's operands as bfloat16 for the tile unit (KernelSet::backward_bf16_amx): the
+// inputs were bfloat16, so these hold them exactly. Query-side tiles have kTileRows rows (zero
+// past the step's rows), key-side ones kTileKeys keys (zero past its cols); d and dv are
+// multiples of 32. A pair is two consecutive bfloat16 in a uint32, the first in the low half.
+struct Bf16BackwardOperands {
+  const uint16_t* q;       // kTileRows x d, q unscaled
+  const uint16_t* q_t;     // d x kTileRows: q^T
+  const uint16_t* dout;    // kTileRows x dv
+  const uint16_t* dout_t;  // dv x kTileRows
+  const uint32_t* kt;      // d / 2 x kTileKeys: K^T, pairs along D
+  const uint32_t* vt;      // dv / 2 x kTileKeys: V^T, pairs along Dv
+  const uint32_t* k;       // kTileKeys / 2 x d: K, pairs of consecutive keys
+  float* dk_t;             // d x kTileKeys accumulators: dK^T (unscaled)
+  float* dv_t;             // dv x kTileKeys accumulators: dV^T
 };
 
 // One (query tile x key tile) pair of FlashAttention-2's backward (backward.cpp), in the
@@ -150,6 +166,9 @@ struct BackwardStep {
   T* dv;              // cols x dv accumulators
   bool rows_nonfinite;  // some staged q or dout element is inf or NaN
   bool keys_nonfinite;  // some K element of the tile is inf or NaN
+  // backward_bf16_amx: the same products from these (q unscaled: scores times dot_scale),
+  // dK^T and dV^T into amx->dk_t and dv_t instead of dk and dv; nullptr for backward_f32.
+  const Bf16BackwardOperands* amx;
 };
 
 // What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):
@@ -205,6 +224,10 @@ struct KernelSet {
   // same thread may use another one between calls.
   void (*amx_begin)();
   void (*amx_end)();
+  // A backward pair on the tile unit, from b.amx (nullptr where absent): bfloat16 inputs,
+  // d and dv multiples of 32, every staged q, dout and K element finite. Between amx_begin
+  // and amx_end, as step_bf16_amx.
+  void (*backward_bf16_amx)(const BackwardStep<float>&);
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);

@@ -60,7 +60,7 @@ inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
     // (score_epilogue). With softcap (or a test per vector) inside this loop GCC kept acc in a
     // stack array, zeroed by rep stos and every vector stored and reloaded (a MiniLM batch
     // took 1.08x the time).
-    if (last && a.q_in_place) {
+    if (last && a.q_unscaled) {
       for (int r = 0; r < RB; ++r) {
         for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c] * a.dot_scale);
       }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._request import Request
+from ._request import BF16, Request
 
 try:
     from . import _core
@@ -119,6 +119,7 @@ def attention_backward(
         req.alibi,
         req.diagonal,
         req.globals,
+        bf16_inputs=all(x.dtype == BF16 for x in (req.q, req.k, req.v, dout)),
     )
     dtypes = (req.q.dtype, req.k.dtype, req.v.dtype)
     dq, dk, dv = (g.astype(t, copy=False) for g, t in zip((dq, dk, dv), dtypes, strict=True))

@@ -1,0 +1,155 @@
+"""The backward on bfloat16 inputs, on every ISA: on AMX its five products run on the tile
+unit (bfloat16 operands, float32 sums; P and dS rounded to bfloat16 on the way, as torch does),
+elsewhere in float32. Held to the float64 gradients of the same bfloat16 values: rounded once
+to bfloat16 plus float32 noise in float32, plus the rounding of P and dS on AMX. Shapes cross
+the 64 x 64 tiles and the tile unit's 16-row blocks and 32-key chunks; head dims that are not
+multiples of 32 take the float32 step on every ISA."""
+
+import numpy as np
+import pytest
+from conftest import pinned_isa
+from reference import random_qkv
+
+import cpuattn
+from cpuattn import _native
+from cpuattn._request import BF16
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason="no native extension")
+ISAS = list(_native._core.supported_isas()) if _native.available() else []
+
+# A bfloat16 result is the float64 one rounded (half an ulp: 2^-8 of the value), plus what the
+# computation adds, relative to the largest gradient (or 1, for gradients that cancel to about
+# 0): float32 noise, or on the tile unit P and dS rounded to bfloat16 (half an ulp of each
+# weight: 2^-8 of the largest gradient bounds what random signs leave of it, and a root mean
+# square within 2^-8 of the gradients' says it is noise, not a wrong term).
+ROUNDING = 2.0**-8
+NOISE = {"avx512_amx": 2.0**-8}
+FLOAT32_NOISE = 3e-5
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with pinned_isa(request.param):
+        yield request.param
+
+
+def assert_rounded_once(got, expected):
+    """bfloat16 gradients within half an ulp (plus the ISA's noise) of the float64 ones."""
+    noise = NOISE.get(_native._core.isa(), FLOAT32_NOISE)
+    for name, g, e in zip("qkv", got, expected, strict=True):
+        assert g.dtype == BF16, name
+        g = g.astype(np.float64)
+        assert np.isfinite(g).all(), f"d{name}: not finite"
+        scale = max(1.0, np.abs(e).max(initial=0))
+        excess = np.abs(g - e) - (ROUNDING * np.abs(e) * (1 + 1e-3) + noise * scale)
+        assert excess.max(initial=0) <= 0, f"d{name}: {np.abs(g - e).max():.3g} off at worst"
+        if e.size:
+            rms = np.sqrt(np.mean((g - e) ** 2))
+            assert rms <= ROUNDING * np.sqrt(np.mean(e**2)) + FLOAT32_NOISE * scale, f"d{name}"
+
+
+def wide_backward(dout, q, k, v, out, lse, **options):
+    """The float64 gradients of the same values (the NumPy backend)."""
+    wide = [x.astype(np.float64) for x in (dout, q, k, v, out, lse)]
+    return cpuattn.attention_backward(*wide, backend="numpy", **options)
+
+
+def check(q, k, v, rng, **options):
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(BF16)
+    got = cpuattn.attention_backward(dout, q, k, v, out, lse, **options)
+    assert_rounded_once(got, wide_backward(dout, q, k, v, out, lse, **options))
+
+
+SHAPES = {  # (batch, Hq, Hkv, Lq, Lk, D, Dv)
+    "one_row": ((2,), 3, 3, 1, 65, 128, 128),
+    "odd_lengths": ((1,), 2, 1, 7, 129, 32, 64),
+    "tiles_cross": ((2,), 4, 2, 129, 200, 64, 32),
+    "lq_gt_lk": ((1,), 2, 2, 130, 70, 96, 96),
+    "large_head": ((1,), 1, 1, 80, 100, 256, 256),
+    "not_32": ((1,), 2, 2, 70, 90, 40, 80),
+}
+OPTIONS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "top_left": {"causal": "top_left"},
+    "window": {"causal": True, "window": (50, 0)},
+    "softcap_alibi": {"softcap": 3.0, "alibi": True},
+    "scale": {"scale": 0.3},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_gradients_rounded_once(isa, rng, shape, options):
+    batch, hq, hkv, lq, lk, d, dv = shape
+    q, k, v = random_qkv(rng, batch, hq, hkv, lq, lk, d, dv, dtype=BF16)
+    options = dict(options)
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = rng.random(hq) * 0.2
+    check((q.astype(np.float32) * 2).astype(BF16), k, v, rng, **options)
+
+
+def test_lengths_masks_and_gqa_rows(isa, rng):
+    """kv_lengths (0, a partial tile, full), a bool mask with a row that keeps nothing, and
+    a GQA group whose query tiles interleave heads."""
+    q, k, v = random_qkv(rng, (3,), 8, 2, 90, 130, 64, dtype=BF16)
+    check(q, k, v, rng, kv_lengths=np.array([0, 65, 130]), causal=True)
+    keep = rng.random((90, 130)) < 0.4
+    keep[3] = False
+    check(q, k, v, rng, mask=keep)
+
+
+def test_strided_views(isa, rng):
+    """(B, L, H, D) buffers viewed as (B, H, L, D)."""
+    q, k, v = (
+        rng.standard_normal((2, n, h, 64)).astype(BF16).swapaxes(1, 2)
+        for n, h in ((100, 4), (140, 2), (140, 2))
+    )
+    check(q, k, v, rng, causal=True)
+
+
+def test_non_finite_values_where_nothing_reads_them(isa, rng):
+    """inf / NaN in K and V rows past kv_lengths and in q rows that keep no key: the gradients
+    of zeros there. On AMX the pairs that hold them take the float32 step (which skips what
+    has no weight), the others the tile unit: not the same bits as the clean call, whose pairs
+    all take the tile unit, but the same accuracy."""
+    q, k, v = (x.astype(np.float32) for x in random_qkv(rng, (2,), 2, 1, 80, 150, 32, dtype=BF16))
+    lengths = np.array([100, 150])
+    keep = np.ones((80, 150), bool)
+    keep[10] = False
+    for x in (k, v):
+        x[0, :, 100:] = 0
+    q[:, :, 10] = 0
+    clean = [x.astype(BF16) for x in (q, k, v)]
+    dirty = [x.copy() for x in clean]
+    dirty[1][0, :, 100:] = np.nan
+    dirty[2][0, :, 100:] = np.inf
+    dirty[0][:, :, 10] = np.inf
+    options = {"kv_lengths": lengths, "mask": keep}
+    out, lse = cpuattn.attention(*clean, return_lse=True, **options)
+    dout = rng.standard_normal(out.shape).astype(BF16)
+    got = cpuattn.attention_backward(dout, *dirty, out, lse, **options)
+    assert_rounded_once(got, wide_backward(dout, *clean, out, lse, **options))
+
+
+def test_same_bits_for_any_thread_count(isa, rng):
+    q, k, v = random_qkv(rng, (1,), 4, 2, 300, 333, 64, dtype=BF16)
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=True)
+    dout = rng.standard_normal(out.shape).astype(BF16)
+    runs = [
+        cpuattn.attention_backward(dout, q, k, v, out, lse, causal=True, num_threads=n)
+        for n in (1, 2, 3)
+    ]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+def test_float32_dout_still_matches(isa, rng):
+    """A float32 dout is not bfloat16: the float32 step, at float32 accuracy."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 100, 100, 64, dtype=BF16)
+    out, lse = cpuattn.attention(q, k, v, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    got = cpuattn.attention_backward(dout, q, k, v, out, lse)
+    assert_rounded_once(got, wide_backward(dout, q, k, v, out, lse))
