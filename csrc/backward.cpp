@@ -109,28 +109,46 @@ bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t width) {
 // D = 128 on AMX, measured), for kSweepKeyTiles key tiles' packs and accumulators (L2).
 constexpr int64_t kSweepKeyTiles = 4;
 
-// Bytes of one thread's bfloat16 query operands (Bf16Scratch) past which they are
-// prepared again for every pair rather than kept for the whole row block.
-constexpr int64_t kMaxBf16QueryBytes = int64_t(1) << 26;
+// Query tiles whose P and dS the tile unit keeps for each key tile of the sweep, to sum
+// their dK and dV contributions with the accumulators in tile registers (Bf16BackwardKernels).
+constexpr int64_t kQueryBlockTiles = 8;
 
-// One thread's bfloat16 operands for the tile unit (Bf16BackwardOperands): the sweep's key
-// tiles', packed with them, and the query tiles' of its task's row block, each prepared on the
-// tile's first pair and kept for the others (or, past kMaxBf16QueryBytes, one slot prepared
-// per sweep).
+// Bytes of one thread's bfloat16 query operands (Bf16Scratch) past which they are prepared
+// again for every query block rather than kept for the task's whole row block (64 query tiles
+// at D = Dv = 256, 128 at 128).
+constexpr int64_t kMaxBf16QueryBytes = int64_t(1) << 23;
+
+// One query tile's bfloat16 operands for the tile unit: rows and their transposes.
+struct Bf16QueryTile {
+  const uint16_t* q;       // kTileRows x d, zero past the tile's rows
+  const uint16_t* q_t;     // d x kTileRows
+  const uint16_t* dout;    // kTileRows x dv
+  const uint16_t* dout_t;  // dv x kTileRows
+};
+
+// One thread's bfloat16 operands for the tile unit: the sweep's key tiles' (packed with them,
+// with their dK^T and dV^T accumulators), the query tiles' of its task's row block (each
+// prepared on the tile's first pair and kept for the others; past kMaxBf16QueryBytes, for the
+// query block in flight only), and the P and dS of a query block against the sweep's tiles.
 struct Bf16Scratch {
+  static constexpr int64_t kPairsPerTile = kTileRows / 2 * kTileKeys;
   AlignedBuffer<uint32_t> kt, vt, k;  // kSweepKeyTiles key tiles each
   AlignedBuffer<float> dk_t, dv_t;
   AlignedBuffer<uint16_t> q, q_t, dout, dout_t;  // `slots` query tiles each
   AlignedBuffer<int8_t> ready;                    // per slot, for the task in flight
+  AlignedBuffer<uint32_t> p, ds;  // kSweepKeyTiles x kQueryBlockTiles x kPairsPerTile
+  AlignedBuffer<uint16_t> ds_rows;  // kSweepKeyTiles x kTileRows x kTileKeys
   int64_t slots = 0;
 
   Bf16Scratch() = default;
   Bf16Scratch(int64_t d, int64_t dv, int64_t block_tiles)
       : kt(kSweepKeyTiles * d / 2 * kTileKeys), vt(kSweepKeyTiles * dv / 2 * kTileKeys),
         k(kSweepKeyTiles * kTileKeys / 2 * d), dk_t(kSweepKeyTiles * d * kTileKeys),
-        dv_t(kSweepKeyTiles * dv * kTileKeys) {
+        dv_t(kSweepKeyTiles * dv * kTileKeys), p(kSweepKeyTiles * kQueryBlockTiles * kPairsPerTile),
+        ds(kSweepKeyTiles * kQueryBlockTiles * kPairsPerTile),
+        ds_rows(kSweepKeyTiles * kTileRows * kTileKeys) {
     const int64_t tile_bytes = 2 * kTileRows * (d + dv) * int64_t(sizeof(uint16_t));
-    slots = block_tiles * tile_bytes <= kMaxBf16QueryBytes ? block_tiles : 1;
+    slots = block_tiles * tile_bytes <= kMaxBf16QueryBytes ? block_tiles : kQueryBlockTiles;
     q.allocate(slots * kTileRows * d);
     q_t.allocate(slots * kTileRows * d);
     dout.allocate(slots * kTileRows * dv);
@@ -164,13 +182,14 @@ inline uint32_t bf16_pair(float first, float second) {
   return uint32_t(bf16_bits(first)) | uint32_t(bf16_bits(second)) << 16;
 }
 
-// The tile unit's backward step for this call, or nullptr: bfloat16 inputs, float32
-// compute, D and Dv whole 32-element chunks (the tile unit's pairs).
+// The tile unit's backward for this call, or nullptr: bfloat16 inputs, float32 compute, D
+// and Dv whole 32-element chunks (the tile unit's pairs).
 template <typename T>
-auto bf16_backward_step(const BackwardParams& bp, const KernelSet& kernels) {
+const Bf16BackwardKernels* bf16_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
   const bool fits = bp.bf16_inputs && p.d > 0 && p.d % 32 == 0 && p.dv > 0 && p.dv % 32 == 0;
-  return std::is_same_v<T, float> && fits ? kernels.backward_bf16_amx : nullptr;
+  const bool have = kernels.backward_bf16.weights != nullptr;
+  return std::is_same_v<T, float> && fits && have ? &kernels.backward_bf16 : nullptr;
 }
 
 // Where a key tile's finished dK or dV rows go: the caller's array (rows ld apart, times
@@ -189,9 +208,9 @@ class BackwardDriver {
                  const BackwardPlan& cut)
       : bp_(bp), p_(bp.fwd), plan_(plan), cut_(cut), group_(plan.group()),
         rows_per_pair_(plan.rows_per_head_group()), q_tiles_(plan.query_tiles_per_head()),
-        bf16_step_(bf16_backward_step<T>(bp, kernels)),
+        bf16_(bf16_backward<T>(bp, kernels)),
         // With the tile unit, q is bfloat16 as it is: staged unscaled, the scores scaled.
-        query_(bp.fwd, kernels, plan, -1, false, bf16_step_ == nullptr) {
+        query_(bp.fwd, kernels, plan, -1, false, bf16_ == nullptr) {
     if constexpr (std::is_same_v<T, float>) {
       step_ = kernels.backward_f32;
       pack_ = kernels.pack_f32;
@@ -219,7 +238,7 @@ class BackwardDriver {
   }
 
   int64_t q_tiles() const { return q_tiles_; }
-  bool bf16_products() const { return bf16_step_ != nullptr; }
+  bool bf16_products() const { return bf16_ != nullptr; }
   bool dq_in_place() const { return dq_in_place_; }
   int64_t key_tiles() const { return (p_.lk + kTileKeys - 1) / kTileKeys; }
   int64_t dq_elems() const { return rows_per_pair_ * p_.d; }  // one pair's dQ
@@ -239,7 +258,7 @@ class BackwardDriver {
     T* dq = dq_in_place_ ? dq_rows_of(head) : dq_parts + (chunk * cut_.pairs + pair) * dq_elems();
     std::fill(dq + t_begin * kTileRows * p_.d, dq + r_end * p_.d, T(0));
     std::fill(sc.tile_nonfinite.data(), sc.tile_nonfinite.data() + q_tiles_, int8_t(-1));
-    if (bf16_step_) std::fill(sc.bf16.ready.data(), sc.bf16.ready.data() + sc.bf16.slots, 0);
+    std::fill(sc.bf16.ready.data(), sc.bf16.ready.data() + sc.bf16.slots, int8_t(0));
 
     const RowBounds rb = plan_.row_bounds(head);
     const int64_t k_begin = chunk * cut_.chunk_keys;
@@ -270,7 +289,11 @@ class BackwardDriver {
         tiles[n] = start_key_tile(head, j0, j1, n, sc);
         ++n;
       }
-      sweep(rb, pair, tiles, n, t_begin, t_end, sc, dq);
+      if (bf16_) {
+        sweep_bf16(rb, pair, tiles, n, t_begin, t_end, sc, dq);
+      } else {
+        sweep(rb, pair, tiles, n, t_begin, t_end, sc, dq);
+      }
       for (int g = 0; g < n; ++g) finish_key_tile(tiles[g], sc, dk, dv);
     }
     const int64_t zero_end =
@@ -344,7 +367,7 @@ class BackwardDriver {
     tile.v = static_cast<const T*>(p_.v.data) + batch_offset(p_.batch_shape, p_.v, head.b) +
              head.hk * p_.v.strides[nb] + j0 * p_.v.strides[nb + 1];
     const int64_t cols = j1 - j0;
-    if (bf16_step_) {
+    if (bf16_) {
       pack_bf16_keys(tile, sc.bf16);
     } else {
       pack_compute(tile, sc);
@@ -368,67 +391,155 @@ class BackwardDriver {
     tile.packed = true;
   }
 
-  // The sweep's n key tiles against the query tiles [t_begin, t_end): each query tile that
-  // keeps some of their keys is staged once, then stepped with each of them.
+  // Query tile t of the pair, staged (rows, dout, lse, delta, and whether an operand is inf or
+  // NaN) as the query side of its steps.
+  BackwardStep<T> stage_query(const RowBounds& rb, int64_t pair, int64_t t, int64_t rows,
+                              BackwardScratch<T>& sc, T* dq) const {
+    const ItemPos pos = plan_.locate(pair * q_tiles_ + q_tiles_ - 1 - t);
+    query_.stage(pos, rb, sc.rows, false);
+    BackwardStep<T> b;
+    b.scores = proto_;
+    query_.point(b.scores, sc.rows, rows);
+    stage_rows(pos, sc, b);
+    if (sc.tile_nonfinite[t] < 0) {
+      sc.tile_nonfinite[t] = any_nonfinite(b.scores.q, b.scores.q_ld, rows, p_.d) ||
+                             any_nonfinite(b.dout, b.dout_ld, rows, p_.dv);
+    }
+    b.lse = sc.lse.data();
+    b.delta = sc.delta.data();
+    b.dp = sc.dp.data();
+    b.cap_grad = sc.cap_grad.data();
+    b.dq = dq + t * kTileRows * p_.d;
+    b.rows_nonfinite = sc.tile_nonfinite[t] != 0;
+    b.amx = nullptr;
+    return b;
+  }
+
+  // The step of a staged query tile (base) with one key tile of the sweep.
+  BackwardStep<T> pair_step(const BackwardStep<T>& base, const KeyTile& tile, TileKind kind,
+                            const RowBounds& rb, BackwardScratch<T>& sc) const {
+    const size_t nb = p_.batch_shape.size();
+    BackwardStep<T> b = base;
+    b.scores.cols = tile.j1 - tile.j0;
+    b.scores.j0 = tile.j0;
+    b.scores.apply_bounds = kind == TileKind::Partial;
+    b.scores.global_cols = kind == TileKind::Partial ? rb.global_cols(tile.j0, tile.j1) : 0;
+    b.k = tile.k;
+    b.k_ld = p_.k.strides[nb + 1];
+    b.dk = sc.dk.data() + tile.slot * kTileKeys * p_.d;
+    b.dv = sc.dv.data() + tile.slot * kTileKeys * p_.dv;
+    b.keys_nonfinite = tile.keys_nonfinite;
+    return b;
+  }
+
+  // The float32 step on a pair (which skips inf or NaN operands where P is 0).
+  void float_step(BackwardStep<T>& b, KeyTile& tile, BackwardScratch<T>& sc) const {
+    pack_compute(tile, sc);
+    b.scores.key.data = sc.kt.data() + tile.slot * p_.d * kTileKeys;
+    b.vt = sc.vt.data() + tile.slot * p_.dv * kTileKeys;
+    step_(b);
+  }
+
+  // The sweep's n key tiles against the query tiles [t_begin, t_end), with the float32 step:
+  // each query tile that keeps some of their keys is staged once, then stepped with each.
   void sweep(const RowBounds& rb, int64_t pair, KeyTile* tiles, int n, int64_t t_begin,
              int64_t t_end, BackwardScratch<T>& sc, T* dq) const {
-    const size_t nb = p_.batch_shape.size();
     for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t r0 = t * kTileRows;
-      const int64_t rows = std::min(kTileRows, rows_per_pair_ - r0);
-      const int64_t i0 = r0 / group_, i1 = (r0 + rows - 1) / group_;
+      const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, rows_per_pair_ - r0);
       BackwardStep<T> base;
-      Bf16BackwardOperands ops{};
       bool staged = false;
       for (int g = 0; g < n; ++g) {
-        KeyTile& tile = tiles[g];
-        const TileKind kind = classify_tile(rb, i0, i1, tile.j0, tile.j1);
+        const TileKind kind =
+            classify_tile(rb, r0 / group_, (r0 + rows - 1) / group_, tiles[g].j0, tiles[g].j1);
         if (kind == TileKind::Skip) continue;
-        if (!staged) {
-          const ItemPos pos = plan_.locate(pair * q_tiles_ + q_tiles_ - 1 - t);
-          query_.stage(pos, rb, sc.rows, false);
-          base.scores = proto_;
-          query_.point(base.scores, sc.rows, rows);
-          stage_rows(pos, sc, base);
-          if (sc.tile_nonfinite[t] < 0) {
-            sc.tile_nonfinite[t] = any_nonfinite(base.scores.q, base.scores.q_ld, rows, p_.d) ||
-                                   any_nonfinite(base.dout, base.dout_ld, rows, p_.dv);
-          }
-          base.lse = sc.lse.data();
-          base.delta = sc.delta.data();
-          base.dp = sc.dp.data();
-          base.cap_grad = sc.cap_grad.data();
-          base.dq = dq + r0 * p_.d;
-          base.rows_nonfinite = sc.tile_nonfinite[t] != 0;
-          base.amx = nullptr;
-          if (bf16_step_ && !base.rows_nonfinite) ops = bf16_query(sc.bf16, t - t_begin, base);
-          staged = true;
-        }
-        BackwardStep<T> b = base;
-        const int64_t cols = tile.j1 - tile.j0;
-        b.scores.cols = cols;
-        b.scores.j0 = tile.j0;
-        b.scores.apply_bounds = kind == TileKind::Partial;
-        b.scores.global_cols = kind == TileKind::Partial ? rb.global_cols(tile.j0, tile.j1) : 0;
-        b.k = tile.k;
-        b.k_ld = p_.k.strides[nb + 1];
-        b.dk = sc.dk.data() + tile.slot * kTileKeys * p_.d;
-        b.dv = sc.dv.data() + tile.slot * kTileKeys * p_.dv;
-        b.keys_nonfinite = tile.keys_nonfinite;
-        // Where P is 0 the float32 step skips inf or NaN operands; the tile unit cannot.
-        if constexpr (std::is_same_v<T, float>) {
-          if (bf16_step_ && !b.rows_nonfinite && !b.keys_nonfinite) {
-            const Bf16BackwardOperands pair_ops = bf16_keys(sc.bf16, tile.slot, ops);
-            b.amx = &pair_ops;
-            bf16_step_(b);
-            continue;
-          }
-        }
-        pack_compute(tile, sc);
-        b.scores.key.data = sc.kt.data() + tile.slot * p_.d * kTileKeys;
-        b.vt = sc.vt.data() + tile.slot * p_.dv * kTileKeys;
-        step_(b);
+        if (!staged) base = stage_query(rb, pair, t, rows, sc, dq);
+        staged = true;
+        BackwardStep<T> b = pair_step(base, tiles[g], kind, rb, sc);
+        float_step(b, tiles[g], sc);
       }
+    }
+  }
+
+  // The same on the tile unit, a block of kQueryBlockTiles query tiles at a time: per pair,
+  // P and dS (weights); per query tile, dQ from all the sweep's tiles (dq); per key tile,
+  // dK^T and dV^T from the whole block (key_gradient). A pair with an inf or NaN operand takes
+  // the float32 step.
+  void sweep_bf16(const RowBounds& rb, int64_t pair, KeyTile* tiles, int n, int64_t t_begin,
+                  int64_t t_end, BackwardScratch<T>& sc, T* dq) const {
+    if constexpr (std::is_same_v<T, float>) {
+      Bf16Scratch& x = sc.bf16;
+      const int64_t d = p_.d, dv = p_.dv;
+      const bool all_kept = x.slots >= t_end - t_begin;  // every query tile's operands kept
+      for (int64_t tb = t_begin; tb < t_end; tb += kQueryBlockTiles) {
+        const int64_t te = std::min(tb + kQueryBlockTiles, t_end);
+        if (!all_kept) std::fill(x.ready.data(), x.ready.data() + x.slots, int8_t(0));
+        // Per key tile, the block's query tiles it met on the tile unit (for key_gradient).
+        int met[kSweepKeyTiles] = {};
+        const uint16_t* q_t[kSweepKeyTiles][kQueryBlockTiles];
+        const uint16_t* dout_t[kSweepKeyTiles][kQueryBlockTiles];
+        const uint32_t* p[kSweepKeyTiles][kQueryBlockTiles];
+        const uint32_t* ds[kSweepKeyTiles][kQueryBlockTiles];
+        int64_t row_chunks[kSweepKeyTiles][kQueryBlockTiles];
+        for (int64_t t = tb; t < te; ++t) {
+          const int64_t r0 = t * kTileRows, rows = std::min(kTileRows, rows_per_pair_ - r0);
+          BackwardStep<T> base;
+          Bf16QueryTile query{};
+          bool staged = false;
+          // The key tiles whose dS goes to this tile's dQ on the tile unit.
+          int summed = 0;
+          const uint16_t* ds_rows[kSweepKeyTiles];
+          const uint32_t* k_pairs[kSweepKeyTiles];
+          int64_t key_chunks[kSweepKeyTiles];
+          for (int g = 0; g < n; ++g) {
+            KeyTile& tile = tiles[g];
+            const TileKind kind =
+                classify_tile(rb, r0 / group_, (r0 + rows - 1) / group_, tile.j0, tile.j1);
+            if (kind == TileKind::Skip) continue;
+            if (!staged) {
+              base = stage_query(rb, pair, t, rows, sc, dq);
+              if (!base.rows_nonfinite) {
+                query = bf16_query(x, all_kept ? t - t_begin : t - tb, base);
+              }
+              staged = true;
+            }
+            BackwardStep<T> b = pair_step(base, tile, kind, rb, sc);
+            if (b.rows_nonfinite || b.keys_nonfinite) {
+              float_step(b, tile, sc);
+              continue;
+            }
+            const int64_t slot = tile.slot, m = met[g];
+            const Bf16BackwardOperands ops{query.q, query.dout,
+                                           x.kt.data() + slot * d / 2 * kTileKeys,
+                                           x.vt.data() + slot * dv / 2 * kTileKeys};
+            b.amx = &ops;
+            uint32_t* p_pairs = x.p.data() + (slot * kQueryBlockTiles + m) * x.kPairsPerTile;
+            uint32_t* ds_pairs = x.ds.data() + (slot * kQueryBlockTiles + m) * x.kPairsPerTile;
+            uint16_t* rows_out = x.ds_rows.data() + slot * kTileRows * kTileKeys;
+            bf16_->weights(b, p_pairs, ds_pairs, rows_out);
+            q_t[g][m] = query.q_t;
+            dout_t[g][m] = query.dout_t;
+            p[g][m] = p_pairs;
+            ds[g][m] = ds_pairs;
+            row_chunks[g][m] = (rows + 31) / 32;
+            met[g] = m + 1;
+            ds_rows[summed] = rows_out;
+            k_pairs[summed] = x.k.data() + slot * kTileKeys / 2 * d;
+            key_chunks[summed] = (tile.j1 - tile.j0 + 31) / 32;
+            ++summed;
+          }
+          if (summed > 0) bf16_->dq(base.dq, rows, d, summed, ds_rows, k_pairs, key_chunks);
+        }
+        for (int g = 0; g < n; ++g) {
+          if (met[g] == 0) continue;
+          const int64_t slot = tiles[g].slot;
+          bf16_->key_gradient(x.dv_t.data() + slot * dv * kTileKeys, dv, met[g], dout_t[g], p[g],
+                              row_chunks[g]);
+          bf16_->key_gradient(x.dk_t.data() + slot * d * kTileKeys, d, met[g], q_t[g], ds[g],
+                              row_chunks[g]);
+        }
+      }
+    } else {
+      sweep(rb, pair, tiles, n, t_begin, t_end, sc, dq);
     }
   }
 
@@ -438,7 +549,7 @@ class BackwardDriver {
     const int64_t cols = tile.j1 - tile.j0;
     T* dk_rows = sc.dk.data() + tile.slot * kTileKeys * p_.d;
     T* dv_rows = sc.dv.data() + tile.slot * kTileKeys * p_.dv;
-    if (bf16_step_) {
+    if (bf16_) {
       add_transposed(sc.bf16.dk_t.data() + tile.slot * p_.d * kTileKeys, cols, p_.d, dk_rows);
       add_transposed(sc.bf16.dv_t.data() + tile.slot * p_.dv * kTileKeys, cols, p_.dv, dv_rows);
     }
@@ -477,15 +588,14 @@ class BackwardDriver {
   }
 
   // Query tile `slot` of the row block as bfloat16 rows and their transposes (prepared on
-  // its first pair, from the pair's unscaled q and dout rows); no key operands yet.
-  Bf16BackwardOperands bf16_query(Bf16Scratch& x, int64_t slot, const BackwardStep<T>& b) const {
+  // its first pair, from the pair's unscaled q and dout rows).
+  Bf16QueryTile bf16_query(Bf16Scratch& x, int64_t slot, const BackwardStep<T>& b) const {
     const int64_t d = p_.d, dv = p_.dv, rows = b.scores.rows;
-    if (x.slots == 1) slot = 0;
     uint16_t* q = x.q.data() + slot * kTileRows * d;
     uint16_t* q_t = x.q_t.data() + slot * kTileRows * d;
     uint16_t* dout = x.dout.data() + slot * kTileRows * dv;
     uint16_t* dout_t = x.dout_t.data() + slot * kTileRows * dv;
-    if (x.slots == 1 || !x.ready[slot]) {
+    if (!x.ready[slot]) {
       const auto prepare = [rows](const T* src, int64_t ld, int64_t width, uint16_t* out,
                                   uint16_t* out_t) {
         for (int64_t r = 0; r < kTileRows; ++r) {
@@ -500,25 +610,7 @@ class BackwardDriver {
       prepare(b.dout, b.dout_ld, dv, dout, dout_t);
       x.ready[slot] = 1;
     }
-    Bf16BackwardOperands ops{};
-    ops.q = q;
-    ops.q_t = q_t;
-    ops.dout = dout;
-    ops.dout_t = dout_t;
-    return ops;
-  }
-
-  // A query tile's operands with those of the sweep's key tile in `slot`.
-  Bf16BackwardOperands bf16_keys(Bf16Scratch& x, int64_t slot,
-                                 const Bf16BackwardOperands& query) const {
-    const int64_t d = p_.d, dv = p_.dv;
-    Bf16BackwardOperands ops = query;
-    ops.kt = x.kt.data() + slot * d / 2 * kTileKeys;
-    ops.vt = x.vt.data() + slot * dv / 2 * kTileKeys;
-    ops.k = x.k.data() + slot * kTileKeys / 2 * d;
-    ops.dk_t = x.dk_t.data() + slot * d * kTileKeys;
-    ops.dv_t = x.dv_t.data() + slot * dv * kTileKeys;
-    return ops;
+    return {q, q_t, dout, dout_t};
   }
 
   // acc[j][e] += acc_t[e][j], j < cols, e < width (the tile unit's dK^T or dV^T).
@@ -610,7 +702,7 @@ class BackwardDriver {
   const WorkPlan& plan_;
   BackwardPlan cut_;
   int64_t group_, rows_per_pair_, q_tiles_;
-  void (*bf16_step_)(const BackwardStep<float>&);  // the tile unit's, or nullptr
+  const Bf16BackwardKernels* bf16_;  // the tile unit's backward, or nullptr
   QueryStage<T> query_;
   void (*step_)(const BackwardStep<T>&) = nullptr;
   void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;

@@ -100,6 +100,13 @@ def test_lengths_masks_and_gqa_rows(isa, rng):
     check(q, k, v, rng, mask=keep)
 
 
+def test_long_query_block(isa, rng):
+    """More query tiles in a task than the tile unit keeps prepared (8 MiB: 64 tiles at
+    D = 256): their operands are prepared again for each block of 8 tiles."""
+    q, k, v = random_qkv(rng, (), 1, 1, 4100, 4100, 256, dtype=BF16)
+    check(q, k, v, rng, causal=True)
+
+
 def test_strided_views(isa, rng):
     """(B, L, H, D) buffers viewed as (B, H, L, D)."""
     q, k, v = (

@@ -21,7 +21,7 @@ constexpr KernelSet amx_kernels() {
   k.step_bf16_amx = &tile_step_amx;
   k.amx_begin = &configure_tiles;
   k.amx_end = &release_tiles;
-  k.backward_bf16_amx = &backward_step_amx;
+  k.backward_bf16 = {&backward_weights_amx, &accumulate_dq, &accumulate_key_gradient};
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

@@ -126,20 +126,15 @@ struct TileStep {
   PrefetchRange prefetch[kPrefetchRanges];
 };
 
-// The backward's operands as bfloat16 for the tile unit (KernelSet::backward_bf16_amx): the
-// inputs were bfloat16, so these hold them exactly. Query-side tiles have kTileRows rows (zero
-// past the step's rows), key-side ones kTileKeys keys (zero past its cols); d and dv are
-// multiples of 32. A pair is two consecutive bfloat16 in a uint32, the first in the low half.
+// A pair's operands as bfloat16 for the tile unit (Bf16BackwardKernels::weights): the inputs
+// were bfloat16, so these hold them exactly. Query-side tiles have kTileRows rows (zero past
+// the step's rows), key-side ones kTileKeys keys (zero past its cols); d and dv are multiples
+// of 32. A pair is two consecutive bfloat16 in a uint32, the first in the low half.
 struct Bf16BackwardOperands {
-  const uint16_t* q;       // kTileRows x d, q unscaled
-  const uint16_t* q_t;     // d x kTileRows: q^T
-  const uint16_t* dout;    // kTileRows x dv
-  const uint16_t* dout_t;  // dv x kTileRows
-  const uint32_t* kt;      // d / 2 x kTileKeys: K^T, pairs along D
-  const uint32_t* vt;      // dv / 2 x kTileKeys: V^T, pairs along Dv
-  const uint32_t* k;       // kTileKeys / 2 x d: K, pairs of consecutive keys
-  float* dk_t;             // d x kTileKeys accumulators: dK^T (unscaled)
-  float* dv_t;             // dv x kTileKeys accumulators: dV^T
+  const uint16_t* q;     // kTileRows x d, q unscaled
+  const uint16_t* dout;  // kTileRows x dv
+  const uint32_t* kt;    // d / 2 x kTileKeys: K^T, pairs along D
+  const uint32_t* vt;    // dv / 2 x kTileKeys: V^T, pairs along Dv
 };
 
 // One (query tile x key tile) pair of FlashAttention-2's backward (backward.cpp), in the
@@ -166,9 +161,29 @@ struct BackwardStep {
   T* dv;              // cols x dv accumulators
   bool rows_nonfinite;  // some staged q or dout element is inf or NaN
   bool keys_nonfinite;  // some K element of the tile is inf or NaN
-  // backward_bf16_amx: the same products from these (q unscaled: scores times dot_scale),
-  // dK^T and dV^T into amx->dk_t and dv_t instead of dk and dv; nullptr for backward_f32.
+  // Bf16BackwardKernels::weights: S and dP from these (q unscaled: scores times dot_scale);
+  // nullptr for backward_f32.
   const Bf16BackwardOperands* amx;
+};
+
+// The backward on the tile unit (AMX; backward.cpp sequences the parts): bfloat16 inputs, d
+// and dv multiples of 32, every q, dout and K element of a pair finite. Called between
+// KernelSet::amx_begin and amx_end.
+struct Bf16BackwardKernels {
+  // A pair's weights and their gradient, from b.amx: P into p and dS into ds as bfloat16 pairs
+  // of query rows (kTileRows / 2 x kTileKeys pairs: rows 2i and 2i + 1 in the low and high
+  // halves of row i), dS also into ds_rows as bfloat16 rows (kTileRows x kTileKeys); zero
+  // past b's rows (to a whole 32 rows for the pairs, 16 for ds_rows).
+  void (*weights)(const BackwardStep<float>& b, uint32_t* p, uint32_t* ds, uint16_t* ds_rows);
+  // dq[rows x d] (d apart) += the sum over n key tiles of ds_rows[i] . K_i, with K_i as pairs
+  // of keys in k[i] (kTileKeys / 2 x d), over their first key_chunks[i] 32-key chunks.
+  void (*dq)(float* dq, int64_t rows, int64_t d, int n, const uint16_t* const* ds_rows,
+             const uint32_t* const* k, const int64_t* key_chunks);
+  // c[m x kTileKeys] += the sum over n query tiles of a[i] (m x kTileRows bfloat16: q^T or
+  // dO^T) . pairs[i] (dS or P as weights() wrote them), over their first row_chunks[i] 32-row
+  // chunks; m a multiple of 16. dK^T (unscaled) and dV^T of a key tile.
+  void (*key_gradient)(float* c, int64_t m, int n, const uint16_t* const* a,
+                       const uint32_t* const* pairs, const int64_t* row_chunks);
 };
 
 // What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):
@@ -224,10 +239,8 @@ struct KernelSet {
   // same thread may use another one between calls.
   void (*amx_begin)();
   void (*amx_end)();
-  // A backward pair on the tile unit, from b.amx (nullptr where absent): bfloat16 inputs,
-  // d and dv multiples of 32, every staged q, dout and K element finite. Between amx_begin
-  // and amx_end, as step_bf16_amx.
-  void (*backward_bf16_amx)(const BackwardStep<float>&);
+  // The backward's products on the tile unit (nullptr members where absent).
+  Bf16BackwardKernels backward_bf16;
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,
                          uint32_t* kt);
