@@ -266,12 +266,23 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
     return run
 
 
+def _torch_tensor(x):
+    """x as a torch tensor: bfloat16 (ml_dtypes) has no torch.from_numpy, so its bits go
+    through int16 (exact)."""
+    import torch
+
+    x = np.ascontiguousarray(x)
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
 def torch_flash_backward_runner(dout, q, k, v, out, lse, causal=False):
     """A zero-argument callable running torch's CPU flash-attention backward
     (``aten._scaled_dot_product_flash_attention_for_cpu_backward``, what SDPA's autograd calls
-    on CPU) on these float32 arrays and cpuattn's saved ``out`` and ``lse``, returning
-    ``(dq, dk, dv)``; None without torch. Same Hq and Hkv only (no GQA there); causal is
-    top-left, the same as bottom-right for the square shapes timed."""
+    on CPU) on these float32 or bfloat16 arrays and cpuattn's saved ``out`` and ``lse``
+    (float32), returning ``(dq, dk, dv)``; None without torch. Same Hq and Hkv only (no GQA
+    there); causal is top-left, the same as bottom-right for the square shapes timed."""
     try:
         import torch
     except ImportError:
@@ -279,7 +290,7 @@ def torch_flash_backward_runner(dout, q, k, v, out, lse, causal=False):
     if q.shape[-3] != k.shape[-3]:
         return None
     backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in (dout, q, k, v, out, lse)]
+    tensors = [_torch_tensor(x) for x in (dout, q, k, v, out, lse)]
 
     def run():
         with torch.inference_mode():
