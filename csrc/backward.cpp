@@ -124,7 +124,9 @@ struct Bf16QueryTile {
   const uint16_t* q_t;     // d x kTileRows
   const uint16_t* dout;    // kTileRows x dv
   const uint16_t* dout_t;  // dv x kTileRows
+  bool exact;              // q and dout held bfloat16 values (else truncated: not to be used)
 };
+constexpr int8_t kReadyExact = 1, kReadyInexact = 2;  // Bf16Scratch::ready
 
 // One thread's bfloat16 operands for the tile unit: the sweep's key tiles' (packed with them,
 // with their dK^T and dV^T accumulators), the query tiles' of its task's row block (each
@@ -135,7 +137,7 @@ struct Bf16Scratch {
   AlignedBuffer<uint32_t> kt, vt, k;  // kSweepKeyTiles key tiles each
   AlignedBuffer<float> dk_t, dv_t;
   AlignedBuffer<uint16_t> q, q_t, dout, dout_t;  // `slots` query tiles each
-  AlignedBuffer<int8_t> ready;                    // per slot, for the task in flight
+  AlignedBuffer<int8_t> ready;  // per slot, for the task in flight: 0 or kReady*
   AlignedBuffer<uint32_t> p, ds;  // kSweepKeyTiles x kQueryBlockTiles x kPairsPerTile
   AlignedBuffer<uint16_t> ds_rows;  // kSweepKeyTiles x kTileRows x kTileKeys
   int64_t slots = 0;
@@ -177,7 +179,9 @@ struct alignas(64) BackwardScratch {
 };
 
 // float32 values that are bfloat16 ones: their upper halves; a pair, the first in the low half.
+// bf16_rest: the lower half, 0 for a bfloat16 value (the caller's promise, checked).
 inline uint16_t bf16_bits(float x) { return uint16_t(f32_to_bits(x) >> 16); }
+inline uint32_t bf16_rest(float x) { return f32_to_bits(x) & 0xffffu; }
 inline uint32_t bf16_pair(float first, float second) {
   return uint32_t(bf16_bits(first)) | uint32_t(bf16_bits(second)) << 16;
 }
@@ -208,7 +212,7 @@ class BackwardDriver {
                  const BackwardPlan& cut)
       : bp_(bp), p_(bp.fwd), plan_(plan), cut_(cut), group_(plan.group()),
         rows_per_pair_(plan.rows_per_head_group()), q_tiles_(plan.query_tiles_per_head()),
-        bf16_(bf16_backward<T>(bp, kernels)),
+        bf16_(bf16_backward<T>(bp, kernels)),  // before query_: declared before it
         // With the tile unit, q is bfloat16 as it is: staged unscaled, the scores scaled.
         query_(bp.fwd, kernels, plan, -1, false, bf16_ == nullptr) {
     if constexpr (std::is_same_v<T, float>) {
@@ -350,7 +354,8 @@ class BackwardDriver {
     const T* k = nullptr;
     const T* v = nullptr;
     bool keys_nonfinite = false;
-    bool packed = false;  // the float32 step's K^T and V^T are in the slot
+    bool packed = false;      // the float32 step's K^T and V^T are in the slot
+    bool bf16_exact = false;  // K and V hold bfloat16 values: packed for the tile unit
   };
 
   // Keys [j0, j1) of the pair into scratch slot `slot`: packed for the tile unit (or the
@@ -368,7 +373,7 @@ class BackwardDriver {
              head.hk * p_.v.strides[nb] + j0 * p_.v.strides[nb + 1];
     const int64_t cols = j1 - j0;
     if (bf16_) {
-      pack_bf16_keys(tile, sc.bf16);
+      tile.bf16_exact = pack_bf16_keys(tile, sc.bf16);
     } else {
       pack_compute(tile, sc);
     }
@@ -503,7 +508,7 @@ class BackwardDriver {
               staged = true;
             }
             BackwardStep<T> b = pair_step(base, tile, kind, rb, sc);
-            if (b.rows_nonfinite || b.keys_nonfinite) {
+            if (b.rows_nonfinite || b.keys_nonfinite || !query.exact || !tile.bf16_exact) {
               float_step(b, tile, sc);
               continue;
             }
@@ -558,16 +563,24 @@ class BackwardDriver {
   }
 
   // The key tile's bfloat16 operands into its slot: K^T and V^T as pairs along D, K as pairs
-  // of keys, zero past its keys; dK^T and dV^T accumulators zeroed.
-  void pack_bf16_keys(const KeyTile& tile, Bf16Scratch& x) const {
+  // of keys, zero past its keys; dK^T and dV^T accumulators zeroed. Returns whether K and V
+  // held bfloat16 values (else the pairs are truncated and its pairs take the float32 step).
+  bool pack_bf16_keys(const KeyTile& tile, Bf16Scratch& x) const {
     const size_t nb = p_.batch_shape.size();
     const int64_t d = p_.d, dv = p_.dv, cols = tile.j1 - tile.j0, slot = tile.slot;
     const int64_t k_ld = p_.k.strides[nb + 1], v_ld = p_.v.strides[nb + 1];
     // Pairs along a row of x (ld apart) -> transposed pairs, zero past cols.
-    const auto pairs_t = [cols](const T* x, int64_t ld, int64_t width, uint32_t* to) {
+    uint32_t rest = 0;
+    const auto pairs_t = [cols, &rest](const T* x, int64_t ld, int64_t width, uint32_t* to) {
       for (int64_t j = 0; j < kTileKeys; ++j) {
         for (int64_t e = 0; e < width; e += 2) {
-          to[e / 2 * kTileKeys + j] = j < cols ? bf16_pair(x[j * ld + e], x[j * ld + e + 1]) : 0u;
+          if (j >= cols) {
+            to[e / 2 * kTileKeys + j] = 0;
+            continue;
+          }
+          const T first = x[j * ld + e], second = x[j * ld + e + 1];
+          rest |= bf16_rest(first) | bf16_rest(second);
+          to[e / 2 * kTileKeys + j] = bf16_pair(first, second);
         }
       }
     };
@@ -585,10 +598,12 @@ class BackwardDriver {
               0.0f);
     std::fill(x.dv_t.data() + slot * dv * kTileKeys, x.dv_t.data() + (slot + 1) * dv * kTileKeys,
               0.0f);
+    return rest == 0;
   }
 
   // Query tile `slot` of the row block as bfloat16 rows and their transposes (prepared on
-  // its first pair, from the pair's unscaled q and dout rows).
+  // its first pair, from the pair's unscaled q and dout rows), and whether they held
+  // bfloat16 values.
   Bf16QueryTile bf16_query(Bf16Scratch& x, int64_t slot, const BackwardStep<T>& b) const {
     const int64_t d = p_.d, dv = p_.dv, rows = b.scores.rows;
     uint16_t* q = x.q.data() + slot * kTileRows * d;
@@ -596,21 +611,23 @@ class BackwardDriver {
     uint16_t* dout = x.dout.data() + slot * kTileRows * dv;
     uint16_t* dout_t = x.dout_t.data() + slot * kTileRows * dv;
     if (!x.ready[slot]) {
-      const auto prepare = [rows](const T* src, int64_t ld, int64_t width, uint16_t* out,
-                                  uint16_t* out_t) {
+      uint32_t rest = 0;
+      const auto prepare = [rows, &rest](const T* src, int64_t ld, int64_t width, uint16_t* out,
+                                         uint16_t* out_t) {
         for (int64_t r = 0; r < kTileRows; ++r) {
           for (int64_t e = 0; e < width; ++e) {
-            const uint16_t h = r < rows ? bf16_bits(src[r * ld + e]) : 0;
-            out[r * width + e] = h;
-            out_t[e * kTileRows + r] = h;
+            const T value = r < rows ? src[r * ld + e] : T(0);
+            rest |= bf16_rest(value);
+            out[r * width + e] = bf16_bits(value);
+            out_t[e * kTileRows + r] = bf16_bits(value);
           }
         }
       };
       prepare(b.scores.q, b.scores.q_ld, d, q, q_t);
       prepare(b.dout, b.dout_ld, dv, dout, dout_t);
-      x.ready[slot] = 1;
+      x.ready[slot] = rest == 0 ? kReadyExact : kReadyInexact;
     }
-    return {q, q_t, dout, dout_t};
+    return {q, q_t, dout, dout_t, x.ready[slot] == kReadyExact};
   }
 
   // acc[j][e] += acc_t[e][j], j < cols, e < width (the tile unit's dK^T or dV^T).

@@ -107,6 +107,62 @@ def test_long_query_block(isa, rng):
     check(q, k, v, rng, causal=True)
 
 
+def test_dq_accumulated_in_place(isa, rng):
+    """One key chunk and no GQA group: dQ is summed in the caller's array, whose last tile's
+    last block of 16 rows holds 4 (the tile unit writes whole blocks: through a copy)."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 100, 64, 64, dtype=BF16)
+    check(q, k, v, rng)
+
+
+def test_float32_values_that_are_not_bfloat16(isa, rng):
+    """The core's bf16_inputs promise is checked: float32 operands with bits below bfloat16's
+    take the float32 step, bit for bit, rather than being truncated."""
+    q, k, v, dout = (rng.standard_normal((1, 2, 130, 64), dtype=np.float32) for _ in range(4))
+    out, lse = cpuattn.attention(q, k, v, return_lse=True)
+    delta = np.einsum("...i,...i->...", dout, out)
+    runs = []
+    for promise in (False, True):
+        grads = [np.empty_like(x) for x in (q, k, v)]
+        _native._core.attention_backward(
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            *grads,
+            None,
+            None,
+            0.125,
+            False,
+            0,
+            -1,
+            -1,
+            0,
+            0.0,
+            None,
+            None,
+            None,
+            bf16_inputs=promise,
+        )
+        runs.append(grads)
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inf_in_a_kept_value_row(isa, rng):
+    """inf in a V row that the queries keep reaches the gradients as on the float32 step."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 70, 90, 32, dtype=BF16)
+    v[0, 1, 40, 3] = np.inf
+    out, lse = cpuattn.attention(q, k, v, return_lse=True)
+    dout = rng.standard_normal(out.shape).astype(BF16)
+    got = cpuattn.attention_backward(dout, q, k, v, out, lse)
+    with pinned_isa("scalar"):
+        expected = cpuattn.attention_backward(dout, q, k, v, out, lse)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(np.isfinite(g), np.isfinite(e))
+
+
 def test_strided_views(isa, rng):
     """(B, L, H, D) buffers viewed as (B, H, L, D)."""
     q, k, v = (

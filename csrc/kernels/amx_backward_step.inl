@@ -108,6 +108,7 @@ void accumulate_key_gradient(float* c, int64_t m, int n, const uint16_t* const* 
                              const uint32_t* const* pairs, const int64_t* chunks) {
   constexpr int64_t W = cpuattn::kTileKeys, R = cpuattn::kTileRows;
   const int64_t a_stride = R * 2, b_stride = W * 4, c_stride = W * 4;
+  memory_barrier();  // c and the operands were written by plain stores
   for (int64_t i = 0; i < m; i += kAmxRows) {
     float* out = c + i * W;
     _tile_loadd(0, out, c_stride);
@@ -129,6 +130,7 @@ void accumulate_key_gradient(float* c, int64_t m, int n, const uint16_t* const* 
     _tile_stored(2, out + 32, c_stride);
     _tile_stored(3, out + 48, c_stride);
   }
+  memory_barrier();  // c, read next by plain loads
 }
 #undef CPUATTN_AMX_ACC
 
@@ -173,6 +175,7 @@ inline void dq_block(float* c, int64_t c_stride, int64_t r0, int64_t e0, int64_t
 void accumulate_dq(float* dq, int64_t rows, int64_t d, int n, const uint16_t* const* ds,
                    const uint32_t* const* k, const int64_t* chunks) {
   alignas(64) float part[kAmxRows][64];
+  memory_barrier();  // dq and the operands were written by plain stores
   for (int64_t r0 = 0; r0 < rows; r0 += kAmxRows) {
     const int64_t m = rows - r0 < kAmxRows ? rows - r0 : kAmxRows;
     for (int64_t e0 = 0; e0 < d; e0 += 64) {
@@ -201,4 +204,5 @@ void accumulate_dq(float* dq, int64_t rows, int64_t d, int n, const uint16_t* co
       }
     }
   }
+  memory_barrier();  // dq, read next by plain loads
 }
