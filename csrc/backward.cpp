@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -196,13 +197,45 @@ const Bf16BackwardKernels* bf16_backward(const BackwardParams& bp, const KernelS
   return std::is_same_v<T, float> && fits && have ? &kernels.backward_bf16 : nullptr;
 }
 
+// How a gradient's elements are stored: the compute type, or rounded to a half type by the
+// ISA's kernels (float32 compute only).
+struct GradientType {
+  int64_t item;                                // bytes per element
+  decltype(EncodingOps::from_float) half;      // nullptr: the compute type
+};
+
+template <typename T>
+GradientType gradient_type(DType dtype, const KernelSet& kernels) {
+  if (std::is_same_v<T, float> && (dtype == DType::F16 || dtype == DType::BF16)) {
+    return {2, kernels.encodings[int(dtype == DType::F16 ? Elem::F16 : Elem::Bf16)].from_float};
+  }
+  return {int64_t(sizeof(T)), nullptr};
+}
+
+// dst[0, n) = src[e] * scale, stored as `type` says.
+template <typename T>
+void store_scaled(const GradientType& type, void* dst, const T* src, int64_t n, T scale) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (type.half) {
+      type.half(src, scale, n, dst);
+      return;
+    }
+  }
+  T* out = static_cast<T*>(dst);
+  for (int64_t e = 0; e < n; ++e) out[e] = src[e] * scale;
+}
+
+// Elements summed and stored at a time by the partial sums (a local buffer: no allocation).
+constexpr int64_t kSumChunk = 256;
+
 // Where a key tile's finished dK or dV rows go: the caller's array (rows ld apart, times
 // scale), or a row block's partial.
 template <typename T>
 struct KeyRowsOut {
-  T* rows;
-  int64_t ld;
+  char* rows;
+  int64_t ld;  // elements
   T scale;
+  GradientType type;
 };
 
 template <typename T>
@@ -230,7 +263,11 @@ class BackwardDriver {
     dk_scale_ = query_.unscaled() ? static_cast<T>(p_.scale) : T(1);
     // One chunk and no GQA group: a pair's dQ rows are one head's, accumulated in dq itself
     // when they are D apart (scaled in place at the end), with no partial to allocate.
-    dq_in_place_ = cut.chunks == 1 && group_ == 1 && bp.dq.strides[nb + 1] == p_.d;
+    dq_type_ = gradient_type<T>(bp.dq_dtype, kernels);
+    dk_type_ = gradient_type<T>(bp.dk_dtype, kernels);
+    dv_type_ = gradient_type<T>(bp.dv_dtype, kernels);
+    dq_in_place_ =
+        cut.chunks == 1 && group_ == 1 && bp.dq.strides[nb + 1] == p_.d && dq_type_.half == nullptr;
     // dout rows read in place when a tile's rows are a constant stride apart (as QueryStage
     // decides for q): positions of one head, or heads of one position, or a (B, L, H, D) view.
     const int64_t head_stride = bp.dout.strides[nb], pos_stride = bp.dout.strides[nb + 1];
@@ -269,12 +306,13 @@ class BackwardDriver {
     const int64_t k_end = std::min(k_begin + cut_.chunk_keys, rb.n_keys);
     KeyRowsOut<T> dk, dv;
     if (cut_.row_blocks == 1) {
-      dk = key_rows_of(bp_.dk, head, dk_scale_);
-      dv = key_rows_of(bp_.dv, head, T(1));
+      dk = key_rows_of(bp_.dk, head, dk_scale_, dk_type_);
+      dv = key_rows_of(bp_.dv, head, T(1), dv_type_);
     } else {
       const int64_t part = block * cut_.pairs + pair;
-      dk = {dk_parts + part * dk_elems(), p_.d, T(1)};
-      dv = {dv_parts + part * dv_elems(), p_.dv, T(1)};
+      const GradientType compute{int64_t(sizeof(T)), nullptr};
+      dk = {reinterpret_cast<char*>(dk_parts + part * dk_elems()), p_.d, T(1), compute};
+      dv = {reinterpret_cast<char*>(dv_parts + part * dv_elems()), p_.dv, T(1), compute};
     }
     // Every key row of the chunk is written: a tile's dK and dV, or 0 for a tile no query of
     // the block keeps and for keys past the valid ones (to Lk, by the last chunk).
@@ -319,18 +357,23 @@ class BackwardDriver {
       return;
     }
     const size_t nb = p_.batch_shape.size();
-    T* dq = static_cast<T*>(const_cast<void*>(bp_.dq.data)) +
-            batch_offset(p_.batch_shape, bp_.dq, head.b);
+    char* dq = static_cast<char*>(const_cast<void*>(bp_.dq.data)) +
+               batch_offset(p_.batch_shape, bp_.dq, head.b) * dq_type_.item;
     const T scale = static_cast<T>(p_.scale);
     const int64_t d = p_.d, stride = cut_.pairs * dq_elems();
+    T sums[kSumChunk];
     for (int64_t r = r0; r < r0 + rows; ++r) {
       const int64_t i = r / group_, h = head.hk * group_ + r % group_;
-      T* out = dq + h * bp_.dq.strides[nb] + i * bp_.dq.strides[nb + 1];
+      char* out = dq + (h * bp_.dq.strides[nb] + i * bp_.dq.strides[nb + 1]) * dq_type_.item;
       const T* first = dq_parts + pair * dq_elems() + r * d;
-      for (int64_t e = 0; e < d; ++e) {
-        T sum = first[e];
-        for (int64_t c = 1; c < cut_.chunks; ++c) sum += first[c * stride + e];
-        out[e] = sum * scale;
+      for (int64_t e0 = 0; e0 < d; e0 += kSumChunk) {
+        const int64_t n = std::min(kSumChunk, d - e0);
+        for (int64_t e = e0; e < e0 + n; ++e) {
+          T sum = first[e];
+          for (int64_t c = 1; c < cut_.chunks; ++c) sum += first[c * stride + e];
+          sums[e - e0] = sum;
+        }
+        store_scaled(dq_type_, out + e0 * dq_type_.item, sums, n, scale);
       }
     }
   }
@@ -341,10 +384,10 @@ class BackwardDriver {
     const int64_t pair = tile / key_tiles(), j0 = (tile % key_tiles()) * kTileKeys;
     const int64_t j1 = std::min(j0 + kTileKeys, p_.lk);
     const ItemPos head = plan_.locate(pair * q_tiles_);
-    sum_key_rows(key_rows_of(bp_.dk, head, dk_scale_), dk_parts + pair * dk_elems(), dk_elems(),
-                 p_.d, j0, j1);
-    sum_key_rows(key_rows_of(bp_.dv, head, T(1)), dv_parts + pair * dv_elems(), dv_elems(), p_.dv,
-                 j0, j1);
+    sum_key_rows(key_rows_of(bp_.dk, head, dk_scale_, dk_type_), dk_parts + pair * dk_elems(),
+                 dk_elems(), p_.d, j0, j1);
+    sum_key_rows(key_rows_of(bp_.dv, head, T(1), dv_type_), dv_parts + pair * dv_elems(),
+                 dv_elems(), p_.dv, j0, j1);
   }
 
  private:
@@ -676,25 +719,27 @@ class BackwardDriver {
   }
 
   // The pair's rows of a (*batch, Hkv, Lk, width) gradient.
-  KeyRowsOut<T> key_rows_of(const View& to, const ItemPos& head, T scale) const {
+  KeyRowsOut<T> key_rows_of(const View& to, const ItemPos& head, T scale,
+                            const GradientType& type) const {
     const size_t nb = p_.batch_shape.size();
-    T* base = static_cast<T*>(const_cast<void*>(to.data)) +
-              batch_offset(p_.batch_shape, to, head.b) + head.hk * to.strides[nb];
-    return {base, to.strides[nb + 1], scale};
+    char* base = static_cast<char*>(const_cast<void*>(to.data)) +
+                 (batch_offset(p_.batch_shape, to, head.b) + head.hk * to.strides[nb]) * type.item;
+    return {base, to.strides[nb + 1], scale, type};
   }
 
-  // Rows [j0, j1) of `to` set to 0.
+  // Rows [j0, j1) of `to` set to 0 (all bits zero in every type).
   static void zero_key_rows(const KeyRowsOut<T>& to, int64_t j0, int64_t j1, int64_t width) {
-    for (int64_t j = j0; j < j1; ++j)
-      std::fill(to.rows + j * to.ld, to.rows + j * to.ld + width, T(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      std::memset(to.rows + j * to.ld * to.type.item, 0, width * to.type.item);
+    }
   }
 
   // Rows [j0, j0 + cols) of `to`, from the tile's accumulators.
   static void write_key_rows(const KeyRowsOut<T>& to, int64_t j0, int64_t cols, int64_t width,
                              const T* acc) {
     for (int64_t j = 0; j < cols; ++j) {
-      T* row = to.rows + (j0 + j) * to.ld;
-      for (int64_t e = 0; e < width; ++e) row[e] = acc[j * width + e] * to.scale;
+      store_scaled(to.type, to.rows + (j0 + j) * to.ld * to.type.item, acc + j * width, width,
+                   to.scale);
     }
   }
 
@@ -703,13 +748,18 @@ class BackwardDriver {
   void sum_key_rows(const KeyRowsOut<T>& to, const T* parts, int64_t stride, int64_t width,
                     int64_t j0, int64_t j1) const {
     const int64_t block_stride = cut_.pairs * stride;
+    T sums[kSumChunk];
     for (int64_t j = j0; j < j1; ++j) {
-      T* row = to.rows + j * to.ld;
+      char* row = to.rows + j * to.ld * to.type.item;
       const T* first = parts + j * width;
-      for (int64_t e = 0; e < width; ++e) {
-        T sum = first[e];
-        for (int64_t blk = 1; blk < cut_.row_blocks; ++blk) sum += first[blk * block_stride + e];
-        row[e] = sum * to.scale;
+      for (int64_t e0 = 0; e0 < width; e0 += kSumChunk) {
+        const int64_t n = std::min(kSumChunk, width - e0);
+        for (int64_t e = e0; e < e0 + n; ++e) {
+          T sum = first[e];
+          for (int64_t blk = 1; blk < cut_.row_blocks; ++blk) sum += first[blk * block_stride + e];
+          sums[e - e0] = sum;
+        }
+        store_scaled(to.type, row + e0 * to.type.item, sums, n, to.scale);
       }
     }
   }
@@ -725,24 +775,28 @@ class BackwardDriver {
   void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;
   TileStep<T> proto_{};
   T dk_scale_ = 1;
+  GradientType dq_type_{}, dk_type_{}, dv_type_{};
   bool dq_in_place_ = false;
   int64_t dout_ld_ = 0;  // elements between a tile's dout rows read in place; 0: copied
 };
 
 // No query at all (Hq or Lq = 0): every key's dK and dV is 0.
 template <typename T>
-void zero_key_gradients(const BackwardParams& bp) {
+void zero_key_gradients(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
   const size_t nb = p.batch_shape.size();
   int64_t batch = 1;
   for (int64_t n : p.batch_shape) batch *= n;
-  for (const auto& [to, width] : {std::pair{&bp.dk, p.d}, std::pair{&bp.dv, p.dv}}) {
+  const int64_t dk_item = gradient_type<T>(bp.dk_dtype, kernels).item;
+  const int64_t dv_item = gradient_type<T>(bp.dv_dtype, kernels).item;
+  for (const auto& [to, width, item] :
+       {std::tuple{&bp.dk, p.d, dk_item}, std::tuple{&bp.dv, p.dv, dv_item}}) {
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t hk = 0; hk < p.hkv; ++hk) {
-        T* head = static_cast<T*>(const_cast<void*>(to->data)) +
-                  batch_offset(p.batch_shape, *to, b) + hk * to->strides[nb];
+        char* head = static_cast<char*>(const_cast<void*>(to->data)) +
+                     (batch_offset(p.batch_shape, *to, b) + hk * to->strides[nb]) * item;
         for (int64_t j = 0; j < p.lk; ++j) {
-          std::fill(head + j * to->strides[nb + 1], head + j * to->strides[nb + 1] + width, T(0));
+          std::memset(head + j * to->strides[nb + 1] * item, 0, width * item);
         }
       }
     }
@@ -754,7 +808,7 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
   if (p.hkv == 0) return;
   if (p.hq == 0 || p.lq == 0) {
-    zero_key_gradients<T>(bp);
+    zero_key_gradients<T>(bp, kernels);
     return;
   }
   const WorkPlan plan(p);

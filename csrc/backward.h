@@ -11,12 +11,15 @@ struct BackwardParams {
   Params fwd;
   View dout;   // (*batch, Hq, Lq, Dv), compute type, unit stride on the last axis
   View delta;  // (*batch, Hq, Lq), compute type: rowsum(dout * out), any strides
-  View dq;  // (*batch, Hq, Lq, D), compute type, unit last stride, writable: every row written
-  // (*batch, Hkv, Lk, D | Dv), compute type, unit last stride, writable: every row written
+  View dq;  // (*batch, Hq, Lq, D), dq_dtype, unit last stride, writable: every row written
+  // (*batch, Hkv, Lk, D | Dv), dk_dtype / dv_dtype, unit last stride, writable: every row written
   // (0 for keys no query keeps).
   View dk, dv;
+  // The gradients' dtypes: the compute type, or with float32 compute float16 / bfloat16,
+  // each element the float32 result rounded once (convert.h: to nearest even).
+  DType dq_dtype = DType::F32, dk_dtype = DType::F32, dv_dtype = DType::F32;
   // q, k, v and dout hold bfloat16 values (float32 converted from bfloat16): their products
-  // may then run on bfloat16 units (AMX) exactly, with float32 accumulation.
+  // may then run on bfloat16 units (AMX) exactly, with float32 accumulation (checked).
   bool bf16_inputs = false;
 };
 

@@ -150,6 +150,51 @@ def test_float32_values_that_are_not_bfloat16(isa, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("grad_dtype", [BF16, np.dtype(np.float16)], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, 100, 130), (8, 1, 70, 2000), (8, 1, 300, 100), (2, 2, 0, 50)],
+    ids=["in_place", "keys_cut", "rows_cut", "no_queries"],
+)
+def test_half_gradients_are_the_float32_ones_rounded(isa, rng, grad_dtype, shape):
+    """The kernel writes half gradients itself: the float32 ones rounded, bit for bit, however
+    they are summed (in place, over key chunks, over row blocks; zero rows)."""
+    hq, hkv, lq, lk = shape
+    q = rng.standard_normal((1, hq, lq, 64)).astype(BF16).astype(np.float32)
+    k, v = (rng.standard_normal((1, hkv, lk, 64)).astype(BF16).astype(np.float32) for _ in "kv")
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=True)
+    dout = rng.standard_normal(out.shape).astype(BF16).astype(np.float32)
+    delta = np.einsum("...i,...i->...", dout, out)
+    runs = []
+    for dtype in (np.float32, grad_dtype):
+        grads = [np.full(x.shape, np.nan, dtype) for x in (q, k, v)]
+        _native._core.attention_backward(
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            *grads,
+            None,
+            np.array([lk - 7]),
+            0.125,
+            True,
+            0,
+            -1,
+            -1,
+            0,
+            0.0,
+            None,
+            None,
+            None,
+            bf16_inputs=True,
+        )
+        runs.append(grads)
+    for wide, half in zip(*runs, strict=True):
+        np.testing.assert_array_equal(half.view(np.uint16), wide.astype(grad_dtype).view(np.uint16))
+
+
 def test_inf_in_a_kept_value_row(isa, rng):
     """inf in a V row that the queries keep reaches the gradients as on the float32 step."""
     q, k, v = random_qkv(rng, (1,), 2, 2, 70, 90, 32, dtype=BF16)

@@ -612,10 +612,18 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
     throw py::type_error("_core.attention_backward: q must be float32 or float64");
   const char* names[] = {"k", "v", "dout", "dq", "dk", "dv"};
   const py::array* arrays[] = {&k, &v, &dout, &dq, &dk, &dv};
+  cpuattn::DType grads[3];
   for (int i = 0; i < 6; ++i) {
-    if (dtype_of(names[i], *arrays[i]) != t)
+    const cpuattn::DType dt = dtype_of(names[i], *arrays[i]);
+    // The gradients may be float16 / bfloat16 over float32 compute (rounded by the kernels).
+    const bool half_grad = i >= 3 && t == cpuattn::DType::F32 &&
+                           (dt == cpuattn::DType::F16 || dt == cpuattn::DType::BF16);
+    if (dt != t && !half_grad) {
       throw py::type_error(std::string("_core.attention_backward: ") + names[i] +
-                           " must have q's dtype");
+                           (i >= 3 ? " must have q's dtype, or float16 / bfloat16 for float32"
+                                   : " must have q's dtype"));
+    }
+    if (i >= 3) grads[i - 3] = dt;
   }
   p.q_dtype = p.kv_dtype = p.out_dtype = p.compute_dtype = t;
   read_qkv(c, q, k, v);
@@ -637,6 +645,9 @@ void attention_backward(const py::array& q, const py::array& k, const py::array&
                diagonal, global_tokens);
   bp.fwd = p;
   bp.bf16_inputs = bf16_inputs && t == cpuattn::DType::F32;
+  bp.dq_dtype = grads[0];
+  bp.dk_dtype = grads[1];
+  bp.dv_dtype = grads[2];
 
   // Safe without the GIL, as attention() above.
   py::gil_scoped_release release;

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._request import BF16, Request
+from ._request import BF16, F32, HALF_DTYPES, Request
 
 try:
     from . import _core
@@ -82,9 +82,10 @@ def attention_backward(
     req: Request, dout: np.ndarray, out: np.ndarray, lse: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The native backward, with the NumPy one's contract (``_numpy_backward``): arrays in
-    canonical shape, gradients returned in the dtypes of q, k, v. Half inputs are converted to
-    float32 here, once each (O(L D) against the kernel's O(Lq Lk D)); ``delta =
-    rowsum(dout * out)`` is computed here too, in the compute dtype."""
+    canonical shape, gradients returned in the dtypes of q, k, v (half ones rounded by the
+    kernel as it writes them). Half inputs are converted to float32 here, once each (O(L D)
+    against the kernel's O(Lq Lk D)); ``delta = rowsum(dout * out)`` is computed here too, in
+    the compute dtype."""
     require_core()
     ct = req.dtype
     q, k, v, dout_c = (
@@ -94,8 +95,12 @@ def attention_backward(
     delta = np.einsum("...i,...i->...", dout_c, out.astype(ct, copy=False))
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
     # Every element is written (0 for keys no query keeps): np.empty, not np.zeros, whose
-    # fresh zero pages would fault on the kernel's first write on every call.
-    dq, dk, dv = np.empty(q.shape, ct), np.empty(k.shape, ct), np.empty(v.shape, ct)
+    # fresh zero pages would fault on the kernel's first write on every call. Half gradients
+    # of float32 compute are rounded by the kernel as it writes them (no float32 copy).
+    dq, dk, dv = (
+        np.empty(x.shape, x.dtype if ct == F32 and x.dtype in HALF_DTYPES else ct)
+        for x in (req.q, req.k, req.v)
+    )
     left, right = req.window
     _core.attention_backward(
         q,
