@@ -96,7 +96,8 @@ def attention_backward(
     mask = None if req.mask is None else _kernel_ready(req.mask, unit_last=False)
     # Every element is written (0 for keys no query keeps): np.empty, not np.zeros, whose
     # fresh zero pages would fault on the kernel's first write on every call. Half gradients
-    # of float32 compute are rounded by the kernel as it writes them (no float32 copy).
+    # of float32 compute are rounded by the kernel as it writes them (dQ from a float32
+    # partial, dK and dV from its tiles' accumulators).
     dq, dk, dv = (
         np.empty(x.shape, x.dtype if ct == F32 and x.dtype in HALF_DTYPES else ct)
         for x in (req.q, req.k, req.v)
