@@ -8,6 +8,8 @@ multiples of 32 take the float32 step on every ISA."""
 import numpy as np
 import pytest
 from conftest import pinned_isa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import random_qkv
 
 import cpuattn
@@ -19,11 +21,14 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 
 # A bfloat16 result is the float64 one rounded (half an ulp: 2^-8 of the value), plus what the
 # computation adds, relative to the largest gradient (or 1, for gradients that cancel to about
-# 0): float32 noise, or on the tile unit P and dS rounded to bfloat16 (half an ulp of each
-# weight: 2^-8 of the largest gradient bounds what random signs leave of it, and a root mean
-# square within 2^-8 of the gradients' says it is noise, not a wrong term).
+# 0): float32 noise, or on the tile unit P and dS rounded to bfloat16. Each of those roundings
+# is within 2^-9 of its weight, but a gradient element sums up to L of them, and where the
+# terms cancel the sum of their errors can pass 2^-8 of the largest gradient (hypothesis found
+# 1.09x that): each element is held to 2^-6 of it (a dropped or wrong term is of the order of
+# the gradient itself), and the root mean square error to 2^-8 of the gradients' (measured
+# 0.6x that on long sequences): noise, not a wrong term.
 ROUNDING = 2.0**-8
-NOISE = {"avx512_amx": 2.0**-8}
+NOISE = {"avx512_amx": 2.0**-6}
 FLOAT32_NOISE = 3e-5
 
 
@@ -272,3 +277,30 @@ def test_float32_dout_still_matches(isa, rng):
     dout = rng.standard_normal(out.shape).astype(np.float32)
     got = cpuattn.attention_backward(dout, q, k, v, out, lse)
     assert_rounded_once(got, wide_backward(dout, q, k, v, out, lse))
+
+
+@st.composite
+def bf16_problems(draw):
+    """Shapes around the tile unit's edges (D and Dv multiples of 32, or not), GQA, masks."""
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.sampled_from([1, 2, 4]))
+    lq, lk = draw(st.integers(1, 150)), draw(st.integers(1, 200))
+    d = draw(st.sampled_from([32, 64, 96, 40]))
+    dv = draw(st.sampled_from([d, 32, 64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q, k, v = random_qkv(rng, (draw(st.integers(1, 2)),), hq, hkv, lq, lk, d, dv, dtype=BF16)
+    kw = {"causal": draw(st.sampled_from([False, True, "top_left"]))}
+    if draw(st.booleans()):
+        kw["window"] = (draw(st.integers(-1, 60)), draw(st.integers(-1, 60)))
+    if draw(st.booleans()):
+        kw["mask"] = rng.random((lq, lk)) > 0.3
+    return rng, q, k, v, kw
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bf16_problems())
+def test_hypothesis_shapes(problem):
+    rng, q, k, v, kw = problem
+    for isa in ISAS:
+        with pinned_isa(isa):
+            check(q, k, v, rng, **kw)
