@@ -224,6 +224,14 @@ def test_inf_in_a_kept_value_row(isa, rng):
         np.testing.assert_array_equal(np.isfinite(g), np.isfinite(e))
 
 
+def test_sweeps_of_several_key_tiles(isa, rng):
+    """32 (batch, kv head) pairs: no task is cut, so each sweeps its queries with 4 key tiles
+    at a time (then the fifth alone), summing dQ over them; lengths end mid-sweep."""
+    q, k, v = random_qkv(rng, (4,), 16, 8, 70, 300, 64, dtype=BF16)
+    check(q, k, v, rng)
+    check(q, k, v, rng, kv_lengths=np.array([300, 250, 130, 0]), causal=True)
+
+
 def test_strided_views(isa, rng):
     """(B, L, H, D) buffers viewed as (B, H, L, D)."""
     q, k, v = (
