@@ -228,6 +228,23 @@ void store_scaled(const GradientType& type, void* dst, const T* src, int64_t n, 
 // Elements summed and stored at a time by the partial sums (a local buffer: no allocation).
 constexpr int64_t kSumChunk = 256;
 
+// dst[0, n) = (the sum over `parts` partials of first[e + part * part_stride], in part order)
+// times scale, stored as `type` says.
+template <typename T>
+void store_sum(const T* first, int64_t parts, int64_t part_stride, int64_t n,
+               const GradientType& type, char* dst, T scale) {
+  T sums[kSumChunk];
+  for (int64_t e0 = 0; e0 < n; e0 += kSumChunk) {
+    const int64_t m = std::min(kSumChunk, n - e0);
+    for (int64_t e = e0; e < e0 + m; ++e) {
+      T sum = first[e];
+      for (int64_t part = 1; part < parts; ++part) sum += first[part * part_stride + e];
+      sums[e - e0] = sum;
+    }
+    store_scaled(type, dst + e0 * type.item, sums, m, scale);
+  }
+}
+
 // Where a key tile's finished dK or dV rows go: the caller's array (rows ld apart, times
 // scale), or a row block's partial.
 template <typename T>
@@ -361,20 +378,11 @@ class BackwardDriver {
                batch_offset(p_.batch_shape, bp_.dq, head.b) * dq_type_.item;
     const T scale = static_cast<T>(p_.scale);
     const int64_t d = p_.d, stride = cut_.pairs * dq_elems();
-    T sums[kSumChunk];
     for (int64_t r = r0; r < r0 + rows; ++r) {
       const int64_t i = r / group_, h = head.hk * group_ + r % group_;
       char* out = dq + (h * bp_.dq.strides[nb] + i * bp_.dq.strides[nb + 1]) * dq_type_.item;
       const T* first = dq_parts + pair * dq_elems() + r * d;
-      for (int64_t e0 = 0; e0 < d; e0 += kSumChunk) {
-        const int64_t n = std::min(kSumChunk, d - e0);
-        for (int64_t e = e0; e < e0 + n; ++e) {
-          T sum = first[e];
-          for (int64_t c = 1; c < cut_.chunks; ++c) sum += first[c * stride + e];
-          sums[e - e0] = sum;
-        }
-        store_scaled(dq_type_, out + e0 * dq_type_.item, sums, n, scale);
-      }
+      store_sum(first, cut_.chunks, stride, d, dq_type_, out, scale);
     }
   }
 
@@ -748,19 +756,10 @@ class BackwardDriver {
   void sum_key_rows(const KeyRowsOut<T>& to, const T* parts, int64_t stride, int64_t width,
                     int64_t j0, int64_t j1) const {
     const int64_t block_stride = cut_.pairs * stride;
-    T sums[kSumChunk];
     for (int64_t j = j0; j < j1; ++j) {
       char* row = to.rows + j * to.ld * to.type.item;
       const T* first = parts + j * width;
-      for (int64_t e0 = 0; e0 < width; e0 += kSumChunk) {
-        const int64_t n = std::min(kSumChunk, width - e0);
-        for (int64_t e = e0; e < e0 + n; ++e) {
-          T sum = first[e];
-          for (int64_t blk = 1; blk < cut_.row_blocks; ++blk) sum += first[blk * block_stride + e];
-          sums[e - e0] = sum;
-        }
-        store_scaled(to.type, row + e0 * to.type.item, sums, n, to.scale);
-      }
+      store_sum(first, cut_.row_blocks, block_stride, width, to.type, row, to.scale);
     }
   }
 

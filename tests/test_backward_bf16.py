@@ -59,6 +59,17 @@ def wide_backward(dout, q, k, v, out, lse, **options):
     return cpuattn.attention_backward(*wide, backend="numpy", **options)
 
 
+def core_backward(q, k, v, dout, grads, *, causal=False, kv_lengths=None, promise=True):
+    """_core.attention_backward on float32 (or float64) arrays into grads, scale 1/8, with
+    the bf16_inputs promise as given."""
+    out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=causal, kv_lengths=kv_lengths)
+    delta = np.einsum("...i,...i->...", dout, out)
+    _native._core.attention_backward(
+        q, k, v, dout, lse, delta, *grads, None, kv_lengths, 0.125, causal, 0, -1, -1, 0, 0.0,
+        None, None, None, bf16_inputs=promise,
+    )  # fmt: skip
+
+
 def check(q, k, v, rng, **options):
     out, lse = cpuattn.attention(q, k, v, return_lse=True, **options)
     dout = rng.standard_normal(out.shape).astype(BF16)
@@ -117,14 +128,10 @@ def test_dq_accumulated_in_place(isa, rng):
     (the core's path for float32 arrays that hold bfloat16 values), whose last tile's last
     block of 16 rows holds 4 (the tile unit writes whole blocks: through a copy)."""
     q, k, v, dout = (rng.standard_normal((1, 2, n, 64)).astype(BF16) for n in (100, 64, 64, 100))
-    out, lse = cpuattn.attention(q, k, v, return_lse=True)
     wide = [x.astype(np.float32) for x in (q, k, v, dout)]
-    delta = np.einsum("...i,...i->...", wide[3], out.astype(np.float32))
     grads = [np.full(x.shape, np.nan, np.float32) for x in wide[:3]]
-    _native._core.attention_backward(
-        *wide, lse, delta, *grads, None, None, 0.125, False, 0, -1, -1, 0, 0.0, None, None,
-        None, bf16_inputs=True,
-    )  # fmt: skip
+    core_backward(*wide, grads)
+    out, lse = cpuattn.attention(*wide[:3], return_lse=True)  # what core_backward used
     rounded = [g.astype(BF16) for g in grads]
     assert_rounded_once(rounded, wide_backward(dout, q, k, v, out, lse))
 
@@ -133,33 +140,10 @@ def test_float32_values_that_are_not_bfloat16(isa, rng):
     """The core's bf16_inputs promise is checked: float32 operands with bits below bfloat16's
     take the float32 step, bit for bit, rather than being truncated."""
     q, k, v, dout = (rng.standard_normal((1, 2, 130, 64), dtype=np.float32) for _ in range(4))
-    out, lse = cpuattn.attention(q, k, v, return_lse=True)
-    delta = np.einsum("...i,...i->...", dout, out)
     runs = []
     for promise in (False, True):
         grads = [np.empty_like(x) for x in (q, k, v)]
-        _native._core.attention_backward(
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            *grads,
-            None,
-            None,
-            0.125,
-            False,
-            0,
-            -1,
-            -1,
-            0,
-            0.0,
-            None,
-            None,
-            None,
-            bf16_inputs=promise,
-        )
+        core_backward(q, k, v, dout, grads, promise=promise)
         runs.append(grads)
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -178,34 +162,11 @@ def test_half_gradients_are_the_float32_ones_rounded(isa, rng, grad_dtype, shape
     hq, hkv, lq, lk = shape
     q = rng.standard_normal((1, hq, lq, 64)).astype(BF16).astype(np.float32)
     k, v = (rng.standard_normal((1, hkv, lk, 64)).astype(BF16).astype(np.float32) for _ in "kv")
-    out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=True)
-    dout = rng.standard_normal(out.shape).astype(BF16).astype(np.float32)
-    delta = np.einsum("...i,...i->...", dout, out)
+    dout = rng.standard_normal(q.shape).astype(BF16).astype(np.float32)
     runs = []
     for dtype in (np.float32, grad_dtype):
         grads = [np.full(x.shape, np.nan, dtype) for x in (q, k, v)]
-        _native._core.attention_backward(
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            *grads,
-            None,
-            np.array([lk - 7]),
-            0.125,
-            True,
-            0,
-            -1,
-            -1,
-            0,
-            0.0,
-            None,
-            None,
-            None,
-            bf16_inputs=True,
-        )
+        core_backward(q, k, v, dout, grads, causal=True, kv_lengths=np.array([lk - 7]))
         runs.append(grads)
     for wide, half in zip(*runs, strict=True):
         np.testing.assert_array_equal(half.view(np.uint16), wide.astype(grad_dtype).view(np.uint16))
