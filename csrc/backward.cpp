@@ -110,16 +110,19 @@ bool any_nonfinite(const T* x, int64_t ld, int64_t rows, int64_t width) {
 // D = 128 on AMX, measured), for kSweepKeyTiles key tiles' packs and accumulators (L2).
 constexpr int64_t kSweepKeyTiles = 4;
 
-// Query tiles whose P and dS the tile unit keeps for each key tile of the sweep, to sum
-// their dK and dV contributions with the accumulators in tile registers (Bf16BackwardKernels).
+// Query tiles whose P and dS the bfloat16 products keep for each key tile of the sweep, to
+// sum their dK and dV contributions with the accumulators in (tile) registers
+// (Bf16BackwardKernels).
 constexpr int64_t kQueryBlockTiles = 8;
+static_assert(kSweepKeyTiles <= kBf16BackwardMaxTiles && kQueryBlockTiles <= kBf16BackwardMaxTiles,
+              "a bfloat16 product part sums at most kBf16BackwardMaxTiles tiles");
 
 // Bytes of one thread's bfloat16 query operands (Bf16Scratch) past which they are prepared
 // again for every query block rather than kept for the task's whole row block (64 query tiles
 // at D = Dv = 256, 128 at 128).
 constexpr int64_t kMaxBf16QueryBytes = int64_t(1) << 23;
 
-// One query tile's bfloat16 operands for the tile unit: rows and their transposes.
+// One query tile's bfloat16 operands for the bfloat16 products: rows and their transposes.
 struct Bf16QueryTile {
   const uint16_t* q;       // kTileRows x d, zero past the tile's rows
   const uint16_t* q_t;     // d x kTileRows
@@ -129,8 +132,8 @@ struct Bf16QueryTile {
 };
 constexpr int8_t kReadyExact = 1, kReadyInexact = 2;  // Bf16Scratch::ready
 
-// One thread's bfloat16 operands for the tile unit: the sweep's key tiles' (packed with them,
-// with their dK^T and dV^T accumulators), the query tiles' of its task's row block (each
+// One thread's bfloat16 operands for the bfloat16 products: the sweep's key tiles' (packed with
+// them, with their dK^T and dV^T accumulators), the query tiles' of its task's row block (each
 // prepared on the tile's first pair and kept for the others; past kMaxBf16QueryBytes, for the
 // query block in flight only), and the P and dS of a query block against the sweep's tiles.
 struct Bf16Scratch {
@@ -167,7 +170,7 @@ struct alignas(64) BackwardScratch {
   AlignedBuffer<T> dout, lse, delta, dp, cap_grad;  // the query tile's
   AlignedBuffer<T> kt, vt, dk, dv;  // the sweep's kSweepKeyTiles key tiles'
   AlignedBuffer<int8_t> tile_nonfinite;  // per query tile of the task's head: -1 not yet known
-  Bf16Scratch bf16;                      // with the tile unit only
+  Bf16Scratch bf16;                      // with the bfloat16 products only
 
   BackwardScratch(const Params& p, int64_t q_tiles, bool bf16_products, int64_t block_tiles)
       : rows(p.d, p.dv, -1), dout(kTileRows * p.dv), lse(kTileRows), delta(kTileRows),
@@ -187,8 +190,8 @@ inline uint32_t bf16_pair(float first, float second) {
   return uint32_t(bf16_bits(first)) | uint32_t(bf16_bits(second)) << 16;
 }
 
-// The tile unit's backward for this call, or nullptr: bfloat16 inputs, float32 compute, D
-// and Dv whole 32-element chunks (the tile unit's pairs).
+// The bfloat16 products' backward for this call (AMX or AVX512-BF16), or nullptr: bfloat16
+// inputs, float32 compute, D and Dv whole 32-element chunks (the tile unit's pairs).
 template <typename T>
 const Bf16BackwardKernels* bf16_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
@@ -263,7 +266,7 @@ class BackwardDriver {
       : bp_(bp), p_(bp.fwd), plan_(plan), cut_(cut), group_(plan.group()),
         rows_per_pair_(plan.rows_per_head_group()), q_tiles_(plan.query_tiles_per_head()),
         bf16_(bf16_backward<T>(bp, kernels)),  // before query_: declared before it
-        // With the tile unit, q is bfloat16 as it is: staged unscaled, the scores scaled.
+        // With bfloat16 products, q is bfloat16 as it is: staged unscaled, the scores scaled.
         query_(bp.fwd, kernels, plan, -1, false, bf16_ == nullptr) {
     if constexpr (std::is_same_v<T, float>) {
       step_ = kernels.backward_f32;
@@ -300,7 +303,7 @@ class BackwardDriver {
   bool dq_in_place() const { return dq_in_place_; }
   int64_t key_tiles() const { return (p_.lk + kTileKeys - 1) / kTileKeys; }
   int64_t dq_elems() const { return rows_per_pair_ * p_.d; }  // one pair's dQ
-  int64_t dk_elems() const { return p_.lk * p_.d; }           // one pair's dK
+  int64_t dk_elems() const { return p_.lk * p_.d; }  // one pair's dK
   int64_t dv_elems() const { return p_.lk * p_.dv; }
 
   // The task's chunk, row block and pair: every pair's last row block and first chunk first
@@ -405,11 +408,11 @@ class BackwardDriver {
     const T* k = nullptr;
     const T* v = nullptr;
     bool keys_nonfinite = false;
-    bool packed = false;      // the float32 step's K^T and V^T are in the slot
-    bool bf16_exact = false;  // K and V hold bfloat16 values: packed for the tile unit
+    bool packed = false;  // the float32 step's K^T and V^T are in the slot
+    bool bf16_exact = false;  // K and V hold bfloat16 values: packed as bfloat16 pairs
   };
 
-  // Keys [j0, j1) of the pair into scratch slot `slot`: packed for the tile unit (or the
+  // Keys [j0, j1) of the pair into scratch slot `slot`: packed as bfloat16 pairs (or the
   // float32 step, without it), accumulators zeroed.
   KeyTile start_key_tile(const ItemPos& head, int64_t j0, int64_t j1, int64_t slot,
                          BackwardScratch<T>& sc) const {
@@ -436,7 +439,7 @@ class BackwardDriver {
     return tile;
   }
 
-  // The float32 step's K^T and V^T of the tile (always without the tile unit, else for the
+  // The float32 step's K^T and V^T of the tile (always without bfloat16 products, else for the
   // first pair that needs that step: a non-finite operand).
   void pack_compute(KeyTile& tile, BackwardScratch<T>& sc) const {
     if (tile.packed) return;
@@ -467,7 +470,7 @@ class BackwardDriver {
     b.cap_grad = sc.cap_grad.data();
     b.dq = dq + t * kTileRows * p_.d;
     b.rows_nonfinite = sc.tile_nonfinite[t] != 0;
-    b.amx = nullptr;
+    b.bf16_operands = nullptr;
     return b;
   }
 
@@ -516,7 +519,7 @@ class BackwardDriver {
     }
   }
 
-  // The same on the tile unit, a block of kQueryBlockTiles query tiles at a time: per pair,
+  // The same with bfloat16 products, a block of kQueryBlockTiles query tiles at a time: per pair,
   // P and dS (weights); per query tile, dQ from all the sweep's tiles (dq); per key tile,
   // dK^T and dV^T from the whole block (key_gradient). A pair with an inf or NaN operand takes
   // the float32 step.
@@ -529,7 +532,7 @@ class BackwardDriver {
       for (int64_t tb = t_begin; tb < t_end; tb += kQueryBlockTiles) {
         const int64_t te = std::min(tb + kQueryBlockTiles, t_end);
         if (!all_kept) std::fill(x.ready.data(), x.ready.data() + x.slots, int8_t(0));
-        // Per key tile, the block's query tiles it met on the tile unit (for key_gradient).
+        // Per key tile, the block's query tiles it met as bfloat16 (for key_gradient).
         int met[kSweepKeyTiles] = {};
         const uint16_t* q_t[kSweepKeyTiles][kQueryBlockTiles];
         const uint16_t* dout_t[kSweepKeyTiles][kQueryBlockTiles];
@@ -541,7 +544,7 @@ class BackwardDriver {
           BackwardStep<T> base;
           Bf16QueryTile query{};
           bool staged = false;
-          // The key tiles whose dS goes to this tile's dQ on the tile unit.
+          // The key tiles whose dS goes to this tile's dQ as bfloat16 products.
           int summed = 0;
           const uint16_t* ds_rows[kSweepKeyTiles];
           const uint32_t* k_pairs[kSweepKeyTiles];
@@ -567,7 +570,7 @@ class BackwardDriver {
             const Bf16BackwardOperands ops{query.q, query.dout,
                                            x.kt.data() + slot * d / 2 * kTileKeys,
                                            x.vt.data() + slot * dv / 2 * kTileKeys};
-            b.amx = &ops;
+            b.bf16_operands = &ops;
             uint32_t* p_pairs = x.p.data() + (slot * kQueryBlockTiles + m) * x.kPairsPerTile;
             uint32_t* ds_pairs = x.ds.data() + (slot * kQueryBlockTiles + m) * x.kPairsPerTile;
             uint16_t* rows_out = x.ds_rows.data() + slot * kTileRows * kTileKeys;
@@ -681,7 +684,7 @@ class BackwardDriver {
     return {q, q_t, dout, dout_t, x.ready[slot] == kReadyExact};
   }
 
-  // acc[j][e] += acc_t[e][j], j < cols, e < width (the tile unit's dK^T or dV^T).
+  // acc[j][e] += acc_t[e][j], j < cols, e < width (the bfloat16 products' dK^T or dV^T).
   static void add_transposed(const float* acc_t, int64_t cols, int64_t width, T* acc) {
     for (int64_t j = 0; j < cols; ++j) {
       for (int64_t e = 0; e < width; ++e) acc[j * width + e] += acc_t[e * kTileKeys + j];
@@ -768,7 +771,7 @@ class BackwardDriver {
   const WorkPlan& plan_;
   BackwardPlan cut_;
   int64_t group_, rows_per_pair_, q_tiles_;
-  const Bf16BackwardKernels* bf16_;  // the tile unit's backward, or nullptr
+  const Bf16BackwardKernels* bf16_;  // the bfloat16 products' backward, or nullptr
   QueryStage<T> query_;
   void (*step_)(const BackwardStep<T>&) = nullptr;
   void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;
@@ -826,7 +829,7 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   for (int t = 0; t < threads; ++t) {
     scratch.emplace_back(p, driver.q_tiles(), driver.bf16_products(), cut.block_tiles);
   }
-  // The tile unit's configuration is per thread: set before its first step, released after.
+  // The tile unit's configuration (AMX) is per thread: set before its first step, released after.
   void (*amx_begin)() = driver.bf16_products() ? kernels.amx_begin : nullptr;
   void (*amx_end)() = driver.bf16_products() ? kernels.amx_end : nullptr;
   // Partials, each zeroed by the task that writes it where the sums read it.

@@ -21,14 +21,15 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 
 # A bfloat16 result is the float64 one rounded (half an ulp: 2^-8 of the value), plus what the
 # computation adds, relative to the largest gradient (or 1, for gradients that cancel to about
-# 0): float32 noise, or on the tile unit P and dS rounded to bfloat16. Each of those roundings
+# 0): float32 noise, or with bfloat16 products (AMX tiles, AVX512-BF16's vdpbf16ps) P and dS
+# rounded to bfloat16. Each of those roundings
 # is within 2^-9 of its weight, but a gradient element sums up to L of them, and where the
 # terms cancel the sum of their errors can pass 2^-8 of the largest gradient (hypothesis found
 # 1.09x that): each element is held to 2^-6 of it (a dropped or wrong term is of the order of
 # the gradient itself), and the root mean square error to 2^-8 of the gradients' (measured
 # 0.6x that on long sequences): noise, not a wrong term.
 ROUNDING = 2.0**-8
-NOISE = {"avx512_amx": 2.0**-6}
+NOISE = {"avx512_amx": 2.0**-6, "avx512_bf16": 2.0**-6}
 FLOAT32_NOISE = 3e-5
 
 

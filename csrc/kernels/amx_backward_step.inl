@@ -1,16 +1,16 @@
 // The backward (backward_step.inl) with its five products on the AMX tile unit, in three
 // parts the driver sequences (Bf16BackwardKernels), from bfloat16 operands it prepared
-// (Bf16BackwardOperands). Per pair, backward_weights_amx: S = q K^T and dP = dO V^T as the
-// forward's scores, the float32 step's softmax and gradient, then P and dS rounded to
-// bfloat16 as pairs of query rows and dS as rows. Per query tile, accumulate_dq: dQ += dS K
-// over the sweep's key tiles (K as pairs of keys). Per key tile, accumulate_key_gradient:
-// dV^T += dO^T P and dK^T += q^T dS over a block of query tiles. Summing over several tiles
-// with the accumulator in tile registers keeps the tile unit multiplying rather than loading
-// and storing accumulators (a pair alone gives each accumulator tile two products: that was
-// half the step's time at D = 128). P and dS are rounded to bfloat16, as the forward rounds P
-// for a bfloat16 output (and as torch's bfloat16 backward does): hi + lo halves for float32
-// accuracy cost 1.3x the time at D = 128 (measured), for gradients returned in bfloat16.
-// Include after amx_step.inl.
+// (Bf16BackwardOperands). Per pair, the weights (bf16_backward_weights.inl): S = q K^T and
+// dP = dO V^T as the forward's scores (rows_times_keys), the float32 step's softmax and
+// gradient, then P and dS rounded to bfloat16 as pairs of query rows and dS as rows. Per query
+// tile, accumulate_dq: dQ += dS K over the sweep's key tiles (K as pairs of keys). Per key tile,
+// accumulate_key_gradient: dV^T += dO^T P and dK^T += q^T dS over a block of query tiles. Summing
+// over several tiles with the accumulator in tile registers keeps the tile unit multiplying rather
+// than loading and storing accumulators (a pair alone gives each accumulator tile two products:
+// that was half the step's time at D = 128). P and dS are rounded to bfloat16, as the forward
+// rounds P for a bfloat16 output (and as torch's bfloat16 backward does): hi + lo halves for
+// float32 accuracy cost 1.3x the time at D = 128 (measured), for gradients returned in bfloat16.
+// Include after amx_step.inl and bf16_backward_weights.inl.
 
 // c[r0 .. r0 + 16, 0 .. 64) = a . b^T for blocks of 16 rows r0 < rows: a rows of k bfloat16,
 // b k / 2 x kTileKeys pairs (k a multiple of 32). Bare products (the tile unit cannot scale).
@@ -18,6 +18,7 @@ inline void rows_times_keys(const uint16_t* a, int64_t k, const uint32_t* b, flo
                             int64_t rows) {
   constexpr int64_t W = cpuattn::kTileKeys;
   const int64_t a_stride = k * 2, b_stride = W * 4, c_stride = W * 4;
+  memory_barrier();  // the operands were written by plain stores
   for (int64_t r0 = 0; r0 < rows; r0 += kAmxRows) {
     _tile_zero(0);
     _tile_zero(1);
@@ -41,40 +42,7 @@ inline void rows_times_keys(const uint16_t* a, int64_t k, const uint32_t* b, flo
     _tile_stored(2, out + 32, c_stride);
     _tile_stored(3, out + 48, c_stride);
   }
-}
-
-// Rows [0, rows) of x (kTileKeys floats a row) -> query row pairs (kTileKeys a row: rows 2i
-// and 2i + 1 of x in the low and high halves of row i), rows past `rows` up to `pair_rows`
-// zero: the tile unit's B operand with the query rows as its inner dimension.
-inline void to_row_pairs(const float* x, int64_t rows, int64_t pair_rows, uint32_t* pairs) {
-  constexpr int64_t W = cpuattn::kTileKeys;
-  // Words 0-15 of the conversion are the even row's, 16-31 the odd row's: interleave them.
-  const __m512i interleave =
-      _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                       21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int64_t i = 0; i < pair_rows / 2; ++i) {
-    const float* even = x + 2 * i * W;
-    const bool has_even = 2 * i < rows, has_odd = 2 * i + 1 < rows;
-    for (int64_t c = 0; c < W; c += 16) {
-      const __m512 a = has_even ? _mm512_load_ps(even + c) : _mm512_setzero_ps();
-      const __m512 b = has_odd ? _mm512_load_ps(even + W + c) : _mm512_setzero_ps();
-      const __m512i h = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-      _mm512_store_si512(pairs + i * W + c, h);
-    }
-  }
-}
-
-// Rows [0, rows) of x -> bfloat16 rows (kTileKeys a row), rows past `rows` up to `padded`
-// zero: the tile unit's A operand.
-inline void to_rows(const float* x, int64_t rows, int64_t padded, uint16_t* out) {
-  constexpr int64_t W = cpuattn::kTileKeys;
-  for (int64_t r = 0; r < padded; ++r) {
-    for (int64_t c = 0; c < W; c += 32) {
-      const __m512 a = r < rows ? _mm512_load_ps(x + r * W + c) : _mm512_setzero_ps();
-      const __m512 b = r < rows ? _mm512_load_ps(x + r * W + c + 16) : _mm512_setzero_ps();
-      _mm512_store_si512(out + r * W + c, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-    }
-  }
+  memory_barrier();  // c, read next by plain loads
 }
 
 // Tile register t += A (tile 4) times the B pairs at `b` (into tile 5).
@@ -83,23 +51,6 @@ inline void to_rows(const float* x, int64_t rows, int64_t padded, uint16_t* out)
     _tile_loadd(5, (b), (stride));    \
     _tile_dpbf16ps(t, 4, 5);          \
   } while (0)
-
-void backward_weights_amx(const cpuattn::BackwardStep<float>& b, uint32_t* p, uint32_t* ds,
-                          uint16_t* ds_rows) {
-  const cpuattn::TileStep<float>& a = b.scores;
-  const cpuattn::Bf16BackwardOperands& x = *b.amx;
-  const int64_t row_pairs = (a.rows + 31) / 32 * 32;
-  memory_barrier();  // the driver's plain stores of the operands
-  rows_times_keys(x.q, a.d, x.kt, a.s, a.rows);
-  rows_times_keys(x.dout, a.dv, x.vt, b.dp, a.rows);
-  memory_barrier();  // the tile stores, read below by plain loads
-  weights_from_scores<float, true>(b);
-  softmax_gradient(b);
-  to_row_pairs(a.s, a.rows, row_pairs, p);
-  to_row_pairs(b.dp, a.rows, row_pairs, ds);
-  to_rows(b.dp, a.rows, (a.rows + kAmxRows - 1) / kAmxRows * kAmxRows, ds_rows);
-  memory_barrier();  // read next by the tile unit
-}
 
 // c[m x kTileKeys] += sum over n query tiles of a[i] . pairs[i]: a[i] m rows (a multiple of 16)
 // of kTileRows bfloat16 (q^T or dO^T), pairs[i] query row pairs (dS or P), over their first

@@ -15,13 +15,15 @@ namespace {
 #include "kernels/tile_step.inl"
 #include "kernels/bf16_step.inl"
 #include "kernels/amx_step.inl"
+#include "kernels/bf16_backward_weights.inl"
 #include "kernels/amx_backward_step.inl"
 constexpr KernelSet amx_kernels() {
   KernelSet k = portable_kernels("avx512_amx");
   k.step_bf16_amx = &tile_step_amx;
   k.amx_begin = &configure_tiles;
   k.amx_end = &release_tiles;
-  k.backward_bf16 = {&backward_weights_amx, &accumulate_dq, &accumulate_key_gradient};
+  k.backward_bf16 = {&backward_weights_bf16<rows_times_keys>, &accumulate_dq,
+                     &accumulate_key_gradient};
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

@@ -4,8 +4,10 @@
 // only, no function bodies (see target.h).
 #pragma once
 #include <cstdint>
+#include <cstring>  // std::memcpy, for loads of two bfloat16 as one word
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>  // std::integer_sequence, for lane shuffles in the kernels
 #include <vector>
 
@@ -126,8 +128,8 @@ struct TileStep {
   PrefetchRange prefetch[kPrefetchRanges];
 };
 
-// A pair's operands as bfloat16 for the tile unit (Bf16BackwardKernels::weights): the inputs
-// were bfloat16, so these hold them exactly. Query-side tiles have kTileRows rows (zero past
+// A pair's operands as bfloat16 for the bfloat16 products (Bf16BackwardKernels::weights): the
+// inputs were bfloat16, so these hold them exactly. Query-side tiles have kTileRows rows (zero past
 // the step's rows), key-side ones kTileKeys keys (zero past its cols); d and dv are multiples
 // of 32. A pair is two consecutive bfloat16 in a uint32, the first in the low half.
 struct Bf16BackwardOperands {
@@ -163,15 +165,18 @@ struct BackwardStep {
   bool keys_nonfinite;  // some K element of the tile is inf or NaN
   // Bf16BackwardKernels::weights: S and dP from these (q unscaled: scores times dot_scale);
   // nullptr for backward_f32.
-  const Bf16BackwardOperands* amx;
+  const Bf16BackwardOperands* bf16_operands;
 };
 
-// The backward on the tile unit (AMX; backward.cpp sequences the parts): bfloat16 inputs, d
-// and dv multiples of 32, every q, dout and K element of a pair finite. Called between
-// KernelSet::amx_begin and amx_end.
+// The backward's five products as bfloat16 pairs with float32 sums (AMX tiles or AVX512-BF16's
+// vdpbf16ps; backward.cpp sequences the parts): bfloat16 inputs, d and dv multiples of 32,
+// every q, dout and K element of a pair finite. Called between KernelSet::amx_begin and
+// amx_end where those are set.
+// The most tiles (n) a Bf16BackwardKernels::dq or key_gradient call sums over.
+constexpr int kBf16BackwardMaxTiles = 8;
 struct Bf16BackwardKernels {
-  // A pair's weights and their gradient, from b.amx: P into p and dS into ds as bfloat16 pairs
-  // of query rows (kTileRows / 2 x kTileKeys pairs: rows 2i and 2i + 1 in the low and high
+  // A pair's weights and their gradient, from b.bf16_operands: P into p and dS into ds as bfloat16
+  // pairs of query rows (kTileRows / 2 x kTileKeys pairs: rows 2i and 2i + 1 in the low and high
   // halves of row i), dS also into ds_rows as bfloat16 rows (kTileRows x kTileKeys); zero
   // past b's rows (to a whole 32 rows for the pairs, 16 for ds_rows).
   void (*weights)(const BackwardStep<float>& b, uint32_t* p, uint32_t* ds, uint16_t* ds_rows);
@@ -239,7 +244,7 @@ struct KernelSet {
   // same thread may use another one between calls.
   void (*amx_begin)();
   void (*amx_end)();
-  // The backward's products on the tile unit (nullptr members where absent).
+  // The backward's bfloat16 products (nullptr members where absent).
   Bf16BackwardKernels backward_bf16;
   // K rows [0, cols), ld elements apart -> `pairs` x kTileKeys pairs, zero past d and cols.
   void (*pack_bf16_keys)(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int64_t pairs,

@@ -1,0 +1,113 @@
+// The backward's five products (Bf16BackwardKernels) with AVX512-BF16's vdpbf16ps, for CPUs
+// without the tile unit (AMD Zen 4): the operands the driver prepares for AMX are already the
+// layouts vdpbf16ps wants. The tile unit's B operand (pairs along the inner dimension, a row
+// of pairs per step) is loaded as vectors, its A operand (rows of bfloat16) broadcast a pair
+// at a time, and a block of rows x columns of float32 sums stays in registers over every tile
+// of a part, as the tile registers do in amx_backward_step.inl. Same roundings as there: the
+// products are exact, the sums float32, P and dS rounded to bfloat16 by the weights part.
+// Include after bf16_step.inl (dot_pairs) and bf16_backward_weights.inl.
+
+// Rows of the register block: RB x CB sums, CB B vectors and a broadcast fit 32 registers
+// (4 x 4 + 4 + 1) with loads well under the products' issue rate.
+constexpr int kPairRows = 4;
+
+// Two consecutive bfloat16 (the first in the low half) in every lane.
+inline __m512i broadcast_pair(const uint16_t* x) {
+  uint32_t pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return _mm512_set1_epi32(static_cast<int>(pair));
+}
+
+// c[r, e0 .. e0 + 16 CB) for RB rows (ldc apart) = (c if kAccumulate, else 0) + the sum over
+// t < n of a[t] (RB rows of 2 pairs[t] bfloat16, lda elements apart) . b[t] (pairs[t] rows of
+// pairs, ldb apart, from column e0). pairs[t] >= 1.
+template <int RB, int CB, bool kAccumulate>
+inline void pair_product_block(float* c, int64_t ldc, int n, const uint16_t* const* a, int64_t lda,
+                               const uint32_t* const* b, int64_t ldb, const int64_t* pairs,
+                               int64_t e0) {
+  constexpr int64_t L = 16;
+  __m512 acc[RB][CB];
+  for (int r = 0; r < RB; ++r) {
+    for (int k = 0; k < CB; ++k)
+      acc[r][k] = kAccumulate ? _mm512_loadu_ps(c + r * ldc + e0 + k * L) : _mm512_setzero_ps();
+  }
+  for (int t = 0; t < n; ++t) {
+    const uint16_t* at = a[t];
+    const uint32_t* bt = b[t] + e0;
+#pragma GCC unroll 4
+    for (int64_t j = 0; j < pairs[t]; ++j) {
+      __m512i bv[CB];
+      for (int k = 0; k < CB; ++k) bv[k] = _mm512_loadu_si512(bt + j * ldb + k * L);
+      for (int r = 0; r < RB; ++r) {
+        const __m512i av = broadcast_pair(at + r * lda + 2 * j);
+        for (int k = 0; k < CB; ++k) acc[r][k] = dot_pairs(acc[r][k], av, bv[k]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int k = 0; k < CB; ++k) _mm512_storeu_ps(c + r * ldc + e0 + k * L, acc[r][k]);
+  }
+}
+
+// pair_product_block over rows [0, rows) and columns [0, cols) (a multiple of 32): 64 columns
+// at a time, then 32; kPairRows rows at a time, then the rest.
+template <bool kAccumulate>
+void pair_product(float* c, int64_t ldc, int64_t rows, int64_t cols, int n,
+                  const uint16_t* const* a, int64_t lda, const uint32_t* const* b, int64_t ldb,
+                  const int64_t* pairs) {
+  const uint16_t* a_rows[cpuattn::kBf16BackwardMaxTiles];
+  for (int64_t e0 = 0; e0 < cols;) {
+    const int64_t width = cols - e0 >= 64 ? 64 : 32;
+    for (int64_t r0 = 0; r0 < rows; r0 += kPairRows) {
+      for (int t = 0; t < n; ++t) a_rows[t] = a[t] + r0 * lda;
+      float* cr = c + r0 * ldc;
+      const int64_t left = rows - r0;
+      const auto block = [&](auto rb) {
+        constexpr int RB = decltype(rb)::value;
+        if (width == 64) {
+          pair_product_block<RB, 4, kAccumulate>(cr, ldc, n, a_rows, lda, b, ldb, pairs, e0);
+        } else {
+          pair_product_block<RB, 2, kAccumulate>(cr, ldc, n, a_rows, lda, b, ldb, pairs, e0);
+        }
+      };
+      if (left >= kPairRows) {
+        block(std::integral_constant<int, kPairRows>{});
+      } else if (left == 3) {
+        block(std::integral_constant<int, 3>{});
+      } else if (left == 2) {
+        block(std::integral_constant<int, 2>{});
+      } else {
+        block(std::integral_constant<int, 1>{});
+      }
+    }
+    e0 += width;
+  }
+}
+
+// The weights part's products (backward_weights_bf16): c[rows x kTileKeys] = a . b.
+inline void rows_times_keys_dp(const uint16_t* a, int64_t k, const uint32_t* b, float* c,
+                               int64_t rows) {
+  const int64_t pairs = k / 2;
+  pair_product<false>(c, cpuattn::kTileKeys, rows, cpuattn::kTileKeys, 1, &a, k, &b,
+                      cpuattn::kTileKeys, &pairs);
+}
+
+// Bf16BackwardKernels::dq: dq[rows x d] += the sum over n key tiles of ds_rows[i] (rows of
+// kTileKeys bfloat16) . K_i (kTileKeys / 2 x d pairs), over key_chunks[i] 32-key chunks.
+void accumulate_dq_dp(float* dq, int64_t rows, int64_t d, int n, const uint16_t* const* ds_rows,
+                      const uint32_t* const* k, const int64_t* key_chunks) {
+  int64_t pairs[cpuattn::kBf16BackwardMaxTiles];
+  for (int t = 0; t < n; ++t) pairs[t] = key_chunks[t] * 16;
+  pair_product<true>(dq, d, rows, d, n, ds_rows, cpuattn::kTileKeys, k, d, pairs);
+}
+
+// Bf16BackwardKernels::key_gradient: c[m x kTileKeys] += the sum over n query tiles of a[i]
+// (m rows of kTileRows bfloat16: q^T or dO^T) . pairs[i] (query row pairs x kTileKeys), over
+// row_chunks[i] 32-row chunks.
+void accumulate_key_gradient_dp(float* c, int64_t m, int n, const uint16_t* const* a,
+                                const uint32_t* const* row_pairs, const int64_t* row_chunks) {
+  int64_t pairs[cpuattn::kBf16BackwardMaxTiles];
+  for (int t = 0; t < n; ++t) pairs[t] = row_chunks[t] * 16;
+  pair_product<true>(c, cpuattn::kTileKeys, m, cpuattn::kTileKeys, n, a, cpuattn::kTileRows,
+                     row_pairs, cpuattn::kTileKeys, pairs);
+}
