@@ -8,7 +8,8 @@
 // Include after bf16_step.inl (dot_pairs) and bf16_backward_weights.inl.
 
 // Rows of the register block: RB x CB sums, CB B vectors and a broadcast fit 32 registers
-// (4 x 4 + 4 + 1) with loads well under the products' issue rate.
+// (4 x 4 + 4 + 1) with loads well under the products' issue rate (6 rows measured no faster on
+// Zen 4: the products run at about 80 % of its bfloat16 peak either way).
 constexpr int kPairRows = 4;
 
 // Two consecutive bfloat16 (the first in the low half) in every lane.
@@ -49,6 +50,15 @@ inline void pair_product_block(float* c, int64_t ldc, int n, const uint16_t* con
   }
 }
 
+// f(std::integral_constant<int, rows>), rows in [1, RB].
+template <int RB, class F>
+inline void with_rows(int64_t rows, const F& f) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return with_rows<RB - 1>(rows, f);
+  }
+  f(std::integral_constant<int, RB>{});
+}
+
 // pair_product_block over rows [0, rows) and columns [0, cols) (a multiple of 32): 64 columns
 // at a time, then 32; kPairRows rows at a time, then the rest.
 template <bool kAccumulate>
@@ -70,15 +80,7 @@ void pair_product(float* c, int64_t ldc, int64_t rows, int64_t cols, int n,
           pair_product_block<RB, 2, kAccumulate>(cr, ldc, n, a_rows, lda, b, ldb, pairs, e0);
         }
       };
-      if (left >= kPairRows) {
-        block(std::integral_constant<int, kPairRows>{});
-      } else if (left == 3) {
-        block(std::integral_constant<int, 3>{});
-      } else if (left == 2) {
-        block(std::integral_constant<int, 2>{});
-      } else {
-        block(std::integral_constant<int, 1>{});
-      }
+      with_rows<kPairRows>(left < kPairRows ? left : kPairRows, block);
     }
     e0 += width;
   }
