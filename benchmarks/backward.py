@@ -1,6 +1,6 @@
 """The backward rows of benchmarks/run.py: cpuattn.attention_backward against torch's CPU
 flash-attention backward on the same inputs, in one process (issue #19's targets), in float32
-and in bfloat16 (issue #22: on AMX cpuattn's products run on the tile unit).
+and in bfloat16 (issue #22: with AMX or AVX512-BF16 cpuattn multiplies bfloat16 pairs).
 
 GF/s count 2.5x the forward's flops (five matrix products instead of two). Each row also
 gives the backward's time over cpuattn's own forward on the same shape, and the rows end with

@@ -19,7 +19,7 @@ struct BackwardParams {
   // each element the float32 result rounded once (convert.h: to nearest even).
   DType dq_dtype = DType::F32, dk_dtype = DType::F32, dv_dtype = DType::F32;
   // q, k, v and dout hold bfloat16 values (float32 converted from bfloat16): their products
-  // may then run on bfloat16 units (AMX) exactly, with float32 accumulation (checked).
+  // may then run as bfloat16 products (AMX, AVX512-BF16) exactly, with float32 sums (checked).
   bool bf16_inputs = false;
 };
 

@@ -1,9 +1,11 @@
-"""The backward on bfloat16 inputs, on every ISA: on AMX its five products run on the tile
-unit (bfloat16 operands, float32 sums; P and dS rounded to bfloat16 on the way, as torch does),
-elsewhere in float32. Held to the float64 gradients of the same bfloat16 values: rounded once
-to bfloat16 plus float32 noise in float32, plus the rounding of P and dS on AMX. Shapes cross
-the 64 x 64 tiles and the tile unit's 16-row blocks and 32-key chunks; head dims that are not
-multiples of 32 take the float32 step on every ISA."""
+"""The backward on bfloat16 inputs, on every ISA: with bfloat16 products (the AMX tile unit,
+or AVX512-BF16's vdpbf16ps) its five products take bfloat16 operands with float32 sums (P and
+dS rounded to bfloat16 on the way, as torch does), elsewhere it runs in float32. Held to the
+float64 gradients of the same bfloat16 values: rounded once to bfloat16 plus float32 noise in
+float32, plus the rounding of P and dS with bfloat16 products. Shapes cross the 64 x 64 tiles,
+the tile unit's 16-row blocks and 32-key chunks, and the vector products' 4-row blocks and
+32-column remainders; head dims that are not multiples of 32 take the float32 step on every
+ISA."""
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ ISAS = list(_native._core.supported_isas()) if _native.available() else []
 # the gradient itself), and the root mean square error to 2^-8 of the gradients' (measured
 # 0.6x that on long sequences): noise, not a wrong term.
 ROUNDING = 2.0**-8
-NOISE = {"avx512_amx": 2.0**-6, "avx512_bf16": 2.0**-6}
+NOISE = {"avx512_amx": 2.0**-6, "avx512_bf16": 2.0**-6}  # the ISAs with bfloat16 products
 FLOAT32_NOISE = 3e-5
 
 
@@ -61,12 +63,13 @@ def wide_backward(dout, q, k, v, out, lse, **options):
 
 
 def core_backward(q, k, v, dout, grads, *, causal=False, kv_lengths=None, promise=True):
-    """_core.attention_backward on float32 (or float64) arrays into grads, scale 1/8, with
-    the bf16_inputs promise as given."""
+    """_core.attention_backward on float32 (or float64) arrays into grads, with the default
+    scale 1 / sqrt(D) and the bf16_inputs promise as given."""
     out, lse = cpuattn.attention(q, k, v, return_lse=True, causal=causal, kv_lengths=kv_lengths)
     delta = np.einsum("...i,...i->...", dout, out)
+    scale = 1.0 / np.sqrt(q.shape[-1])
     _native._core.attention_backward(
-        q, k, v, dout, lse, delta, *grads, None, kv_lengths, 0.125, causal, 0, -1, -1, 0, 0.0,
+        q, k, v, dout, lse, delta, *grads, None, kv_lengths, scale, causal, 0, -1, -1, 0, 0.0,
         None, None, None, bf16_inputs=promise,
     )  # fmt: skip
 
@@ -124,17 +127,38 @@ def test_long_query_block(isa, rng):
     check(q, k, v, rng, causal=True)
 
 
-def test_dq_accumulated_in_place(isa, rng):
+@pytest.mark.parametrize(("lq", "d"), [(100, 64), (99, 96)])
+def test_dq_accumulated_in_place(isa, rng, lq, d):
     """One key chunk and no GQA group, with a float32 dq: dQ is summed in the caller's array
-    (the core's path for float32 arrays that hold bfloat16 values), whose last tile's last
-    block of 16 rows holds 4 (the tile unit writes whole blocks: through a copy)."""
-    q, k, v, dout = (rng.standard_normal((1, 2, n, 64)).astype(BF16) for n in (100, 64, 64, 100))
+    (the core's path for float32 arrays that hold bfloat16 values). 100 rows leave 4 in the
+    last tile's last block of 16 (the tile unit writes whole blocks: through a copy); 99 with
+    D = 96 leave 3 past the vector products' 4-row blocks and a 32-column block after 64. The
+    arrays end a guard of NaN short of their buffers: nothing is written past them."""
+    q, k, v, dout = (rng.standard_normal((1, 2, n, d)).astype(BF16) for n in (lq, 64, 64, lq))
     wide = [x.astype(np.float32) for x in (q, k, v, dout)]
-    grads = [np.full(x.shape, np.nan, np.float32) for x in wide[:3]]
+    buffers = [np.full(x.size + 64, np.nan, np.float32) for x in wide[:3]]
+    grads = [b[: x.size].reshape(x.shape) for b, x in zip(buffers, wide, strict=False)]
     core_backward(*wide, grads)
+    for b, x in zip(buffers, wide, strict=False):
+        assert np.isnan(b[x.size :]).all()
     out, lse = cpuattn.attention(*wide[:3], return_lse=True)  # what core_backward used
     rounded = [g.astype(BF16) for g in grads]
     assert_rounded_once(rounded, wide_backward(dout, q, k, v, out, lse))
+
+
+def test_bfloat16_products_are_taken(isa, rng):
+    """The bf16_inputs promise changes the bits exactly where the ISA has bfloat16 products
+    (P and dS rounded to bfloat16 there), and nothing elsewhere."""
+    q, k, v, dout = (
+        rng.standard_normal((1, 2, n, 64)).astype(BF16).astype(np.float32) for n in (70, 90, 90, 70)
+    )
+    runs = []
+    for promise in (True, False):
+        grads = [np.zeros_like(x) for x in (q, k, v)]
+        core_backward(q, k, v, dout, grads, promise=promise)
+        runs.append(grads)
+    same = all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
+    assert same == (isa not in NOISE)
 
 
 def test_float32_values_that_are_not_bfloat16(isa, rng):
@@ -205,9 +229,9 @@ def test_strided_views(isa, rng):
 
 def test_non_finite_values_where_nothing_reads_them(isa, rng):
     """inf / NaN in K and V rows past kv_lengths and in q rows that keep no key: the gradients
-    of zeros there. On AMX the pairs that hold them take the float32 step (which skips what
-    has no weight), the others the tile unit: not the same bits as the clean call, whose pairs
-    all take the tile unit, but the same accuracy."""
+    of zeros there. With bfloat16 products the pairs that hold them take the float32 step
+    (which skips what has no weight), the others the bfloat16 products: not the same bits as
+    the clean call, whose pairs all take the bfloat16 products, but the same accuracy."""
     q, k, v = (x.astype(np.float32) for x in random_qkv(rng, (2,), 2, 1, 80, 150, 32, dtype=BF16))
     lengths = np.array([100, 150])
     keep = np.ones((80, 150), bool)

@@ -168,12 +168,13 @@ struct BackwardStep {
   const Bf16BackwardOperands* bf16_operands;
 };
 
+// The most tiles (n) a Bf16BackwardKernels::dq or key_gradient call sums over.
+constexpr int kBf16BackwardMaxTiles = 8;
+
 // The backward's five products as bfloat16 pairs with float32 sums (AMX tiles or AVX512-BF16's
 // vdpbf16ps; backward.cpp sequences the parts): bfloat16 inputs, d and dv multiples of 32,
 // every q, dout and K element of a pair finite. Called between KernelSet::amx_begin and
 // amx_end where those are set.
-// The most tiles (n) a Bf16BackwardKernels::dq or key_gradient call sums over.
-constexpr int kBf16BackwardMaxTiles = 8;
 struct Bf16BackwardKernels {
   // A pair's weights and their gradient, from b.bf16_operands: P into p and dS into ds as bfloat16
   // pairs of query rows (kTileRows / 2 x kTileKeys pairs: rows 2i and 2i + 1 in the low and high
