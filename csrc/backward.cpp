@@ -191,13 +191,14 @@ inline uint32_t bf16_pair(float first, float second) {
 }
 
 // The bfloat16 products' backward for this call (AMX or AVX512-BF16), or nullptr: bfloat16
-// inputs, float32 compute, D and Dv whole 32-element chunks (the tile unit's pairs).
+// inputs, float32 compute, D and Dv multiples of the kernels' dim_multiple.
 template <typename T>
 const Bf16BackwardKernels* bf16_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const Params& p = bp.fwd;
-  const bool fits = bp.bf16_inputs && p.d > 0 && p.d % 32 == 0 && p.dv > 0 && p.dv % 32 == 0;
-  const bool have = kernels.backward_bf16.weights != nullptr;
-  return std::is_same_v<T, float> && fits && have ? &kernels.backward_bf16 : nullptr;
+  const Bf16BackwardKernels& k = kernels.backward_bf16;
+  if (!std::is_same_v<T, float> || !bp.bf16_inputs || k.weights == nullptr) return nullptr;
+  const bool fits = p.d > 0 && p.d % k.dim_multiple == 0 && p.dv > 0 && p.dv % k.dim_multiple == 0;
+  return fits ? &k : nullptr;
 }
 
 // How a gradient's elements are stored: the compute type, or rounded to a half type by the

@@ -4,8 +4,8 @@ dS rounded to bfloat16 on the way, as torch does), elsewhere it runs in float32.
 float64 gradients of the same bfloat16 values: rounded once to bfloat16 plus float32 noise in
 float32, plus the rounding of P and dS with bfloat16 products. Shapes cross the 64 x 64 tiles,
 the tile unit's 16-row blocks and 32-key chunks, and the vector products' 4-row blocks and
-32-column remainders; head dims that are not multiples of 32 take the float32 step on every
-ISA."""
+32-column remainders; head dims that are not multiples of 32 take the float32 step on AMX,
+and odd ones on every ISA (vdpbf16ps takes any even one, its last vector masked)."""
 
 import numpy as np
 import pytest
@@ -127,12 +127,13 @@ def test_long_query_block(isa, rng):
     check(q, k, v, rng, causal=True)
 
 
-@pytest.mark.parametrize(("lq", "d"), [(100, 64), (99, 96)])
+@pytest.mark.parametrize(("lq", "d"), [(100, 64), (99, 96), (99, 40)])
 def test_dq_accumulated_in_place(isa, rng, lq, d):
     """One key chunk and no GQA group, with a float32 dq: dQ is summed in the caller's array
     (the core's path for float32 arrays that hold bfloat16 values). 100 rows leave 4 in the
     last tile's last block of 16 (the tile unit writes whole blocks: through a copy); 99 with
-    D = 96 leave 3 past the vector products' 4-row blocks and a 32-column block after 64. The
+    D = 96 leave 3 past the vector products' 4-row blocks and a 32-column block after 64, with
+    D = 40 a masked vector of 8 after 32 (vdpbf16ps only; the tile unit's float32 step). The
     arrays end a guard of NaN short of their buffers: nothing is written past them."""
     q, k, v, dout = (rng.standard_normal((1, 2, n, d)).astype(BF16) for n in (lq, 64, 64, lq))
     wide = [x.astype(np.float32) for x in (q, k, v, dout)]
@@ -146,11 +147,19 @@ def test_dq_accumulated_in_place(isa, rng, lq, d):
     assert_rounded_once(rounded, wide_backward(dout, q, k, v, out, lse))
 
 
-def test_bfloat16_products_are_taken(isa, rng):
+# The head dims (d, dv) each ISA's bfloat16 products take (else the float32 step).
+def takes_bf16_products(isa, d, dv):
+    multiple = {"avx512_amx": 32, "avx512_bf16": 2}.get(isa)
+    return multiple is not None and d % multiple == 0 and dv % multiple == 0
+
+
+@pytest.mark.parametrize(("d", "dv"), [(64, 64), (40, 80), (80, 40), (13, 32)])
+def test_bfloat16_products_are_taken(isa, rng, d, dv):
     """The bf16_inputs promise changes the bits exactly where the ISA has bfloat16 products
-    (P and dS rounded to bfloat16 there), and nothing elsewhere."""
+    for these head dims (P and dS rounded to bfloat16 there), and nothing elsewhere."""
     q, k, v, dout = (
-        rng.standard_normal((1, 2, n, 64)).astype(BF16).astype(np.float32) for n in (70, 90, 90, 70)
+        rng.standard_normal((1, 2, n, e)).astype(BF16).astype(np.float32)
+        for n, e in ((70, d), (90, d), (90, dv), (70, dv))
     )
     runs = []
     for promise in (True, False):
@@ -158,7 +167,7 @@ def test_bfloat16_products_are_taken(isa, rng):
         core_backward(q, k, v, dout, grads, promise=promise)
         runs.append(grads)
     same = all(np.array_equal(a, b) for a, b in zip(*runs, strict=True))
-    assert same == (isa not in NOISE)
+    assert same != takes_bf16_products(isa, d, dv)
 
 
 def test_float32_values_that_are_not_bfloat16(isa, rng):

@@ -23,7 +23,7 @@ constexpr KernelSet amx_kernels() {
   k.amx_begin = &configure_tiles;
   k.amx_end = &release_tiles;
   k.backward_bf16 = {&backward_weights_bf16<rows_times_keys>, &accumulate_dq,
-                     &accumulate_key_gradient};
+                     &accumulate_key_gradient, 2 * cpuattn::kAmxPairs};
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

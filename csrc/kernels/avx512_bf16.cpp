@@ -21,7 +21,7 @@ constexpr KernelSet bf16_kernels() {
   KernelSet k = portable_kernels("avx512_bf16");
   k.step_bf16 = &tile_step_bf16;
   k.backward_bf16 = {&backward_weights_bf16<rows_times_keys_dp>, &accumulate_dq_dp,
-                     &accumulate_key_gradient_dp};
+                     &accumulate_key_gradient_dp, 2};
   k.pack_bf16_keys = &pack_bf16_keys;
   k.pack_bf16_values = &pack_bf16_values;
   return k;

@@ -21,16 +21,22 @@ inline __m512i broadcast_pair(const uint16_t* x) {
 
 // c[r, e0 .. e0 + 16 CB) for RB rows (ldc apart) = (c if kAccumulate, else 0) + the sum over
 // t < n of a[t] (RB rows of 2 pairs[t] bfloat16, lda elements apart) . b[t] (pairs[t] rows of
-// pairs, ldb apart, from column e0). pairs[t] >= 1.
+// pairs, ldb apart, from column e0). pairs[t] >= 1. `tail`: the columns of the last vector
+// that exist (nothing past them is read or written).
 template <int RB, int CB, bool kAccumulate>
 inline void pair_product_block(float* c, int64_t ldc, int n, const uint16_t* const* a, int64_t lda,
                                const uint32_t* const* b, int64_t ldb, const int64_t* pairs,
-                               int64_t e0) {
+                               int64_t e0, __mmask16 tail) {
   constexpr int64_t L = 16;
+  constexpr int kLast = CB - 1;
   __m512 acc[RB][CB];
   for (int r = 0; r < RB; ++r) {
-    for (int k = 0; k < CB; ++k)
-      acc[r][k] = kAccumulate ? _mm512_loadu_ps(c + r * ldc + e0 + k * L) : _mm512_setzero_ps();
+    for (int k = 0; k < CB; ++k) {
+      const float* from = c + r * ldc + e0 + k * L;
+      acc[r][k] = !kAccumulate ? _mm512_setzero_ps()
+                  : k < kLast  ? _mm512_loadu_ps(from)
+                               : _mm512_maskz_loadu_ps(tail, from);
+    }
   }
   for (int t = 0; t < n; ++t) {
     const uint16_t* at = a[t];
@@ -38,7 +44,10 @@ inline void pair_product_block(float* c, int64_t ldc, int n, const uint16_t* con
 #pragma GCC unroll 4
     for (int64_t j = 0; j < pairs[t]; ++j) {
       __m512i bv[CB];
-      for (int k = 0; k < CB; ++k) bv[k] = _mm512_loadu_si512(bt + j * ldb + k * L);
+      for (int k = 0; k < CB; ++k) {
+        const uint32_t* from = bt + j * ldb + k * L;
+        bv[k] = k < kLast ? _mm512_loadu_si512(from) : _mm512_maskz_loadu_epi32(tail, from);
+      }
       for (int r = 0; r < RB; ++r) {
         const __m512i av = broadcast_pair(at + r * lda + 2 * j);
         for (int k = 0; k < CB; ++k) acc[r][k] = dot_pairs(acc[r][k], av, bv[k]);
@@ -46,43 +55,41 @@ inline void pair_product_block(float* c, int64_t ldc, int n, const uint16_t* con
     }
   }
   for (int r = 0; r < RB; ++r) {
-    for (int k = 0; k < CB; ++k) _mm512_storeu_ps(c + r * ldc + e0 + k * L, acc[r][k]);
+    for (int k = 0; k < kLast; ++k) _mm512_storeu_ps(c + r * ldc + e0 + k * L, acc[r][k]);
+    _mm512_mask_storeu_ps(c + r * ldc + e0 + kLast * L, tail, acc[r][kLast]);
   }
 }
 
-// f(std::integral_constant<int, rows>), rows in [1, RB].
-template <int RB, class F>
-inline void with_rows(int64_t rows, const F& f) {
-  if constexpr (RB > 1) {
-    if (rows < RB) return with_rows<RB - 1>(rows, f);
+// f(std::integral_constant<int, n>), n in [1, N].
+template <int N, class F>
+inline void with_count(int64_t n, const F& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
   }
-  f(std::integral_constant<int, RB>{});
+  f(std::integral_constant<int, N>{});
 }
 
-// pair_product_block over rows [0, rows) and columns [0, cols) (a multiple of 32): 64 columns
-// at a time, then 32; kPairRows rows at a time, then the rest.
+// pair_product_block over rows [0, rows) and columns [0, cols) (cols even: whole pairs): 64
+// columns at a time, then the rest (a masked last vector); kPairRows rows at a time, then the
+// rest.
 template <bool kAccumulate>
 void pair_product(float* c, int64_t ldc, int64_t rows, int64_t cols, int n,
                   const uint16_t* const* a, int64_t lda, const uint32_t* const* b, int64_t ldb,
                   const int64_t* pairs) {
   const uint16_t* a_rows[cpuattn::kBf16BackwardMaxTiles];
-  for (int64_t e0 = 0; e0 < cols;) {
-    const int64_t width = cols - e0 >= 64 ? 64 : 32;
+  for (int64_t e0 = 0; e0 < cols; e0 += 64) {
+    const int64_t width = cols - e0 < 64 ? cols - e0 : 64;
+    const __mmask16 tail = static_cast<__mmask16>(width % 16 ? (1u << width % 16) - 1 : 0xffffu);
     for (int64_t r0 = 0; r0 < rows; r0 += kPairRows) {
       for (int t = 0; t < n; ++t) a_rows[t] = a[t] + r0 * lda;
       float* cr = c + r0 * ldc;
-      const int64_t left = rows - r0;
-      const auto block = [&](auto rb) {
-        constexpr int RB = decltype(rb)::value;
-        if (width == 64) {
-          pair_product_block<RB, 4, kAccumulate>(cr, ldc, n, a_rows, lda, b, ldb, pairs, e0);
-        } else {
-          pair_product_block<RB, 2, kAccumulate>(cr, ldc, n, a_rows, lda, b, ldb, pairs, e0);
-        }
-      };
-      with_rows<kPairRows>(left < kPairRows ? left : kPairRows, block);
+      with_count<kPairRows>(rows - r0, [&](auto rb) {
+        with_count<4>((width + 15) / 16, [&](auto cb) {
+          pair_product_block<decltype(rb)::value, decltype(cb)::value, kAccumulate>(
+              cr, ldc, n, a_rows, lda, b, ldb, pairs, e0, tail);
+        });
+      });
     }
-    e0 += width;
   }
 }
 

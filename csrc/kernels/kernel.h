@@ -172,9 +172,9 @@ struct BackwardStep {
 constexpr int kBf16BackwardMaxTiles = 8;
 
 // The backward's five products as bfloat16 pairs with float32 sums (AMX tiles or AVX512-BF16's
-// vdpbf16ps; backward.cpp sequences the parts): bfloat16 inputs, d and dv multiples of 32,
-// every q, dout and K element of a pair finite. Called between KernelSet::amx_begin and
-// amx_end where those are set.
+// vdpbf16ps; backward.cpp sequences the parts): bfloat16 inputs, d and dv multiples of
+// dim_multiple, every q, dout and K element of a pair finite. Called between KernelSet::amx_begin
+// and amx_end where those are set.
 struct Bf16BackwardKernels {
   // A pair's weights and their gradient, from b.bf16_operands: P into p and dS into ds as bfloat16
   // pairs of query rows (kTileRows / 2 x kTileKeys pairs: rows 2i and 2i + 1 in the low and high
@@ -190,6 +190,9 @@ struct Bf16BackwardKernels {
   // chunks; m a multiple of 16. dK^T (unscaled) and dV^T of a key tile.
   void (*key_gradient)(float* c, int64_t m, int n, const uint16_t* const* a,
                        const uint32_t* const* pairs, const int64_t* row_chunks);
+  // d and dv must be multiples of this: the tile unit's 32 (its pair chunks), or 2 (whole
+  // pairs) for vdpbf16ps, whose last vector of a row is masked.
+  int64_t dim_multiple;
 };
 
 // What a storage encoding of K and V needs of each ISA (the traits table, indexed by Elem):

@@ -67,9 +67,9 @@ def attention_backward(
         Shaped and typed like ``q``, ``k``, ``v`` (C-contiguous). GQA/MQA: ``dk`` and ``dv`` of
         a kv head sum over the query heads that read it. Half inputs: computed and accumulated
         in float32, each gradient rounded once at the end; but bfloat16 ``q``, ``k``, ``v``
-        and ``dout`` on a CPU with AMX or AVX512-BF16 (D and Dv multiples of 32) multiply as
-        bfloat16, with the weights and their gradient rounded to bfloat16 for the products
-        (as torch does; the Training guide gives the error).
+        and ``dout`` on a CPU with AMX (D and Dv multiples of 32) or AVX512-BF16 (D and Dv
+        even) multiply as bfloat16, with the weights and their gradient rounded to bfloat16
+        for the products (as torch does; the Training guide gives the error).
 
     Raises
     ------
