@@ -187,7 +187,7 @@ struct Bf16BackwardKernels {
              const uint32_t* const* k, const int64_t* key_chunks);
   // c[m x kTileKeys] += the sum over n query tiles of a[i] (m x kTileRows bfloat16: q^T or
   // dO^T) . pairs[i] (dS or P as weights() wrote them), over their first row_chunks[i] 32-row
-  // chunks; m a multiple of 16. dK^T (unscaled) and dV^T of a key tile.
+  // chunks; m = d or dv (a multiple of dim_multiple). dK^T (unscaled) and dV^T of a key tile.
   void (*key_gradient)(float* c, int64_t m, int n, const uint16_t* const* a,
                        const uint32_t* const* pairs, const int64_t* row_chunks);
   // d and dv must be multiples of this: the tile unit's 32 (its pair chunks), or 2 (whole
