@@ -9,6 +9,9 @@ rounds, every row once a round, so that all their layers together exceed the CPU
 the "speed vs" column is the median of per-round ratios (both rows timed in the same round:
 this VM's speed drifts 10-20 % between runs, more than the differences measured). "GB/s"
 counts the bytes the call must read: K and V rows of the valid keys, plus the int8 scales.
+Paged caches are (num_blocks, 16, 8, 128) arrays, blocks in shuffled order, stored as
+PagedKVCache stores them (each block's kv heads one after the other) or, rows marked
+"positions first", in the order of their axes (flash-attn's memory order).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from cpuattn import _bench
 
 HQ, HKV, D, LK = 32, 8, 128, 16384
 BLOCK = 16
+# Rows of blocks stored in the order of their axes (flash-attn's, position then head); the
+# others are stored as PagedKVCache stores them, each block's heads one after the other.
+POSITIONS_FIRST = ", positions first"
 MIXED = (16384, 512, 9000, 3000, 77, 12000, 2048, 100, 6000, 16384, 700, 4096, 1, 8000, 250, 5000)
 
 
@@ -66,10 +72,13 @@ def _cold(make: Callable[[], Callable[[], object]], layer_bytes: int, repeats: i
     return float(np.median(times))
 
 
-def _paged(x: np.ndarray, table: np.ndarray, num_blocks: int) -> np.ndarray:
-    """(B, Hkv, L, ...) -> a (num_blocks, BLOCK, Hkv, ...) cache holding it where table says."""
+def _paged(x: np.ndarray, table: np.ndarray, num_blocks: int, heads_first: bool) -> np.ndarray:
+    """(B, Hkv, L, ...) -> a (num_blocks, BLOCK, Hkv, ...) cache holding it where table says:
+    in that memory order (flash-attn's), or heads first in each block (PagedKVCache's)."""
     b, h, n = x.shape[:3]
-    cache = np.zeros((num_blocks, BLOCK, h, *x.shape[3:]), x.dtype)
+    shape = (num_blocks, h, BLOCK) if heads_first else (num_blocks, BLOCK, h)
+    store = np.zeros((*shape, *x.shape[3:]), x.dtype)
+    cache = store.swapaxes(1, 2) if heads_first else store
     per_seq = n // BLOCK
     for i in range(b):
         cache[table[i, :per_seq]] = np.moveaxis(x[i], 0, 1).reshape(per_seq, BLOCK, h, *x.shape[3:])
@@ -106,17 +115,14 @@ def serving_rows(repeats: int) -> dict:
         "int8 cache": (dense, int8, int8_bytes),
         "float16 cache (B, L, H, D)": (dense, tuple(map(_tokens_major, (k16, v16))), half_bytes),
         "int8 cache (B, L, H, D)": (dense, tuple(map(_tokens_major, int8)), int8_bytes),
-        "paged float16, blocks of 16": (
-            paged,
-            tuple(_paged(x, table, blocks) for x in (k16, v16)),
-            half_bytes,
-        ),
-        "paged int8, blocks of 16": (
-            paged,
-            tuple(_paged(x, table, blocks) for x in int8),
-            int8_bytes,
-        ),
     }
+    for name, arrays, nbytes in (("float16", (k16, v16), half_bytes), ("int8", int8, int8_bytes)):
+        for suffix, heads_first in (("", True), (POSITIONS_FIRST, False)):
+            variants[f"paged {name}, blocks of 16{suffix}"] = (
+                paged,
+                tuple(_paged(x, table, blocks, heads_first) for x in arrays),
+                nbytes,
+            )
 
     def maker(call, arrays):
         def make():  # each layer its own copy: memory no cache holds
@@ -148,9 +154,9 @@ def _mixed_batch(rng, repeats: int) -> dict:
     table, lengths = cache.block_table(seqs), cache.lengths(seqs)
     nbytes = 2 * HKV * sum(MIXED) * (D + 4)
 
-    def make():
-        k, v = cache.k_cache.copy(), cache.v_cache.copy()
-        ks, vs = cache.k_scale.copy(), cache.v_scale.copy()
+    def make():  # copies in the same memory order as the cache's (heads first in a block)
+        k, v = cache.k_cache.copy(order="K"), cache.v_cache.copy(order="K")
+        ks, vs = cache.k_scale.copy(order="K"), cache.v_scale.copy(order="K")
         return lambda: cpuattn.attention_paged(q, k, v, table, lengths, k_scale=ks, v_scale=vs)
 
     seconds = _cold(make, nbytes, repeats)
@@ -161,8 +167,13 @@ def _mixed_batch(rng, repeats: int) -> dict:
 COMPARED = {
     "int8 cache": ("float16 cache",),
     "int8 cache (B, L, H, D)": ("float16 cache (B, L, H, D)",),
-    "paged float16, blocks of 16": ("float16 cache", "float16 cache (B, L, H, D)"),
-    "paged int8, blocks of 16": ("int8 cache", "int8 cache (B, L, H, D)"),
+    "paged float16, blocks of 16": ("float16 cache",),
+    "paged int8, blocks of 16": ("int8 cache",),
+    f"paged float16, blocks of 16{POSITIONS_FIRST}": (
+        "float16 cache",
+        "float16 cache (B, L, H, D)",
+    ),
+    f"paged int8, blocks of 16{POSITIONS_FIRST}": ("int8 cache", "int8 cache (B, L, H, D)"),
 }
 
 

@@ -40,7 +40,17 @@ class Cache:
     sequence's last block hold `garbage`."""
 
     def __init__(
-        self, rng, dtype, lengths, block_size, hkv=2, d=40, dv=24, max_blocks=None, garbage=-1
+        self,
+        rng,
+        dtype,
+        lengths,
+        block_size,
+        hkv=2,
+        d=40,
+        dv=24,
+        max_blocks=None,
+        garbage=-1,
+        heads_first=False,
     ):
         self.dtype, self.block_size = np.dtype(dtype), block_size
         self.lengths = np.asarray(lengths, np.int64)
@@ -56,6 +66,10 @@ class Cache:
         else:
             self.k = rng.standard_normal((*shape, d)).astype(self.dtype)
             self.v = (rng.standard_normal((*shape, dv)) * 2).astype(self.dtype)
+        if heads_first:  # the same values, each block's heads one after the other in memory
+            for name in ("k", "v"):
+                setattr(self, name, _heads_first(getattr(self, name)))
+            self.scales = {n: _heads_first(x) for n, x in self.scales.items()}
         ids = rng.permutation(num_blocks)
         self.table = np.full((len(self.lengths), max_blocks), garbage, np.int64)
         start = 0
@@ -94,6 +108,12 @@ class Cache:
         if self.scales:
             v = v * self.scales["v_scale"].astype(F64)[..., None]
         return max(float(np.abs(v).max(initial=0)), np.finfo(F64).tiny)
+
+
+def _heads_first(x):
+    """x (num_blocks, block_size, Hkv, ...) as a view of the same values stored
+    (num_blocks, Hkv, block_size, ...), PagedKVCache's layout."""
+    return np.ascontiguousarray(x.swapaxes(1, 2)).swapaxes(1, 2)
 
 
 def per_sequence(x, b):
@@ -179,6 +199,38 @@ def test_equals_attention_on_the_gathered_keys(native, rng, dtype, block_size, l
         o, s = native(q[b], k, v, return_lse=True, **scales, **kw)
         assert_close(out[b], o, OUT_TOL[out.dtype] * cache.vmax(), "out vs contiguous")
         assert_close(lse[b], s, lse_bound(s, lse.dtype), "lse vs contiguous")
+
+
+@pytest.mark.parametrize("lq", [1, 5], ids=["decode", "chunk"])
+@pytest.mark.parametrize("block_size", [1, 16, 48])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_blocks_stored_heads_first(native, rng, dtype, block_size, lq):
+    """Caches whose blocks hold their heads one after the other (PagedKVCache's memory, read
+    through (num_blocks, block_size, Hkv, D) views): the reference's result, and the same bits
+    as the same values stored as the axes say (the same arithmetic, rows found through other
+    strides)."""
+    max_blocks = MAX_BLOCKS[block_size]
+    full = max_blocks * block_size
+    lengths = [full, 0, int(rng.integers(2, full)) if full > 2 else full, 1]
+    tokens_first = Cache(
+        np.random.default_rng(7), dtype, lengths, block_size, max_blocks=max_blocks
+    )
+    cache = Cache(
+        np.random.default_rng(7),
+        dtype,
+        lengths,
+        block_size,
+        max_blocks=max_blocks,
+        heads_first=True,
+    )
+    assert cache.k.swapaxes(1, 2).flags.c_contiguous  # and not c_contiguous past block_size 1
+    q = make_q(rng, 4, 8, lq, 40, q_dtype(dtype))
+    kw = {"causal": True, "alibi_slopes": rng.uniform(0.02, 0.3, 8)}
+    paged = functools.partial(cpuattn.attention_paged, backend="native")  # on native's ISA
+    out, lse = check(paged, q, cache, **kw)
+    expected = paged(q, *tokens_first.args, return_lse=True, **tokens_first.scales, **kw)
+    np.testing.assert_array_equal(out, expected[0])
+    np.testing.assert_array_equal(lse, expected[1])
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -365,11 +417,13 @@ def test_empty_table_and_no_queries(paged, rng):
 
 
 @pytest.mark.parametrize("dtype", [F32, I8, BF16], ids=str)
-@pytest.mark.parametrize("case", ["decode-split", "chunks", "packed"])
+@pytest.mark.parametrize("case", ["decode-split", "decode-heads-first", "chunks", "packed"])
 def test_bitwise_equal_for_any_thread_count(native, rng, dtype, case):
-    if case == "decode-split":
-        cache = Cache(rng, dtype, [2000, 700], 16, hkv=1, d=64, dv=64)
-        q, kw = make_q(rng, 2, 4, 1, 64, q_dtype(dtype)), {}
+    if case.startswith("decode"):
+        heads_first = case == "decode-heads-first"
+        hkv = 3 if heads_first else 1  # several kv heads: stepped in lockstep, grouped by threads
+        cache = Cache(rng, dtype, [2000, 700], 16, hkv=hkv, d=64, dv=64, heads_first=heads_first)
+        q, kw = make_q(rng, 2, 4 * hkv, 1, 64, q_dtype(dtype)), {}
     elif case == "chunks":
         cache = Cache(rng, dtype, [90, 0, 130, 64], 48, d=64, dv=64)
         q, kw = make_q(rng, 4, 8, 9, 64, q_dtype(dtype)), {}

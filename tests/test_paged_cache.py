@@ -2,6 +2,7 @@
 
 import doctest
 import inspect
+import pickle
 import warnings
 
 import ml_dtypes
@@ -173,6 +174,32 @@ def test_attributes(dtype):
     assert cache.k_scale is None
     assert cache.v_scale is None
     assert (cache.num_blocks, cache.block_size, cache.num_free_blocks) == (7, 4, 7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_blocks_hold_their_heads_one_after_the_other(rng, dtype):
+    """The arrays are (block, position, head) views of memory laid out (block, head,
+    position): a head's positions of a block are one run, which decode reads fastest. Writes
+    through them land there, and a pickled cache keeps the layout and its contents."""
+    cache = PagedKVCache(5, 4, 3, 16, value_dim=8, dtype=dtype)
+    arrays = [cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale]
+    for a in arrays[: 4 if np.dtype(dtype) == np.int8 else 2]:
+        assert a.shape[:3] == (5, 4, 3)
+        assert a.swapaxes(1, 2).flags.c_contiguous
+    s = cache.add_sequence()
+    k, v = rng.standard_normal((1, 3, 10, 16)), rng.standard_normal((1, 3, 10, 8))
+    cache.append(s, k, v)
+    block = cache.block_table(s)[0][2]  # position 9 = 2 * 4 + 1
+    row = cache.k_cache[block, 1]
+    if cache.k_scale is not None:
+        row = dequantize_int8(row, cache.k_scale[block, 1])
+    assert np.array_equal(row.astype(cache.gather(s)[0].dtype), cache.gather(s)[0][:, 9])
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.k_cache.swapaxes(1, 2).flags.c_contiguous
+    for a, b in zip(cache.gather(s), copy.gather(s), strict=True):
+        assert np.array_equal(a, b)
+    q = rng.standard_normal((1, 6, 1, 16)).astype(np.float64 if dtype == np.float64 else F32)
+    assert np.array_equal(cache.attend(q, [s]), copy.attend(q, [s]))
 
 
 @pytest.mark.parametrize(
