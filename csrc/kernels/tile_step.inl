@@ -123,20 +123,20 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           for (int n = 0; n < KB; ++n) acc[r][n] += qv * kv[n];
         }
       }
+      if (d_main < a.d) {  // the last d % L elements of the rows: one vector, zero-filled
+        const int n_tail = int(a.d - d_main);
+        V kv[KB];
+        for (int n = 0; n < KB; ++n) kv[n] = load_partial<Stored, T>(k[n] + d_main, n_tail);
+        for (int r = 0; r < RB; ++r) {
+          const V qv = load_partial<Elem::Compute, T>(q + r * a.d + d_main, n_tail);
+          for (int n = 0; n < KB; ++n) acc[r][n] += qv * kv[n];
+        }
+      }
       for (int r = 0; r < RB; ++r) folded[r][g] = fold_tree<L, KB>(acc[r]);
     }
     for (int r = 0; r < RB; ++r) {
-      V sums =
-          in_key_order(fold_tree<L / KB, kGroups>(folded[r]), std::make_integer_sequence<int, L>{});
-      if (d_main < a.d) {
-        for (int i = 0; i < L; ++i) {
-          const auto* kr = row_of(a.key, rows, jb + i < a.cols ? jb + i : 0);
-          T tail = 0;
-          for (int64_t e = d_main; e < a.d; ++e) tail += q[r * a.d + e] * element<Stored, T>(kr, e);
-          sums[i] += tail;
-        }
-      }
-      S::store(a.s + (r0 + r) * W + jb, sums);
+      S::store(a.s + (r0 + r) * W + jb, in_key_order(fold_tree<L / KB, kGroups>(folded[r]),
+                                                     std::make_integer_sequence<int, L>{}));
     }
   }
 }
@@ -245,9 +245,30 @@ inline int64_t pv_narrow(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, 
   }
 }
 
+// o[r0 + r, e0 : e0 + n] += p[r0 + r, :cols] . V[:cols, e0 : e0 + n] for RB rows, n < kLanes:
+// the columns past a row's last whole vector, as one zero-filled vector (load_partial) for
+// rows of float16, bfloat16 or int8.
+template <typename T, int RB, Elem Stored, bool kTransposed, bool kTable>
+inline void pv_partial(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int n) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  const auto* rows = value_rows<Stored>(a);
+  V acc[RB];
+  for (int r = 0; r < RB; ++r)
+    acc[r] = load_partial<Elem::Compute, T>(a.o + (r0 + r) * a.dv + e0, n);
+  for (int64_t j = 0; j < a.cols; ++j) {
+    const auto* row = kTable
+                          ? reinterpret_cast<decltype(rows)>(a.value.rows[j] + a.value.row_offset)
+                          : rows + j * a.value.ld;
+    const V v = load_partial<Stored, T>(row + e0, n);
+    for (int r = 0; r < RB; ++r) acc[r] += S::splat(weight<kTransposed>(a, r0 + r, j)) * v;
+  }
+  for (int r = 0; r < RB; ++r) store_partial<T>(a.o + (r0 + r) * a.dv + e0, acc[r], n);
+}
+
 // pv_block over output columns [e0, e1) for RB rows: e0 a multiple of kColBlock vectors, e1
-// too or dv (then blocks of 2 and 1 vectors, for compute-type rows narrower vectors, and
-// single columns finish the row).
+// too or dv (then blocks of 2 and 1 vectors, and the rest: for compute-type rows narrower
+// vectors and single columns, for others one zero-filled vector).
 template <typename T, int RB, Elem Stored, bool kPrefetch, bool kTransposed = false,
           bool kTable = false>
 inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1) {
@@ -266,6 +287,9 @@ inline void pv_columns(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
   if constexpr (Stored == Elem::Compute) {
     e0 = pv_narrow<T, RB, L / 2, kTransposed, kTable>(a, r0, e0, e1);
     e0 = pv_narrow<T, RB, L / 4, kTransposed, kTable>(a, r0, e0, e1);
+  } else if (e0 < e1) {
+    pv_partial<T, RB, Stored, kTransposed, kTable>(a, r0, e0, int(e1 - e0));
+    return;
   }
   if (e0 == e1) return;
   const auto* rows = value_rows<Stored>(a);
