@@ -86,8 +86,11 @@ class WorkPlan {
   // The q, K, V and out of the whole-head task starting at `item`, for the task before it to
   // prefetch; empty when the head is too large or not laid out in a few runs.
   TaskRanges head_ranges(int64_t item) const;
-  // Whether K keeps each position's kv heads side by side, closer than consecutive positions
-  // of one head (paged caches, (B, L, H, D) views).
+  // Whether decode steps a batch entry's kv heads in lockstep: K keeps each position's kv
+  // heads side by side, closer than consecutive positions of one head ((B, L, H, D) views),
+  // or K is a paged cache, whatever the order inside its blocks (blocks holding their heads
+  // one after the other, PagedKVCache's, decoded at 0.94x the contiguous cache's speed in
+  // lockstep and at 0.65x head by head: measured on Zen 4).
   bool heads_side_by_side() const;
 
  private:

@@ -187,19 +187,38 @@ def test_blocks_hold_their_heads_one_after_the_other(rng, dtype):
         assert a.shape[:3] == (5, 4, 3)
         assert a.swapaxes(1, 2).flags.c_contiguous
     s = cache.add_sequence()
-    k, v = rng.standard_normal((1, 3, 10, 16)), rng.standard_normal((1, 3, 10, 8))
-    cache.append(s, k, v)
-    block = cache.block_table(s)[0][2]  # position 9 = 2 * 4 + 1
-    row = cache.k_cache[block, 1]
+    k = rng.standard_normal((1, 3, 10, 16)).astype(F32)
+    cache.append(s, k, rng.standard_normal((1, 3, 10, 8)))
+    block = cache.block_table(s)[0][2]  # position 9 = 2 * 4 + 1, in the memory itself
+    row = cache.k_cache.swapaxes(1, 2)[block, :, 1]  # (heads, head_dim)
     if cache.k_scale is not None:
-        row = dequantize_int8(row, cache.k_scale[block, 1])
-    assert np.array_equal(row.astype(cache.gather(s)[0].dtype), cache.gather(s)[0][:, 9])
+        row = dequantize_int8(row, cache.k_scale.swapaxes(1, 2)[block, :, 1])
+    assert np.array_equal(row.astype(np.float64), stored(k[0, :, 9], dtype).astype(np.float64))
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.k_cache.swapaxes(1, 2).flags.c_contiguous
     for a, b in zip(cache.gather(s), copy.gather(s), strict=True):
         assert np.array_equal(a, b)
     q = rng.standard_normal((1, 6, 1, 16)).astype(np.float64 if dtype == np.float64 else F32)
     assert np.array_equal(cache.attend(q, [s]), copy.attend(q, [s]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8], ids=str)
+def test_a_cache_pickled_before_the_heads_first_memory_loads(rng, dtype):
+    """Pickles of caches that held the (block, position, head) arrays themselves load with
+    the same contents, in the heads-first memory."""
+    cache = PagedKVCache(4, 4, 2, 8, dtype=dtype)
+    s = cache.add_sequence()
+    cache.append(s, rng.standard_normal((1, 2, 7, 8)), rng.standard_normal((1, 2, 7, 8)))
+    old = {n: x for n, x in vars(cache).items() if not n.endswith("_store")}
+    for name in ("k_cache", "v_cache", "k_scale", "v_scale"):  # as the old version kept them
+        x = getattr(cache, name)
+        old[name] = None if x is None else np.ascontiguousarray(x)
+    loaded = PagedKVCache.__new__(PagedKVCache)
+    loaded.__setstate__(pickle.loads(pickle.dumps(old)))
+    assert loaded.k_cache.swapaxes(1, 2).flags.c_contiguous
+    for a, b in zip(cache.gather(s), loaded.gather(s), strict=True):
+        assert np.array_equal(a, b)
+    assert (loaded.k_scale is None) == (np.dtype(dtype) != np.int8)
 
 
 @pytest.mark.parametrize(

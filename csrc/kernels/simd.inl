@@ -115,6 +115,21 @@ inline typename Simd<T>::V load_elements(const E* p) {
   }
 }
 
+// Whether [p, p + bytes) lies in one 4 KiB page. AVX2's vmaskmov is used only then: AMD
+// leaves faults on its masked-off elements to the implementation (Intel suppresses them; so
+// do AVX-512's masked loads and stores on both).
+inline bool in_one_page(const void* p, size_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & 4095) + bytes <= 4096;
+}
+
+// load_partial through a zeroed buffer: any ISA.
+template <Elem Stored, typename T, typename E>
+inline typename Simd<T>::V load_partial_copied(const E* p, int n) {
+  E buf[Simd<T>::kLanes] = {};
+  for (int i = 0; i < n; ++i) buf[i] = p[i];
+  return load_elements<Stored, T>(buf);
+}
+
 // The first n (0 < n < kLanes) elements from p as one vector, its other lanes 0: a row's last
 // D % kLanes elements. Reads nothing past p + n (the row may end its array): masked loads
 // where the ISA has them, else through a zeroed buffer. One vector instead of n scalar
@@ -145,18 +160,19 @@ inline typename Simd<T>::V load_partial(const E* p, int n) {
 #endif
 #if defined(__AVX2__)
   if constexpr (L == 8 && sizeof(T) == 4 && Stored == Elem::Compute) {
-    const __m256i m =
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return (V)_mm256_maskload_ps(p, m);
+    if (in_one_page(p, sizeof(V))) {
+      return (V)_mm256_maskload_ps(
+          p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    }
   }
   if constexpr (L == 4 && sizeof(T) == 8 && Stored == Elem::Compute) {
-    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
-    return (V)_mm256_maskload_pd(p, m);
+    if (in_one_page(p, sizeof(V))) {
+      return (V)_mm256_maskload_pd(
+          p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)));
+    }
   }
 #endif
-  E buf[L] = {};
-  for (int i = 0; i < n; ++i) buf[i] = p[i];
-  return load_elements<Stored, T>(buf);
+  return load_partial_copied<Stored, T>(p, n);
 }
 
 // The first n (0 < n < kLanes) lanes of v to p; nothing past p + n is written.
@@ -175,15 +191,19 @@ inline void store_partial(T* p, typename Simd<T>::V v, int n) {
 #endif
 #if defined(__AVX2__)
   if constexpr (L == 8 && sizeof(T) == 4) {
-    _mm256_maskstore_ps(
-        p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-        (__m256)v);
-    return;
+    if (in_one_page(p, sizeof(v))) {
+      _mm256_maskstore_ps(
+          p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+          (__m256)v);
+      return;
+    }
   }
   if constexpr (L == 4 && sizeof(T) == 8) {
-    _mm256_maskstore_pd(
-        p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)v);
-    return;
+    if (in_one_page(p, sizeof(v))) {
+      _mm256_maskstore_pd(
+          p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), (__m256d)v);
+      return;
+    }
   }
 #endif
   for (int i = 0; i < n; ++i) p[i] = v[i];

@@ -253,6 +253,7 @@ inline void pv_partial(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, in
   using S = Simd<T>;
   using V = typename S::V;
   const auto* rows = value_rows<Stored>(a);
+  if (a.cols <= 0) return;  // never, but it keeps acc in registers (as in pv_block)
   V acc[RB];
   for (int r = 0; r < RB; ++r)
     acc[r] = load_partial<Elem::Compute, T>(a.o + (r0 + r) * a.dv + e0, n);

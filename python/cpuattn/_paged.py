@@ -58,7 +58,10 @@ def attention_paged(
         ``v_scale``. ``Hq % Hkv == 0`` (GQA). Any ``block_size >= 1``; tiles of 64 keys lie in
         one block when it is a multiple of 64, else each tile's rows are read block by block.
         Their last axis must be unit-stride and their data aligned to the element size (a
-        ``ValueError`` otherwise): a cache is read where it lies, never copied.
+        ``ValueError`` otherwise): a cache is read where it lies, never copied. Other strides
+        are free; decode is fastest with each block's kv heads stored one after the other
+        (:class:`PagedKVCache`'s memory: ``np.zeros((num_blocks, Hkv, block_size, D))
+        .swapaxes(1, 2)``), where one head's positions of a block are one run.
     block_table : int array ``(B, max_blocks)``
         Each sequence's blocks in order; entries past a sequence's last block are never read
         (any value). Every entry its length reaches must be a block of the cache.

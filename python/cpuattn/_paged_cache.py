@@ -11,6 +11,13 @@ from ._quantize import _quantize, as_floats, dequantize_int8
 from ._request import BF16, F32, F64, I8, SUPPORTED_DTYPES, as_int, checked_sizes
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
+# The public arrays and the attributes holding their memory, heads first in a block.
+_STORES = {
+    "k_cache": "_k_store",
+    "v_cache": "_v_store",
+    "k_scale": "_k_scale_store",
+    "v_scale": "_v_scale_store",
+}
 
 
 class PagedKVCache:
@@ -23,8 +30,11 @@ class PagedKVCache:
     the two arrays are views of it with the axes above: a kv head's positions of a block are
     then one run of memory, which decode reads at the speed of a contiguous cache, where
     blocks laid out as the axes say were read at 0.5-0.6x that on AMD Zen 4 (measured in the
-    Serving guide). ``attention_paged`` takes either layout, any strides; views keep working
-    after pickling. A sequence holds a list of blocks, taken from a free list
+    Serving guide). ``attention_paged`` takes either layout, any strides; the layout survives
+    pickling. Being views, the arrays are written through by indexing them (as
+    :meth:`append` does), but a reshape of one is a copy: write through the 4-D views, or
+    swap the axes back (``cache.k_cache.swapaxes(1, 2)`` is the contiguous memory). A
+    sequence holds a list of blocks, taken from a free list
     as it grows (lowest free id first, so the layout is deterministic) and given back by
     :meth:`free`; its position ``p`` lives in block ``block_table[p // block_size]`` at offset
     ``p % block_size``. Sequences of very different lengths thus share one pool without
@@ -107,6 +117,15 @@ class PagedKVCache:
         self._blocks: dict[int, list[int]] = {}  # live sequence id -> its blocks, in order
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+
+    def __setstate__(self, state: dict) -> None:
+        # Caches pickled before the memory was heads first held the (block, position, head)
+        # arrays themselves.
+        for name, store in _STORES.items():
+            if name in state:
+                old = state.pop(name)
+                state[store] = None if old is None else np.ascontiguousarray(old.swapaxes(1, 2))
+        self.__dict__.update(state)
 
     @property
     def k_cache(self) -> np.ndarray:
