@@ -454,14 +454,27 @@ def test_bitwise_equal_for_any_thread_count(native, rng, dtype, case):
     lengths=st.lists(st.integers(0, 200), min_size=1, max_size=4),
     lq=st.integers(1, 6),
     int8=st.booleans(),
+    heads_first=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_hypothesis_backends_agree_with_reference(block_size, hkv, group, lengths, lq, int8, seed):
+def test_hypothesis_backends_agree_with_reference(
+    block_size, hkv, group, lengths, lq, int8, heads_first, seed
+):
     rng = np.random.default_rng(seed)
     dtype = I8 if int8 else F32
     extra = int(rng.integers(0, 3))  # unused table columns
     max_blocks = max(-(-n // block_size) for n in lengths) + extra
-    cache = Cache(rng, dtype, lengths, block_size, hkv=hkv, d=16, dv=8, max_blocks=max_blocks)
+    cache = Cache(
+        rng,
+        dtype,
+        lengths,
+        block_size,
+        hkv=hkv,
+        d=16,
+        dv=8,
+        max_blocks=max_blocks,
+        heads_first=heads_first,
+    )
     q = make_q(rng, len(lengths), hkv * group, lq, 16, F32)
     kw = [{}, {"alibi_slopes": rng.uniform(0.01, 0.3, hkv * group)}, {"window": (20, 0)}]
     backends = ["numpy", "native"] if _native.available() else ["numpy"]
