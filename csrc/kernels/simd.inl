@@ -137,8 +137,8 @@ inline typename Simd<T>::V load_partial_copied(const E* p, int n) {
 // the other 32 (2.6x the float32 cache's time before).
 template <Elem Stored, typename T, typename E>
 inline typename Simd<T>::V load_partial(const E* p, int n) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::kLanes;
+  using V [[maybe_unused]] = typename Simd<T>::V;  // unused where the ISA has no masked loads
+  [[maybe_unused]] constexpr int L = Simd<T>::kLanes;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
   if constexpr (L == 16 && sizeof(T) == 4) {  // maskz: the unmasked intrinsics trip GCC 12
     const __mmask16 m = __mmask16((1u << n) - 1);
@@ -178,7 +178,7 @@ inline typename Simd<T>::V load_partial(const E* p, int n) {
 // The first n (0 < n < kLanes) lanes of v to p; nothing past p + n is written.
 template <typename T>
 inline void store_partial(T* p, typename Simd<T>::V v, int n) {
-  constexpr int L = Simd<T>::kLanes;
+  [[maybe_unused]] constexpr int L = Simd<T>::kLanes;  // unused without masked stores
 #if defined(__AVX512F__)
   if constexpr (L == 16 && sizeof(T) == 4) {
     _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), (__m512)v);
