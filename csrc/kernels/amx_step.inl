@@ -4,7 +4,10 @@
 // time. The driver pads D to whole 32-element chunks (zero pairs in q and K), and uses this
 // step only when Dv is a multiple of 16. Include after bf16_step.inl.
 
-#if !defined(__AMX_TILE__) || !defined(__AMX_BF16__)
+// GCC spells the macros __AMX_TILE__ / __AMX_BF16__, Clang (14, measured here) __AMXTILE__ /
+// __AMXBF16__.
+#if !(defined(__AMX_TILE__) || defined(__AMXTILE__)) || \
+    !(defined(__AMX_BF16__) || defined(__AMXBF16__))
 #error "amx_step.inl needs -mamx-tile -mamx-bf16"
 #endif
 
