@@ -113,7 +113,12 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
           for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead[n] + b, 0, 1);
         }
       }
-      V acc[RB][KB] = {};
+      // Zeroed one by one: `= {}` became a rep stos to a stack copy (AVX2: 10 % of the time
+      // here; decode 1.11x without it).
+      V acc[RB][KB];
+      for (int r = 0; r < RB; ++r) {
+        for (int n = 0; n < KB; ++n) acc[r][n] = V{};
+      }
 #pragma GCC unroll 2
       for (int64_t e = 0; e < d_main; e += L) {
         V kv[KB];
