@@ -15,6 +15,9 @@ SHAPES = [  # hq, hkv, lq, lk, d, dv
     (8, 2, 3, 300, 40, 24),  # decode, D and Dv off the vector widths
     (4, 2, 40, 300, 64, 48),  # packed tiles
     (4, 4, 33, 129, 40, 40),  # packed, D % 32 != 0: the bfloat16 pairs padded
+    (16, 2, 1, 300, 64, 64),  # decode, 8 rows a kv head: row blocks of 4 + 4
+    (6, 2, 9, 23, 32, 32),  # 27 rows in place (6 x 3 + 4 + 4 + 1), one key tile of 23
+    (4, 4, 40, 17, 40, 40),  # packed, one key tile of 17: weights over its vectors only
 ]
 
 KINDS = [  # (q dtype, K/V dtype, out_dtype)

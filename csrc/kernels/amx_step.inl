@@ -233,9 +233,10 @@ void tile_step_amx_on(const cpuattn::TileStep<float>& a) {
       score_block_amx<kSplitQ>(a, r0);
     }
     done[b] = false;
-    // The tile unit stores bare products: the epilogue multiplies them by dot_scale.
+    // The tile unit stores bare products: the epilogue multiplies them by dot_scale; and
+    // it reads P in whole tiles (kWholeTile).
     // split_p: p_lo * inf would be NaN (pv_rows_bf16_skip_zero_weights).
-    if (score_epilogue_rows<float, true>(a, r0, r0 + n) || kSplitP) {
+    if (score_epilogue_rows<float, true, true>(a, r0, r0 + n) || kSplitP) {
       if (v_nonfinite < 0) v_nonfinite = tile_v2_has_nonfinite(a, pair_rows);
       if (v_nonfinite) {
         pv_rows_bf16_skip_zero_weights(a, r0, r0 + n);

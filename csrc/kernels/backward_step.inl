@@ -46,7 +46,7 @@ inline void weights_from_scores(const cpuattn::BackwardStep<T>& b) {
     for (int64_t i = 0; i < a.rows * W; i += L) S::store(a.s + i, S::load(a.s + i) * scale);
   }
   if (a.softcap > 0) {
-    cap_scores<T, false>(a, 0, a.rows);
+    cap_scores<T, false>(a, 0, a.rows, W);
     const T inverse_cap = T(1) / a.softcap;
     for (int64_t r = 0; r < a.rows; ++r) {
       for (int64_t c = 0; c < W; c += L) {
@@ -55,8 +55,8 @@ inline void weights_from_scores(const cpuattn::BackwardStep<T>& b) {
       }
     }
   }
-  if (a.slopes) add_alibi(a, 0, a.rows);
-  mask_rows(a, 0, a.rows);  // dropped pairs and columns past cols: -inf, so P = 0
+  if (a.slopes) add_alibi(a, 0, a.rows, W);
+  mask_rows(a, 0, a.rows, W);  // dropped pairs and columns past cols: -inf, so P = 0
   for (int64_t r = 0; r < a.rows; ++r) {
     const V shift = S::splat(b.lse[r]);
     for (int64_t c = 0; c < W; c += L) {

@@ -289,10 +289,9 @@ inline void tile_step_bf16(const cpuattn::TileStep<float>& a) {
   // unknown until needed, unless the source knows.
   int v_nonfinite =
       a.value.first_nonfinite_key < 0 ? -1 : a.value.first_nonfinite_key < (a.cols + 1) / 2 * 2;
-  int64_t r = 0;
-  for (; r + kRowBlock <= a.rows; r += kRowBlock) step_rows_bf16<kRowBlock>(a, r, v_nonfinite);
-  for (; r + 4 <= a.rows; r += 4) step_rows_bf16<4>(a, r, v_nonfinite);
-  for (; r < a.rows; ++r) step_rows_bf16<1>(a, r, v_nonfinite);
+  for_row_blocks(a.rows, [&](auto block, int64_t r, int64_t) {
+    step_rows_bf16<decltype(block)::kRows>(a, r, v_nonfinite);
+  });
 }
 
 // K rows [0, cols) (bfloat16, ld elements apart) -> K^T pairs: kt[e * kTileKeys + j] holds

@@ -52,7 +52,7 @@ inline V soft_cap(V s, T cap) {
 
 // ALiBi's linear distance penalty on rows [r0, r1), computed per key, before the mask.
 template <typename T>
-inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1, int64_t width) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
@@ -67,7 +67,7 @@ inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
     const int64_t base = a.diag[r] - a.j0;
     if (base > kExact || base < -kExact) {
       const T slope = a.slopes[r];
-      for (int64_t c = 0; c < W; ++c) {
+      for (int64_t c = 0; c < width; ++c) {
         const int64_t dist = base - c;
         sr[c] -= slope * T(dist < 0 ? -dist : dist);
       }
@@ -75,7 +75,7 @@ inline void add_alibi(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
     }
     const V slope = S::splat(a.slopes[r]);
     const V from_diag = S::splat(T(base));
-    for (int64_t c = 0; c < W; c += L) {
+    for (int64_t c = 0; c < width; c += L) {
       const V dist = from_diag - (lane + T(c));
       S::store(sr + c, S::load(sr + c) - slope * (dist < V{} ? -dist : dist));
     }
@@ -99,10 +99,10 @@ inline T mask_value(const cpuattn::TileStep<T>& a, int64_t r, int64_t c, T s) {
 inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1; }
 
 // Applies the user mask and, on Partial tiles, the per-row key range (and the global keys) to
-// rows [r0, r1); padding columns past `cols` become -inf so the softmax can run over whole
+// rows [r0, r1); padding columns [cols, width) become -inf so the softmax can run over whole
 // vectors.
 template <typename T>
-inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1, int64_t width) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr int64_t W = cpuattn::kTileKeys;
   for (int64_t r = r0; r < r1; ++r) {
@@ -124,7 +124,7 @@ inline void mask_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
         for (int64_t c = 0; c < a.cols; ++c) sr[c] = (keep >> c & 1) != 0 ? sr[c] : kNegInf;
       }
     }
-    for (int64_t c = a.cols; c < W; ++c) sr[c] = kNegInf;
+    for (int64_t c = a.cols; c < width; ++c) sr[c] = kNegInf;
   }
 }
 
@@ -151,7 +151,7 @@ inline void rescale_row(T* o, int64_t n, T alpha) {
 // no tile needs a horizontal sum. Fixed order throughout: deterministic. Returns whether some
 // p is exactly 0 (a dropped key, or one whose weight underflowed).
 template <typename T, int N>
-inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
+inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0, int64_t width) {
   using S = Simd<T>;
   using V = typename S::V;
   using R = Lanes<T, CPUATTN_VEC_BYTES>;
@@ -169,7 +169,7 @@ inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
   for (int i = 0; i < N; ++i) {
     const T* sr = a.s + (r0 + i) * W;
     vmax[i] = S::load(sr);
-    for (int64_t c = L; c < W; c += L) {
+    for (int64_t c = L; c < width; c += L) {
       const V x = S::load(sr + c);
       vmax[i] = x > vmax[i] ? x : vmax[i];
     }
@@ -206,7 +206,7 @@ inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
     T* sr = a.s + r * W;
     V vsum = V{};
 #pragma GCC unroll 16
-    for (int64_t c = 0; c < W; c += L) {
+    for (int64_t c = 0; c < width; c += L) {
       const V p = fast_exp_nonpositive<T>(S::load(sr + c) - S::splat(shift[i]));
       S::store(sr + c, p);
       vsum += p;
@@ -225,17 +225,16 @@ inline bool softmax_block(const cpuattn::TileStep<T>& a, int64_t r0) {
 // Softcap over rows [r0, r1) of a.s; with kDotScale the scores are first multiplied by
 // a.dot_scale, in the same pass (the AMX tile unit stores bare products).
 template <typename T, bool kDotScale>
-inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
+inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1, int64_t width) {
   using S = Simd<T>;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   const bool cap = a.softcap > 0;
   if (!kDotScale && !cap) return;
   for (int64_t r = r0; r < r1; ++r) {
     T* sr = a.s + r * W;
-    // The whole tile width, a constant trip count: bounded by cols, the AMX bfloat16 step took
-    // 1.13-1.3x the time (measured). Columns past the ones the step wrote hold stale values
-    // (the scratch starts zeroed, QueryStage::stage), which mask_rows sets to -inf.
-    for (int64_t c = 0; c < W; c += L) {
+    // Columns past the ones the step wrote hold stale values (the scratch starts zeroed,
+    // QueryStage::stage), which mask_rows sets to -inf.
+    for (int64_t c = 0; c < width; c += L) {
       typename S::V s = S::load(sr + c);
       if constexpr (kDotScale) s *= a.dot_scale;
       S::store(sr + c, cap ? soft_cap(s, a.softcap) : s);
@@ -243,31 +242,42 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   }
 }
 
+// The epilogue over columns [0, width) of rows [r0, r0 + RB): inlined into score_epilogue's
+// two cases, so that the whole tile's is a constant trip count (bounded by cols, the AMX
+// bfloat16 step took 1.13-1.3x the time, measured).
+template <typename T, int RB, bool kDotScale>
+__attribute__((always_inline)) inline bool epilogue_columns(const cpuattn::TileStep<T>& a,
+                                                            int64_t r0, int64_t width) {
+  cap_scores<T, kDotScale>(a, r0, r0 + RB, width);
+  if (a.slopes) add_alibi(a, r0, r0 + RB, width);
+  mask_rows(a, r0, r0 + RB, width);
+  return softmax_block<T, RB>(a, r0, width);
+}
+
 // The score epilogue of every step (float, vdpbf16ps and AMX): rows [r0, r0 + RB) of a.s, as
 // the step's product block stored them, -> softcap -> ALiBi -> mask -> key bounds -> online
 // softmax, leaving the weights in a.s. Returns whether some weight is exactly 0.
+// Weights for the columns up to cols rounded up to whole vectors, which is all the float and
+// vdpbf16ps steps read (a tile of 16 keys, a short sequence's, does a quarter of the exps);
+// kWholeTile: all kTileKeys columns (the AMX step reads P in whole tiles of 32 keys).
 // It reads the stored rows rather than the step's registers, and is never inlined: work in a
 // product block's store loop made GCC keep the block's accumulators on the stack, and so did
 // an inlined softmax, its exp constants hoisted around score_rows (7 of its 24 accumulators
 // in stack slots, AVX-512 float).
-template <typename T, int RB, bool kDotScale = false>
+template <typename T, int RB, bool kDotScale = false, bool kWholeTile = false>
 __attribute__((noinline)) bool score_epilogue(const cpuattn::TileStep<T>& a, int64_t r0) {
-  cap_scores<T, kDotScale>(a, r0, r0 + RB);
-  if (a.slopes) add_alibi(a, r0, r0 + RB);
-  mask_rows(a, r0, r0 + RB);
-  return softmax_block<T, RB>(a, r0);
+  constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
+  if (kWholeTile || a.cols > W - L) return epilogue_columns<T, RB, kDotScale>(a, r0, W);
+  const int64_t width = a.cols > 0 ? (a.cols + L - 1) / L * L : L;
+  return epilogue_columns<T, RB, kDotScale>(a, r0, width);
 }
 
-// score_epilogue over any rows [r0, r1): rows are independent, so blocks of kRowBlock, then 4,
-// then 1.
-template <typename T, bool kDotScale = false>
+// score_epilogue over any rows [r0, r1): rows are independent, so in for_row_blocks' blocks.
+template <typename T, bool kDotScale = false, bool kWholeTile = false>
 inline bool score_epilogue_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1) {
   bool some_zero = false;
-  int64_t r = r0;
-  for (; r + kRowBlock <= r1; r += kRowBlock) {
-    some_zero |= score_epilogue<T, kRowBlock, kDotScale>(a, r);
-  }
-  for (; r + 4 <= r1; r += 4) some_zero |= score_epilogue<T, 4, kDotScale>(a, r);
-  for (; r < r1; ++r) some_zero |= score_epilogue<T, 1, kDotScale>(a, r);
+  for_row_blocks(r1 - r0, [&](auto block, int64_t r, int64_t) {
+    some_zero |= score_epilogue<T, decltype(block)::kRows, kDotScale, kWholeTile>(a, r0 + r);
+  });
   return some_zero;
 }

@@ -20,11 +20,36 @@
 
 // Register blocking: kRowBlock rows x kColBlock vectors of accumulators, plus kColBlock operand
 // vectors and one broadcast. 6 x 4 + 4 + 1 = 29 of 32 AVX-512 registers; with 16 registers
-// (AVX2, SSE) 6 x 2 + 2 + 1 = 15. Leftover rows go 4, then 1 at a time.
+// (AVX2, SSE) 6 x 2 + 2 + 1 = 15. Leftover rows: for_row_blocks.
 // The inner loops are unrolled 4x (#pragma below): +2% (D = 64) and +6% (D = 128) single
 // thread, measured A/B.
 constexpr int kRowBlock = 6;
 constexpr int kColBlock = CPUATTN_VEC_BYTES == 64 ? 4 : 2;
+
+// A tile's rows in register blocks: kRowBlock rows, then 4, then 1 at a time, as
+// f(RowBlock<rows>{}, first row, block index). Two or three rows past the kRowBlock blocks go
+// with one block fewer as 4 + 4 (+ 1): a single row does a sixth of a block's products per
+// operand load (32 rows: 6 x 4 + 4 + 4, not 6 x 5 + 1 + 1).
+template <int N>
+struct RowBlock {
+  static constexpr int kRows = N;
+};
+inline int64_t full_row_blocks(int64_t rows) {
+  const int64_t blocks = rows / kRowBlock, tail = rows % kRowBlock;
+  return blocks > 0 && (tail == 2 || tail == 3) ? blocks - 1 : blocks;
+}
+inline int64_t row_blocks(int64_t rows) {
+  const int64_t full = full_row_blocks(rows), tail = rows - full * kRowBlock;
+  return full + tail / 4 + tail % 4;
+}
+template <typename F>
+inline void for_row_blocks(int64_t rows, F&& f) {
+  const int64_t full = full_row_blocks(rows);
+  int64_t r = 0, b = 0;
+  for (; b < full; r += kRowBlock) f(RowBlock<kRowBlock>{}, r, b++);
+  for (; r + 4 <= rows; r += 4) f(RowBlock<4>{}, r, b++);
+  for (; r < rows; ++r) f(RowBlock<1>{}, r, b++);
+}
 
 #include "kernels/epilogue.inl"
 
@@ -472,24 +497,6 @@ class Prefetcher {
   int64_t stride_[cpuattn::kPrefetchRanges] = {};
   int64_t left_[cpuattn::kPrefetchRanges], per_block_[cpuattn::kPrefetchRanges];
 };
-
-// A tile's rows in register blocks: kRowBlock rows, then 4, then 1 at a time, as
-// f(RowBlock<rows>{}, first row, block index).
-template <int N>
-struct RowBlock {
-  static constexpr int kRows = N;
-};
-inline int64_t row_blocks(int64_t rows) {
-  const int64_t tail = rows % kRowBlock;
-  return rows / kRowBlock + tail / 4 + tail % 4;
-}
-template <typename F>
-inline void for_row_blocks(int64_t rows, F&& f) {
-  int64_t r = 0, b = 0;
-  for (; r + kRowBlock <= rows; r += kRowBlock) f(RowBlock<kRowBlock>{}, r, b++);
-  for (; r + 4 <= rows; r += 4) f(RowBlock<4>{}, r, b++);
-  for (; r < rows; ++r) f(RowBlock<1>{}, r, b++);
-}
 
 // Row block by row block, each start to finish (step_rows): K rows in place, additive scores,
 // and d + dv below kPhasedMinDims, where a tile's K^T and V stay in L1/L2 between blocks.
