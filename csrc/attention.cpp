@@ -322,7 +322,7 @@ void run(const Params& p, const KernelSet& kernels) {
   const AlignedBuffer<T> partials(chunks > 1 ? items * chunks * driver.partial_elems() : 0);
 
   // successor: the task this thread runs next, or -1: a whole-head task prefetches its data.
-  const bool whole_heads = items_per_task > 1;
+  const bool whole_heads = tp.whole_heads;
   auto run_task = [&](int64_t task, Scratch<T>& sc, int64_t successor = -1) {
     if (tp.heads_per_task > 1) {
       const int64_t c = task % chunks;

@@ -187,6 +187,7 @@ TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
   if (t.chunks == 1 && tiles_per_head > 0 &&
       items / tiles_per_head >= kWholeHeadTasksPerThread * wanted_threads) {
     t.items_per_task = tiles_per_head;
+    t.whole_heads = true;
   }
   const int64_t tasks = t.chunks > 1 ? items * t.chunks : items / t.items_per_task;
   // One query tile per head (so items_per_task is 1): item b * Hkv + hk is kv head hk of
@@ -201,6 +202,7 @@ TaskPlan plan_tasks(const WorkPlan& plan, int64_t wanted_threads) {
     }
   }
   t.tasks = tasks / t.heads_per_task;
+  if (t.heads_per_task > 1) t.whole_heads = false;
   return t;
 }
 

@@ -115,6 +115,11 @@ struct TaskPlan {
   int64_t chunks = 1, chunk_keys = 0;
   // Items per task: all query tiles of one (batch, kv head) pair (whole heads), or 1.
   int64_t items_per_task = 1;
+  // Whole heads (items_per_task query tiles each, one too): tasks run in TaskRuns, each
+  // prefetching its successor's q, K, V and out (WorkPlan::head_ranges). A head of one query
+  // tile (sentences of up to 64 tokens, decode over short caches) gains as much as one of
+  // several: without it such a head started with its q and out rows cold.
+  bool whole_heads = false;
   // Decode over a cache that keeps each position's kv heads side by side (a paged cache, a
   // (B, L, H, D) buffer): a task takes the items of this many kv heads of one batch entry
   // (a divisor of Hkv; one query tile each) and steps them in lockstep, key tile by key tile,
