@@ -110,9 +110,11 @@ class QueryStage {
   void stage(const ItemPos& pos, const RowBounds& rb, QueryRows<T>& t,
              bool reset_state = true) const {
     if (!t.s_written) {
-      // The one buffer read where no step wrote: the epilogue works on whole tile rows, and the
-      // in-place score paths write only the columns of their keys (mask_rows then sets the rest
-      // to -inf). Zeroed once, here, by the thread that uses it: never an uninitialized read.
+      // The one buffer read where no step wrote: the AMX epilogue works on whole tile rows,
+      // the others on whole vectors past cols, and the in-place score paths write only the
+      // columns of their keys (mask_rows then sets the rest to -inf); the vdpbf16ps step's
+      // round_weights converts whole 32-column chunks. Zeroed once, here, by the thread that
+      // uses it: never an uninitialized read.
       std::fill(t.s.data(), t.s.data() + t.s.size(), T(0));
       t.s_written = true;
     }

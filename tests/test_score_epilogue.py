@@ -16,7 +16,9 @@ SHAPES = [  # hq, hkv, lq, lk, d, dv
     (4, 2, 40, 300, 64, 48),  # packed tiles
     (4, 4, 33, 129, 40, 40),  # packed, D % 32 != 0: the bfloat16 pairs padded
     (16, 2, 1, 300, 64, 64),  # decode, 8 rows a kv head: row blocks of 4 + 4
-    (6, 2, 9, 23, 32, 32),  # 27 rows in place (6 x 3 + 4 + 4 + 1), one key tile of 23
+    (12, 4, 1, 300, 40, 40),  # decode, 3 rows a kv head: one block of 3
+    (14, 2, 1, 200, 64, 64),  # decode, 7 rows a kv head: 4 + 3
+    (6, 2, 9, 23, 32, 32),  # 27 rows in place (6 x 4 + 3), one key tile of 23
     (4, 4, 40, 17, 40, 40),  # packed, one key tile of 17: weights over its vectors only
 ]
 

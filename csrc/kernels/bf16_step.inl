@@ -75,9 +75,10 @@ inline void round_weights(const cpuattn::TileStep<float>& a, int64_t r0,
                           uint32_t (*p_hi)[cpuattn::kTileKeys / 2],
                           uint32_t (*p_lo)[cpuattn::kTileKeys / 2]) {
   constexpr int64_t W = cpuattn::kTileKeys;
+  const int64_t width = (a.cols + 31) / 32 * 32;  // the pairs P.V reads: (cols + 1) / 2
   for (int r = 0; r < RB; ++r) {
     const float* sr = a.s + (r0 + r) * W;
-    for (int64_t c = 0; c < W; c += 32) {
+    for (int64_t c = 0; c < width; c += 32) {
       const __m512 x0 = _mm512_loadu_ps(sr + c), x1 = _mm512_loadu_ps(sr + c + 16);
       const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(x1, x0));
       _mm512_storeu_si512(p_hi[r] + c / 2, h);

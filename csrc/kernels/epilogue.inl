@@ -258,8 +258,11 @@ __attribute__((always_inline)) inline bool epilogue_columns(const cpuattn::TileS
 // the step's product block stored them, -> softcap -> ALiBi -> mask -> key bounds -> online
 // softmax, leaving the weights in a.s. Returns whether some weight is exactly 0.
 // Weights for the columns up to cols rounded up to whole vectors, which is all the float and
-// vdpbf16ps steps read (a tile of 16 keys, a short sequence's, does a quarter of the exps);
-// kWholeTile: all kTileKeys columns (the AMX step reads P in whole tiles of 32 keys).
+// vdpbf16ps steps use (a tile of 16 keys, a short sequence's, does a quarter of the exps);
+// kWholeTile: all kTileKeys columns (the AMX step reads P in whole tiles of 32 keys). So some
+// weight is 0 only where a key of [0, cols) has none: with an inf or NaN in V, a tile of 16,
+// 32 or 48 keys that every row keeps now takes the fast P.V (in the vdpbf16ps step, other
+// rounding than the inf-safe path it took before).
 // It reads the stored rows rather than the step's registers, and is never inlined: work in a
 // product block's store loop made GCC keep the block's accumulators on the stack, and so did
 // an inlined softmax, its exp constants hoisted around score_rows (7 of its 24 accumulators
