@@ -43,6 +43,8 @@ FULL = [
     Case("D=4096 L=512, one head", 1, 1, 1, 512, 512, 4096),
     Case("batch 4", 4, 8, 8, 512, 512, 64),
     Case("MiniLM batch", 32, 12, 12, 128, 128, 32),
+    # Sentence-sized heads (32 tokens): per-head fixed costs weigh as much as the products.
+    Case("MiniLM short batch", 32, 12, 12, 32, 32, 32),
     Case("GQA 32/8", 1, 32, 8, 2048, 2048, 128),
     Case("causal L=4096", 1, 8, 8, 4096, 4096, 64, causal=True),
     Case("causal L=8192", 1, 8, 8, 8192, 8192, 64, causal=True),
@@ -50,6 +52,7 @@ FULL = [
     Case("decode GQA", 1, 32, 8, 1, 16384, 128),
     Case("decode Lq=4 causal", 1, 32, 8, 4, 16384, 128, causal=True),
     Case("decode MQA", 1, 32, 1, 1, 16384, 128),
+    Case("decode GQA 24/8", 1, 24, 8, 1, 16384, 128),  # 3 query heads a kv head (Llama 3.2 3B)
     # Variants: softcap and ALiBi, each timed against the same call without it, interleaved
     # (issue 7 target: <= 1.15x).
     Case("softcap 30 L=4096", 1, 8, 8, 4096, 4096, 64, options={"softcap": 30.0}),
