@@ -446,8 +446,11 @@ class BackwardDriver {
     if (tile.packed) return;
     const size_t nb = p_.batch_shape.size();
     const int64_t cols = tile.j1 - tile.j0;
-    pack_(tile.k, p_.k.strides[nb + 1], cols, p_.d, sc.kt.data() + tile.slot * p_.d * kTileKeys);
-    pack_(tile.v, p_.v.strides[nb + 1], cols, p_.dv, sc.vt.data() + tile.slot * p_.dv * kTileKeys);
+    // Whole zero-padded tiles: the backward's products cover all kTileKeys columns.
+    pack_(tile.k, p_.k.strides[nb + 1], cols, p_.d, sc.kt.data() + tile.slot * p_.d * kTileKeys,
+          kTileKeys);
+    pack_(tile.v, p_.v.strides[nb + 1], cols, p_.dv, sc.vt.data() + tile.slot * p_.dv * kTileKeys,
+          kTileKeys);
     tile.packed = true;
   }
 
@@ -775,7 +778,7 @@ class BackwardDriver {
   const Bf16BackwardKernels* bf16_;  // the bfloat16 products' backward, or nullptr
   QueryStage<T> query_;
   void (*step_)(const BackwardStep<T>&) = nullptr;
-  void (*pack_)(const T*, int64_t, int64_t, int64_t, T*) = nullptr;
+  void (*pack_)(const T*, int64_t, int64_t, int64_t, T*, int64_t) = nullptr;
   TileStep<T> proto_{};
   T dk_scale_ = 1;
   GradientType dq_type_{}, dk_type_{}, dv_type_{};

@@ -392,7 +392,7 @@ class PackedKeys : public OnLayout<Layout, T> {
   using Base = OnLayout<Layout, T>;
 
  public:
-  using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*);
+  using Pack = void (*)(const T*, int64_t, int64_t, int64_t, T*, int64_t);
   bool staged_query() const { return false; }
   PackedKeys(const Layout& layout, Pack pack, int64_t d) : Base(layout), pack_(pack), d_(d) {}
   void reserve(KvScratch<T>& sc, int64_t tiles, bool cache) const {
@@ -409,7 +409,7 @@ class PackedKeys : public OnLayout<Layout, T> {
             KvScratch<T>& sc) const {
     s.key.data = sc.keys.get(t.owner, t.j0 / kTileKeys, sc.kt.data(), [&](T* dst) {
       const auto k = this->k_tile(h, t, d_, sc.gathered_k);
-      pack_(k.data, k.ld, t.staged_keys, d_, dst);
+      pack_(k.data, k.ld, t.staged_keys, d_, dst, padded_keys(t.staged_keys));
     });
     this->values_in_place(s, h, t, sc);
   }
@@ -471,7 +471,7 @@ class ConvertedTiles : public OnLayout<Layout, unsigned char> {
 
  public:
   using Convert = decltype(EncodingOps::to_float);
-  using Pack = void (*)(const float*, int64_t, int64_t, int64_t, float*);
+  using Pack = decltype(KernelSet::pack_f32);
   // K as rows (no pack) is read by score_rows, from a staged q.
   bool staged_query() const { return pack_ == nullptr; }
   // pack: nullptr to keep K as rows.
@@ -505,7 +505,7 @@ class ConvertedTiles : public OnLayout<Layout, unsigned char> {
     if (pack_) {
       s.key.data = sc.keys.get(t.owner, tile, sc.kt.data(), [&](float* dst) {
         convert_keys(sc.stage.data());
-        pack_(sc.stage.data(), d_, t.staged_keys, d_, dst);
+        pack_(sc.stage.data(), d_, t.staged_keys, d_, dst, padded_keys(t.staged_keys));
       });
     } else {
       convert_keys(sc.stage.data());

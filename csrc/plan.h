@@ -61,10 +61,13 @@ class WorkPlan {
   bool varlen() const { return p_.cu_seqlens_q != nullptr; }
   // Query tiles per (batch, kv head) pair; 0 when they differ (packed varlen sequences).
   int64_t query_tiles_per_head() const { return seqs_.empty() ? q_tiles_ : 0; }
-  // Decode: one query tile per head (no packed K tile to reuse) of a few rows, so K and V
-  // are best read in place, row by row, as they lie.
+  // Decode, and short sequences at large head dims: one query tile per head (no packed K
+  // tile to reuse) of a few rows, so K and V are best read in place, row by row, as they lie
+  // (kInPlaceMaxRows, kInPlaceDimsPerRow).
   bool rows_in_place() const {
-    return query_tiles_per_head() == 1 && rows_per_head_group() <= kInPlaceMaxRows;
+    const int64_t rows = rows_per_head_group();
+    return query_tiles_per_head() == 1 && rows <= kInPlaceMaxRows &&
+           (p_.kv_dtype != p_.compute_dtype || rows * kInPlaceDimsPerRow <= p_.d);
   }
   // Keys of the longest sequence (the largest kv_lengths entry): what a thread's packed-K
   // cache must hold.

@@ -10,6 +10,15 @@ namespace cpuattn {
 constexpr int64_t kTileRows = 64;
 // Keys per tile.
 constexpr int64_t kTileKeys = 64;
+// The most lanes of a vector: 16 float32 in a 512-bit register.
+constexpr int64_t kMaxLanes = 16;
+// The keys of a tile of `keys` that the forward step reads: rounded up to whole vectors of
+// every ISA (score_width), so a packed K^T tile is written (zero past keys) that far.
+constexpr int64_t padded_keys(int64_t keys) {
+  return (keys + kMaxLanes - 1) / kMaxLanes * kMaxLanes < kTileKeys
+             ? (keys + kMaxLanes - 1) / kMaxLanes * kMaxLanes
+             : kTileKeys;
+}
 // Per-row partial sums of the softmax denominator: one per SIMD lane (16 float32 lanes in a
 // 512-bit register at most), added up once per row when the output is written.
 constexpr int64_t kSumSlots = 16;
@@ -23,6 +32,14 @@ constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 // take their scores from K rows in place instead of packing K^T for them (measured at
 // D = 128, Lk = 16384, GQA 4: faster up to 32 rows, even at 64).
 constexpr int64_t kInPlaceMaxRows = 32;
+// For K in the compute type, only while rows x kInPlaceDimsPerRow <= D: the in-place dot
+// products fold each score's D / lanes products across lanes, a cost per (row, key) that
+// packing K^T (a cost per (key, dim)) avoids. Measured on Zen 4 (AVX-512 and AVX2, float32,
+// paired A/B, short sequences and decode over L2/L3-resident caches): packing was 1.1-1.2x
+// faster at 12-32 rows for D = 32, 16-20 for D = 64 and 32 for D = 128, and 0.8-0.96x at 8-24
+// rows for D = 128 and 12 for D = 64. Half and int8 caches keep kInPlaceMaxRows (their
+// packed paths convert as well; AMX tiles of a few rows, not measured here).
+constexpr int64_t kInPlaceDimsPerRow = 5;
 
 // A step may read and write a tile's rows up to the next multiple of this (AMX works on 16
 // query rows at a time): buffers for fewer than kTileRows rows round up to it.

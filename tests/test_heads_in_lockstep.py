@@ -34,21 +34,22 @@ def _head_major(x):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize(
-    ("b", "hq", "hkv", "lq", "lk"),
-    [
-        (1, 32, 8, 1, 3000),
-        (2, 8, 4, 1, 700),
-        (3, 4, 2, 4, 129),
-        (1, 6, 3, 2, 5000),
-        (2, 32, 2, 1, 900),  # 16 rows a head: one whole 16-row block
-        (1, 34, 2, 1, 1000),  # 17: a second 16-row block begun
-        (1, 48, 2, 1, 3000),  # 24
+    ("b", "hq", "hkv", "lq", "lk", "d"),
+    [  # rows a head x 5 <= D: float32 K rows in place too (csrc/tiles.h), so in lockstep
+        (1, 32, 8, 1, 3000, 64),
+        (2, 8, 4, 1, 700, 64),
+        (3, 4, 2, 4, 129, 64),
+        (1, 6, 3, 2, 5000, 64),
+        (2, 32, 2, 1, 900, 128),  # 16 rows a head: one whole 16-row block
+        (1, 34, 2, 1, 1000, 128),  # 17: a second 16-row block begun
+        (1, 48, 2, 1, 3000, 128),  # 24
+        (1, 48, 2, 1, 700, 64),  # 24 rows at D = 64: float32 K packed, head by head
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_side_by_side_heads_give_the_head_major_bits(rng, dtype, b, hq, hkv, lq, lk, threads):
-    k, v, scales = _cache(rng, b, hkv, lk, 64, dtype)
-    q = rng.standard_normal((b, hq, lq, 64)).astype(np.float32)
+def test_side_by_side_heads_give_the_head_major_bits(rng, dtype, b, hq, hkv, lq, lk, d, threads):
+    k, v, scales = _cache(rng, b, hkv, lk, d, dtype)
+    q = rng.standard_normal((b, hq, lq, d)).astype(np.float32)
     lengths = rng.integers(lk // 2, lk + 1, b)
     kw = {"kv_lengths": lengths, "causal": True, "num_threads": threads, "return_lse": True}
     out, lse = cpuattn.attention(q, k, v, **scales, **kw)

@@ -1,10 +1,11 @@
 """Few query rows per kv head (decode): the native step reads K rows in place and takes each
 score as a dot product along D (a fold tree reduces the per-lane partial sums), instead of
 packing K^T. Up to 32 rows (query positions x heads in a GQA group, csrc/tiles.h) take this
-path; 33 take the packed one. Shapes here exercise its edges: D not a multiple of the vector width (the
-scalar tail), partial key tiles, rows at the limit, views with any row stride, float64, and
-inf / NaN in K rows a query never keeps. Half caches (float16, bfloat16) are read in place as
-well: bfloat16 pairs on avx512_bf16, widened to float32 as loaded on every other ISA."""
+path, float32 and float64 K only while rows x 5 <= D; more take the packed one. Shapes here
+exercise its edges: D not a multiple of the vector width (the scalar tail), partial key tiles,
+rows at both limits, views with any row stride, float64, and inf / NaN in K rows a query never
+keeps. Half caches (float16, bfloat16) are read in place up to 32 rows at any D: bfloat16 pairs
+on avx512_bf16, widened to float32 as loaded on every other ISA."""
 
 import numpy as np
 import pytest
@@ -12,18 +13,21 @@ from reference import assert_matches, dense_attention
 
 from cpuattn._request import BF16
 
-CASES = [  # lq, group, lk, d
-    (1, 1, 1, 1),
-    (1, 4, 7, 13),
-    (1, 8, 129, 40),
+CASES = [  # lq, group, lk, d; float32 / float64 K in place unless noted
+    (1, 1, 1, 1),  # packed (rows x 5 > D); half caches in place
+    (1, 2, 7, 13),
+    (1, 8, 129, 40),  # 8 rows at D = 40: the last in place
+    (8, 1, 129, 39),  # D = 39: packed
     (2, 8, 700, 80),
     (4, 4, 65, 256),
-    (16, 1, 200, 17),
-    (1, 16, 1000, 64),
-    (17, 1, 300, 64),
-    (3, 5, 513, 33),
-    (8, 4, 100, 40),
-    (33, 1, 300, 64),  # 32 rows: the last in place; 33: packed
+    (3, 1, 200, 17),
+    (16, 1, 200, 17),  # packed
+    (1, 16, 1000, 80),
+    (17, 1, 300, 96),
+    (1, 6, 513, 33),
+    (2, 4, 100, 40),
+    (32, 1, 300, 160),  # 32 rows: the last in place
+    (33, 1, 300, 160),  # 33: packed
 ]
 
 
@@ -46,7 +50,7 @@ def test_few_rows_match_reference(native, rng, lq, group, lk, d, dtype, causal):
     assert_matches(lse, ref_lse, dtype, "lse")
 
 
-@pytest.mark.parametrize("d", [13, 64])
+@pytest.mark.parametrize("d", [21, 64])
 def test_key_row_strides(native, rng, d):
     """Odd, negative and zero row strides and a transposed base: rows are found one by one."""
     base = rng.standard_normal((2, 2, 900, d + 5)).astype(np.float32)

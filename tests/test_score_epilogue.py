@@ -18,8 +18,11 @@ SHAPES = [  # hq, hkv, lq, lk, d, dv
     (16, 2, 1, 300, 64, 64),  # decode, 8 rows a kv head: row blocks of 4 + 4
     (12, 4, 1, 300, 40, 40),  # decode, 3 rows a kv head: one block of 3
     (14, 2, 1, 200, 64, 64),  # decode, 7 rows a kv head: 4 + 3
-    (6, 2, 9, 23, 32, 32),  # 27 rows in place (6 x 4 + 3), one key tile of 23
+    (6, 2, 9, 23, 160, 32),  # 27 rows in place (6 x 4 + 3), one key tile of 23
+    (6, 2, 9, 23, 32, 32),  # the same rows at D = 32: float32 K packed (27 x 5 > D)
     (4, 4, 40, 17, 40, 40),  # packed, one key tile of 17: weights over its vectors only
+    (4, 4, 12, 16, 16, 16),  # packed, 12 rows, one tile of 16 keys: scores of one vector
+    (2, 2, 20, 33, 32, 24),  # packed, a tile of 33 keys: scores over 2 + 1 vectors (AVX-512)
 ]
 
 KINDS = [  # (q dtype, K/V dtype, out_dtype)

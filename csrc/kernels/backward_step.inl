@@ -28,7 +28,7 @@ inline void accumulate_product(const cpuattn::TileStep<T>& a, int64_t out_rows, 
 template <typename T>
 inline void product_tile(const cpuattn::TileStep<T>& a) {
   for_row_blocks(a.rows, [&](auto block, int64_t r, int64_t) {
-    score_rows<T, decltype(block)::kRows>(a, r, 0, a.d, true);
+    score_rows<T, decltype(block)::kRows>(a, r, 0, a.d, true, cpuattn::kTileKeys);
   });
 }
 

@@ -304,7 +304,7 @@ void pack_bf16_keys(const uint16_t* k, int64_t ld, int64_t cols, int64_t d, int6
   constexpr int64_t W = cpuattn::kTileKeys;
   const int64_t d_pairs = (d + 1) / 2;
   if (d % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(k) % 4 == 0) {
-    pack_keys<uint32_t>(reinterpret_cast<const uint32_t*>(k), ld / 2, cols, d_pairs, kt);
+    pack_keys<uint32_t>(reinterpret_cast<const uint32_t*>(k), ld / 2, cols, d_pairs, kt, W);
   } else {
     for (int64_t e = 0; e < d_pairs; ++e) {
       for (int64_t j = 0; j < W; ++j) {

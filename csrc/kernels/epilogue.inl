@@ -242,6 +242,14 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1, in
   }
 }
 
+// The columns a step's scores and epilogue cover: cols rounded up to whole vectors (at least
+// one), which is all the float and vdpbf16ps steps' P.V reads.
+template <typename T>
+inline int64_t score_width(const cpuattn::TileStep<T>& a) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  return a.cols > 0 ? (a.cols + L - 1) / L * L : L;
+}
+
 // The epilogue over columns [0, width) of rows [r0, r0 + RB): inlined into score_epilogue's
 // two cases, so that the whole tile's is a constant trip count (bounded by cols, the AMX
 // bfloat16 step took 1.13-1.3x the time, measured).
@@ -271,8 +279,7 @@ template <typename T, int RB, bool kDotScale = false, bool kWholeTile = false>
 __attribute__((noinline)) bool score_epilogue(const cpuattn::TileStep<T>& a, int64_t r0) {
   constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
   if (kWholeTile || a.cols > W - L) return epilogue_columns<T, RB, kDotScale>(a, r0, W);
-  const int64_t width = a.cols > 0 ? (a.cols + L - 1) / L * L : L;
-  return epilogue_columns<T, RB, kDotScale>(a, r0, width);
+  return epilogue_columns<T, RB, kDotScale>(a, r0, score_width(a));
 }
 
 // score_epilogue over any rows [r0, r1): rows are independent, so in for_row_blocks' blocks.

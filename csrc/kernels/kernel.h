@@ -213,9 +213,11 @@ struct KernelSet {
   const char* name;
   void (*step_f32)(const TileStep<float>&);
   void (*step_f64)(const TileStep<double>&);
-  // K rows [0, cols), ld elements apart, -> d x kTileKeys transposed tile, zero past cols.
-  void (*pack_f32)(const float* k, int64_t ld, int64_t cols, int64_t d, float* kt);
-  void (*pack_f64)(const double* k, int64_t ld, int64_t cols, int64_t d, double* kt);
+  // K rows [0, cols), ld elements apart, -> d x kTileKeys transposed tile, zero in columns
+  // [cols, zero_to) (what the step reads past cols: padded_keys).
+  void (*pack_f32)(const float* k, int64_t ld, int64_t cols, int64_t d, float* kt, int64_t zero_to);
+  void (*pack_f64)(const double* k, int64_t ld, int64_t cols, int64_t d, double* kt,
+                   int64_t zero_to);
   EncodingOps encodings[kElems];
   // y[i] = x[i] * a, i < n: q rows times the softmax scale into the tile.
   void (*scale_f32)(const float* x, float a, int64_t n, float* y);

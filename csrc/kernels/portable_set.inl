@@ -6,11 +6,11 @@
 #endif
 
 // K rows [0, cols), ld elements apart, -> kt: d x kTileKeys (K transposed, so score columns
-// are unit-stride), zero past cols. Blocks of 4 floats (2 doubles) are transposed in 16-byte
-// registers: half the loads and stores of an element-by-element copy, which made decode (a
-// fresh tile per few query rows) bound by this copy rather than by memory.
+// are unit-stride), zero in columns [cols, zero_to). Blocks of 4 floats (2 doubles) are transposed
+// in 16-byte registers: half the loads and stores of an element-by-element copy, which made decode
+// (a fresh tile per few query rows) bound by this copy rather than by memory.
 template <typename T>
-void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
+void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt, int64_t zero_to) {
   constexpr int64_t W = cpuattn::kTileKeys;
   constexpr int B = 16 / sizeof(T);
   typedef T Q __attribute__((vector_size(16)));
@@ -44,7 +44,7 @@ void pack_keys(const T* k, int64_t ld, int64_t cols, int64_t d, T* kt) {
     for (int64_t e = 0; e < d; ++e) kt[e * W + c] = k[c * ld + e];
   }
   for (int64_t e = 0; e < d; ++e) {
-    for (int64_t j = cols; j < W; ++j) kt[e * W + j] = 0;
+    for (int64_t j = cols; j < zero_to; ++j) kt[e * W + j] = 0;
   }
 }
 

@@ -58,47 +58,90 @@ inline int64_t row_blocks(int64_t rows) {
 
 #include "kernels/epilogue.inl"
 
-// s[r0 + r, :] = q[r0 + r, :] . K^T over the padded tile width, for RB rows, as the sum over
+// s[r0 + r, c0 : c0 + CB * L] = q[r0 + r, :] . K^T[:, c0 : ...] for RB rows, as the sum over
 // head dims [e0, e1): added to what s holds when kAccumulate (the same chain of FMAs, so the
 // same bits, as one pass over all of D), and times dot_scale when `last` and q is in place.
-template <typename T, int RB, bool kAccumulate = false>
-inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1,
-                       bool last) {
+template <typename T, int RB, int CB, bool kAccumulate>
+__attribute__((always_inline)) inline void score_block(const cpuattn::TileStep<T>& a, int64_t r0,
+                                                       int64_t c0, int64_t e0, int64_t e1,
+                                                       bool last) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
-  static_assert(W % (L * kColBlock) == 0, "tile width must be a whole number of column blocks");
   const T* q = a.q + r0 * a.q_ld;
-  for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
-    T* s = a.s + r0 * W + c0;
-    V acc[RB][kColBlock] = {};
-    if constexpr (kAccumulate) {
-      for (int r = 0; r < RB; ++r) {
-        for (int c = 0; c < kColBlock; ++c) acc[r][c] = S::load(s + r * W + c * L);
-      }
-    }
+  T* s = a.s + r0 * W + c0;
+  V acc[RB][CB];  // set one by one: `= {}` became a rep stos to a stack copy, out of line
+  for (int r = 0; r < RB; ++r) {
+    for (int c = 0; c < CB; ++c) acc[r][c] = kAccumulate ? S::load(s + r * W + c * L) : V{};
+  }
 #pragma GCC unroll 4
-    for (int64_t e = e0; e < e1; ++e) {
-      V kv[kColBlock];
-      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
-      for (int r = 0; r < RB; ++r) {
-        const V qe = S::splat(q[r * a.q_ld + e]);
-        for (int c = 0; c < kColBlock; ++c) acc[r][c] += qe * kv[c];
-      }
+  for (int64_t e = e0; e < e1; ++e) {
+    V kv[CB];
+    for (int c = 0; c < CB; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
+    for (int r = 0; r < RB; ++r) {
+      const V qe = S::splat(q[r * a.q_ld + e]);
+      for (int c = 0; c < CB; ++c) acc[r][c] += qe * kv[c];
     }
-    // Only the stores here; softcap and the rest come after, over the stored rows
-    // (score_epilogue). With softcap (or a test per vector) inside this loop GCC kept acc in a
-    // stack array, zeroed by rep stos and every vector stored and reloaded (a MiniLM batch
-    // took 1.08x the time).
-    if (last && a.q_unscaled) {
-      for (int r = 0; r < RB; ++r) {
-        for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c] * a.dot_scale);
-      }
-    } else {
-      for (int r = 0; r < RB; ++r) {
-        for (int c = 0; c < kColBlock; ++c) S::store(s + r * W + c * L, acc[r][c]);
-      }
+  }
+  // Only the stores here; softcap and the rest come after, over the stored rows
+  // (score_epilogue). With softcap (or a test per vector) inside this loop GCC kept acc in a
+  // stack array, zeroed by rep stos and every vector stored and reloaded (a MiniLM batch
+  // took 1.08x the time).
+  if (last && a.q_unscaled) {
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < CB; ++c) S::store(s + r * W + c * L, acc[r][c] * a.dot_scale);
     }
+  } else {
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < CB; ++c) S::store(s + r * W + c * L, acc[r][c]);
+    }
+  }
+}
+
+// Columns [0, width) of a score tile (width a whole number of vectors: score_width) as
+// f(ColBlock<vectors>{}, first column): blocks of kColBlock vectors, then 2, then 1. A short
+// tile's products stop at its keys: a 32-key tile (sentences) did twice the products it needed.
+template <int N>
+struct ColBlock {
+  static constexpr int kVectors = N;
+};
+template <typename T, typename F>
+inline void for_column_blocks(int64_t width, F&& f) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  static_assert(cpuattn::kTileKeys % (L * kColBlock) == 0, "whole column blocks a tile");
+  int64_t c0 = 0;
+  for (; c0 + kColBlock * L <= width; c0 += kColBlock * L) f(ColBlock<kColBlock>{}, c0);
+  if constexpr (kColBlock > 2) {
+    if (c0 + 2 * L <= width) {
+      f(ColBlock<2>{}, c0);
+      c0 += 2 * L;
+    }
+  }
+  if (c0 < width) f(ColBlock<1>{}, c0);
+}
+
+// score_block over columns [0, width) of a tile narrower than kTileKeys (its last keys), in
+// for_column_blocks' blocks. Out of line: inlined next to the whole tiles' blocks, these made
+// GCC keep a whole tile's accumulators in a stack array, stored and reloaded (0.95x, MiniLM).
+template <typename T, int RB, bool kAccumulate>
+__attribute__((noinline)) void score_rows_narrow(const cpuattn::TileStep<T>& a, int64_t r0,
+                                                 int64_t e0, int64_t e1, bool last, int64_t width) {
+  for_column_blocks<T>(width, [&](auto block, int64_t c0) {
+    score_block<T, RB, decltype(block)::kVectors, kAccumulate>(a, r0, c0, e0, e1, last);
+  });
+}
+
+// Scores of RB rows over columns [0, width) of the packed K^T (score_width).
+template <typename T, int RB, bool kAccumulate = false>
+inline void score_rows(const cpuattn::TileStep<T>& a, int64_t r0, int64_t e0, int64_t e1, bool last,
+                       int64_t width) {
+  constexpr int64_t W = cpuattn::kTileKeys, L = Simd<T>::kLanes;
+  if (width < W) {
+    score_rows_narrow<T, RB, kAccumulate>(a, r0, e0, e1, last, width);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < W; c0 += kColBlock * L) {
+    score_block<T, RB, kColBlock, kAccumulate>(a, r0, c0, e0, e1, last);
   }
 }
 
@@ -176,29 +219,31 @@ inline void score_rows_in_place(const cpuattn::TileStep<T>& a, int64_t r0) {
   }
 }
 
-// Bahdanau scores: s[r0 + r, :] = sum_e w[e] tanh(q[r0 + r, e] + K^T[e, :]), for RB rows; the
-// same register blocking as score_rows, a tanh per term instead of a product.
+// Bahdanau scores: s[r0 + r, :] = sum_e w[e] tanh(q[r0 + r, e] + K^T[e, :]), for RB rows and
+// the columns score_width covers; the same register blocking as score_rows, a tanh per term
+// instead of a product.
 template <typename T, int RB>
 inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t W = cpuattn::kTileKeys, L = S::kLanes;
   const T* q = a.q + r0 * a.d;  // packed: q_ld == d
-  for (int64_t c0 = 0; c0 < W; c0 += L * kColBlock) {
-    V acc[RB][kColBlock] = {};
+  for_column_blocks<T>(score_width(a), [&](auto block, int64_t c0) {
+    constexpr int CB = decltype(block)::kVectors;
+    V acc[RB][CB] = {};
     for (int64_t e = 0; e < a.d; ++e) {
-      V kv[kColBlock];
-      for (int c = 0; c < kColBlock; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
+      V kv[CB];
+      for (int c = 0; c < CB; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
       const V w = S::splat(a.additive_w[e]);
       for (int r = 0; r < RB; ++r) {
         const V qe = S::splat(q[r * a.d + e]);
-        for (int c = 0; c < kColBlock; ++c) acc[r][c] += w * fast_tanh(qe + kv[c]);
+        for (int c = 0; c < CB; ++c) acc[r][c] += w * fast_tanh(qe + kv[c]);
       }
     }
     for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < kColBlock; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
+      for (int c = 0; c < CB; ++c) S::store(a.s + (r0 + r) * W + c0 + c * L, acc[r][c]);
     }
-  }
+  });
 }
 
 // The weight of output row r and summed index j in a.s: row-major for P.V (s[r][j]) or, with
@@ -452,7 +497,7 @@ inline void step_rows(const cpuattn::TileStep<T>& a, int64_t r0, int& v_nonfinit
   } else if (a.additive_w) {
     additive_score_rows<T, RB>(a, r0);
   } else {
-    score_rows<T, RB>(a, r0, 0, a.d, true);
+    score_rows<T, RB>(a, r0, 0, a.d, true, score_width(a));
   }
   if constexpr (Stored == Elem::I8) {
     times_row_scales<T, RB, false>(a, r0, a.key.scales, a.key.scale_ld);
@@ -534,6 +579,7 @@ void tile_step_phased(const cpuattn::TileStep<T>& a) {
   constexpr int64_t kMaxBlocks = cpuattn::kTileRows;  // rows <= kTileRows, blocks >= 1 row
   bool some_zero[kMaxBlocks];
   Prefetcher prefetch(a, row_blocks(a.rows));
+  const int64_t width = score_width(a);
   int64_t e0 = 0;
   do {  // once at least: with d = 0 the scores are 0, and they must be written
     const int64_t e1 = a.d - e0 > kScoreDepth ? e0 + kScoreDepth : a.d;
@@ -541,9 +587,9 @@ void tile_step_phased(const cpuattn::TileStep<T>& a) {
       constexpr int RB = decltype(block)::kRows;
       if (e0 == 0) {
         prefetch.block();
-        score_rows<T, RB, false>(a, r, e0, e1, e1 == a.d);
+        score_rows<T, RB, false>(a, r, e0, e1, e1 == a.d, width);
       } else {
-        score_rows<T, RB, true>(a, r, e0, e1, e1 == a.d);
+        score_rows<T, RB, true>(a, r, e0, e1, e1 == a.d, width);
       }
     });
     e0 = e1;
