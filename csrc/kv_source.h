@@ -354,6 +354,7 @@ class OnLayout {
     if (one_run(t.j0, t.staged_keys)) return {row_at(h, t.j0), ld};
     E* dst = reinterpret_cast<E*>(gathered.data());
     const int64_t bytes = width * int64_t(sizeof(E));
+    if (bytes == 0) return {dst, width};  // D = 0: no buffer (memcpy to null is undefined)
     for_each_run(t.j0, t.staged_keys, [&](int64_t j, int64_t n) {
       const E* src = row_at(h, j);
       const char* next =

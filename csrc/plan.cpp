@@ -118,9 +118,10 @@ RowBounds WorkPlan::row_bounds(const ItemPos& pos) const {
 // prefetchers, and a cold head's loads and stores stalled ~10% of the time. An operand is a
 // block of `heads` x `rows` rows of `width` elements; it is prefetched when one of those two
 // levels is contiguous (a (B, H, L, D) array, or a (B, L, H, D) view: a MiniLM batch of such
-// views takes 0.85x the time with it), and only heads of at most kPrefetchHeadBytes in all;
-// longer streams are left to the hardware. (A read prefetch of out suffices: a line no other
-// core holds arrives exclusive, and the store needs no second request.)
+// views takes 0.85x the time with it), and only heads of at most kPrefetchHeadBytes in all
+// (longer streams are left to the hardware) and more than kPrefetchHeadMinBytes. (A read prefetch
+// of out suffices: a line no other core holds arrives exclusive, and the store needs no second
+// request.)
 TaskRanges WorkPlan::head_ranges(int64_t item) const {
   TaskRanges in;
   const ItemPos pos = locate(item);
@@ -158,7 +159,7 @@ TaskRanges WorkPlan::head_ranges(int64_t item) const {
     range(p_.v, p_.kv_dtype, pos.hk, 1, pos.lk, p_.dv, 2);
   }
   range(p_.out, p_.out_dtype, pos.hk * group_, group_, pos.lq, p_.dv, 3);
-  if (bytes > kPrefetchHeadBytes) return {};
+  if (bytes > kPrefetchHeadBytes || bytes <= kPrefetchHeadMinBytes) return {};
   return in;
 }
 

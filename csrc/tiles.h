@@ -60,6 +60,11 @@ constexpr int64_t kLockstepTasksPerThread = 4;
 // together. (256 KiB before: heads of 384 and 512 KiB, e.g. (8, 12, 384, 64) and
 // (4, 8, 512, 64), took 0.94-0.97x the time at 512; at 768 the 512 KiB heads gained less.)
 constexpr int64_t kPrefetchHeadBytes = int64_t(512) << 10;
+// ... and when they are more than this many: a smaller head's prefetches cost more than the
+// stalls they save (Zen 4, paired: (32, 12, 32, 32) and (32, 12, 24, 32), 16 and 12 KiB a head,
+// 1.04-1.06x faster without; (32, 12, 40, 32), 20 KiB, 0.93x without; (8, 12, 32, 64), 32 KiB,
+// 0.97x without).
+constexpr int64_t kPrefetchHeadMinBytes = int64_t(16) << 10;
 constexpr int kPrefetchRanges = 4;  // q, K, V, out
 
 // Split-KV (decode): a call with fewer than kSplitBelowItems work items (batch x kv heads x

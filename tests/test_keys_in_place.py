@@ -22,12 +22,13 @@ CASES = [  # lq, group, lk, d; float32 / float64 K in place unless noted
     (4, 4, 65, 256),
     (3, 1, 200, 17),
     (16, 1, 200, 17),  # packed
+    (16, 1, 55, 17),  # packed, a tile of 55 keys: float64 AVX-512 scores in 4 + 2 + 1 vectors
     (1, 16, 1000, 80),
     (17, 1, 300, 96),
     (1, 6, 513, 33),
     (2, 4, 100, 40),
-    (32, 1, 300, 160),  # 32 rows: the last in place
-    (33, 1, 300, 160),  # 33: packed
+    (32, 1, 300, 165),  # 32 rows: the last in place (and a D tail)
+    (33, 1, 300, 165),  # 33: packed
 ]
 
 

@@ -247,6 +247,7 @@ inline void cap_scores(const cpuattn::TileStep<T>& a, int64_t r0, int64_t r1, in
 template <typename T>
 inline int64_t score_width(const cpuattn::TileStep<T>& a) {
   constexpr int64_t L = Simd<T>::kLanes;
+  static_assert(cpuattn::kMaxLanes % L == 0, "padded_keys covers every ISA's widths");
   return a.cols > 0 ? (a.cols + L - 1) / L * L : L;
 }
 

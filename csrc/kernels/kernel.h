@@ -34,7 +34,8 @@ constexpr int kElems = 4;
 // for every query tile of its head, as wide as the head's valid keys allow: columns at or past
 // the step's `cols` may hold later keys (even inf or NaN), and every score path masks them.
 enum class KeyForm : uint8_t {
-  PackedT,     // K^T in the compute type: d x kTileKeys, zero past the staged keys (pack_*)
+  PackedT,     // K^T in the compute type: d x kTileKeys, zero from the staged keys up to
+               // padded_keys (pack_*); stale past that, where no forward step reads
   Rows,        // the tile's K rows in place, `ld` elements apart (or through the `rows`
                // table, for a paged tile in several blocks), stored as `elem`
   Bf16PairsT,  // bfloat16 pairs along D of K^T: d_pairs x kTileKeys, zero past d

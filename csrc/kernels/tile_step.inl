@@ -230,7 +230,10 @@ inline void additive_score_rows(const cpuattn::TileStep<T>& a, int64_t r0) {
   const T* q = a.q + r0 * a.d;  // packed: q_ld == d
   for_column_blocks<T>(score_width(a), [&](auto block, int64_t c0) {
     constexpr int CB = decltype(block)::kVectors;
-    V acc[RB][CB] = {};
+    V acc[RB][CB];  // set one by one, as in score_block
+    for (int r = 0; r < RB; ++r) {
+      for (int c = 0; c < CB; ++c) acc[r][c] = V{};
+    }
     for (int64_t e = 0; e < a.d; ++e) {
       V kv[CB];
       for (int c = 0; c < CB; ++c) kv[c] = S::load(elements<T>(a.key) + e * W + c0 + c * L);
