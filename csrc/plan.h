@@ -67,7 +67,7 @@ class WorkPlan {
   bool rows_in_place() const {
     const int64_t rows = rows_per_head_group();
     return query_tiles_per_head() == 1 && rows <= kInPlaceMaxRows &&
-           (p_.kv_dtype != p_.compute_dtype || rows * kInPlaceDimsPerRow <= p_.d);
+           (p_.kv_dtype != DType::F32 || rows * kInPlaceDimsPerRow <= p_.d);
   }
   // Keys of the longest sequence (the largest kv_lengths entry): what a thread's packed-K
   // cache must hold.

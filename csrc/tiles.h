@@ -32,13 +32,14 @@ constexpr int64_t kMaxPackedKeyElems = int64_t(1) << 21;
 // take their scores from K rows in place instead of packing K^T for them (measured at
 // D = 128, Lk = 16384, GQA 4: faster up to 32 rows, even at 64).
 constexpr int64_t kInPlaceMaxRows = 32;
-// For K in the compute type, only while rows x kInPlaceDimsPerRow <= D: the in-place dot
+// For float32 K, only while rows x kInPlaceDimsPerRow <= D: the in-place dot
 // products fold each score's D / lanes products across lanes, a cost per (row, key) that
 // packing K^T (a cost per (key, dim)) avoids. Measured on Zen 4 (AVX-512 and AVX2, float32,
 // paired A/B, short sequences and decode over L2/L3-resident caches): packing was 1.1-1.2x
 // faster at 12-32 rows for D = 32, 16-20 for D = 64 and 32 for D = 128, and 0.8-0.96x at 8-24
-// rows for D = 128 and 12 for D = 64. Half and int8 caches keep kInPlaceMaxRows (their
-// packed paths convert as well; AMX tiles of a few rows, not measured here).
+// rows for D = 128 and 12 for D = 64. float64 keeps kInPlaceMaxRows (8 lanes fold cheaper, and
+// packing was 0.80x for decode with 16 rows at D = 64, 0.91x for (8, 12, 16, 64)); so do half
+// and int8 caches (their packed paths convert as well; AMX tiles of a few rows, not measured).
 constexpr int64_t kInPlaceDimsPerRow = 5;
 
 // A step may read and write a tile's rows up to the next multiple of this (AMX works on 16

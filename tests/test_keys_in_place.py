@@ -1,7 +1,7 @@
 """Few query rows per kv head (decode): the native step reads K rows in place and takes each
 score as a dot product along D (a fold tree reduces the per-lane partial sums), instead of
 packing K^T. Up to 32 rows (query positions x heads in a GQA group, csrc/tiles.h) take this
-path, float32 and float64 K only while rows x 5 <= D; more take the packed one. Shapes here
+path, float32 K only while rows x 5 <= D; more take the packed one. Shapes here
 exercise its edges: D not a multiple of the vector width (the scalar tail), partial key tiles,
 rows at both limits, views with any row stride, float64, and inf / NaN in K rows a query never
 keeps. Half caches (float16, bfloat16) are read in place up to 32 rows at any D: bfloat16 pairs
@@ -13,7 +13,7 @@ from reference import assert_matches, dense_attention
 
 from cpuattn._request import BF16
 
-CASES = [  # lq, group, lk, d; float32 / float64 K in place unless noted
+CASES = [  # lq, group, lk, d; float32 K in place unless noted (float64: up to 32 rows)
     (1, 1, 1, 1),  # packed (rows x 5 > D); half caches in place
     (1, 2, 7, 13),
     (1, 8, 129, 40),  # 8 rows at D = 40: the last in place
@@ -22,7 +22,7 @@ CASES = [  # lq, group, lk, d; float32 / float64 K in place unless noted
     (4, 4, 65, 256),
     (3, 1, 200, 17),
     (16, 1, 200, 17),  # packed
-    (16, 1, 55, 17),  # packed, a tile of 55 keys: float64 AVX-512 scores in 4 + 2 + 1 vectors
+    (40, 1, 55, 17),  # packed, a tile of 55 keys: float64 AVX-512 scores in 4 + 2 + 1 vectors
     (1, 16, 1000, 80),
     (17, 1, 300, 96),
     (1, 6, 513, 33),
