@@ -134,6 +134,24 @@ def test_backends_agree_on_non_finite_outputs(attention, rng, value):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("lk", "dv"), [(30, 32), (16, 16), (40, 32)], ids=str)
+def test_inf_value_of_a_dropped_key_in_a_short_tile(attention, rng, lk, dv):
+    """Sentence-sized heads (AVX-512: rows in blocks of 8 when a tile's scores and Dv are at
+    most two vectors): an inf in V reaches only the rows that keep its key."""
+    q = rng.standard_normal((2, 2, 27, 32)).astype(F32)
+    k = rng.standard_normal((2, 2, lk, 32)).astype(F32)
+    v = rng.standard_normal((2, 2, lk, dv)).astype(F32)
+    v[0, 1, 5, 3] = np.inf
+    mask = rng.random((27, lk)) > 0.3
+    out = attention(q, k, v, mask=mask)
+    ref = cpuattn.attention(q, k, v, mask=mask, backend="numpy")
+    assert np.array_equal(np.isinf(out), np.isinf(ref))
+    assert not np.isnan(out).any()
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(out[finite], ref[finite], rtol=1e-4, atol=1e-5)
+    assert np.isinf(out[0, 1, mask[:, 5], 3]).all()
+
+
 @pytest.mark.parametrize(
     ("lq", "lk", "dv"), [(64, 64, 32), (1, 2000, 40), (70, 130, 48), (40, 48, 32)], ids=str
 )

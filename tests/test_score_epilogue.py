@@ -23,6 +23,8 @@ SHAPES = [  # hq, hkv, lq, lk, d, dv
     (4, 4, 40, 17, 40, 40),  # packed, one key tile of 17: weights over its vectors only
     (4, 4, 12, 16, 16, 16),  # packed, 12 rows, one tile of 16 keys: scores of one vector
     (2, 2, 20, 33, 32, 24),  # packed, a tile of 33 keys: scores over 2 + 1 vectors (AVX-512)
+    (2, 2, 27, 32, 32, 32),  # packed, narrow: rows in blocks of 8 + 3 (AVX-512)
+    (2, 2, 16, 20, 32, 16),  # the same, 16 keys and Dv of one vector
 ]
 
 KINDS = [  # (q dtype, K/V dtype, out_dtype)
