@@ -152,6 +152,20 @@ def test_inf_value_of_a_dropped_key_in_a_short_tile(attention, rng, lk, dv):
     assert np.isinf(out[0, 1, mask[:, 5], 3]).all()
 
 
+@pytest.mark.parametrize(("lk", "dv"), [(32, 32), (16, 16)], ids=str)
+def test_inf_value_kept_by_every_row_of_a_short_tile(native, rng, lk, dv):
+    """No key dropped and a tile of whole vectors: the narrow blocks' fast P.V (no weight is
+    0), an inf in V is inf in its column of every row of its head."""
+    q = rng.standard_normal((1, 2, 27, 32)).astype(F32)
+    k = rng.standard_normal((1, 2, lk, 32)).astype(F32)
+    v = rng.standard_normal((1, 2, lk, dv)).astype(F32)
+    v[0, 1, 5, 3] = np.inf
+    out = native(q, k, v)
+    assert np.all(out[0, 1, :, 3] == np.inf)
+    assert np.isfinite(np.delete(out[0, 1], 3, axis=-1)).all()
+    assert np.isfinite(out[0, 0]).all()
+
+
 @pytest.mark.parametrize(
     ("lq", "lk", "dv"), [(64, 64, 32), (1, 2000, 40), (70, 130, 48), (40, 48, 32)], ids=str
 )

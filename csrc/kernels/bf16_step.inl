@@ -15,12 +15,13 @@ inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
 }
 
-// s[r0 + r, :] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K^T, for RB rows. q_lo (the rounding
-// error of a float32 q, as bfloat16) is nullptr when q is bfloat16 already.
-template <int RB, bool kSplitQ>
-inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
-  constexpr int64_t W = cpuattn::kTileKeys, L = 16, CB = 4;
-  static_assert(W == L * CB, "one column block covers the tile");
+// s[r0 + r, c0 : c0 + 16 CB] = dot_scale * (q_hi + q_lo)[r0 + r, :] . K^T[:, c0 : ...], for RB
+// rows. q_lo (the rounding error of a float32 q, as bfloat16) is nullptr when q is bfloat16
+// already.
+template <int RB, int CB, bool kSplitQ>
+__attribute__((always_inline)) inline void score_block_bf16(const cpuattn::TileStep<float>& a,
+                                                            int64_t r0, int64_t c0) {
+  constexpr int64_t W = cpuattn::kTileKeys, L = 16;
   const int64_t pairs = a.d_pairs;
   const uint32_t* qh = a.q_hi + r0 * pairs;
   const uint32_t* ql = kSplitQ ? a.q_lo + r0 * pairs : nullptr;
@@ -30,7 +31,7 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
     // empty loop reaching the stores below, GCC keeps acc in a stack array.
     const __m512 s = _mm512_mul_ps(_mm512_setzero_ps(), scale);
     for (int r = 0; r < RB; ++r) {
-      for (int c = 0; c < CB; ++c) _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, s);
+      for (int c = 0; c < CB; ++c) _mm512_storeu_ps(a.s + (r0 + r) * W + c0 + c * L, s);
     }
     return;
   }
@@ -42,7 +43,7 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   for (int64_t e = 0; e < pairs; ++e) {
     __m512i kv[CB];
     for (int c = 0; c < CB; ++c)
-      kv[c] = _mm512_loadu_si512(elements<uint32_t>(a.key) + e * W + c * L);
+      kv[c] = _mm512_loadu_si512(elements<uint32_t>(a.key) + e * W + c0 + c * L);
     for (int r = 0; r < RB; ++r) {
       const __m512i qe = _mm512_set1_epi32(static_cast<int>(qh[r * pairs + e]));
       for (int c = 0; c < CB; ++c) acc[r][c] = dot_pairs(acc[r][c], qe, kv[c]);
@@ -54,8 +55,30 @@ inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
   }
   for (int r = 0; r < RB; ++r) {
     for (int c = 0; c < CB; ++c) {
-      _mm512_storeu_ps(a.s + (r0 + r) * W + c * L, _mm512_mul_ps(acc[r][c], scale));
+      _mm512_storeu_ps(a.s + (r0 + r) * W + c0 + c * L, _mm512_mul_ps(acc[r][c], scale));
     }
+  }
+}
+
+// score_block_bf16 over the columns of a tile narrower than kTileKeys (score_width), out of
+// line as the float step's score_rows_narrow. Columns past them keep what they held: P.V
+// reads weights in 32-column chunks, but V's pairs are zero past the tile's keys.
+template <int RB, bool kSplitQ>
+__attribute__((noinline)) void score_rows_bf16_narrow(const cpuattn::TileStep<float>& a,
+                                                      int64_t r0) {
+  for_column_blocks<float>(score_width(a), [&](auto block, int64_t c0) {
+    score_block_bf16<RB, decltype(block)::kVectors, kSplitQ>(a, r0, c0);
+  });
+}
+
+// Scores of RB rows over the columns score_width covers.
+template <int RB, bool kSplitQ>
+inline void score_rows_bf16(const cpuattn::TileStep<float>& a, int64_t r0) {
+  static_assert(cpuattn::kTileKeys == 16 * 4, "one column block covers the tile");
+  if (score_width(a) < cpuattn::kTileKeys) {
+    score_rows_bf16_narrow<RB, kSplitQ>(a, r0);
+  } else {
+    score_block_bf16<RB, 4, kSplitQ>(a, r0, 0);
   }
 }
 
