@@ -295,7 +295,7 @@ class Driver {
 template <typename T>
 void run(const Params& p, const KernelSet& kernels) {
   if (p.hkv == 0 || p.hq == 0 || p.lq == 0) return;
-  const WorkPlan plan(p);
+  const WorkPlan plan(p, kernels.step_bf16 && !kernels.step_bf16_amx);
   const StepChoice<T> choice = choose_step<T>(p, kernels, plan);
   const int64_t items = plan.items();
   if (items == 0) return;

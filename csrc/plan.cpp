@@ -16,7 +16,8 @@ int64_t key_chunks(int64_t items, int64_t keys) {
 
 }  // namespace
 
-WorkPlan::WorkPlan(const Params& p) : p_(p) {
+WorkPlan::WorkPlan(const Params& p, bool packed_pairs_cheap)
+    : p_(p), packed_pairs_cheap_(packed_pairs_cheap) {
   for (int64_t n : p.batch_shape) batch_ *= n;
   group_ = p.hq / p.hkv;
   rows_per_head_group_ = p.lq * group_;

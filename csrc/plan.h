@@ -50,7 +50,9 @@ struct TaskRanges {
 
 class WorkPlan {
  public:
-  explicit WorkPlan(const Params& p);
+  // packed_pairs_cheap: the kernels multiply packed bfloat16 pairs with vdpbf16ps and have no
+  // AMX tiles (rows_in_place).
+  explicit WorkPlan(const Params& p, bool packed_pairs_cheap = false);
 
   int64_t items() const { return items_; }
   int64_t batch() const { return batch_; }  // batch entries (packed sequences: B)
@@ -66,8 +68,11 @@ class WorkPlan {
   // (kInPlaceMaxRows, kInPlaceDimsPerRow).
   bool rows_in_place() const {
     const int64_t rows = rows_per_head_group();
+    const bool by_dims =
+        p_.kv_dtype == DType::F32 ||
+        (packed_pairs_cheap_ && p_.kv_dtype == DType::BF16 && p_.q_dtype == DType::BF16);
     return query_tiles_per_head() == 1 && rows <= kInPlaceMaxRows &&
-           (p_.kv_dtype != DType::F32 || rows * kInPlaceDimsPerRow <= p_.d);
+           (!by_dims || rows * kInPlaceDimsPerRow <= p_.d);
   }
   // Keys of the longest sequence (the largest kv_lengths entry): what a thread's packed-K
   // cache must hold.
@@ -105,6 +110,7 @@ class WorkPlan {
   void plan_sequences();
 
   const Params& p_;
+  bool packed_pairs_cheap_;
   int64_t batch_ = 1, group_ = 0, rows_per_head_group_ = 0, q_tiles_ = 0, items_ = 0;
   int64_t max_keys_ = 0, valid_keys_ = 0, split_keys_ = 0;
   std::vector<Sequence> seqs_;  // packed varlen sequences only

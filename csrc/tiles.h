@@ -37,9 +37,11 @@ constexpr int64_t kInPlaceMaxRows = 32;
 // packing K^T (a cost per (key, dim)) avoids. Measured on Zen 4 (AVX-512 and AVX2, float32,
 // paired A/B, short sequences and decode over L2/L3-resident caches): packing was 1.1-1.2x
 // faster at 12-32 rows for D = 32, 16-20 for D = 64 and 32 for D = 128, and 0.8-0.96x at 8-24
-// rows for D = 128 and 12 for D = 64. float64 keeps kInPlaceMaxRows (8 lanes fold cheaper, and
-// packing was 0.80x for decode with 16 rows at D = 64, 0.91x for (8, 12, 16, 64)); so do half
-// and int8 caches (their packed paths convert as well; AMX tiles of a few rows, not measured).
+// rows for D = 128 and 12 for D = 64. So for bfloat16 q and K on CPUs with vdpbf16ps and no
+// AMX (Zen 4): packed pairs 1.22-1.43x at (32, 12, 16-32, 32) and decode with 16-32 rows at
+// D = 32-64 (AMX tiles for such heads not measured). float64 keeps kInPlaceMaxRows (8 lanes fold
+// cheaper, and packing was 0.80x for decode with 16 rows at D = 64, 0.91x for (8, 12, 16, 64));
+// so do other half and int8 caches (converting a streamed cache cost decode 0.91-0.97x).
 constexpr int64_t kInPlaceDimsPerRow = 5;
 
 // A step may read and write a tile's rows up to the next multiple of this (AMX works on 16

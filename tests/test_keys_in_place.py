@@ -4,8 +4,9 @@ packing K^T. Up to 32 rows (query positions x heads in a GQA group, csrc/tiles.h
 path, float32 K only while rows x 5 <= D; more take the packed one. Shapes here
 exercise its edges: D not a multiple of the vector width (the scalar tail), partial key tiles,
 rows at both limits, views with any row stride, float64, and inf / NaN in K rows a query never
-keeps. Half caches (float16, bfloat16) are read in place up to 32 rows at any D: bfloat16 pairs
-on avx512_bf16, widened to float32 as loaded on every other ISA."""
+keeps. Half caches (float16, bfloat16) are read in place up to 32 rows at any D (bfloat16 q and
+K on avx512_bf16 as float32 K, packed pairs past rows x 5 > D): bfloat16 pairs on avx512_bf16,
+widened to float32 as loaded on every other ISA."""
 
 import numpy as np
 import pytest
