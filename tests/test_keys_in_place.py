@@ -30,6 +30,7 @@ CASES = [  # lq, group, lk, d; float32 K in place unless noted (float64: up to 3
     (2, 4, 100, 40),
     (32, 1, 300, 165),  # 32 rows: the last in place (and a D tail)
     (33, 1, 300, 165),  # 33: packed
+    (1, 16, 4096, 64),  # packed (bfloat16 q and K on avx512_bf16: pairs), split-KV decode
 ]
 
 

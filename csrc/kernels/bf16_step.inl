@@ -61,8 +61,9 @@ __attribute__((always_inline)) inline void score_block_bf16(const cpuattn::TileS
 }
 
 // score_block_bf16 over the columns of a tile narrower than kTileKeys (score_width), out of
-// line as the float step's score_rows_narrow. Columns past them keep what they held: P.V
-// reads weights in 32-column chunks, but V's pairs are zero past the tile's keys.
+// line as the float step's score_rows_narrow. Columns past them keep what they held:
+// round_weights converts whole 32-column chunks, but P.V stops at the tile's (cols + 1) / 2
+// pairs, whose weights the epilogue wrote (V pairs past cols may hold later keys).
 template <int RB, bool kSplitQ>
 __attribute__((noinline)) void score_rows_bf16_narrow(const cpuattn::TileStep<float>& a,
                                                       int64_t r0) {
