@@ -14,9 +14,11 @@ struct View {
   std::vector<int64_t> strides;  // batch dims..., then the trailing dims of the operand
 };
 
-// Bound on |Params::diagonal|: with the window sides bounded by Lq + Lk + |diagonal| (the
-// binding), i + diagonal -+ a side + 1 stays below 2^62 + 2^61 + Lq + Lk, inside int64.
+// Bounds on |Params::diagonal| and on Lq and Lk (longer axes exist only as zero-stride
+// views): with the window sides bounded by Lq + Lk + |diagonal| (the binding), i + diagonal
+// -+ a side + 1 stays below 2 x 2^61 + 3 x 2^60 + 1 < 2^63, inside int64.
 constexpr int64_t kMaxDiagonal = int64_t(1) << 61;
+constexpr int64_t kMaxLength = int64_t(1) << 60;
 
 // K and V in blocks of `block_size` keys (flash-attn's and vLLM's paged layout): k and v are
 // (num_blocks, block_size, Hkv, D|Dv) caches, their views' strides [block, row, kv head, 1]

@@ -392,6 +392,47 @@ def test_paged_capacity_that_overflows_is_refused():
         )
 
 
+def test_lengths_past_2_to_the_60_are_refused():
+    """Called directly too: a zero-stride K of 2**62 - 1 keys with a far diagonal and window
+    once overflowed int64 in the key bounds and dropped key 0 (found in review)."""
+    k = as_strided(np.full(1, 3.0, np.float16), shape=(1, 1, 2**62 - 1, 1), strides=(0,) * 4)
+    q, out = np.ones((1, 1, 1, 1), F32), np.empty((1, 1, 1, 1), F32)
+    lengths = np.array([1], np.int64)
+    with pytest.raises(ValueError, match=r"Lq and Lk must be at most 2\*\*60"):
+        _native._core.attention(
+            *(q, k, k, out, None, None, lengths, 1.0, False, 0, 2**62, 2**62 + 2**61 - 1),
+            *(1, 0.0, None, None, None, None, 2**61),
+        )
+
+
+def test_misaligned_offsets_and_block_table_are_read_by_value(qkv):
+    """int64 offsets and an int32 block table in a buffer at an odd byte offset (NumPy allows
+    such views; the binding copies them byte-wise): the same result as aligned ones."""
+    q, k, v = qkv
+    raw = bytearray(8 * B + 1)
+    lengths = np.frombuffer(raw, np.int64, B, 1)
+    lengths[:] = [3, LK]
+    assert not lengths.flags.aligned
+    out, expected = out_array(), out_array()
+    core(q, k, v, out, kv_lengths=lengths)
+    core(q, k, v, expected, kv_lengths=np.array([3, LK], np.int64))
+    np.testing.assert_array_equal(out, expected)
+
+    cache = np.ascontiguousarray(k[0].swapaxes(0, 1))[None]  # 1 block of LK keys: (1, LK, Hkv, D)
+    table = np.frombuffer(bytearray(4 * B + 1), np.int32, B, 1).reshape(B, 1)
+    table[:] = 0
+    assert not table.flags.aligned
+    paged = []
+    for t in (table, np.zeros((B, 1), np.int32)):
+        o = out_array()
+        _native._core.attention_paged(
+            *(q, cache, cache, t, np.array([5, LK], np.int64), o, None, 0.5, False, -1, -1, 0),
+            *(0.0, None, None, None, None, None, None),
+        )
+        paged.append(o)
+    np.testing.assert_array_equal(paged[0], paged[1])
+
+
 def test_record_field_with_odd_strides_on_length_one_axes(rng):
     """A field of a record array is C-contiguous with strides of whole elements on its longer
     axes only (NumPy ignores a length-1 axis's stride): accepted as it is, same result as a

@@ -55,6 +55,22 @@ def test_lk_mismatch_between_k_and_v(backend):
     raises(backend, ValueError, r"v: expected \(\.\.\., 2, 7, Dv\)", q, k, v[:, :1])
 
 
+def test_axes_past_2_to_the_60_are_refused(backend):
+    """Only zero-stride views are this long; past 2**60, a far diagonal plus a window side
+    overflowed int64 in the native key bounds and dropped a kept key (found in review)."""
+    from numpy.lib.stride_tricks import as_strided
+
+    long = as_strided(np.full(1, 3.0, np.float16), shape=(1, 1, 2**62 - 1, 1), strides=(0,) * 4)
+    one = np.ones((1, 1, 1, 1), F32)
+    options = {"kv_lengths": np.array([1]), "diagonal": 2**61, "window": (2**62, 2**62 + 2**61)}
+    raises(backend, ValueError, r"k: expected Lk <= 2\*\*60, got 4611686018427387903",
+           one, long, long, **options)  # fmt: skip
+    raises(backend, ValueError, r"q: expected Lq <= 2\*\*60", long, *[one.astype(np.float16)] * 2)
+    edge = as_strided(np.full(1, 3.0, np.float16), shape=(1, 1, 2**60, 1), strides=(0,) * 4)
+    out = cpuattn.attention(one, edge, edge, backend=backend, **options)
+    np.testing.assert_array_equal(out, [[[[3.0]]]])
+
+
 def test_heads_not_divisible(backend):
     q, k, v = qkv(hq=4, hkv=3)
     with pytest.raises(ValueError, match=r"k: its 3 kv heads must divide q's 4 heads") as info:
@@ -132,8 +148,8 @@ def test_kv_lengths_of_3d_inputs_say_there_is_no_batch_axis(backend):
     raises(
         backend,
         ValueError,
-        r"kv_lengths: expected shape \*batch = \(\), got \(2,\): 3-D q, k and v are "
-        r"\(H, L, D\) with no batch axis",
+        r"kv_lengths: expected shape \*batch = \(\), got \(2,\): q, k and v \(\(H, L, D\) "
+        r"or \(L, D\)\) have no batch axis",
         q,
         k,
         v,
@@ -394,6 +410,8 @@ def test_merge_invalid():
         cpuattn.merge([out], [np.zeros(4, F32)])
     with pytest.raises(TypeError, match=r"outs\[0\]: expected a floating array"):
         cpuattn.merge([np.zeros((3, 4), int)], [lse])
+    with pytest.raises(ValueError, match=r"outs\[0\]: expected shape \(\.\.\., Lq, Dv\)"):
+        cpuattn.merge([np.float32(1.0)], [lse])
 
 
 def test_core_rejects_unvalidated_arguments():

@@ -416,6 +416,17 @@ def test_empty_table_and_no_queries(paged, rng):
     assert lse.shape == (2, 4, 0)
 
 
+@pytest.mark.parametrize(("hkv", "d", "dv"), [(1, 0, 3), (1, 2, 0), (0, 2, 3)])
+def test_zero_size_heads_and_head_dims(paged, hkv, d, dv):
+    """D, Dv or Hkv of 0 give correctly shaped results, as attention's do (the numpy backend
+    once failed to reshape its gathered blocks, found in review)."""
+    k_cache, v_cache = np.zeros((4, 2, hkv, d), F32), np.ones((4, 2, hkv, dv), F32)
+    q = np.zeros((1, 2 * hkv, 1, d), F32)
+    out = paged(q, k_cache, v_cache, np.array([[0, 1]]), np.array([3]))
+    expected = cpuattn.attention(q, np.zeros((1, hkv, 3, d), F32), np.ones((1, hkv, 3, dv), F32))
+    np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("dtype", [F32, I8, BF16], ids=str)
 @pytest.mark.parametrize("case", ["decode-split", "decode-heads-first", "chunks", "packed"])
 def test_bitwise_equal_for_any_thread_count(native, rng, dtype, case):

@@ -146,6 +146,10 @@ def test_freed_blocks_are_reused_lowest_first_and_ids_are_not():
         cache.block_table(99)
     with pytest.raises(TypeError, match=r"PagedKVCache.free: seq: expected a sequence id"):
         cache.free([b])
+    with pytest.raises(ValueError, match=r"PagedKVCache.lengths: seqs: .* got shape \(1, 1\)"):
+        cache.lengths([[b]])
+    with pytest.raises(TypeError, match=r"PagedKVCache.lengths: seqs: .* of dtype float64"):
+        cache.lengths([1.0])
     cache.free(b)
     cache.free(np.int64(c))
     assert cache.num_free_blocks == 6
@@ -249,7 +253,7 @@ def ones(*shape, dtype=F32):
         ([0, 0], ones(2, 2, 1, 4), ones(2, 2, 1, 3), ValueError, r"expected distinct ids"),
         (0.0, ones(1, 2, 1, 4), ones(1, 2, 1, 3), TypeError, r"seqs: expected a sequence id"),
         ([0.0], ones(1, 2, 1, 4), ones(1, 2, 1, 3), TypeError, r"seqs: expected a sequence id"),
-        ([[0]], ones(1, 2, 1, 4), ones(1, 2, 1, 3), TypeError, r"seqs: .*shape \(1, 1\)"),
+        ([[0]], ones(1, 2, 1, 4), ones(1, 2, 1, 3), ValueError, r"seqs: .*shape \(1, 1\)"),
         (0, ones(1, 2, 1, 4, dtype=np.complex64), ones(1, 2, 1, 3), TypeError, r"k: expected real"),
         (0, ones(1, 2, 1, 4), np.full((1, 2, 1, 3), "a"), TypeError, r"v: expected real"),
         (0, ones(2, 1, 4), ones(2, 1, 3), ValueError, r"k must have shape \(1, 2, T, 4\)"),

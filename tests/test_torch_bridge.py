@@ -381,3 +381,15 @@ def test_global_tokens_huge_count_is_every_position():
     out = ct.attention(q, k, v, causal=True, window=(2, 0), global_tokens=2**70)
     torch.testing.assert_close(out, ct.attention(q, k, v, causal=True))
     out.sum().backward()
+
+
+def test_window_sides_past_int64_are_unbounded_on_every_path():
+    """A side of 2**63 or more is unbounded, as in cpuattn.attention: the plain eager call
+    took it, the op (gradients, torch.compile) once refused it for its int64 argument (found
+    in review)."""
+    q, k, v = leaves((1, 2, 6, 8), (1, 2, 6, 8), (1, 2, 6, 8))
+    expected = ct.attention(q.detach(), k.detach(), v.detach(), window=(-1, 0))
+    for track in (False, True):
+        q.requires_grad_(track)
+        out = ct.attention(q, k, v, window=(2**63, 0))
+        torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)

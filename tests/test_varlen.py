@@ -65,13 +65,37 @@ def test_each_sequence_as_if_alone(attention, rng, kw):
             r"cu_seqlens_k: expected offsets starting at 0 and ending at 9",
         ),
         ([0, 4, 2, 5], [0, 3, 6, 9], ValueError, "cu_seqlens_q: offsets must be non-decreasing"),
-        ([0.0, 5.0], [0, 9], TypeError, "cu_seqlens_q: expected a 1-D integer array"),
+        ([0.0, 5.0], [0, 9], TypeError, "cu_seqlens_q: expected integer offsets"),
+        ([[0, 5]], [0, 9], ValueError, r"cu_seqlens_q: expected a 1-D array of B \+ 1 offsets"),
     ],
 )
 def test_bad_offsets(rng, cu_q, cu_k, exc, match):
     q, k, v, _, _ = packed(rng, [5], [9])
     with pytest.raises(exc, match=match):
         cpuattn.attention_varlen(q, k, v, np.array(cu_q), np.array(cu_k))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64, np.int32])
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_offsets_of_any_integer_dtype_are_checked(rng, dtype, backend):
+    """Unsigned offsets once passed the order check (np.diff wraps, never below 0): the numpy
+    backend then computed overlapping sequences, the later overwriting the earlier (found in
+    review). Forward, backward and packed paged queries."""
+    q, k, v, _, _ = packed(rng, [6], [6], hq=2, hkv=2, d=8, dv=8)
+    bad = np.array([0, 5, 3, 6], dtype)
+    match = "cu_seqlens_q: offsets must be non-decreasing"
+    with pytest.raises(ValueError, match=match):
+        cpuattn.attention_varlen(q, k, v, bad, bad, backend=backend)
+    lse = np.zeros((2, 6), F32)
+    with pytest.raises(ValueError, match=match):
+        cpuattn.attention_varlen_backward(q, q, k, v, q, lse, bad, bad, backend=backend)
+    cache = np.zeros((3, 4, 2, 8), F32)
+    with pytest.raises(ValueError, match=match):
+        cpuattn.attention_paged(
+            *(q, cache, cache, np.array([[0], [1], [2]]), np.array([4, 4, 4])),
+            cu_seqlens_q=bad,
+            backend=backend,
+        )
 
 
 def test_bad_shapes(rng):

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -213,8 +214,10 @@ std::vector<int64_t> copy_int64(const char* name, const py::array& a, Holds& hol
     throw py::type_error(std::string("_core.attention: ") + name + " must be int64");
   if (!(a.flags() & py::array::c_style)) fail(std::string(name) + " must be C-contiguous");
   check_inside_owner(name, a, holds);
-  const auto* values = static_cast<const int64_t*>(a.data());
-  return std::vector<int64_t>(values, values + a.size());
+  // memcpy: the array may be misaligned (an int64 view of a bytes object at an odd offset).
+  std::vector<int64_t> values(static_cast<size_t>(a.size()));
+  if (!values.empty()) std::memcpy(values.data(), a.data(), values.size() * sizeof(int64_t));
+  return values;
 }
 
 // Packed-sequence offsets, copied: int64, contiguous, B + 1 of them, 0 first, non-decreasing,
@@ -347,6 +350,8 @@ void read_options(Call& c, double scale, bool causal, int align, int64_t window_
   if (align != 0 && align != 1) fail("align must be 0 (bottom-right) or 1 (top-left)");
   if (window_left < -1 || window_right < -1) fail("window values must be >= -1");
   if (num_threads < 0) fail("num_threads must be >= 0");
+  if (p.lq > cpuattn::kMaxLength || p.lk > cpuattn::kMaxLength)
+    fail("Lq and Lk must be at most 2**60 (attention.h: kMaxLength)");
   if (!(softcap >= 0) || std::isinf(softcap)) fail("softcap must be >= 0 and finite");
   p.softcap = softcap;
   if (alibi) {
@@ -513,12 +518,13 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
   if (!(block_table.flags() & py::array::c_style)) fail("block_table must be C-contiguous");
   check_inside_owner("block_table", block_table, c.holds);
   const int64_t batch = block_table.shape(0), table_ld = block_table.shape(1);
-  const auto* table = static_cast<const int32_t*>(block_table.data());
-  c.table.assign(table, table + batch * table_ld);
+  c.table.resize(static_cast<size_t>(batch * table_ld));  // memcpy: it may be misaligned
+  if (!c.table.empty())
+    std::memcpy(c.table.data(), block_table.data(), c.table.size() * sizeof(int32_t));
   // Keys the table can name; bounded like any Lk so that the diagonal arithmetic stays in
-  // int64 (attention.h, kMaxDiagonal).
-  if (__builtin_mul_overflow(table_ld, block_size, &p.lk) || p.lk > cpuattn::kMaxDiagonal)
-    fail("max_blocks x block_size must be at most 2**61");
+  // int64 (attention.h, kMaxLength).
+  if (__builtin_mul_overflow(table_ld, block_size, &p.lk) || p.lk > cpuattn::kMaxLength)
+    fail("max_blocks x block_size must be at most 2**60");
   if (!is_int64(kv_lengths))
     throw py::type_error("_core.attention_paged: kv_lengths must be int64");
   expect_shape("kv_lengths", kv_lengths, {batch});
@@ -570,8 +576,8 @@ void attention_paged(const py::array& q, const py::array& k_cache, const py::arr
     c.cu_k.assign(1, 0);
     for (int64_t n_keys : c.lengths) {
       int64_t end;
-      if (__builtin_add_overflow(c.cu_k.back(), n_keys, &end) || end > cpuattn::kMaxDiagonal)
-        fail("the sum of kv_lengths must be at most 2**61");
+      if (__builtin_add_overflow(c.cu_k.back(), n_keys, &end) || end > cpuattn::kMaxLength)
+        fail("the sum of kv_lengths must be at most 2**60");
       c.cu_k.push_back(end);
     }
     p.cu_seqlens_q = c.cu_q.data();

@@ -318,11 +318,10 @@ def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
             f"{len(outs)} and {len(lses)}"
         )
     shape, dtype = outs[0].shape, outs[0].dtype
-    if not _is_float(dtype) or len(shape) < 1:
-        raise TypeError(
-            f"outs[0]: expected a floating array of shape (..., Lq, Dv), "
-            f"got dtype {dtype}, shape {shape}"
-        )
+    if not _is_float(dtype):
+        raise TypeError(f"outs[0]: expected a floating array, got dtype {dtype}")
+    if len(shape) < 1:
+        raise ValueError("outs[0]: expected shape (..., Lq, Dv), got a 0-d array")
     for p, (o, x) in enumerate(zip(outs, lses, strict=True)):
         if o.dtype != dtype:
             raise TypeError(f"outs[{p}]: expected dtype {dtype} like outs[0], got {o.dtype}")

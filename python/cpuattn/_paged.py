@@ -244,7 +244,8 @@ def _numpy_paged(
         blocks = table[b, : -(-n // block_size)]
 
         def gather(x, n=n, blocks=blocks):  # (blocks, block_size, Hkv, ...) -> (Hkv, n, ...)
-            rows = x[blocks].reshape(-1, *x.shape[2:])[:n]
+            # The row count spelled out: -1 cannot be resolved for an empty array (D = 0).
+            rows = x[blocks].reshape(len(blocks) * x.shape[1], *x.shape[2:])[:n]
             return np.moveaxis(rows, 0, 1)
 
         k_scale, v_scale = (None if s is None else gather(s) for s in scales)

@@ -304,13 +304,17 @@ class PagedKVCache:
         arr = np.asarray(seqs)
         if arr.ndim == 0 or scalar_only:
             ids = [as_int(name, seqs, "a sequence id (int)")]
-        elif arr.ndim == 1 and (arr.dtype.kind in "iu" or arr.size == 0):
-            ids = [int(s) for s in arr]
-        else:
+        elif arr.dtype.kind not in "iu" and arr.size > 0:
             raise TypeError(
                 f"{name}: expected a sequence id (int) or a 1-D list of them, got "
-                f"{type(seqs).__name__} of shape {arr.shape}, dtype {arr.dtype}"
+                f"{type(seqs).__name__} of dtype {arr.dtype}"
             )
+        elif arr.ndim != 1:
+            raise ValueError(
+                f"{name}: expected a sequence id (int) or a 1-D list of them, got shape {arr.shape}"
+            )
+        else:
+            ids = [int(s) for s in arr]
         for s in ids:
             if s not in self._blocks:
                 raise ValueError(f"{name}: unknown sequence id {s} (never added, or freed)")

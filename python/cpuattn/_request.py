@@ -161,6 +161,9 @@ def build_request(
             f"({hkv}, {lk}), got {v.shape}"
         )
     dv = v.shape[-1]
+    if lq > MAX_LENGTH or lk > MAX_LENGTH:
+        name, axis, n = ("q", "Lq", lq) if lq > MAX_LENGTH else ("k", "Lk", lk)
+        raise ValueError(f"{name}: expected {axis} <= 2**60, got {n}")
     if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):
         # Read as (B, L, H, D), the "heads" are lengths; say so when the real heads divide.
         hint = (
@@ -391,9 +394,11 @@ def _window(window) -> tuple[int, int]:
     return (left, right)
 
 
-# |diagonal| bound, as the native binding's. With window sides bounded too (_bounded),
-# i + diagonal -+ a side + 1 stays below 2**62 + 2**61 + Lq + Lk: inside int64 in both backends.
+# Bounds on |diagonal| and on Lq and Lk, as the native binding's (longer axes exist only as
+# zero-stride views). With window sides bounded too (_bounded), i + diagonal -+ a side + 1
+# stays below 2 * 2**61 + 3 * 2**60 + 1: inside int64 in both backends.
 MAX_DIAGONAL = 2**61
+MAX_LENGTH = 2**60
 
 
 def _bounded(window: tuple[int, int], lq: int, lk: int, diagonal: int | None) -> tuple[int, int]:
@@ -549,8 +554,8 @@ def _kv_lengths(kv_lengths, batch_shape, lk) -> np.ndarray | None:
         lengths = np.broadcast_to(lengths, batch_shape)
     except ValueError:
         no_batch = (
-            ": 3-D q, k and v are (H, L, D) with no batch axis, so kv_lengths is one int; "
-            "add a batch axis (x[None]) for lengths per sequence"
+            ": q, k and v ((H, L, D) or (L, D)) have no batch axis, so kv_lengths is one "
+            "int; add a batch axis (x[None]) for lengths per sequence"
             if batch_shape == ()
             else ""
         )

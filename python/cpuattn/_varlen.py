@@ -227,16 +227,16 @@ def packed_request(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **
 
 def _cu_seqlens(name: str, cu, total: int) -> list[int]:
     cu = np.asarray(cu)
-    if cu.dtype.kind not in "iu" or cu.ndim != 1:
-        raise TypeError(
-            f"{name}: expected a 1-D integer array (B + 1 offsets), "
-            f"got dtype {cu.dtype}, shape {cu.shape}"
-        )
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer offsets, got dtype {cu.dtype}")
+    if cu.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of B + 1 offsets, got shape {cu.shape}")
     if cu.size < 1 or cu[0] != 0 or cu[-1] != total:
         raise ValueError(
             f"{name}: expected offsets starting at 0 and ending at {total} "
             f"(the packed length), got {cu.tolist()[:8]}"
         )
-    if np.any(np.diff(cu) < 0):
+    # Compared, not differenced: np.diff of unsigned offsets wraps and is never negative.
+    if np.any(cu[1:] < cu[:-1]):
         raise ValueError(f"{name}: offsets must be non-decreasing")
     return [int(x) for x in cu]

@@ -402,7 +402,9 @@ def attention(
         global_tokens=global_tokens if isinstance(global_tokens, Tensor) else None,
     )  # fmt: skip
     causal_on, alignment = _causal_mode(causal)  # cpuattn's checks and errors
-    left, right = _window(window)
+    # A side past any distance (> 2**62 >= Lq + Lk + |diagonal|) keeps what an unbounded side
+    # keeps; as -1 it fits the op's int64 argument on every path.
+    left, right = (-1 if side > 2**62 else side for side in _window(window))
     positions, count = _global_parts(global_tokens, diagonal)
     out, lse = _call(
         q, k, v, mask, alignment if causal_on else "none", left, right, diagonal, scale,
