@@ -310,12 +310,11 @@ void run(const Params& p, const KernelSet& kernels) {
   // Allocate before the parallel region: an allocation failure must surface as an exception
   // here (MemoryError in Python), never inside OpenMP where it would terminate the process.
   // Nothing allocates or throws inside it.
-  std::vector<Scratch<T>> scratch;
-  scratch.reserve(threads);
+  ThreadScratch<Scratch<T>> scratch(threads);
   const bool cache_keys = plan.query_tiles_per_head() != 1;
   for (int t = 0; t < threads; ++t) {
-    scratch.emplace_back(p, driver.source(), choice.q_pairs(), plan.max_keys(), cache_keys,
-                         tp.heads_per_task, plan.max_tile_rows());
+    scratch.add(p, driver.source(), choice.q_pairs(), plan.max_keys(), cache_keys,
+                tp.heads_per_task, plan.max_tile_rows());
   }
   // Every task writes its whole partial result before the merge reads it: not initialized.
   // One per (item, chunk), whatever the tasks group.
@@ -366,25 +365,30 @@ void run(const Params& p, const KernelSet& kernels) {
   void (*amx_end)() = choice.amx_end;
 
 #ifdef _OPENMP
+  // One thread runs without a parallel region: entering one costs as much as a small call's
+  // work.
+  if (threads > 1) {
 #pragma omp parallel num_threads(threads)
-  {
-    Scratch<T>& sc = scratch[omp_get_thread_num()];
-    if (amx_begin) amx_begin();
-    // Any schedule gives the same bits. Other than whole heads, dynamic: causal and windowed
-    // items differ in cost.
-    if (whole_heads) {
-      run_whole_heads(sc);
-    } else {
+    {
+      Scratch<T>& sc = scratch[omp_get_thread_num()];
+      if (amx_begin) amx_begin();
+      // Any schedule gives the same bits. Other than whole heads, dynamic: causal and
+      // windowed items differ in cost.
+      if (whole_heads) {
+        run_whole_heads(sc);
+      } else {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
-    }
-    if (amx_end) amx_end();
-    if (chunks > 1) {
+        for (int64_t task = 0; task < tasks; ++task) run_task(task, sc);
+      }
+      if (amx_end) amx_end();
+      if (chunks > 1) {
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < items; ++item) merge(item, sc);
+        for (int64_t item = 0; item < items; ++item) merge(item, sc);
+      }
     }
+    return;
   }
-#else
+#endif
   if (amx_begin) amx_begin();
   if (whole_heads) {
     run_whole_heads(scratch[0]);
@@ -393,7 +397,6 @@ void run(const Params& p, const KernelSet& kernels) {
   }
   if (amx_end) amx_end();
   for (int64_t item = 0; chunks > 1 && item < items; ++item) merge(item, scratch[0]);
-#endif
 }
 
 }  // namespace

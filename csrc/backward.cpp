@@ -828,10 +828,9 @@ void run_backward(const BackwardParams& bp, const KernelSet& kernels) {
   const int64_t wanted = threads_for_call(p.num_threads, call.count());
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min(wanted, tasks)));
   // Allocated before the parallel region, where nothing allocates or throws (attention.cpp).
-  std::vector<BackwardScratch<T>> scratch;
-  scratch.reserve(threads);
+  ThreadScratch<BackwardScratch<T>> scratch(threads);
   for (int t = 0; t < threads; ++t) {
-    scratch.emplace_back(p, driver.q_tiles(), driver.bf16_products(), cut.block_tiles);
+    scratch.add(p, driver.q_tiles(), driver.bf16_products(), cut.block_tiles);
   }
   // The tile unit's configuration (AMX) is per thread: set before its first step, released after.
   void (*amx_begin)() = driver.bf16_products() ? kernels.amx_begin : nullptr;

@@ -23,8 +23,9 @@ int default_threads() {
 int threads_for_call(int requested, int calls_in_flight) {
 #ifdef _OPENMP
   // An explicit count is honoured up to 4x the CPUs: past that, threads only add scratch
-  // memory and context switches.
-  if (requested > 0) return std::min(requested, 4 * std::max(1, omp_get_num_procs()));
+  // memory and context switches. The CPUs counted once (a system call each time).
+  static const int procs = std::max(1, omp_get_num_procs());
+  if (requested > 0) return std::min(requested, 4 * procs);
   return std::max(1, default_threads() / std::max(1, calls_in_flight));
 #else
   (void)requested;

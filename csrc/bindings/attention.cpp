@@ -92,12 +92,16 @@ bool array_extent(const py::array& a, int64_t& lo, int64_t& hi) {
   return byte_extent(a.data(), a.itemsize(), a.shape(), a.strides(), size_t(a.ndim()), lo, hi);
 }
 
+// The message is built only on failure: the check runs for every array of every call.
+[[noreturn]] void fail_outside(const char* name) {
+  fail(std::string(name) + " reaches outside the memory it views");
+}
+
 // Fails unless every byte `a` reaches lies inside the memory of its owner (the rule above).
 void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
   if (a.size() == 0) return;
   int64_t lo, hi;
-  const std::string outside = std::string(name) + " reaches outside the memory it views";
-  if (!array_extent(a, lo, hi)) fail(outside);
+  if (!array_extent(a, lo, hi)) fail_outside(name);
   py::array last = a;  // the last ndarray on the way to the owner
   py::object at = a;
   int64_t owner_lo = 0, owner_hi = 0;
@@ -110,7 +114,7 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
       if (last.owndata() || !base || base.is_none()) {
         // A non-empty view never lies inside an empty owner (whose strides NumPy lets anyone
         // set, and whose allocation may be a single byte).
-        if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail(outside);
+        if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail_outside(name);
         holds.owners.push_back(last);
         break;
       }
@@ -130,7 +134,7 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
       static_assert(sizeof(Py_ssize_t) == sizeof(py::ssize_t), "Py_ssize_t is pybind11's ssize_t");
       if (b.len == 0 ||
           !byte_extent(b.buf, b.itemsize, b.shape, b.strides, size_t(b.ndim), owner_lo, owner_hi)) {
-        fail(outside);
+        fail_outside(name);
       }
       holds.owners.push_back(at);
       holds.buffers.push_back(std::move(exported));
@@ -138,13 +142,13 @@ void check_inside_owner(const char* name, const py::array& a, Holds& holds) {
     }
     py::object next = py::getattr(at, "base", py::none());
     if (next.is_none() || next.is(at)) {  // foreign memory: as `last` describes it
-      if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail(outside);
+      if (last.size() == 0 || !array_extent(last, owner_lo, owner_hi)) fail_outside(name);
       holds.owners.push_back(last);
       break;
     }
     at = next;
   }
-  if (lo < owner_lo || hi > owner_hi) fail(outside);
+  if (lo < owner_lo || hi > owner_hi) fail_outside(name);
 }
 
 // Strides in elements; with unit_last the last axis (if longer than 1) must be unit-stride.
@@ -199,7 +203,8 @@ cpuattn::DType dtype_of(const char* name, const py::array& a) {
   const py::dtype dt = a.dtype();
   if (has_dtype<float>(a)) return cpuattn::DType::F32;
   if (has_dtype<double>(a)) return cpuattn::DType::F64;
-  if (dt.num() == py::dtype("float16").num() && dt.byteorder() != '>' && dt.byteorder() != '<')
+  static const int float16_num = py::dtype("float16").num();  // NumPy's, fixed once imported
+  if (dt.num() == float16_num && dt.byteorder() != '>' && dt.byteorder() != '<')
     return cpuattn::DType::F16;
   if (dt.itemsize() == 2 && py::str(dt).cast<std::string>() == "bfloat16")
     return cpuattn::DType::BF16;
