@@ -25,6 +25,8 @@ SHAPES = [  # hq, hkv, lq, lk, d, dv
     (2, 2, 20, 33, 32, 24),  # packed, a tile of 33 keys: scores over 2 + 1 vectors (AVX-512)
     (2, 2, 27, 32, 32, 32),  # packed, narrow: rows in blocks of 8 + 3 (AVX-512)
     (2, 2, 16, 20, 32, 16),  # the same, 16 keys and Dv of one vector
+    (2, 2, 18, 32, 32, 32),  # narrow, 2 rows past the 8-blocks: 8 + 6 + 4 (AVX-512)
+    (2, 2, 17, 16, 32, 16),  # narrow, 1 row past: 8 + 6 + 3 (AVX-512)
 ]
 
 KINDS = [  # (q dtype, K/V dtype, out_dtype)
@@ -60,7 +62,7 @@ def test_every_modifier_on_every_step(
     assert_matches(lse, ref_lse, np.float32, "lse")
 
 
-@pytest.mark.parametrize(("lq", "first"), [(27, 7), (16, 9)], ids=str)
+@pytest.mark.parametrize(("lq", "first"), [(27, 7), (16, 9), (18, 10), (26, 17)], ids=str)
 def test_row_blocks_give_each_row_the_same_bits(native, rng, lq, first):
     """A row's result does not depend on the row block it runs in: the first rows of a head
     whose rows go in blocks of 8 (narrow tiles, AVX-512) or 6 and 4 give the bits they give

@@ -605,13 +605,17 @@ __attribute__((noinline)) void narrow_rows(const cpuattn::TileStep<T>& a, int64_
     a.prefetch_next ? narrow_values<T, 2, true>(a, r0) : narrow_values<T, 2, false>(a, r0);
   }
 }
+// One or two rows past the 8-blocks go with one 8-block fewer, as 6 + 3 or 6 + 4 (as
+// for_row_blocks does): not one or two passes of a single row.
 template <typename T>
 void tile_step_narrow(const cpuattn::TileStep<T>& a) {
   int v_nonfinite = -1;
-  const int64_t blocks = a.rows / kNarrowRowBlock, rest = a.rows % kNarrowRowBlock;
+  int64_t blocks = a.rows / kNarrowRowBlock;
+  if (const int64_t tail = a.rows % kNarrowRowBlock; tail == 1 || tail == 2) --blocks;
+  const int64_t rest = a.rows - blocks * kNarrowRowBlock;
   Prefetcher prefetch(a, blocks + (rest > 0 ? row_blocks(rest) : 0));
   int64_t r = 0;
-  for (; r + kNarrowRowBlock <= a.rows; r += kNarrowRowBlock) {
+  for (; r < blocks * kNarrowRowBlock; r += kNarrowRowBlock) {
     prefetch.block();
     narrow_rows(a, r, v_nonfinite);
   }
