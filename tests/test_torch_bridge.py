@@ -252,6 +252,29 @@ def test_batch_dims_broadcast_as_in_torch():
     assert k.grad.shape == k.shape
 
 
+@pytest.mark.parametrize(
+    ("q_shape", "kv_shape"),
+    [
+        ((2, 4, 5, 8), (4, 6, 8)),  # fewer dims: leading ones, as torch
+        ((4, 5, 8), (2, 4, 6, 8)),
+        ((5, 8), (2, 4, 6, 8)),
+        ((2, 1, 5, 8), (2, 4, 6, 8)),  # one query head broadcasts over key's 4
+        ((1, 5, 8), (3, 6, 8)),
+    ],
+    ids=str,
+)
+def test_inputs_of_other_dims_and_one_query_head_broadcast_as_in_torch(q_shape, kv_shape):
+    """torch's SDPA broadcasts every leading dim, heads included, and prepends ones to inputs
+    of fewer dims; the bridge refused these (found in review). Forward and gradients."""
+    q, k, v = leaves(q_shape, kv_shape, kv_shape, dtype=torch.float64)
+    out = ct.scaled_dot_product_attention(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_mask_requiring_grad_is_fine_without_grad_mode():
     q = torch.randn(1, 2, 4, 8)
     bias = torch.zeros(4, 4, requires_grad=True)
