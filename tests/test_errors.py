@@ -71,6 +71,15 @@ def test_axes_past_2_to_the_60_are_refused(backend):
     np.testing.assert_array_equal(out, [[[[3.0]]]])
 
 
+def test_ragged_lists_and_int8_gradients_name_the_argument(backend):
+    q, k, v = qkv()
+    raises(backend, ValueError, r"^q: not an array", [[1.0, 2.0], [3.0]], k, v)
+    raises(backend, ValueError, r"^v: not an array", q, k, [[1.0], []])
+    k8 = np.ones(k.shape, np.int8)
+    with pytest.raises(TypeError, match=r"^k: int8 K/V caches are for inference"):
+        cpuattn.attention_backward(q, q, k8, k8, q, np.zeros(q.shape[:-1], F32), backend=backend)
+
+
 def test_heads_not_divisible(backend):
     q, k, v = qkv(hq=4, hkv=3)
     with pytest.raises(ValueError, match=r"k: its 3 kv heads must divide q's 4 heads") as info:

@@ -211,6 +211,8 @@ def test_sizes_follow_the_type_value_rule():
         cpuattn.KVCache(1, 2, 100, 64, value_dim=-1)
     with pytest.raises(TypeError, match=r"KVCache: dtype must be float32, .*got int32"):
         cpuattn.KVCache(1, 2, 100, 64, dtype=np.int32)
+    with pytest.raises(TypeError, match=r"KVCache: dtype must be float32, .*got 'bogus'"):
+        cpuattn.KVCache(1, 2, 100, 64, dtype="bogus")
     layer = cpuattn.MultiHeadAttention(np.int64(64), np.int64(4), seed=0)
     assert layer.w_q.shape == (64, 64)
     with pytest.raises(

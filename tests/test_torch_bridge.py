@@ -212,6 +212,13 @@ def test_bad_inputs_raise_clear_errors():
         sdpa(q, torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16))
     with pytest.raises(ValueError, match="^k: expected"):  # cpuattn's own validation
         ct.attention(q, k[..., :4], v)
+    # ... named as torch names them through scaled_dot_product_attention (found in review)
+    with pytest.raises(ValueError, match=r"^key: expected \(\.\.\., Hkv, Lk, 16\)"):
+        sdpa(q, q[..., :4], q)
+    with pytest.raises(ValueError, match=r"^attn_mask: shape \(5, 5\) does not broadcast"):
+        sdpa(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="^query: expected a dense"):
+        sdpa(q.detach().to_sparse(), q, q)
 
 
 def test_untracked_calls_skip_the_op_dispatch_with_the_same_results():

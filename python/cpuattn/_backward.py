@@ -103,6 +103,12 @@ def attention_backward(
     ((2, 4, 50, 16), (2, 4, 50, 16), (2, 4, 50, 16))
     """
     check_choice("backend", backend, BACKENDS)
+    for name, x in (("k", k), ("v", v)):
+        if getattr(x, "dtype", None) == np.int8:
+            raise TypeError(
+                f"{name}: int8 K/V caches are for inference; attention_backward takes "
+                "float32, float64, float16 or bfloat16 k and v"
+            )
     req = build_request(
         q,
         k,

@@ -58,11 +58,13 @@ class KVCache:
             head_dim=head_dim,
             value_dim=head_dim if value_dim is None else value_dim,
         )
-        dtype = np.dtype(dtype)
+        expected = "KVCache: dtype must be float32, float64, float16, bfloat16 or int8"
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{expected}, got {dtype!r}") from None
         if dtype not in (*SUPPORTED_DTYPES, I8):
-            raise TypeError(
-                f"KVCache: dtype must be float32, float64, float16, bfloat16 or int8, got {dtype}"
-            )
+            raise TypeError(f"{expected}, got {dtype}")
         b, h, n = sizes["batch"], sizes["num_kv_heads"], sizes["max_len"]
         self.k = np.zeros((b, h, n, sizes["head_dim"]), dtype)
         self.v = np.zeros((b, h, n, sizes["value_dim"]), dtype)

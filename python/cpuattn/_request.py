@@ -295,8 +295,16 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _as_array(name: str, x) -> np.ndarray:
+    """np.asarray(x), NumPy's own error (a ragged list) naming the argument."""
+    try:
+        return np.asarray(x)
+    except ValueError as exc:
+        raise ValueError(f"{name}: not an array: {exc}") from None
+
+
 def _as_float_array(name: str, x) -> np.ndarray:
-    arr = np.asarray(x)
+    arr = _as_array(name, x)
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name}: expected a float32, float64, float16 or bfloat16 array, got dtype {arr.dtype}"
@@ -306,7 +314,7 @@ def _as_float_array(name: str, x) -> np.ndarray:
 
 def _as_kv_array(name: str, x, scale) -> np.ndarray:
     """k or v: a float array, or int8 with its scales (``k_scale`` / ``v_scale``)."""
-    arr = np.asarray(x)
+    arr = _as_array(name, x)
     if arr.dtype == I8:
         if scale is None:
             raise TypeError(

@@ -267,6 +267,8 @@ def _check_tensors(**tensors: Tensor | None) -> None:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_cpu:  # (t.device.type costs 0.3 us a tensor, on every decode step)
             raise ValueError(f"{name}: cpuattn runs on CPU tensors, got one on {t.device}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
         if name in ("query", "key", "value", "q", "k", "v"):
             if t.dtype not in _DTYPES:
                 raise TypeError(
@@ -327,10 +329,20 @@ def scaled_dot_product_attention(
                 raise TypeError(f"{name}: expected query's dtype {query.dtype}, got {t.dtype}")
     query, key, value = _broadcast(query, key, value, enable_gqa)
     causal = "top_left" if is_causal else "none"
-    out, _ = _call(
-        query, key, value, attn_mask, causal, -1, -1, None, scale, None, None, None, False
-    )
+    try:
+        out, _ = _call(
+            query, key, value, attn_mask, causal, -1, -1, None, scale, None, None, None, False
+        )
+    except (TypeError, ValueError) as exc:  # cpuattn's argument names as torch's
+        message = str(exc)
+        for ours, theirs in _SDPA_NAMES:
+            if message.startswith(ours):
+                raise type(exc)(theirs + message[len(ours) :]) from None
+        raise
     return out
+
+
+_SDPA_NAMES = (("q: ", "query: "), ("k: ", "key: "), ("v: ", "value: "), ("mask: ", "attn_mask: "))
 
 
 def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
