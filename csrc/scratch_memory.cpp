@@ -10,7 +10,12 @@ namespace {
 
 constexpr std::align_val_t kAlign{64};
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)  // clang's way of saying so
+#define CPUATTN_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(CPUATTN_ASAN)
 // Under AddressSanitizer every block goes back to the allocator, which can then report a
 // use after free that a recycled block would hide.
 constexpr bool kRecycle = false;
@@ -25,9 +30,11 @@ thread_local bool recycler_gone = false;
 
 // Kept blocks with their exact sizes, the last freed last. A request takes the last kept
 // block of its size: a call that repeats the previous one's shapes gets back the very blocks
-// it used, in the same places. Exact sizes, not size classes: blocks rounded up to powers of
-// two moved the buffers against each other and made some shapes 8 % slower, others faster
-// (where each row of q, the scores and the output lies modulo 4 KiB matters to the loads).
+// it used, in the same places. Past kRecycledBytes the oldest blocks are freed, not the one
+// coming in: a call's threads free their scratch last-first, so the blocks freed last are
+// those its first threads take again first (and sizes no longer asked for age out). Exact
+// sizes, not size classes: blocks rounded up to powers of two moved the buffers against each
+// other and changed sentence-sized heads' times by -10 to +20 % from one process to the next.
 struct Recycler {
   struct Block {
     size_t bytes;
@@ -36,7 +43,6 @@ struct Recycler {
   std::vector<Block> kept;
   size_t kept_bytes = 0;
 
-  Recycler() { kept.reserve(256); }
   ~Recycler() {
     for (const Block& b : kept) ::operator delete(b.p, kAlign);
     recycler_gone = true;
@@ -69,13 +75,17 @@ void scratch_release(void* p, size_t bytes) noexcept {
   if (p == nullptr) return;
   if (kRecycle && bytes <= kRecycledBlockBytes && !recycler_gone) {
     Recycler& r = recycler();
-    if (r.kept_bytes + bytes <= kRecycledBytes) {
-      try {
-        r.kept.push_back({bytes, p});
-        r.kept_bytes += bytes;
-        return;
-      } catch (const std::bad_alloc&) {  // no room to remember it: free it instead
-      }
+    size_t oldest = 0;  // the kept blocks [0, oldest) are freed
+    while (r.kept_bytes + bytes > kRecycledBytes) {
+      r.kept_bytes -= r.kept[oldest].bytes;
+      ::operator delete(r.kept[oldest++].p, kAlign);
+    }
+    r.kept.erase(r.kept.begin(), r.kept.begin() + static_cast<std::ptrdiff_t>(oldest));
+    try {
+      r.kept.push_back({bytes, p});
+      r.kept_bytes += bytes;
+      return;
+    } catch (const std::bad_alloc&) {  // no room to remember it: free it instead
     }
   }
   ::operator delete(p, kAlign);

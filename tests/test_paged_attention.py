@@ -416,6 +416,16 @@ def test_empty_table_and_no_queries(paged, rng):
     assert lse.shape == (2, 4, 0)
 
 
+def test_capacity_past_2_to_the_60_names_the_block_table(paged):
+    """Only zero-stride caches have blocks this long; the error names the argument, as
+    attention's does for Lk (found in review: the binding's message reached the user)."""
+    from numpy.lib.stride_tricks import as_strided
+
+    cache = as_strided(np.zeros(2, F32), shape=(2, 2**60 - 1, 1, 1), strides=(4, 0, 0, 0))
+    with pytest.raises(ValueError, match=r"^block_table: max_blocks x block_size = 8 x"):
+        paged(np.zeros((1, 1, 1, 1), F32), cache, cache, np.zeros((1, 8), np.int32), [3])
+
+
 @pytest.mark.parametrize(("hkv", "d", "dv"), [(1, 0, 3), (1, 2, 0), (0, 2, 3)])
 def test_zero_size_heads_and_head_dims(paged, hkv, d, dv):
     """D, Dv or Hkv of 0 give correctly shaped results, as attention's do (the numpy backend

@@ -282,6 +282,30 @@ def test_inputs_of_other_dims_and_one_query_head_broadcast_as_in_torch(q_shape, 
         torch.testing.assert_close(got, want)
 
 
+def test_one_key_or_value_head_broadcasts_over_the_other():
+    """torch broadcasts key's and value's heads separately; one head against several is a
+    broadcast (an expanded view), other differing counts are refused (found in review)."""
+    for k_heads, v_heads in ((1, 4), (4, 1)):
+        q, k, v = leaves((2, 4, 5, 8), (2, k_heads, 6, 8), (2, v_heads, 6, 8), dtype=torch.float64)
+        out = ct.scaled_dot_product_attention(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out, expected)
+        got, want = (torch.autograd.grad(o.sum(), (q, k, v)) for o in (out, expected))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+    q, k, v = leaves((4, 3, 4), (2, 5, 4), (4, 5, 4))
+    with pytest.raises(ValueError, match="^value: 4 heads against key's 2"):
+        ct.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_negated_bfloat16_view():
+    """A bfloat16 tensor with its negative bit set (torch._neg_view) is resolved before its
+    bits are viewed as int16, which view() refuses (found in review)."""
+    q = torch.randn(1, 2, 3, 8).to(torch.bfloat16)
+    out = ct.scaled_dot_product_attention(torch._neg_view(q), q, q)
+    torch.testing.assert_close(out, ct.scaled_dot_product_attention(-q, q, q), rtol=0, atol=0)
+
+
 def test_mask_requiring_grad_is_fine_without_grad_mode():
     q = torch.randn(1, 2, 4, 8)
     bias = torch.zeros(4, 4, requires_grad=True)

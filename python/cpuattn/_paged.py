@@ -6,7 +6,16 @@ import numpy as np
 
 from . import _native
 from ._api import BACKENDS, _may_overlap_itself, _overlaps, _pick_backend, attention
-from ._request import F32, I8, Request, _per_head, build_request, check_choice, globals_for
+from ._request import (
+    F32,
+    I8,
+    MAX_LENGTH,
+    Request,
+    _per_head,
+    build_request,
+    check_choice,
+    globals_for,
+)
 from ._varlen import _cu_seqlens
 
 
@@ -114,6 +123,11 @@ def attention_paged(
     num_blocks, block_size, hkv, d, dv = _cache_shape(k_cache, v_cache)
     table = _block_table(block_table)
     batch, max_blocks = table.shape
+    if max_blocks * block_size > MAX_LENGTH:  # only zero-stride caches have such blocks
+        raise ValueError(
+            f"block_table: max_blocks x block_size = {max_blocks} x {block_size} must be at "
+            "most 2**60"
+        )
     lengths, longest = _lengths(kv_lengths, batch, max_blocks * block_size)
     native = _pick_backend(backend) is _native.attention
     if not native:  # the native binding checks the entries itself (see below)

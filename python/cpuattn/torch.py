@@ -38,9 +38,9 @@ def _numpy(t: Tensor) -> np.ndarray:
     conjugated view materialized first)."""
     # Each of these makes a new tensor object (~1 us): only when it changes something, which
     # numpy() tells by raising (a tensor that requires grad, a negated or conjugated view).
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16) if not t.requires_grad else t.detach().view(torch.int16)
-        return _numpy(t).view(BF16)
+    if t.dtype == torch.bfloat16:  # view() refuses a negated view: resolved first
+        t = t.detach().resolve_neg() if t.requires_grad or t.is_neg() else t
+        return _numpy(t.view(torch.int16)).view(BF16)
     try:
         return t.numpy()
     except RuntimeError:
@@ -347,9 +347,10 @@ _SDPA_NAMES = (("q: ", "query: "), ("k: ", "key: "), ("v: ", "value: "), ("mask:
 
 def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
     """torch's batch broadcasting: inputs of fewer dims gain leading ones, and every dim before
-    the last two broadcasts, as expanded views (stride 0, no copy), except that with
-    enable_gqa, dim -3 (heads) of key and value may also divide query's (never the other way).
-    Raises torch's errors, by name."""
+    the last two broadcasts, as expanded views (stride 0, no copy), heads (dim -3) included;
+    with enable_gqa, key's and value's heads may also divide query's (never the other way).
+    Key and value heads that differ, neither of them 1, are refused: the kernels read them in
+    pairs. Raises torch's errors, by name."""
     n = query.dim()
     if key.dim() != n or value.dim() != n:
         n = max(n, key.dim(), value.dim())
@@ -357,9 +358,13 @@ def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
             query, key, value = (t[(None,) * (n - t.dim())] for t in (query, key, value))
     if n < 3:
         return query, key, value
-    hq, hkv = query.size(-3), key.size(-3)
-    if value.size(-3) != hkv:
-        raise ValueError(f"value: {value.size(-3)} heads against key's {hkv}")
+    hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+    if hk != hv and hk != 1 and hv != 1:  # one head broadcasts; other counts would need a copy
+        raise ValueError(
+            f"value: {hv} heads against key's {hk}: cpuattn reads key and value heads in "
+            "pairs (equal counts, or one of them 1)"
+        )
+    hkv = max(hk, hv)
     gqa = enable_gqa and hkv > 0 and hq % hkv == 0
     if hkv != hq and hkv != 1 and not gqa and (hq != 1 or enable_gqa):
         also = f", or a divisor of {hq}" if enable_gqa else "; pass enable_gqa=True for GQA"
@@ -370,7 +375,7 @@ def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
         if not query.size(i) == key.size(i) == value.size(i):
             break
     else:
-        if hq != 1 or hkv <= 1:
+        if hk == hv and (hq != 1 or hkv <= 1):
             return query, key, value
     try:
         batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
@@ -379,8 +384,8 @@ def _broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
     heads = hkv if hq == 1 and not gqa else hq  # one query head broadcasts over key's
     return (
         query.expand(*batch, heads, *query.shape[-2:]),
-        key.expand(*batch, *key.shape[-3:]),
-        value.expand(*batch, *value.shape[-3:]),
+        key.expand(*batch, hkv, *key.shape[-2:]),
+        value.expand(*batch, hkv, *value.shape[-2:]),
     )
 
 
