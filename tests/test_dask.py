@@ -371,3 +371,17 @@ def test_global_positions_blocks_cannot_take_fail_when_the_graph_is_built(rng):
     dq, dk, dv = chunked((1, 2, 16, 8), q, k, v)
     with pytest.raises(ValueError, match="global_tokens"):
         cdask.attention(dq, dk, dv, window=(2, 0), diagonal=0, global_tokens=[-(2**61)])
+
+
+def test_nan_in_a_key_chunk_makes_the_rows_that_keep_it_nan(client, rng):
+    """As the local call: a NaN in K of a kept key makes its rows NaN (out and lse) and no
+    other row, across key chunks too."""
+    q, k, v = random_qkv(rng, (1,), 2, 2, 12, 40, 8)
+    k[0, 1, 25, 3] = np.nan  # head 1, key 25: the rows that keep it are causal rows >= 25 - 28
+    (out, lse), (local_out, local_lse) = run(
+        client, q, k, v, (1, 2, 12, 8), (1, 2, 10, 8), causal=True
+    )
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(local_out))
+    np.testing.assert_array_equal(np.isnan(lse), np.isnan(local_lse))
+    assert np.isnan(lse[0, 1]).any()
+    assert not np.isnan(lse[0, 0]).any()

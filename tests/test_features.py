@@ -268,6 +268,19 @@ def test_merge_empty_parts(rng):
     assert merged.dtype == F32
 
 
+def test_merge_of_a_nan_part_gives_a_nan_row(rng):
+    """A part whose lse is NaN makes that row NaN, as a NaN in what a row uses does in the
+    whole call, even where that part's out is finite (it was 0, found in review); other rows
+    are untouched."""
+    out = rng.standard_normal((3, 4)).astype(F32)
+    lse = np.array([0.5, np.nan, 2.0], F32)
+    merged, merged_lse = cpuattn.merge([out, out], [lse, np.zeros(3, F32)])
+    assert np.isnan(merged[1]).all()
+    assert np.isnan(merged_lse[1])
+    assert np.isfinite(merged[[0, 2]]).all()
+    assert np.isfinite(merged_lse[[0, 2]]).all()
+
+
 @pytest.mark.parametrize("half", [np.float16, "bfloat16"], ids=["f16", "bf16"])
 def test_merge_of_half_parts_works_in_float32(attention, rng, half):
     """Half parts as attention returns them (out in the half dtype, lse float32): merged in

@@ -655,6 +655,11 @@ ERRORS = {  # name: (change to the arguments, exception, message)
         TypeError,
         r"v_scale",
     ),
+    "int8-k-float-v": (  # the message named a v_scale never given (found in review)
+        lambda a: {**_int8(a), "v_cache": a["v_cache"], "v_scale": None},
+        TypeError,
+        r"^v_cache: dtype float32 differs from k_cache's int8",
+    ),
     "int8-scale-shape": (
         lambda a: {**_int8(a), "k_scale": np.ones((4, 16), F32)},
         ValueError,

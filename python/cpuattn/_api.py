@@ -285,7 +285,8 @@ def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
         out = sum over p of exp(lse_p - lse) * out_p
 
     which equals attention over the union of the keys. Parts whose lse is ``-inf`` (no kept
-    key) contribute nothing; rows empty in every part stay ``0`` with lse ``-inf``.
+    key) contribute nothing; rows empty in every part stay ``0`` with lse ``-inf``. A row
+    whose lse is NaN in some part comes out NaN, lse NaN.
 
     Parameters
     ----------
@@ -336,14 +337,17 @@ def merge(outs: Sequence, lses: Sequence) -> tuple[np.ndarray, np.ndarray]:
             )
     compute = F32 if dtype in HALF_DTYPES else dtype  # as attention: half parts sum in float32
     lse_parts = np.stack(lses).astype(compute, copy=False)
-    lse = np.logaddexp.reduce(lse_parts, axis=0)
-    # Where every part is empty the weights would be exp(-inf - -inf): use 0 instead.
-    finite = np.isfinite(lse)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # a NaN part: its row is NaN (below), no warning
+        lse = np.logaddexp.reduce(lse_parts, axis=0)
+        # Where every part is empty the weights would be exp(-inf - -inf): use 0 instead.
+        finite = np.isfinite(lse)
         weights = np.where(finite, np.exp(lse_parts - np.where(finite, lse, 0)), 0)
     out = np.zeros(shape, compute)
     for w, o in zip(weights, outs, strict=True):
         out += w[..., None] * o.astype(compute, copy=False)
+    nan_rows = np.isnan(lse)
+    if nan_rows.any():  # as attention: a NaN in what a row uses makes it NaN, never 0
+        out[nan_rows] = np.nan
     return out.astype(dtype, copy=False), lse
 
 

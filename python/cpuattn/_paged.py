@@ -121,6 +121,11 @@ def attention_paged(
     check_choice("backend", backend, BACKENDS)
     q, k_cache, v_cache = np.asarray(q), np.asarray(k_cache), np.asarray(v_cache)
     num_blocks, block_size, hkv, d, dv = _cache_shape(k_cache, v_cache)
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(
+            f"v_cache: dtype {v_cache.dtype} differs from k_cache's {k_cache.dtype}; the caches "
+            "share one dtype"
+        )
     table = _block_table(block_table)
     batch, max_blocks = table.shape
     if max_blocks * block_size > MAX_LENGTH:  # only zero-stride caches have such blocks
