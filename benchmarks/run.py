@@ -5,7 +5,8 @@ in one process.
     python benchmarks/run.py --quick         # a few shapes
     python benchmarks/run.py --json out.json --plot out.png
 
-Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
+A first line names what was measured on what: the version, the ISA in use (and the CPU's),
+the threads, the CPU model and the date (in --json too). Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
 speed ratio against each baseline (torch and onnxruntime rows appear when they are installed).
 Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
 table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
 import backward  # benchmarks/backward.py, dask_cluster.py and models.py, next to this script
 import dask_cluster
@@ -467,9 +469,11 @@ def main(argv=None) -> int:
 
     facts = info()
     peak = _bench.sgemm_gflops()
+    # On stdout too, above the tables: a saved table says what it measured, and on what.
     print(
-        f"# cpuattn {facts['version']} isa={facts['isa']} threads={facts['max_threads']}",
-        file=sys.stderr,
+        f"cpuattn {facts['version']}, isa={facts['isa']} (the CPU's: "
+        f"{', '.join(facts['supported_isas'])}), {facts['max_threads']} threads, "
+        f"{_bench.cpu_name()}, {time.strftime('%Y-%m-%d')}\n"
     )
     if args.backward:
         print(backward.markdown(backward.rows(args.repeats, peak), peak))
@@ -517,7 +521,10 @@ def main(argv=None) -> int:
     print("\n".join(s for s in (*sections, extras_markdown(more)) if s))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": facts, "sgemm_gflops": peak, "rows": rows, **more}, f, indent=1)
+            machine = {"cpu": _bench.cpu_name(), "date": time.strftime("%Y-%m-%d")}
+            json.dump(
+                {"info": facts, **machine, "sgemm_gflops": peak, "rows": rows, **more}, f, indent=1
+            )
     if args.plot:
         plot(rows, args.plot, peak)
     return 0

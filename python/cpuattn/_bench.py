@@ -400,6 +400,21 @@ def peak_extra_mib(case: Case, impl: str = "cpuattn") -> float | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says: every
+    figure depends on it, so a saved table names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def not_installed(*modules: str) -> list[str]:
     """The modules among these that fail to import (optional baselines: torch, onnxruntime)."""
     missing = []
