@@ -6,8 +6,9 @@ in one process.
     python benchmarks/run.py --json out.json --plot out.png
 
 A first line names what was measured on what: the version, the ISA in use (and the CPU's),
-the threads, the CPU model and the date (in --json too). Reports ms (median), GF/s over kept (query, key) pairs, % of the measured sgemm peak, and the
-speed ratio against each baseline (torch and onnxruntime rows appear when they are installed).
+the threads, the CPU model and the date (in --json too). Reports ms (median), GF/s over kept
+(query, key) pairs, % of the measured sgemm peak, and the speed ratio against each baseline
+(torch and onnxruntime rows appear when they are installed).
 Each cpuattn result is checked against the float64 NumPy backend before it is timed. After the
 table: thread scaling, decode K/V bandwidth against the measured read bandwidth, peak extra
 memory of one call in a fresh process, (with dask installed) the distributed row of
