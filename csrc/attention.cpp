@@ -19,6 +19,7 @@
 #include "kernels/kernel.h"
 #include "kv_source.h"
 #include "mask.h"
+#include "mask_columns.h"
 #include "output.h"
 #include "plan.h"
 #include "query_stage.h"
@@ -208,7 +209,7 @@ class Driver {
         const typename Source::Tile::Next next{source.head(state[last ? 0 : h + 1].pos),
                                                last ? j1 : j0, last ? next_keys : staged};
         source.tile(step, source.head(pos), {j0, staged, pos.b * p_.hkv + pos.hk, next}, sc.kv);
-        step_(step);
+        run_step(step);
       }
     }
     for (int64_t h = 0; h < heads; ++h) {
@@ -271,9 +272,10 @@ class Driver {
       source.tile(step, head,
                   {j0, std::min(kTileKeys, rb.n_keys - j0), owner, {head, j1, next_keys}}, sc.kv);
       if (narrowable && rb.only_global_rows(i_first, i_last, j0, j1)) {
-        step_(query_.rows_of(step, g0, g1));
+        TileStep<T> part = query_.rows_of(step, g0, g1);
+        run_step(part);
       } else {
-        step_(step);
+        run_step(step);
       }
     }
     if (partial) {
@@ -281,6 +283,13 @@ class Driver {
     } else {
       output_.write_rows(pos, sc.rows);
     }
+  }
+
+  // The step over the keys of its tile that its rows keep by the mask (mask_columns.h): no
+  // step where they keep none.
+  void run_step(TileStep<T>& step) const {
+    step.cols = mask_kept_cols(step);
+    if (step.cols > 0) step_(step);
   }
 
   const Params& p_;

@@ -29,6 +29,7 @@
 #include "aligned_buffer.h"
 #include "kernels/kernel.h"
 #include "mask.h"
+#include "mask_columns.h"
 #include "plan.h"
 #include "query_stage.h"
 #include "threads.h"
@@ -518,6 +519,7 @@ class BackwardDriver {
         if (!staged) base = stage_query(rb, pair, t, rows, sc, dq);
         staged = true;
         BackwardStep<T> b = pair_step(base, tiles[g], kind, rb, sc);
+        if (mask_kept_cols(b.scores) == 0) continue;  // the mask drops the whole tile
         float_step(b, tiles[g], sc);
       }
     }
@@ -566,6 +568,7 @@ class BackwardDriver {
               staged = true;
             }
             BackwardStep<T> b = pair_step(base, tile, kind, rb, sc);
+            if (mask_kept_cols(b.scores) == 0) continue;  // the mask drops the whole tile
             if (b.rows_nonfinite || b.keys_nonfinite || !query.exact || !tile.bf16_exact) {
               float_step(b, tile, sc);
               continue;
