@@ -278,3 +278,30 @@ def test_gpt_oss_sinks_match_eager():
         model.set_attn_implementation(impl)
         tokens[impl] = model.generate(ids[1:], max_new_tokens=12, do_sample=False)
     assert torch.equal(tokens[NAME], tokens["eager"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+def test_layer_output_is_written_heads_last(grad, dtype):
+    """The attention function returns (B, Lq, Hq, Dv) contiguous, with the bits of
+    cpuattn.torch.attention transposed; in no-grad code the kernel writes that layout itself,
+    with a gradient the op's output is transposed, and both give the same bits and gradients."""
+    fn = transformers.AttentionInterface()[NAME]
+    layer = causal_lm("llama").model.layers[0].self_attn
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 4, 7, 16, generator=g).to(dtype).requires_grad_(grad)
+    k, v = (torch.randn(2, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, 7, 9, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    with torch.set_grad_enabled(grad):
+        out, _ = fn(layer, q, k, v, mask, scaling=0.25)
+    assert out.shape == (2, 7, 4, 16)
+    assert out.dtype == dtype
+    assert out.is_contiguous()
+    expected = ct.attention(q.detach(), k, v, mask=mask, scale=0.25).transpose(1, 2)
+    assert torch.equal(out.detach(), expected)
+    if grad:
+        out.float().square().sum().backward()
+        q2 = q.detach().clone().requires_grad_(True)
+        ct.attention(q2, k, v, mask=mask, scale=0.25).float().square().sum().backward()
+        assert torch.equal(q.grad, q2.grad)

@@ -18,7 +18,7 @@ from typing import cast
 import torch
 
 from . import _api
-from .torch import _numpy, attention
+from .torch import _attention, _numpy
 
 
 def register(name: str) -> str:
@@ -114,7 +114,8 @@ def attention_forward(
     if spans:
         out = _packed(query, key, value, *spans, options)
     else:
-        out = cast(torch.Tensor, attention(query, key, value, **options))
+        # Written as (B, Lq, Hq, Dv) where it can be: the transpose below then copies nothing.
+        out = cast(torch.Tensor, _attention(query, key, value, heads_last=True, **options))
     weights = None
     if kwargs.get("output_attentions"):
         if spans:
@@ -135,7 +136,7 @@ def _packed(query, key, value, cu_q, cu_k, options) -> torch.Tensor:
     parts = [
         cast(
             torch.Tensor,
-            attention(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], **options),
+            _attention(query[:, :, q0:q1], key[:, :, k0:k1], value[:, :, k0:k1], **options),
         )
         for (q0, q1), (k0, k1) in _spans(cu_q, cu_k)
     ]
