@@ -38,6 +38,9 @@ import cpuattn
 from cpuattn import _bench, attention, info
 
 Case = _bench.Case
+# Sentence lengths of the padded batch: 16-128 tokens, one of them the full 128.
+PADDED_LENGTHS = (128, *(int(n) for n in np.random.default_rng(7).integers(16, 129, 31)))
+
 FULL = [
     *(Case(f"L={n}", 1, 8, 8, n, n, 64) for n in (512, 1024, 2048, 4096, 8192)),
     Case("D=128", 1, 16, 16, 2048, 2048, 128),
@@ -48,6 +51,9 @@ FULL = [
     Case("MiniLM batch", 32, 12, 12, 128, 128, 32),
     # Sentence-sized heads (32 tokens): per-head fixed costs weigh as much as the products.
     Case("MiniLM short batch", 32, 12, 12, 32, 32, 32),
+    # A padded batch as transformers runs it: sentences of 16-128 tokens padded to 128, the
+    # padding dropped by a (32, 1, 1, 128) bool mask every implementation is given.
+    Case("MiniLM padded batch", 32, 12, 12, 128, 128, 32, padding=PADDED_LENGTHS),
     Case("GQA 32/8", 1, 32, 8, 2048, 2048, 128),
     Case("causal L=4096", 1, 8, 8, 4096, 4096, 64, causal=True),
     Case("causal L=8192", 1, 8, 8, 8192, 8192, 64, causal=True),
@@ -127,12 +133,14 @@ def run_case(case: Case, repeats: int, peak: float) -> dict:
             runners["cpuattn float32"] = lambda: attention(q32, k32, v32, **kw)
         small = case.b * case.hq * case.lq * case.lk <= MAX_NAIVE_SCORES
         if not half and small:
-            runners["numpy naive"] = lambda: _bench.naive_numpy(q, k, v, case.causal, case.window)
-        torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window)
+            runners["numpy naive"] = lambda: _bench.naive_numpy(
+                q, k, v, case.causal, case.window, case.mask()
+            )
+        torch_run = _bench.torch_sdpa_runner(q, k, v, case.causal, case.window, case.mask())
         if torch_run is not None:
             runners["torch sdpa"] = torch_run
         ort_run = (
-            _bench.onnxruntime_runner(q, k, v, case.causal, case.window)
+            _bench.onnxruntime_runner(q, k, v, case.causal, case.window, case.mask())
             if not half and small
             else None
         )

@@ -24,6 +24,8 @@ class Case:
     """One attention problem: q (b, hq, lq, d), k/v (b, hkv, lk, d).
 
     kv_dtype: "float32", "float16" or "bfloat16" for k and v; q_dtype the same or float32.
+    padding: keys per batch entry, the rest padding dropped by a (b, 1, 1, lk) bool mask,
+    which every implementation is given (a padded batch as transformers runs it).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Case:
     options: dict = field(default_factory=dict)
     q_dtype: str = "float32"
     kv_dtype: str = "float32"
+    padding: tuple[int, ...] | None = None
 
     def inputs(self, seed: int = 0):
         rng = np.random.default_rng(seed)
@@ -50,11 +53,21 @@ class Case:
             v.astype(_dtype(self.kv_dtype)),
         )
 
+    def mask(self) -> np.ndarray | None:
+        """The padding mask, (b, 1, 1, lk) bool, or None."""
+        if self.padding is None:
+            return None
+        return (np.arange(self.lk) < np.asarray(self.padding)[:, None])[:, None, None, :]
+
     def kwargs(self):
-        return {"causal": self.causal, "window": self.window, **self.options}
+        padding = {} if self.padding is None else {"mask": self.mask()}
+        return {"causal": self.causal, "window": self.window, **padding, **self.options}
 
     def key_lengths(self):
-        """Valid keys per batch entry: kv_lengths if the case has them, else Lk."""
+        """Valid keys per batch entry: kv_lengths or the padding if the case has them, else
+        Lk."""
+        if self.padding is not None:
+            return list(self.padding)
         return list(self.options.get("kv_lengths", [self.lk] * self.b))
 
     def kept_pairs(self, n_keys: int) -> int:
@@ -199,8 +212,9 @@ def cold_decode_seconds(case: Case, repeats: int, **kwargs) -> tuple[float, int]
     return float(np.median(times)), layers
 
 
-def naive_numpy(q, k, v, causal=False, window=None):
-    """softmax(q k^T * scale) v with BLAS matmuls and an O(Lq x Lk) score matrix."""
+def naive_numpy(q, k, v, causal=False, window=None, mask=None):
+    """softmax(q k^T * scale) v with BLAS matmuls and an O(Lq x Lk) score matrix; mask: bool,
+    broadcast to the scores."""
     group = q.shape[-3] // k.shape[-3]
     if group > 1:
         k = np.repeat(k, group, axis=-3)
@@ -218,17 +232,20 @@ def naive_numpy(q, k, v, causal=False, window=None):
             if right >= 0:
                 keep &= j <= i + right
         s = np.where(keep, s, -np.inf)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
     return s @ v
 
 
-def torch_sdpa_runner(q, k, v, causal=False, window=None):
+def torch_sdpa_runner(q, k, v, causal=False, window=None, mask=None):
     """A zero-argument callable running torch SDPA on these inputs, or None without torch.
 
     Causal uses bottom-right alignment via is_causal when square, else an explicit mask; a
-    window is passed as a boolean mask (torch has no native sliding window).
+    window is passed as a boolean mask (torch has no native sliding window); a bool `mask` as
+    attn_mask (with causal or a window, combined with theirs).
     """
     try:
         import torch
@@ -256,8 +273,12 @@ def torch_sdpa_runner(q, k, v, causal=False, window=None):
             if window[1] >= 0:
                 keep &= j <= i + window[1]
         kw["attn_mask"] = keep
-    elif causal:
+    elif causal and mask is None:
         kw["is_causal"] = True
+    elif causal:
+        kw["attn_mask"] = torch.ones(lq, lk, dtype=torch.bool).tril()
+    if mask is not None:
+        kw["attn_mask"] = torch.from_numpy(np.asarray(mask)) & kw.get("attn_mask", True)
 
     def run():
         with torch.inference_mode():
@@ -299,10 +320,11 @@ def torch_flash_backward_runner(dout, q, k, v, out, lse, causal=False):
     return run
 
 
-def onnxruntime_runner(q, k, v, causal=False, window=None):
+def onnxruntime_runner(q, k, v, causal=False, window=None, mask=None):
     """A zero-argument callable running onnxruntime on these inputs, or None without it.
 
-    The graph is the standard one: MatMul(q, k^T) * scale (+ a -inf bias for causal/window)
+    The graph is the standard one: MatMul(q, k^T) * scale (+ a -inf bias for causal/window
+    and a bool mask)
     -> Softmax -> MatMul(., v), on the CPU provider with its default threads. GQA K/V are
     repeated to Hq heads beforehand (untimed), as ONNX MatMul does not broadcast heads.
     """
@@ -323,7 +345,7 @@ def onnxruntime_runner(q, k, v, causal=False, window=None):
     ]
     inits = [numpy_helper.from_array(scale, "scale")]
     scores = "s1"
-    if causal or window is not None:
+    if causal or window is not None or mask is not None:
         i = np.arange(lq)[:, None] + (lk - lq)
         j = np.arange(lk)[None, :]
         keep = (j <= i) if causal else np.ones((lq, lk), bool)
@@ -332,6 +354,8 @@ def onnxruntime_runner(q, k, v, causal=False, window=None):
                 keep &= j >= i - window[0]
             if window[1] >= 0:
                 keep &= j <= i + window[1]
+        if mask is not None:
+            keep = keep & mask
         inits.append(numpy_helper.from_array(np.where(keep, 0, -np.inf).astype(np.float32), "bias"))
         nodes.append(helper.make_node("Add", ["s1", "bias"], ["s2"]))
         scores = "s2"
