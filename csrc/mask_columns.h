@@ -3,8 +3,11 @@
 // row keeps a key of is no step at all. A padded batch's key padding, a causal or window
 // pattern handed over as a mask (transformers builds one whenever a batch is padded), a
 // block-sparse mask: those tiles' products and exps were computed and then masked.
-// Exactly the same results: a dropped key's weight is exactly 0, so it adds nothing to a row's
-// sum or output (a step never reads V past its cols).
+// The same results: a dropped key's weight is exactly 0, so it adds nothing to a row's sum or
+// output (a step never reads V past its cols); the same bits but for two corners a reviewer
+// found: an output that underflowed to -0 stays -0 (adding 0 * v made it +0), and the
+// vdpbf16ps step with inf or NaN in V past the kept keys takes its fast P.V, which rounds
+// differently (within the same bound).
 #pragma once
 #include <cstdint>
 #include <cstring>
